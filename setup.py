@@ -1,0 +1,37 @@
+"""mfmegatron: MeanFlow distillation of large text-to-image diffusion models on megatron-core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mfmegatron",
+    version="0.1.0",
+    description=(
+        "Megatron-style model-parallel MeanFlow distillation of FLUX.1 and HunyuanImage 3.0 "
+        "into 1-4 step generators"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.12",
+    packages=find_packages(include=["mfmegatron", "mfmegatron.*", "models", "models.*", "tools", "tools.*"]),
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core>=0.19,<0.20",
+        "numpy",
+        # megatron-core's dist_checkpointing and its CPU worker processes need psutil.
+        "psutil",
+        "webdataset",
+        "sentencepiece",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda130"],
+        "test": ["pytest", "diffusers", "transformers", "matplotlib"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mfmegatron-selfcheck=mfmegatron.selfcheck:main",
+        ],
+    },
+)
