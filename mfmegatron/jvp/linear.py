@@ -1,0 +1,93 @@
+"""megatron-core's tensor-parallel linears with a forward-mode path.
+
+``ColumnParallelLinear`` and ``RowParallelLinear`` are megatron's own layers (same parameters,
+initialisation, TP attributes, ``sharded_state_dict``, gradient-accumulation fusion); they add
+``forward_jvp(x, tx) -> (y, ty)``, in which
+
+- the primal GEMM runs through megatron's ``_forward_impl`` (autograd, frozen-weight path, wgrad
+  fusion), with the TP collectives taken out of it;
+- the tangent GEMM uses the same local weight shard under ``no_grad``;
+- every collective the pair needs is one call carrying both (``mfmegatron.parallel.collectives``).
+
+``forward_jvp(x, None)`` is the plain forward and matches megatron's ``forward`` exactly; models
+call ``forward_jvp`` everywhere so the math exists once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+
+from mfmegatron.parallel import collectives
+
+
+def _tangent_gemm(tx, weight):
+    if tx is None:
+        return None
+    with torch.no_grad():
+        return F.linear(tx, weight)
+
+
+class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
+    """Y = X Wᵀ + b with W's rows (output features) split over TP ranks.
+
+    With sequence parallel the input arrives as this rank's sequence chunk and is all-gathered
+    (primal and tangent together) before the GEMM.
+    """
+
+    def forward_jvp(self, x, tx=None, input_is_gathered: bool = False):
+        """``input_is_gathered``: with SP, the caller already gathered the sequence (one gather
+        shared by several column-parallel layers reading the same input)."""
+        if self.sequence_parallel and not input_is_gathered:
+            x, tx = collectives.gather_sequence(x, tx, group=self.tp_group)
+        # Without SP the input is replicated and megatron's GEMM all-reduces its gradient
+        # (allreduce_dgrad); with SP the gather's backward reduce-scatters it instead.
+        y = self._forward_impl(
+            input=x,
+            weight=self.weight,
+            bias=None if self.skip_bias_add else self.bias,
+            gradient_accumulation_fusion=self.gradient_accumulation_fusion,
+            allreduce_dgrad=self.allreduce_dgrad,
+            sequence_parallel=False,
+            grad_output_buffer=None,
+            tp_group=self.tp_group,
+        )
+        ty = _tangent_gemm(tx, self.weight)
+        if self.gather_output:
+            y, ty = collectives.gather_last_dim(y, ty, group=self.tp_group)
+        return y, ty
+
+
+class RowParallelLinear(tensor_parallel.RowParallelLinear):
+    """Y = X Wᵀ + b with W's columns (input features) split over TP ranks; input is parallel.
+
+    ``partial_jvp`` is the local GEMM without the reduction, so that a block can add the partial
+    outputs of several row-parallel layers and reduce them once (FLUX's single block).
+    """
+
+    def partial_jvp(self, x, tx=None):
+        y = self._forward_impl(
+            input=x,
+            weight=self.weight,
+            bias=None,
+            gradient_accumulation_fusion=self.gradient_accumulation_fusion,
+            allreduce_dgrad=False,
+            sequence_parallel=False,
+            tp_group=None,
+            grad_output_buffer=None,
+        )
+        return y, _tangent_gemm(tx, self.weight)
+
+    def reduce_jvp(self, y, ty=None):
+        """Sum partial outputs over TP (reduce-scatter to sequence chunks with SP), add the bias."""
+        if self.sequence_parallel:
+            y, ty = collectives.reduce_scatter_sequence(y, ty, group=self.tp_group)
+        else:
+            y, ty = collectives.all_reduce(y, ty, group=self.tp_group)
+        if self.bias is not None and not self.skip_bias_add:
+            y = y + self.bias
+        return y, ty
+
+    def forward_jvp(self, x, tx=None):
+        return self.reduce_jvp(*self.partial_jvp(x, tx))

@@ -1,0 +1,66 @@
+"""Activation recompute that recomputes only the primal.
+
+In a forward-mode step a block computes its primal output (trained) and its tangent (a
+stop-gradient target). With recompute, the forward runs both without saving activations; the
+backward re-runs the block *primal only* to rebuild the graph. The tangent has no graph and is not
+needed in backward, so it is never recomputed. (FLUX blocks have no dropout, so no RNG state needs
+to be replayed.)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+# run(primals, tangents or None) -> (outputs, output_tangents or None); one tangent per output.
+BlockFunction = Callable[[tuple, tuple | None], tuple[Sequence[torch.Tensor], Sequence[torch.Tensor] | None]]
+
+
+class _RecomputePrimal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run: BlockFunction, num_primals: int, *inputs):
+        primals, tangents = inputs[:num_primals], inputs[num_primals:]
+        ctx.run = run
+        ctx.num_tangents = len(tangents)
+        ctx.save_for_backward(*primals)
+        with torch.no_grad():
+            outputs, output_tangents = run(tuple(primals), tuple(tangents) if tangents else None)
+        ctx.num_outputs = len(outputs)
+        if output_tangents is None:
+            return tuple(outputs)
+        ctx.mark_non_differentiable(*output_tangents)
+        return tuple(outputs) + tuple(output_tangents)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        primals = tuple(p.detach().requires_grad_(p.requires_grad) for p in ctx.saved_tensors)
+        with torch.enable_grad():
+            outputs, _ = ctx.run(primals, None)
+        pairs = [
+            (output, grad)
+            for output, grad in zip(outputs, grads[: ctx.num_outputs])
+            if grad is not None and output.requires_grad
+        ]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        primal_grads = tuple(p.grad if p.requires_grad else None for p in primals)
+        return (None, None) + primal_grads + (None,) * ctx.num_tangents
+
+
+def checkpoint_primal(
+    run: BlockFunction,
+    primals: Sequence[torch.Tensor],
+    tangents: Sequence[torch.Tensor] | None,
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
+    """Runs ``run(primals, tangents)`` without saving activations; backward recomputes the primal.
+
+    ``run`` must compute the same primal outputs whether or not tangents are given (it is called
+    with ``None`` in backward). Returns ``(outputs, output_tangents)``.
+    """
+    tangents = tuple(tangents) if tangents is not None else ()
+    results = _RecomputePrimal.apply(run, len(primals), *primals, *tangents)
+    if not tangents:
+        return tuple(results), None
+    half = len(results) // 2
+    return tuple(results[:half]), tuple(results[half:])

@@ -1,0 +1,166 @@
+"""Tensor-parallel collectives that carry a primal and its tangent in one communication.
+
+The forward-mode (JVP) path computes a tangent next to every primal activation. Where a primal
+needs a collective (all-reduce after a row-parallel GEMM, the sequence-parallel all-gather and
+reduce-scatter, gathering a column-parallel output) the tangent needs the same one; both go in a
+single call so latency is paid once. The primal side is differentiable exactly like megatron's
+mappings (all-reduce ↔ identity, all-gather ↔ reduce-scatter, gather ↔ split); the tangent side has
+no autograd graph (it is a stop-gradient target).
+
+Every function takes ``tangent=None`` to mean "primal only" and then uses megatron-core's own
+mapping, so there is one code path per collective.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+
+def _tp_group(group):
+    return group if group is not None else parallel_state.get_tensor_model_parallel_group()
+
+
+def _world(group) -> int:
+    return dist.get_world_size(group)
+
+
+def _all_reduce(packed: torch.Tensor, group) -> torch.Tensor:
+    packed = packed.contiguous()
+    dist.all_reduce(packed, group=group)
+    return packed
+
+
+def _all_gather_first_dim(packed: torch.Tensor, group) -> torch.Tensor:
+    """[2, s, ...] on each rank -> [2, world * s, ...] (rank-major along s)."""
+    world = _world(group)
+    packed = packed.contiguous()
+    pair, rest = packed.shape[0], tuple(packed.shape[1:])
+    output = torch.empty((world * pair,) + rest, dtype=packed.dtype, device=packed.device)
+    dist.all_gather_into_tensor(output, packed, group=group)
+    return output.view((world, pair) + rest).transpose(0, 1).flatten(1, 2)
+
+
+def _reduce_scatter_first_dim(packed: torch.Tensor, group) -> torch.Tensor:
+    """[2, world * s, ...] on each rank -> this rank's reduced [2, s, ...]."""
+    world = _world(group)
+    pair, length, rest = packed.shape[0], packed.shape[1], tuple(packed.shape[2:])
+    if length % world:
+        raise ValueError(f"sequence length {length} is not divisible by tensor_parallel_size {world}")
+    # Rank-major chunks: [world, 2, s/world, ...] flattened to [world * 2, s/world, ...].
+    chunks = packed.unflatten(1, (world, length // world)).transpose(0, 1).reshape(
+        (world * pair, length // world) + rest
+    )
+    output = torch.empty((pair, length // world) + rest, dtype=packed.dtype, device=packed.device)
+    dist.reduce_scatter_tensor(output, chunks, group=group)
+    return output
+
+
+class _AllReducePrimalAndTangent(torch.autograd.Function):
+    """Forward: all-reduce (y, ty) together. Backward of y: identity (as megatron's reduce)."""
+
+    @staticmethod
+    def forward(ctx, primal, tangent, group):
+        reduced = _all_reduce(torch.stack([primal, tangent.to(primal.dtype)]), group)
+        ctx.mark_non_differentiable(reduced[1])
+        return reduced[0], reduced[1]
+
+    @staticmethod
+    def backward(ctx, grad_primal, grad_tangent):
+        return grad_primal, None, None
+
+
+class _GatherSequencePrimalAndTangent(torch.autograd.Function):
+    """Sequence-parallel all-gather along dim 0; backward reduce-scatters the primal's gradient."""
+
+    @staticmethod
+    def forward(ctx, primal, tangent, group):
+        ctx.group = group
+        gathered = _all_gather_first_dim(torch.stack([primal, tangent.to(primal.dtype)]), group)
+        ctx.mark_non_differentiable(gathered[1])
+        return gathered[0], gathered[1]
+
+    @staticmethod
+    def backward(ctx, grad_primal, grad_tangent):
+        grad = _reduce_scatter_first_dim(grad_primal.unsqueeze(0), ctx.group)[0]
+        return grad, None, None
+
+
+class _ReduceScatterSequencePrimalAndTangent(torch.autograd.Function):
+    """Sequence-parallel reduce-scatter along dim 0; backward all-gathers the primal's gradient."""
+
+    @staticmethod
+    def forward(ctx, primal, tangent, group):
+        ctx.group = group
+        scattered = _reduce_scatter_first_dim(torch.stack([primal, tangent.to(primal.dtype)]), group)
+        ctx.mark_non_differentiable(scattered[1])
+        return scattered[0], scattered[1]
+
+    @staticmethod
+    def backward(ctx, grad_primal, grad_tangent):
+        grad = _all_gather_first_dim(grad_primal.unsqueeze(0), ctx.group)[0]
+        return grad, None, None
+
+
+class _GatherLastDimPrimalAndTangent(torch.autograd.Function):
+    """Concatenate column-parallel outputs along the last dim; backward keeps this rank's split."""
+
+    @staticmethod
+    def forward(ctx, primal, tangent, group):
+        ctx.group = group
+        # Move the last dim first so the gather is along dim 0, then back.
+        packed = torch.stack([primal, tangent.to(primal.dtype)]).movedim(-1, 1)
+        gathered = _all_gather_first_dim(packed, group).movedim(1, -1)
+        ctx.mark_non_differentiable(gathered[1])
+        return gathered[0].contiguous(), gathered[1].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_primal, grad_tangent):
+        world, rank = _world(ctx.group), dist.get_rank(ctx.group)
+        return grad_primal.chunk(world, dim=-1)[rank].contiguous(), None, None
+
+
+def all_reduce(primal, tangent=None, group=None):
+    """Sum over the tensor-parallel group (after a row-parallel GEMM)."""
+    group = _tp_group(group)
+    if tangent is None:
+        return tensor_parallel.reduce_from_tensor_model_parallel_region(primal, group=group), None
+    if _world(group) == 1:
+        return primal, tangent
+    return _AllReducePrimalAndTangent.apply(primal, tangent, group)
+
+
+def gather_sequence(primal, tangent=None, group=None):
+    """Sequence-parallel shards [s/tp, b, h] -> the full sequence [s, b, h] (before a column GEMM)."""
+    group = _tp_group(group)
+    if tangent is None:
+        return tensor_parallel.gather_from_sequence_parallel_region(primal, group=group), None
+    if _world(group) == 1:
+        return primal, tangent
+    return _GatherSequencePrimalAndTangent.apply(primal, tangent, group)
+
+
+def reduce_scatter_sequence(primal, tangent=None, group=None):
+    """Partial sums [s, b, h] -> this rank's reduced shard [s/tp, b, h] (after a row GEMM)."""
+    group = _tp_group(group)
+    if tangent is None:
+        return tensor_parallel.reduce_scatter_to_sequence_parallel_region(primal, group=group), None
+    if _world(group) == 1:
+        return primal, tangent
+    return _ReduceScatterSequencePrimalAndTangent.apply(primal, tangent, group)
+
+
+def gather_last_dim(primal, tangent=None, group=None):
+    """Column-parallel output shards [..., n/tp] -> [..., n] on every rank."""
+    group = _tp_group(group)
+    if tangent is None:
+        return tensor_parallel.gather_from_tensor_model_parallel_region(primal, group=group), None
+    if _world(group) == 1:
+        return primal, tangent
+    return _GatherLastDimPrimalAndTangent.apply(primal, tangent, group)
+
+
+def scatter_sequence(tensor, group=None):
+    """Keep this rank's chunk of the full sequence (entering a sequence-parallel region)."""
+    return tensor_parallel.scatter_to_sequence_parallel_region(tensor, group=_tp_group(group))
