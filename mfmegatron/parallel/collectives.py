@@ -72,19 +72,28 @@ class _AllReducePrimalAndTangent(torch.autograd.Function):
 
 
 class _GatherSequencePrimalAndTangent(torch.autograd.Function):
-    """Sequence-parallel all-gather along dim 0; backward reduce-scatters the primal's gradient."""
+    """Sequence-parallel all-gather along dim 0.
+
+    Backward reduce-scatters the primal's gradient when the consumer is tensor-parallel (each rank
+    holds a partial gradient), or keeps this rank's chunk when the consumer is replicated.
+    """
 
     @staticmethod
-    def forward(ctx, primal, tangent, group):
+    def forward(ctx, primal, tangent, group, tensor_parallel_output_grad):
         ctx.group = group
+        ctx.tensor_parallel_output_grad = tensor_parallel_output_grad
         gathered = _all_gather_first_dim(torch.stack([primal, tangent.to(primal.dtype)]), group)
         ctx.mark_non_differentiable(gathered[1])
         return gathered[0], gathered[1]
 
     @staticmethod
     def backward(ctx, grad_primal, grad_tangent):
-        grad = _reduce_scatter_first_dim(grad_primal.unsqueeze(0), ctx.group)[0]
-        return grad, None, None
+        if ctx.tensor_parallel_output_grad:
+            grad = _reduce_scatter_first_dim(grad_primal.unsqueeze(0), ctx.group)[0]
+        else:
+            world, rank = _world(ctx.group), dist.get_rank(ctx.group)
+            grad = grad_primal.chunk(world, dim=0)[rank].contiguous()
+        return grad, None, None, None
 
 
 class _ReduceScatterSequencePrimalAndTangent(torch.autograd.Function):
@@ -131,14 +140,24 @@ def all_reduce(primal, tangent=None, group=None):
     return _AllReducePrimalAndTangent.apply(primal, tangent, group)
 
 
-def gather_sequence(primal, tangent=None, group=None):
-    """Sequence-parallel shards [s/tp, b, h] -> the full sequence [s, b, h] (before a column GEMM)."""
+def gather_sequence(primal, tangent=None, group=None, tensor_parallel_output_grad: bool = True):
+    """Sequence-parallel shards [s/tp, b, h] -> the full sequence [s, b, h].
+
+    ``tensor_parallel_output_grad``: the consumer is tensor-parallel (a column GEMM), so gradients
+    are summed over ranks in backward; False when every rank computes the same thing from the
+    gathered tensor (e.g. a replicated output layer) and each keeps its own chunk's gradient.
+    """
     group = _tp_group(group)
     if tangent is None:
-        return tensor_parallel.gather_from_sequence_parallel_region(primal, group=group), None
+        return (
+            tensor_parallel.gather_from_sequence_parallel_region(
+                primal, tensor_parallel_output_grad=tensor_parallel_output_grad, group=group
+            ),
+            None,
+        )
     if _world(group) == 1:
         return primal, tangent
-    return _GatherSequencePrimalAndTangent.apply(primal, tangent, group)
+    return _GatherSequencePrimalAndTangent.apply(primal, tangent, group, tensor_parallel_output_grad)
 
 
 def reduce_scatter_sequence(primal, tangent=None, group=None):

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
 from mfmegatron.jvp import functional as jf
@@ -175,9 +175,14 @@ class AdaLNModulation(MegatronModule):
     sequence-parallel.
     """
 
-    def __init__(self, config: FluxConfig, spec: FluxLayerSpec, chunks: int):
+    def __init__(
+        self, config: FluxConfig, spec: FluxLayerSpec, chunks: int, applied_to_sequence_chunks: bool = True
+    ):
         super().__init__(config)
         self.chunks = chunks
+        # With sequence parallel, the shift/scale/gate act on each rank's own tokens, so their
+        # gradients are partial sums over tokens; they must be summed over TP in backward.
+        self.sum_grads_over_tp = config.sequence_parallel and applied_to_sequence_chunks
         self.linear = spec.column_parallel_linear(
             config.hidden_size,
             chunks * config.hidden_size,
@@ -191,6 +196,8 @@ class AdaLNModulation(MegatronModule):
         """temb [b, h] -> `chunks` tensors [1, b, h] (broadcast over the sequence dim)."""
         x, tx = jf.silu(temb, ttemb)
         y, ty = self.linear.forward_jvp(x.unsqueeze(0), None if tx is None else tx.unsqueeze(0))
+        if self.sum_grads_over_tp:
+            y = tensor_parallel.copy_to_tensor_model_parallel_region(y)  # identity; all-reduce grad
         parts = y.chunk(self.chunks, dim=-1)
         tparts = ty.chunk(self.chunks, dim=-1) if ty is not None else (None,) * self.chunks
         return parts, tparts
@@ -427,7 +434,8 @@ class FluxModel(MegatronModule):
         )
 
         if post_process:
-            self.final_mod = AdaLNModulation(config, spec, chunks=2)  # scale, shift (this order)
+            # scale, shift (this order); applied after the image tokens are gathered.
+            self.final_mod = AdaLNModulation(config, spec, chunks=2, applied_to_sequence_chunks=False)
             self.final_proj = ReplicatedLinear(
                 h, config.patch_size**2 * config.out_channels, dtype=dtype
             )
@@ -544,7 +552,8 @@ class FluxModel(MegatronModule):
 
         img, timg = rows[local_text:], (trows[local_text:] if with_tangent else None)
         if config.sequence_parallel:
-            img, timg = collectives.gather_sequence(img, timg)
+            # The output layer is replicated: each rank keeps its own chunk's gradient.
+            img, timg = collectives.gather_sequence(img, timg, tensor_parallel_output_grad=False)
         (scale, shift), (tscale, tshift) = self.final_mod.forward_jvp(temb, ttemb)
         x, tx = jf.layer_norm(img, timg, config.layernorm_epsilon)
         x, tx = jf.modulate(x, tx, shift, tshift, scale, tscale)

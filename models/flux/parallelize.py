@@ -106,3 +106,15 @@ def _describe(config: FluxConfig) -> str:
         f"double={config.num_double_layers}, single={config.num_single_layers}, "
         f"tp={config.tensor_model_parallel_size}"
     )
+
+
+def pipeline_seq_length(config: FluxConfig, text_length: int, image_length: int, with_tangent: bool) -> int:
+    """The ``seq_length`` to give megatron's pipeline schedules for FLUX's stage activation.
+
+    A stage passes ``[temb; txt; img]`` rows (twice as many with the tangent). megatron divides
+    ``seq_length`` by the TP size under sequence parallel, while our temb row is not split, so
+    the value is scaled to come out right after that division.
+    """
+    sp = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    local_rows = 1 + (text_length + image_length) // sp
+    return (2 if with_tangent else 1) * local_rows * sp
