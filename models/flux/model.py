@@ -535,15 +535,16 @@ class FluxModel(MegatronModule):
             ttemb, trows = t if with_tangent else (None, None)
 
         rope = self._rope(inputs, rows.dtype)
-        recompute = config.recompute_granularity == "full"
-        for block in self.double_blocks:
+        for index, block in enumerate(self.double_blocks):
+            recompute = self._recomputes(index)
             primals = (temb, rows[:local_text], rows[local_text:])
             tangents_in = (ttemb, trows[:local_text], trows[local_text:]) if with_tangent else None
             (temb, txt, img), t = _run_block(block, primals, tangents_in, rope, recompute)
             rows = torch.cat([txt, img], dim=0)
             trows = torch.cat([t[1], t[2]], dim=0) if with_tangent else None
             ttemb = t[0] if with_tangent else None
-        for block in self.single_blocks:
+        for index, block in enumerate(self.single_blocks, start=len(self.double_blocks)):
+            recompute = self._recomputes(index)
             (temb, rows), t = _run_block(block, (temb, rows), (ttemb, trows) if with_tangent else None, rope, recompute)
             ttemb, trows = t if with_tangent else (None, None)
 
@@ -560,6 +561,17 @@ class FluxModel(MegatronModule):
         out, tout = self.final_proj.forward_jvp(x, tx)
         out = out.transpose(0, 1)  # [b, s_img, c], diffusers' layout
         return out, (tout.transpose(0, 1) if tout is not None else None)
+
+    def _recomputes(self, stage_block_index: int) -> bool:
+        """Activation recompute (megatron's settings): ``recompute_granularity="full"`` with
+        ``recompute_method="uniform"`` recomputes every block of the stage, ``"block"`` the first
+        ``recompute_num_layers`` blocks. Only the primal is recomputed (see jvp/recompute.py)."""
+        config = self.config
+        if config.recompute_granularity != "full":
+            return False
+        if config.recompute_method == "block":
+            return stage_block_index < config.recompute_num_layers
+        return True
 
     def forward(self, inputs: FluxInputs):
         out, _ = self.forward_jvp(inputs, None)
