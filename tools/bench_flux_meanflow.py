@@ -1,0 +1,233 @@
+"""Cost of a MeanFlow distillation step against a plain flow-matching distillation step, on FLUX.
+
+    python -m tools.bench_flux_meanflow                      # CPU: a small FLUX-shaped model
+    python -m tools.bench_flux_meanflow --device cuda --preset gpu
+
+Measured side by side in one run, same model, same batch, same z_t:
+
+- ``flow_matching``: teacher velocity (no grad), student forward at r = t, MSE, backward.
+- ``meanflow_discrete``: the warm-up target (teacher ODE t -> r, ``--discrete-steps`` Heun steps),
+  student forward, adaptive loss, backward.
+- ``meanflow_differential``: teacher velocity, the student's primal (with graph) and tangent (no
+  graph) in one forward-mode pass, adaptive loss, backward.
+
+For each: median step time, bytes saved for backward (autograd's saved tensors: the activation
+memory a step holds; comparable on any device), and on CUDA the peak allocated memory. Ratios are
+against ``flow_matching``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+PRESETS = {
+    # FLUX-shaped, small enough for 2 CPU cores.
+    "cpu": dict(hidden=256, heads=4, double=2, single=4, image_tokens=256, text_tokens=64, batch=2),
+    # Full FLUX.1 width and head size, fewer blocks, 1024 image tokens (512x512 px) + 512 text.
+    "gpu": dict(hidden=3072, heads=24, double=2, single=4, image_tokens=1024, text_tokens=512, batch=1),
+}
+
+
+@dataclass
+class StepResult:
+    name: str
+    seconds: list[float]
+    saved_bytes: int
+    peak_bytes: int | None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def _build(args, device, dtype):
+    from mfmegatron.parallel import initialize_parallel
+    from models.flux.config import FluxConfig, flux_dev_config
+    from models.flux.meanflow import FluxMeanFlowStudent, FluxTeacher, init_student_from_teacher
+    from models.flux.model import FluxModel
+
+    initialize_parallel()
+    head_dim = args.hidden // args.heads
+    axes = (head_dim - 2 * (3 * head_dim // 8), 3 * head_dim // 8, 3 * head_dim // 8)
+    settings = dict(
+        hidden_size=args.hidden,
+        num_attention_heads=args.heads,
+        kv_channels=head_dim,
+        ffn_hidden_size=4 * args.hidden,
+        num_double_layers=args.double,
+        num_single_layers=args.single,
+        axes_dims_rope=axes,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=device.type == "cpu",
+    )
+    if args.recompute:
+        settings.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    teacher_config: FluxConfig = flux_dev_config(**settings)
+    student_config: FluxConfig = flux_dev_config(mean_flow_student=True, **settings)
+    teacher = FluxModel(teacher_config).to(device)
+    student = FluxModel(student_config).to(device)
+    init_student_from_teacher(student, teacher)
+    teacher.requires_grad_(False)
+    with torch.no_grad():  # a student that has moved away from the teacher
+        for param in student.interval_in.parameters():
+            param.normal_(std=0.02)
+    return FluxTeacher(teacher), FluxMeanFlowStudent(student), student
+
+
+def _batch(args, device, dtype):
+    from models.flux.meanflow import FluxCondition
+
+    g = torch.Generator().manual_seed(0)
+    b, s_img, s_txt = args.batch, args.image_tokens, args.text_tokens
+    side = int(s_img**0.5)
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(s_img // side), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(ys), ys, xs], dim=-1).flatten(0, 1).float()
+    cond = FluxCondition(
+        encoder_hidden_states=torch.randn(b, s_txt, 4096, generator=g).to(device, dtype),
+        pooled_projections=torch.randn(b, 768, generator=g).to(device, dtype),
+        img_ids=img_ids.to(device),
+        txt_ids=torch.zeros(s_txt, 3, device=device),
+        guidance=torch.full((b,), 3.5, device=device, dtype=dtype),
+    )
+    z_t = torch.randn(b, s_img, 64, generator=g).to(device, dtype)
+    t = torch.full((b,), 0.8, device=device, dtype=dtype)
+    r = torch.full((b,), 0.3, device=device, dtype=dtype)
+    return z_t, r, t, cond
+
+
+def _steps(teacher, student, discrete_steps):
+    from mfmegatron.meanflow import (
+        AdaptiveLossConfig,
+        DiscreteTargetConfig,
+        adaptive_weighted_loss,
+        differential_target,
+        discrete_target,
+    )
+
+    loss_config = AdaptiveLossConfig()
+    discrete_config = DiscreteTargetConfig(solver="heun", num_steps=discrete_steps)
+
+    def flow_matching(z_t, r, t, cond):
+        with torch.no_grad():
+            v = teacher.velocity(z_t, t, cond)
+        u = student.mean_velocity(z_t, t, t, cond)
+        (u - v).square().mean().backward()
+
+    def meanflow_discrete(z_t, r, t, cond):
+        target = discrete_target(teacher, z_t, r, t, cond, discrete_config)
+        u = student.mean_velocity(z_t, r, t, cond)
+        adaptive_weighted_loss(u, target.target, loss_config).loss.backward()
+
+    def meanflow_differential(z_t, r, t, cond):
+        target = differential_target(teacher, student, z_t, r, t, cond)
+        adaptive_weighted_loss(target.student_mean_velocity, target.target, loss_config).loss.backward()
+
+    return [flow_matching, meanflow_discrete, meanflow_differential]
+
+
+def _saved_bytes(step, args) -> int:
+    """Bytes autograd keeps for backward during one step (counted once per storage)."""
+    seen, total = set(), 0
+
+    def pack(tensor):
+        nonlocal total
+        key = (tensor.untyped_storage().data_ptr(), tensor.device)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step(*args)
+    return total
+
+
+def measure(step, args, module, device, warmup: int, repeats: int) -> StepResult:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        step(*args)
+        module.zero_grad(set_to_none=True)
+    saved = _saved_bytes(step, args)
+    module.zero_grad(set_to_none=True)
+    seconds, peak = [], None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        step(*args)
+        sync()
+        seconds.append(time.perf_counter() - start)
+        module.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    return StepResult(step.__name__, seconds, saved, peak)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.bench_flux_meanflow", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: cpu or gpu by device")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    for name in ("hidden", "heads", "double", "single", "image-tokens", "text-tokens", "batch"):
+        parser.add_argument(f"--{name}", type=int, default=None, help="override the preset")
+    parser.add_argument("--discrete-steps", type=int, default=4, help="Heun steps of the discrete target")
+    parser.add_argument("--recompute", action="store_true", help="activation recompute of every block")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    preset = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
+    for key, value in preset.items():
+        if getattr(args, key.replace("-", "_")) is None:
+            setattr(args, key, value)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[
+        args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    ]
+    torch.manual_seed(0)
+    teacher, student, student_module = _build(args, device, dtype)
+    inputs = _batch(args, device, dtype)
+    print(
+        f"FLUX-shaped model: width {args.hidden}, {args.heads} heads, {args.double} double + "
+        f"{args.single} single blocks, {args.image_tokens} image + {args.text_tokens} text tokens, "
+        f"batch {args.batch}, {dtype}, {device}{', recompute' if args.recompute else ''}"
+    )
+    results = [
+        measure(step, inputs, student_module, device, args.warmup, args.repeats)
+        for step in _steps(teacher, student, args.discrete_steps)
+    ]
+    base = results[0]
+    print(f"{'step':<24}{'median ms':>11}{'x FM':>7}{'saved MiB':>11}{'x FM':>7}{'peak MiB':>10}{'x FM':>7}")
+    rows = []
+    for result in results:
+        peak = f"{result.peak_bytes / 2**20:10.1f}{result.peak_bytes / base.peak_bytes:7.2f}" if result.peak_bytes else f"{'-':>10}{'-':>7}"
+        print(
+            f"{result.name:<24}{result.median * 1e3:11.1f}{result.median / base.median:7.2f}"
+            f"{result.saved_bytes / 2**20:11.1f}{result.saved_bytes / base.saved_bytes:7.2f}{peak}"
+        )
+        rows.append(
+            dict(name=result.name, median_s=result.median, time_ratio=result.median / base.median,
+                 saved_bytes=result.saved_bytes, saved_ratio=result.saved_bytes / base.saved_bytes,
+                 peak_bytes=result.peak_bytes,
+                 peak_ratio=(result.peak_bytes / base.peak_bytes) if result.peak_bytes else None)
+        )
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"settings": vars(args), "results": rows}, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
