@@ -14,10 +14,14 @@ def _apply_and_report():
     again = apply_cpu_platform_support()  # idempotent: applying twice changes nothing
     report = []
     for redirect in applied:
-        module = importlib.import_module(redirect.module)
-        value = getattr(module, redirect.attribute)
-        # Every replacement is one of ours or torch's CPU counterpart, never the CUDA original.
-        owner = getattr(value, "__module__", None) or type(value).__module__
+        value = importlib.import_module(redirect.module)
+        for part in redirect.attribute.split("."):  # "Class.method" for patched methods
+            value = getattr(value, part)
+        # Every replacement is one of ours (wrappers keep the original as __wrapped__) or torch's
+        # CPU counterpart, never the CUDA original.
+        owner = "mfmegatron.parallel.cpu_platform (wrapper)" if hasattr(value, "__wrapped__") else (
+            getattr(value, "__module__", None) or type(value).__module__
+        )
         report.append((redirect.module, redirect.attribute, owner))
     return report, len(again)
 
@@ -45,6 +49,10 @@ def test_redirects_apply_once_and_point_to_cpu_versions():
         "megatron.core.tensor_parallel.random._set_cuda_rng_state",
         "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu",
         "megatron.core.pipeline_parallel.schedules.torch",
+        "megatron.core.optimizer.optimizer.torch",
+        "megatron.core.optimizer.optimizer.Float16OptimizerWithFloat16Params.__init__",
+        "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.__init__",
+        "megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32",
     } <= names
     assert applied_again == len(report)
     for module, attribute, owner in report:

@@ -12,6 +12,7 @@ renames or removes one fails loudly in :func:`apply_cpu_platform_support` (and i
 
 from __future__ import annotations
 
+import functools
 import importlib
 import types
 from dataclasses import dataclass
@@ -111,12 +112,32 @@ def _move_tensor_to_cpu_as_after_d2h(
     return tensor
 
 
+def _cpu_if_cuda(device: Any) -> Any:
+    if device is not None and torch.device(device).type == "cuda":
+        return "cpu"
+    return device
+
+
+def _on_cpu(factory):
+    def create(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+        return factory(*args, device=_cpu_if_cuda(device), **kwargs)
+
+    return create
+
+
 class _TorchWithCudaTensorsOnCpu(types.ModuleType):
     """The ``torch`` module as seen by one megatron module, with ``device="cuda"`` mapped to CPU.
 
-    The pipeline schedules build their token counter with ``torch.zeros(..., device="cuda")``;
-    replacing ``torch`` in that module's namespace only (not globally) keeps the redirect scoped.
+    Some megatron modules build small bookkeeping tensors with an explicit ``device="cuda"``
+    (the schedules' token counter, the optimizers' loss scale and found-inf flags, grad-norm
+    buffers). Replacing ``torch`` in those modules' namespaces only keeps the redirect scoped.
     """
+
+    tensor = staticmethod(_on_cpu(torch.tensor))
+    zeros = staticmethod(_on_cpu(torch.zeros))
+    ones = staticmethod(_on_cpu(torch.ones))
+    empty = staticmethod(_on_cpu(torch.empty))
+    full = staticmethod(_on_cpu(torch.full))
 
     def __init__(self) -> None:
         super().__init__("torch")
@@ -124,11 +145,31 @@ class _TorchWithCudaTensorsOnCpu(types.ModuleType):
     def __getattr__(self, name: str) -> Any:
         return getattr(torch, name)
 
-    @staticmethod
-    def zeros(*size: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
-        if device is not None and torch.device(device).type == "cuda":
-            device = "cpu"
-        return torch.zeros(*size, device=device, **kwargs)
+
+def _reporting_cuda_type_names(function):
+    """Run ``function`` while CPU tensors' ``.type()`` reads like CUDA's ('torch.cuda.FloatTensor').
+
+    megatron's optimizers sort parameters by comparing ``param.type()`` with CUDA type names and
+    reject anything else; on CPU the same parameters are 'torch.FloatTensor' etc. The swap lasts
+    for the call only.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        original = torch.Tensor.type
+
+        def cuda_style_type(self, dtype=None, non_blocking=False, **more):
+            if dtype is None and not self.is_cuda:
+                return original(self).replace("torch.", "torch.cuda.", 1)
+            return original(self, dtype, non_blocking, **more)
+
+        torch.Tensor.type = cuda_style_type
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.Tensor.type = original
+
+    return wrapper
 
 
 # --- applying the redirects -------------------------------------------------------------------
@@ -143,6 +184,16 @@ def _replace(module_name: str, attribute: str, value: Any, why: str) -> None:
         )
     setattr(module, attribute, value)
     _APPLIED.append(Redirect(module_name, attribute, why))
+
+
+def _replace_attribute(owner: type, attribute: str, value: Any, why: str) -> None:
+    if attribute not in vars(owner):
+        raise PlatformSupportError(
+            f"{owner.__module__}.{owner.__qualname__}.{attribute} no longer exists "
+            f"(megatron-core changed?); mfmegatron.parallel.cpu_platform redirects it because: {why}"
+        )
+    setattr(owner, attribute, value)
+    _APPLIED.append(Redirect(owner.__module__, f"{owner.__qualname__}.{attribute}", why))
 
 
 def apply_cpu_platform_support() -> list[Redirect]:
@@ -211,12 +262,31 @@ def apply_cpu_platform_support() -> list[Redirect]:
         _move_tensor_to_cpu_as_after_d2h,
         "the alltoall dispatcher's split sizes must be numpy arrays as after its D2H copy",
     )
-    _replace(
-        "megatron.core.pipeline_parallel.schedules",
-        "torch",
-        _TorchWithCudaTensorsOnCpu(),
-        "the schedules create their token counter with torch.zeros(device='cuda')",
-    )
+    for module, what in (
+        ("megatron.core.pipeline_parallel.schedules", "the token counter"),
+        ("megatron.core.optimizer.optimizer", "loss scale, found-inf flags"),
+        ("megatron.core.optimizer.distrib_optimizer", "main-param buffers"),
+        ("megatron.core.optimizer.clip_grads", "grad-norm and zero-count buffers"),
+        ("megatron.core.optimizer.grad_scaler", "loss-scale state"),
+        ("megatron.core.utils", "the local multi-tensor l2-norm result"),
+    ):
+        _replace(module, "torch", _TorchWithCudaTensorsOnCpu(), f"torch.*(device='cuda') for {what}")
+
+    optimizer = importlib.import_module("megatron.core.optimizer.optimizer")
+    distrib_optimizer = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    clip_grads = importlib.import_module("megatron.core.optimizer.clip_grads")
+    for owner, name in (
+        (optimizer.Float16OptimizerWithFloat16Params, "__init__"),
+        (distrib_optimizer.DistributedOptimizer, "__init__"),
+    ):
+        _replace_attribute(
+            owner, name, _reporting_cuda_type_names(getattr(owner, name)),
+            "sorts parameters by param.type() == 'torch.cuda.*Tensor'",
+        )
+    clip = _reporting_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    why = "asserts param.grad.type() == 'torch.cuda.FloatTensor'"
+    _replace("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32", clip, why)
+    _replace("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32", clip, why)
     return list(_APPLIED)
 
 
