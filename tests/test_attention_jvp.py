@@ -136,6 +136,17 @@ def test_low_precision_is_close_to_float64(device, dtype, function):
         assert error <= tolerance * want.abs().max().item(), (error, want.abs().max().item())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: compiling takes ~30 s on CPU")
+@pytest.mark.parametrize("tangent_pass", ["auto", "online"])
+def test_compiled_tangent_pass_matches_the_oracle(tangent_pass):
+    inputs = random_inputs(2, 3, 70, 70, 64, dtype=torch.float32, device="cuda", seed=6)
+    o, to = attention_jvp(*inputs, block_size=32, query_block_size=48, tangent_pass=tangent_pass,
+                          compile_tangent=True)
+    to_expected = sdpa_jvp_oracle(*(x.double() for x in inputs))[1]
+    assert to.grad_fn is None
+    assert (to.double() - to_expected).abs().max().item() <= 1e-4 * to_expected.abs().max().item()
+
+
 class LargestAllocation(TorchDispatchMode):
     """Records the largest storage (bytes) produced by any aten op run under it."""
 

@@ -4,9 +4,11 @@
     python -m tools.bench_attention_jvp --device cuda --dtype bfloat16 --heads 24 --head-dim 128
 
 For each sequence length, side by side: (i) the primal attention forward, (ii) ``attention_jvp``
-(primal + tangent), (iii) ``attention_jvp_reference``, optionally (iv) ``attention_jvp`` with the
-online-softmax tangent pass, and the ratios to (i). q, k, v require grad, as in training, so the
+(primal + tangent), (iii) ``attention_jvp_reference``, optionally ``attention_jvp`` with the
+online-softmax tangent pass (``--online``) and with the compiled tangent pass
+(``--compile-tangent``), and the ratios to (i). q, k, v require grad, as in training, so the
 memory includes what each primal keeps for its backward (the reference keeps its L×L softmax).
+``--backward`` adds to every column the backward through its primal output, as in a training step.
 
 Peak memory is the most bytes allocated at once during the call above what was allocated before
 it (inputs excluded; outputs and autograd-saved tensors included). CUDA:
@@ -41,6 +43,8 @@ def parse_args(argv=None):
     parser.add_argument("--query-block-size", type=int, default=None, help="queries per tile")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (median; default 3 cpu, 20 cuda)")
     parser.add_argument("--online", action="store_true", help="also time the online-softmax tangent pass")
+    parser.add_argument("--compile-tangent", action="store_true", help="also time the compiled tangent pass")
+    parser.add_argument("--backward", action="store_true", help="include the backward through the primal")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference (its L×L memory)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     return parser.parse_args(argv)
@@ -116,6 +120,17 @@ def _cpu_peak_from_profile(prof):
     return peak
 
 
+def with_backward(fn):
+    """``fn`` followed by the backward through its primal output (gradients of q, k, v)."""
+
+    def forward_backward(q, k, v, tq, tk, tv):
+        out = fn(q, k, v, tq, tk, tv)
+        o = out[0] if isinstance(out, tuple) else out
+        return out, torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+
+    return forward_backward
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -137,11 +152,19 @@ def main(argv=None):
         return attention_jvp(q, k, v, tq, tk, tv, block_size=key_block, query_block_size=query_block,
                              tangent_pass="online")
 
+    def jvp_compiled(q, k, v, tq, tk, tv):
+        return attention_jvp(q, k, v, tq, tk, tv, block_size=key_block, query_block_size=query_block,
+                             compile_tangent=True)
+
     candidates = [("primal", primal), ("jvp", jvp)]
     if not args.no_reference:
         candidates.append(("reference", attention_jvp_reference))
     if args.online:
         candidates.append(("jvp_online", jvp_online))
+    if args.compile_tangent:
+        candidates.append(("jvp_compiled", jvp_compiled))
+    if args.backward:
+        candidates = [(label + "+bwd", with_backward(fn)) for label, fn in candidates]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name} ({torch.get_num_threads()} threads), torch {torch.__version__}, {args.dtype}, "
