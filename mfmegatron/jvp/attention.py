@@ -46,7 +46,7 @@ against 11.6 ms for the online-softmax pass and 21.4 ms / 7.8 GiB for the refere
 ``attention_jvp`` 11.2 ms, compiled 6.0 ms. The tangent is memory-bound: every elementwise step
 reads and writes float32 tiles while the fused primal keeps them on chip. A fused Triton kernel (S,
 P, tS in registers, one pass per tile, ~10N FLOPs at tensor-core rate) is the way to approach the
-FLOP ratio; it is not written here (no GPU to develop it against where this was built).
+FLOP ratio; it is not part of this module.
 
 Low precision: bf16 / fp16 inputs are accumulated in float32. On CUDA the tile matmuls take the
 bf16 operands and return float32 (``torch.bmm(..., out_dtype=torch.float32)``, tensor cores);
@@ -67,7 +67,7 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _BMM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
 
 # (key block, query block) per device type; None for the query block means all queries at once.
-# CPU: 512 x 512 float32 tiles (1 MiB per (batch, head)) stay in cache; 256..1024 measured the same.
+# CPU: 512 x 512 float32 tiles (1 MiB per (batch, head)); 256..1024 measured within noise.
 # CUDA (H200, bf16, 24 heads, 4608 tokens, eager): 1024 x 1024 took 11.8 ms and 0.56 GiB peak;
 # 1024 keys x all queries 10.5 ms / 1.6 GiB; 4608 x 4608 9.7 ms / 5.1 GiB; 512 x 512 13.5 ms /
 # 0.33 GiB. 1024 x 1024 keeps the extra memory independent of the sequence length at ~12% cost.
@@ -116,7 +116,8 @@ def attention_jvp(q, k, v, tq, tk, tv, scale=None, block_size=None, query_block_
         tq, tk, tv: tangents, same shapes and dtype as q, k, v.
         scale: softmax scale, default ``head_dim ** -0.5``.
         block_size: keys per tile; default ``default_block_sizes(device)[0]``.
-        query_block_size: queries per tile; None = the device default (for CUDA: all queries).
+        query_block_size: queries per tile; default ``default_block_sizes(device)[1]`` (None
+            there means all queries in one tile).
         tangent_pass: ``"auto"`` (log-sum-exp pass when a fused kernel returns lse, else online
             softmax), ``"logsumexp"`` (error if unavailable) or ``"online"``.
         compile_tangent: run the tangent pass through ``torch.compile`` (made once per pass;
