@@ -24,6 +24,9 @@ setup(
         "safetensors",
         "pyyaml",
         "tqdm",
+        "tensorboard",
+        # T5/CLIP text encoders for prompts whose shards carry no precomputed embeddings.
+        "transformers",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda130"],
