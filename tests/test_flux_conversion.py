@@ -135,6 +135,27 @@ def _resave(checkpoint: Path, output: Path, stage_blocks: tuple[int, int]) -> No
     save_dist_checkpoint(model, output, read_checkpoint_info(checkpoint)["diffusers_config"])
 
 
+def _sharding(tp: int, pp: int) -> dict:
+    """(checkpoint key -> local shape, global shape, global offset, replica id) of a few tensors."""
+    from megatron.core import parallel_state
+
+    from mfmegatron.parallel import initialize_parallel
+    from models.flux.config import tiny_flux_config
+    from models.flux.parallelize import build_flux_model
+
+    initialize_parallel(tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    config = tiny_flux_config(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              pipeline_dtype=torch.float32, pipeline_stage_blocks=(1, 3) if pp > 1 else None)
+    model = build_flux_model(config)
+    report = {"tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+              "pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
+    for local_key, value in model.sharded_state_dict().items():
+        if local_key.endswith(("weight", "bias")):
+            report[value.key] = (local_key, tuple(value.local_shape), tuple(value.global_shape),
+                                 tuple(value.global_offset), value.replica_id)
+    return report
+
+
 def _two_ranks(work: str) -> dict:
     from mfmegatron.parallel import initialize_parallel
 
@@ -146,7 +167,12 @@ def _two_ranks(work: str) -> dict:
     _import("--diffusers", hf, work / "ck_tp1_dp2", "--dtype", "fp32")
     _resave(work / "ck_tp1_dp2", work / "ck_pp2_3_1", (3, 1))
     _resave(work / "ck_tp1_dp2", work / "ck_pp2_1_3", (1, 3))
-    return {"tp1": _forward(work / "ck_tp1_dp2", 1), "tp2": _forward(work / "ck_tp1_dp2", 2)}
+    return {
+        "tp1": _forward(work / "ck_tp1_dp2", 1),
+        "tp2": _forward(work / "ck_tp1_dp2", 2),
+        "sharding_tp2": _sharding(2, 1),
+        "sharding_pp2": _sharding(1, 2),
+    }
 
 
 def _expect_error(kind, argv: list[str]) -> str:
@@ -208,10 +234,11 @@ def _one_rank(work: str, exports: list[str]) -> dict:
                                                  str(work / "x5"), "--tensor-parallel-size", "3", "--quiet"])
     errors["not_empty"] = _expect_error(Exception, ["import", "--diffusers", str(work / "hf"), "--output",
                                                     str(work / "hf"), "--quiet"])
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr):
-        errors["export_missing_code"] = main(["export", "--checkpoint", str(work / "nowhere"), "--output", str(work / "x6")])
-    errors["export_missing"] = stderr.getvalue()
+    for name, argv in (("export_missing", ["export", "--checkpoint"]), ("original_missing", ["import", "--original"])):
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            errors[name + "_code"] = main(argv + [str(work / "nowhere"), "--output", str(work / "x6")])
+        errors[name] = stderr.getvalue()
     try:  # a checkpoint loaded into a model of another architecture
         model = build_flux_model(tiny_flux_config(pooled_projection_dim=20))
         load_dist_checkpoint(model, work / "ck_tp1")
@@ -328,6 +355,29 @@ def test_checkpoint_keys_are_global_and_layout_independent(converted):
     assert not any("_extra_state" in k for k in keys)
 
 
+def test_sharded_state_dict_splits_tp_weights_and_replicates_the_rest_once(converted):
+    for rank in converted["two"]:
+        r, tp_rank = rank["sharding_tp2"], rank["sharding_tp2"]["tp_rank"]
+        # Column-parallel QKV: rows split over TP (per-head layout keeps whole heads per rank).
+        _, local, full, offset, replica = r["double_blocks.0.img_attn.linear_qkv.weight"]
+        assert (local, full, offset, replica) == ((96, 64), (192, 64), (96 * tp_rank, 0), (0, 0, 0))
+        # Row-parallel: columns split, bias replicated and written by TP rank 0 only.
+        _, local, full, offset, _ = r["single_blocks.1.linear_mlp_out.weight"]
+        assert (local, full, offset) == ((64, 128), (64, 256), (0, 128 * tp_rank))
+        assert r["single_blocks.1.linear_mlp_out.bias"][4] == (0, tp_rank, 0)
+        # QK RMSNorms and plain torch.nn.Linears: whole tensors, replica id names the TP rank.
+        for key in ("double_blocks.1.txt_attn.k_layernorm.weight", "single_blocks.0.attn.q_layernorm.weight",
+                    "img_in.weight", "time_in.mlp.linear_2.bias", "final_proj.weight"):
+            _, local, full, offset, replica = r[key]
+            assert local == full and set(offset) == {0} and replica == (0, tp_rank, 0), key
+    # PP=2 split (1, 3): stage 1's local double_blocks.0 is saved as global double_blocks.1.
+    stages = {rank["sharding_pp2"]["pp_rank"]: rank["sharding_pp2"] for rank in converted["two"]}
+    assert stages[1]["double_blocks.1.img_mod.linear.weight"][0] == "double_blocks.0.img_mod.linear.weight"
+    assert "double_blocks.0.img_mod.linear.weight" in stages[0] and "img_in.weight" in stages[0]
+    assert {"single_blocks.1.attn.linear_qkv.bias", "final_proj.weight"} <= set(stages[1])
+    assert not set(stages[0]) - {"tp_rank", "pp_rank"} & set(stages[1])
+
+
 def test_loading_the_tp1_checkpoint_at_tp2_gives_the_same_forward(converted):
     for rank in converted["two"]:
         torch.testing.assert_close(rank["tp2"], rank["tp1"], rtol=1e-5, atol=1e-6)
@@ -400,17 +450,19 @@ def test_layout_config_and_output_errors_are_clear(converted):
     assert "tp=3" in errors["layout"]
     assert "--config" in errors["bfl_no_config"] or "pass a config" in errors["bfl_no_config"]
     assert "not an empty directory" in errors["not_empty"]
-    assert errors["export_missing_code"] == 2
-    assert errors["export_missing"].count("\n") == 1 and "nowhere: no such file or directory" in errors["export_missing"]
+    for name, flag in (("export_missing", "--checkpoint"), ("original_missing", "--original")):
+        assert errors[name + "_code"] == 2
+        work = converted["work"]
+        assert errors[name] == f"mfmegatron-convert-flux: error: {flag} {work / 'nowhere'}: no such file or directory\n"
 
 
-def test_command_line_missing_path_is_one_line(tmp_path):
+def test_command_line_entry_point_reports_a_missing_path_in_one_line(tmp_path):
     root = Path(__file__).resolve().parents[1]
+    absent = tmp_path / "absent"
     result = subprocess.run(
-        [sys.executable, "-m", "tools.convert_flux", "import", "--diffusers", str(tmp_path / "absent"),
-         "--output", str(tmp_path / "out")],
+        [sys.executable, "-m", "tools.convert_flux", "import", "--diffusers", str(absent), "--output", str(tmp_path / "out")],
         cwd=root, capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": str(root)},
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == f"mfmegatron-convert-flux: error: --diffusers {tmp_path / 'absent'}: no such file or directory"
+    assert result.stderr == f"mfmegatron-convert-flux: error: --diffusers {absent}: no such file or directory\n"

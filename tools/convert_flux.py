@@ -17,8 +17,7 @@ examples:
   mfmegatron-convert-flux import --diffusers FLUX.1-dev --output ckpt/flux1-dev
   mfmegatron-convert-flux import --original flux1-dev.safetensors --output ckpt/flux1-dev
   mfmegatron-convert-flux import --diffusers FLUX.1-dev --output /tmp/x --dry-run --tensor-parallel-size 8
-  torchrun --nproc-per-node 4 -m tools.convert_flux import --diffusers FLUX.1-dev \
-      --output ckpt/flux1-dev --tensor-parallel-size 2 --pipeline-parallel-size 2
+  torchrun --nproc-per-node 4 -m tools.convert_flux import --diffusers FLUX.1-dev --output ckpt/flux1-dev --tensor-parallel-size 2 --pipeline-parallel-size 2
   mfmegatron-convert-flux export --checkpoint ckpt/flux1-dev --output flux1-dev-diffusers
 """
 
@@ -220,14 +219,14 @@ def diffusers_folder_files(path: Path) -> tuple[dict, dict[str, Path], Path]:
 def original_file_source(path: Path) -> tuple[SafetensorsSource, int]:
     """The BFL single file as a source with the optional ``model.diffusion_model.`` prefix
     removed; returns it and the number of non-transformer tensors ignored."""
-    from safetensors import safe_open
-
-    from models.flux.state_dict_adapter import BFL_PREFIX
-
     if not path.exists():
         raise ConversionError(f"--original {path}: no such file or directory")
     if not path.is_file():
         raise ConversionError(f"--original {path}: not a file (for a diffusers folder use --diffusers)")
+    from safetensors import safe_open
+
+    from models.flux.state_dict_adapter import BFL_PREFIX
+
     with safe_open(str(path), framework="pt") as handle:
         keys = list(handle.keys())
     prefixed = [k for k in keys if k.startswith(BFL_PREFIX)]
