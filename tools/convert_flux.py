@@ -290,14 +290,15 @@ def _flux_config(diffusers_config: dict, dtype, tp: int = 1, pp: int = 1):
     )
 
 
-def validate_layout(diffusers_config: dict, dtype, tp: int, pp: int) -> None:
-    """Raises ConversionError unless the model can be split tp x pp (megatron's own checks)."""
+def validate_layout(diffusers_config: dict, dtype, tp: int, pp: int):
+    """The config split tp x pp; ConversionError if the model cannot be (megatron's own checks)."""
     try:
         config = _flux_config(diffusers_config, dtype, tp, pp)
     except (AssertionError, ValueError) as error:
         raise ConversionError(f"the model cannot be split tp={tp} pp={pp}: {error}") from error
     if pp > config.num_layers:
         raise ConversionError(f"pp={pp} stages for {config.num_layers} blocks: every stage needs a block")
+    return config
 
 
 # --------------------------------------------------------------------------- import
@@ -312,7 +313,7 @@ def run_import(args) -> dict:
     if args.diffusers is not None:
         if args.config is not None:
             raise ConversionError("--config is for --original; a diffusers folder brings its config.json")
-        diffusers_config, files, folder = diffusers_folder_files(Path(args.diffusers))
+        diffusers_config, files, _ = diffusers_folder_files(Path(args.diffusers))
         source, ignored = SafetensorsSource(files), 0
         source_info = {"format": "diffusers", "name": Path(args.diffusers).name}
     else:
@@ -340,13 +341,13 @@ def run_import(args) -> dict:
         to_megatron,
     )
 
+    # One process builds the whole model and only checks that tp x pp would fit; under torchrun
+    # the ranks build that layout and each writes its own shards.
+    config = validate_layout(diffusers_config, dtype, tp, pp)
     info = _start_parallel(tp, pp)
     single_process = info.world_size == 1
     if single_process:
-        validate_layout(diffusers_config, dtype, tp, pp)
         config = _flux_config(diffusers_config, dtype)
-    else:
-        config = _flux_config(diffusers_config, dtype, tp, pp)
 
     # Check every source key and shape against the config before reading any data.
     ours = full_parameter_shapes(meta_full_model(config))
