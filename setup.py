@@ -35,6 +35,7 @@ setup(
     entry_points={
         "console_scripts": [
             "mfmegatron-selfcheck=mfmegatron.selfcheck:main",
+            "mfmegatron-convert-flux=tools.convert_flux:main",
         ],
     },
 )

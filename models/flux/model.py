@@ -577,6 +577,45 @@ class FluxModel(MegatronModule):
         out, _ = self.forward_jvp(inputs, None)
         return out
 
+    # -- distributed checkpointing ----------------------------------------------------------
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """This stage's parameters for megatron ``dist_checkpointing``, layout-independent.
+
+        Dict keys are this stage's module names, so ``load_state_dict`` takes what
+        ``dist_checkpointing.load`` returns. The checkpoint keys (``ShardedTensor.key``) are the
+        same at every TP/PP layout: blocks are named by their global index (a second pipeline
+        stage's local ``double_blocks.0`` is saved as, e.g., ``double_blocks.3``); TP-split
+        weights are ShardedTensors along their partition dim (megatron's Column/RowParallelLinear);
+        everything else (QK RMSNorms, replicated ``torch.nn.Linear``s) is replicated with replica
+        id ``(0, tp_rank, dp_rank)`` so exactly one rank writes it.
+        """
+        from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            sharded_state_dict_default,
+        )
+
+        from models.flux.state_dict_adapter import megatron_block_key_to_global
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        sharded = {}
+        for name, module in self.named_children():
+            if name in ("double_blocks", "single_blocks"):
+                continue
+            sharded.update(
+                sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=tp_group)
+            )
+        for kind, blocks in (("double_blocks", self.double_blocks), ("single_blocks", self.single_blocks)):
+            for local, block in enumerate(blocks):
+                local_prefix = f"{prefix}{kind}.{local}."
+                global_prefix = prefix + megatron_block_key_to_global(local_prefix[len(prefix):], self.block_range, self.config)
+                block_sharded = block.sharded_state_dict(local_prefix, sharded_offsets, metadata)
+                replace_prefix_for_sharding(block_sharded, local_prefix, global_prefix)
+                sharded.update(block_sharded)
+        return sharded
+
 
 def _run_block(block, primals, tangents, rope, recompute: bool):
     if not recompute:

@@ -16,7 +16,13 @@ from megatron.core import parallel_state
 from models.flux.config import FluxConfig
 from models.flux.layer_specs import FluxLayerSpec
 from models.flux.model import FluxModel
-from models.flux.state_dict_adapter import CheckpointMismatchError, megatron_block_key_to_global
+from models.flux.state_dict_adapter import (
+    CheckpointMismatchError,
+    check_key_sets,
+    check_shapes,
+    megatron_block_key_to_global,
+    raise_on_key_mismatch,
+)
 
 
 def pipeline_stage_blocks(config: FluxConfig) -> tuple[int, ...]:
@@ -62,6 +68,18 @@ def _tp_shard(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return full.chunk(world, dim=dim)[rank]
 
 
+def _copy_full_into(param: torch.Tensor, key: str, full: torch.Tensor, config: FluxConfig) -> None:
+    expected = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        expected[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
+    if tuple(full.shape) != tuple(expected):
+        raise CheckpointMismatchError(
+            f"{key}: checkpoint tensor has shape {tuple(full.shape)}, but the model (config "
+            f"{_describe(config)}) expects {tuple(expected)}"
+        )
+    param.copy_(_tp_shard(full, param).to(param.dtype))
+
+
 def load_full_weights(model: FluxModel, get_full: Callable[[str], torch.Tensor]) -> None:
     """Copies full tensors (our naming, global block indices) into this rank's shards.
 
@@ -75,14 +93,49 @@ def load_full_weights(model: FluxModel, get_full: Callable[[str], torch.Tensor])
                 full = get_full(key)
             except KeyError as error:
                 raise CheckpointMismatchError(f"checkpoint has no tensor for {key!r}") from error
-            shard = _tp_shard(full, param)
-            if shard.shape != param.shape:
-                raise CheckpointMismatchError(
-                    f"{key}: checkpoint tensor of shape {tuple(full.shape)} gives a shard of "
-                    f"{tuple(shard.shape)}, but the model (config {_describe(config)}) expects "
-                    f"{tuple(param.shape)} on this rank"
-                )
-            param.copy_(shard.to(param.dtype))
+            _copy_full_into(param, key, full, config)
+
+
+def load_streamed_weights(
+    model: FluxModel,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    on_tensor: Callable[[str, torch.Tensor], None] | None = None,
+) -> None:
+    """Copies (global key, full tensor) pairs, consumed one at a time, into this rank's shards.
+
+    ``tensors`` is typically ``to_megatron(get, config, block_indices)`` over a lazily read
+    checkpoint, so only one tensor (one fused QKV) is in memory besides the model. Every parameter
+    of this stage must be given exactly once; keys that are not this stage's are an error.
+    """
+    config = model.config
+    params = {
+        megatron_block_key_to_global(name, model.block_range, config): param
+        for name, param in model.named_parameters()
+    }
+    seen: set[str] = set()
+    with torch.no_grad():
+        for key, full in tensors:
+            param = params.get(key)
+            if param is None or key in seen:
+                problem = "twice" if key in seen else "but this model stage has no such parameter"
+                raise CheckpointMismatchError(f"{key!r} was given {problem} (config {_describe(config)})")
+            _copy_full_into(param, key, full, config)
+            seen.add(key)
+            if on_tensor is not None:
+                on_tensor(key, full)
+    check_key_sets(seen, params, "the converted tensors")
+
+
+def full_parameter_shapes(model: FluxModel) -> dict[str, tuple[int, ...]]:
+    """(global key -> full, TP-unsharded shape) of this stage's parameters; works on meta."""
+    world = parallel_state.get_tensor_model_parallel_world_size()
+    shapes = {}
+    for name, param in model.named_parameters():
+        shape = list(param.shape)
+        if getattr(param, "tensor_model_parallel", False):
+            shape[param.partition_dim] *= world
+        shapes[megatron_block_key_to_global(name, model.block_range, model.config)] = tuple(shape)
+    return shapes
 
 
 def full_weights(model: FluxModel) -> Iterable[tuple[str, torch.Tensor]]:
@@ -118,3 +171,127 @@ def pipeline_seq_length(config: FluxConfig, text_length: int, image_length: int,
     sp = config.tensor_model_parallel_size if config.sequence_parallel else 1
     local_rows = 1 + (text_length + image_length) // sp
     return (2 if with_tangent else 1) * local_rows * sp
+
+
+# --------------------------------------------------------------------------- dist checkpoints
+#
+# A FLUX checkpoint is a megatron dist_checkpointing directory (torch_dist format) plus one JSON
+# file naming the architecture. Its tensor keys do not depend on the layout it was saved from
+# (see FluxModel.sharded_state_dict), so it loads at any TP / PP / DP size.
+
+CHECKPOINT_INFO_FILE = "mfmegatron_flux.json"
+CHECKPOINT_FORMAT = "mfmegatron-flux-dist-checkpoint"
+
+
+def meta_full_model(config: FluxConfig) -> FluxModel:
+    """The whole model (every block, first and last stage parts) on the meta device: shapes only."""
+    import dataclasses
+
+    shape_config = dataclasses.replace(config, use_cpu_initialization=True, perform_initialization=False)
+    with torch.device("meta"):
+        return FluxModel(shape_config, block_range=(0, config.num_layers))
+
+
+def _sharded_tensors(sharded_state_dict: dict) -> dict:
+    """checkpoint key -> ShardedTensor (ShardedObjects, i.e. the linears' empty _extra_state, left out)."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    return {v.key: v for v in sharded_state_dict.values() if isinstance(v, ShardedTensor)}
+
+
+def checkpoint_tensor_shapes(config: FluxConfig) -> dict[str, tuple[int, ...]]:
+    """checkpoint key -> global shape of every tensor a checkpoint of ``config`` holds."""
+    return {k: tuple(v.global_shape) for k, v in _sharded_tensors(meta_full_model(config).sharded_state_dict()).items()}
+
+
+def save_dist_checkpoint(model: FluxModel, directory, diffusers_config: dict, **info) -> None:
+    """Saves this stage's shards into ``directory``; every rank of the job calls it.
+
+    ``diffusers_config`` (the architecture, as diffusers' config.json) and ``info`` go into
+    ``mfmegatron_flux.json`` next to megatron's files.
+    """
+    import json
+    from pathlib import Path
+
+    from megatron.core import dist_checkpointing
+
+    directory = Path(directory)
+    rank = dist.get_rank()
+    # Every rank checks (before any collective), so a bad directory is an error everywhere, not a hang.
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise FileExistsError(f"checkpoint directory {directory} exists and is not empty")
+    dist.barrier()
+    if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(directory))
+    if rank == 0:
+        record = {
+            "format": CHECKPOINT_FORMAT,
+            "version": 1,
+            "dtype": str(model.config.params_dtype).removeprefix("torch."),
+            "diffusers_config": diffusers_config,
+            **info,
+        }
+        (directory / CHECKPOINT_INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    dist.barrier()
+
+
+def read_checkpoint_info(directory) -> dict:
+    """The ``mfmegatron_flux.json`` record of a checkpoint directory (architecture and dtype)."""
+    import json
+    from pathlib import Path
+
+    path = Path(directory) / CHECKPOINT_INFO_FILE
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{directory} is not an mfmegatron FLUX checkpoint (no {CHECKPOINT_INFO_FILE})"
+        )
+    record = json.loads(path.read_text())
+    if record.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointMismatchError(f"{path}: format {record.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
+    return record
+
+
+def flux_config_from_checkpoint(directory, **overrides) -> FluxConfig:
+    """The FluxConfig of a checkpoint's architecture; ``overrides`` set the rest (parallel sizes,
+    dtype: by default the stored one)."""
+    from models.flux.state_dict_adapter import flux_config_from_diffusers
+
+    record = read_checkpoint_info(directory)
+    dtype = getattr(torch, record["dtype"])
+    settings = dict(params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
+    settings.update(overrides)
+    if settings.get("pipeline_model_parallel_size", 1) > 1:
+        settings.setdefault("pipeline_dtype", settings["params_dtype"])
+    return flux_config_from_diffusers(record["diffusers_config"], **settings)
+
+
+def check_dist_checkpoint(model: FluxModel, directory) -> dict:
+    """Compares a checkpoint's tensor keys and global shapes with this stage's; returns its metadata.
+
+    Missing keys (this stage needs them) and keys no stage of this config has are errors that list
+    the keys; a shape difference names the key and both shapes.
+    """
+    from megatron.core import dist_checkpointing
+
+    metadata = dist_checkpointing.load_tensors_metadata(str(directory))
+    found = {k: tuple(v.global_shape) for k, v in metadata.items()}
+    ours = _sharded_tensors(model.sharded_state_dict())
+    hint = f" (checkpoint {directory}; model config {_describe(model.config)})"
+    missing = set(ours) - set(found)
+    unexpected = set(found) - set(checkpoint_tensor_shapes(model.config))
+    raise_on_key_mismatch(missing, unexpected, f"checkpoint {directory}", hint)
+    check_shapes(found, {k: tuple(v.global_shape) for k, v in ours.items()}, f"checkpoint {directory}", hint)
+    return metadata
+
+
+def load_dist_checkpoint(model: FluxModel, directory) -> None:
+    """Loads a checkpoint saved at any layout into this stage's shards (every rank calls it)."""
+    from megatron.core import dist_checkpointing
+
+    check_dist_checkpoint(model, directory)
+    loaded = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
+    model.load_state_dict(loaded, strict=True)

@@ -1,0 +1,685 @@
+"""Convert FLUX.1 transformer checkpoints to and from mfmegatron's megatron dist checkpoints.
+
+  import   a diffusers FluxTransformer2DModel folder (or a pipeline folder with transformer/), or
+           an original single-file checkpoint (flux1-dev.safetensors) -> a dist checkpoint
+  export   a dist checkpoint -> a diffusers folder for FluxTransformer2DModel.from_pretrained
+
+A dist checkpoint is a megatron-core dist_checkpointing directory (torch_dist format) plus
+mfmegatron_flux.json (the architecture as diffusers' config.json, and the dtype). Its tensor keys
+do not depend on the layout that wrote it: it loads at any tensor / pipeline / data parallel size.
+
+Conversion streams: safetensors are read one tensor at a time (safe_open), the model's
+parameters are filled in place (built without initialisation), and export reads the checkpoint a
+block at a time and writes one safetensors shard at a time. Runs on CPU (gloo, one process) or,
+for import, under torchrun with the ranks writing their own shards.
+
+examples:
+  mfmegatron-convert-flux import --diffusers FLUX.1-dev --output ckpt/flux1-dev
+  mfmegatron-convert-flux import --original flux1-dev.safetensors --output ckpt/flux1-dev
+  mfmegatron-convert-flux import --diffusers FLUX.1-dev --output /tmp/x --dry-run --tensor-parallel-size 8
+  torchrun --nproc-per-node 4 -m tools.convert_flux import --diffusers FLUX.1-dev --output ckpt/flux1-dev --tensor-parallel-size 2 --pipeline-parallel-size 2
+  mfmegatron-convert-flux export --checkpoint ckpt/flux1-dev --output flux1-dev-diffusers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+PROG = "mfmegatron-convert-flux"
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                         "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
+
+
+class ConversionError(RuntimeError):
+    """A problem with the command's inputs, reported as one line without a traceback."""
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9 bytes (KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024, as diffusers)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB, 1000000)")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(number * scale)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES.get(name, name))  # "bf16" or a stored name such as "bfloat16"
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def _log(message: str, quiet: bool = False) -> None:
+    if not quiet and _rank() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _require_empty_output(path: Path) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConversionError(f"output {path} already exists and is not an empty directory")
+
+
+class Progress:
+    """Tensor count and bytes, as a tqdm bar on rank 0 (nothing with --quiet or on other ranks)."""
+
+    def __init__(self, total_bytes: int, description: str, quiet: bool):
+        self.tensors, self.bytes = 0, 0
+        self.bar = None
+        if not quiet and _rank() == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, desc=description, unit="B", unit_scale=True,
+                            mininterval=1.0, file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, nbytes: int) -> None:
+        self.tensors += 1
+        self.bytes += nbytes
+        if self.bar is not None:
+            self.bar.update(nbytes)
+            self.bar.set_postfix_str(f"{self.tensors} tensors", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------- reading safetensors
+
+
+class SafetensorsSource:
+    """Tensors of one or more .safetensors files, read lazily: only headers until a tensor is
+    asked for, then just that tensor (or rows of it) through ``safe_open``."""
+
+    def __init__(self, files_by_key: dict[str, Path], strip_prefix: str = ""):
+        from safetensors import safe_open
+
+        self._files_by_key = files_by_key  # stored key -> file
+        self._prefix = strip_prefix
+        self._handles: dict[Path, object] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        for file in sorted(set(files_by_key.values())):
+            with safe_open(str(file), framework="pt") as handle:
+                for stored in handle.keys():
+                    if files_by_key.get(stored) != file:
+                        continue
+                    tensor_slice = handle.get_slice(stored)
+                    key = stored[len(strip_prefix):]
+                    self.shapes[key] = tuple(tensor_slice.get_shape())
+                    self.dtypes[key] = tensor_slice.get_dtype()
+        missing_in_files = {k for k in files_by_key if k[len(strip_prefix):] not in self.shapes}
+        if missing_in_files:
+            from models.flux.state_dict_adapter import describe_keys
+
+            raise ConversionError(
+                f"the index names tensors its files do not hold: {describe_keys(missing_in_files)}"
+            )
+
+    def _handle(self, key: str):
+        from safetensors import safe_open
+
+        file = self._files_by_key[self._prefix + key]
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt")
+        return self._handles[file]
+
+    def get(self, key: str):
+        return self._handle(key).get_tensor(self._prefix + key)
+
+    def read_rows(self, key: str, rows: tuple[int, int] | None):
+        if rows is None:
+            return self.get(key)
+        return self._handle(key).get_slice(self._prefix + key)[rows[0]:rows[1]]
+
+    def release(self) -> None:
+        """Closes the files (unmapping what was read) so resident memory stays one block's worth."""
+        self._handles.clear()
+
+    def nbytes(self, key: str) -> int:
+        numel = 1
+        for size in self.shapes[key]:
+            numel *= size
+        return numel * _SAFETENSORS_ITEMSIZE.get(self.dtypes[key], 4)
+
+    def dominant_itemsize(self) -> int:
+        counts: dict[str, int] = {}
+        for dtype in self.dtypes.values():
+            counts[dtype] = counts.get(dtype, 0) + 1
+        return _SAFETENSORS_ITEMSIZE.get(max(counts, key=counts.get), 4) if counts else 4
+
+
+def diffusers_folder_files(path: Path) -> tuple[dict, dict[str, Path], Path]:
+    """(config.json dict, tensor key -> file, the transformer folder) of a diffusers folder."""
+    if not path.exists():
+        raise ConversionError(f"--diffusers {path}: no such file or directory")
+    if not path.is_dir():
+        raise ConversionError(f"--diffusers {path}: not a directory (for a single .safetensors file use --original)")
+    folder = path
+    if not (folder / "config.json").is_file() and (folder / "transformer" / "config.json").is_file():
+        folder = folder / "transformer"  # a pipeline folder
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(
+            f"--diffusers {path}: no config.json (nor transformer/config.json); expected a "
+            "FluxTransformer2DModel folder as written by save_pretrained, or a pipeline folder"
+        )
+    config = json.loads(config_path.read_text())
+    index_path = folder / DIFFUSERS_INDEX
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        files = {key: folder / name for key, name in weight_map.items()}
+        absent = sorted({str(f.name) for f in files.values() if not f.is_file()})
+        if absent:
+            raise ConversionError(f"{index_path} names shard files that do not exist: {', '.join(absent)}")
+        return config, files, folder
+    single = folder / DIFFUSERS_WEIGHTS
+    if not single.is_file():
+        present = sorted(p.name for p in folder.iterdir() if p.is_file())
+        raise ConversionError(
+            f"{folder}: neither {DIFFUSERS_INDEX} nor {DIFFUSERS_WEIGHTS} (found: {', '.join(present) or 'nothing'}); "
+            "only safetensors weights are supported"
+        )
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as handle:
+        return config, {key: single for key in handle.keys()}, folder
+
+
+def original_file_source(path: Path) -> tuple[SafetensorsSource, int]:
+    """The BFL single file as a source with the optional ``model.diffusion_model.`` prefix
+    removed; returns it and the number of non-transformer tensors ignored."""
+    if not path.exists():
+        raise ConversionError(f"--original {path}: no such file or directory")
+    if not path.is_file():
+        raise ConversionError(f"--original {path}: not a file (for a diffusers folder use --diffusers)")
+    from safetensors import safe_open
+
+    from models.flux.state_dict_adapter import BFL_PREFIX
+
+    with safe_open(str(path), framework="pt") as handle:
+        keys = list(handle.keys())
+    prefixed = [k for k in keys if k.startswith(BFL_PREFIX)]
+    if prefixed:
+        # A full checkpoint may carry the VAE / text encoders under other prefixes: skip those.
+        return SafetensorsSource({k: path for k in prefixed}, BFL_PREFIX), len(keys) - len(prefixed)
+    return SafetensorsSource({k: path for k in keys}), 0
+
+
+def resolve_architecture(config_arg: str | None, source: SafetensorsSource) -> dict:
+    """The diffusers config dict for a BFL file: a preset name, a config.json path, or inferred."""
+    from models.flux.config import FLUX_CONFIGS
+    from models.flux.state_dict_adapter import diffusers_config_from_flux, infer_diffusers_config_from_bfl
+
+    if config_arg is None:
+        return infer_diffusers_config_from_bfl(source.shapes)
+    if config_arg in FLUX_CONFIGS:
+        return diffusers_config_from_flux(FLUX_CONFIGS[config_arg]())
+    path = Path(config_arg)
+    if path.is_dir() and (path / "config.json").is_file():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConversionError(
+            f"--config {config_arg}: neither a preset ({', '.join(FLUX_CONFIGS)}) nor a config.json file"
+        )
+    return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------- parallel set-up
+
+
+def _start_parallel(tp: int, pp: int):
+    """torch.distributed + megatron groups: torchrun's world, or a world of one (gloo on CPU)."""
+    from mfmegatron.parallel import initialize_parallel
+    from mfmegatron.parallel.spawn import free_port
+
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return initialize_parallel()
+    return initialize_parallel(tensor_parallel_size=tp, pipeline_parallel_size=pp)
+
+
+def _flux_config(diffusers_config: dict, dtype, tp: int = 1, pp: int = 1):
+    import torch
+
+    from models.flux.state_dict_adapter import flux_config_from_diffusers
+
+    return flux_config_from_diffusers(
+        diffusers_config,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=dtype if pp > 1 else None,
+        # Parameters are allocated empty on the CPU and filled from the file.
+        use_cpu_initialization=True,
+        perform_initialization=False,
+    )
+
+
+def validate_layout(diffusers_config: dict, dtype, tp: int, pp: int):
+    """The config split tp x pp; ConversionError if the model cannot be (megatron's own checks)."""
+    try:
+        config = _flux_config(diffusers_config, dtype, tp, pp)
+    except (AssertionError, ValueError) as error:
+        raise ConversionError(f"the model cannot be split tp={tp} pp={pp}: {error}") from error
+    if pp > config.num_layers:
+        raise ConversionError(f"pp={pp} stages for {config.num_layers} blocks: every stage needs a block")
+    return config
+
+
+# --------------------------------------------------------------------------- import
+
+
+def run_import(args) -> dict:
+    """The ``import`` command; returns a summary (also used by the tests)."""
+    import torch
+
+    started = time.perf_counter()
+    output = Path(args.output)
+    if args.diffusers is not None:
+        if args.config is not None:
+            raise ConversionError("--config is for --original; a diffusers folder brings its config.json")
+        diffusers_config, files, _ = diffusers_folder_files(Path(args.diffusers))
+        source, ignored = SafetensorsSource(files), 0
+        source_info = {"format": "diffusers", "name": Path(args.diffusers).name}
+    else:
+        source, ignored = original_file_source(Path(args.original))
+        diffusers_config = resolve_architecture(args.config, source)
+        source_info = {"format": "bfl", "name": Path(args.original).name}
+    if not args.dry_run:
+        _require_empty_output(output)
+    dtype = _torch_dtype(args.dtype)
+    tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+
+    from models.flux.parallelize import (
+        build_flux_model,
+        full_parameter_shapes,
+        load_streamed_weights,
+        meta_full_model,
+        save_dist_checkpoint,
+    )
+    from models.flux.state_dict_adapter import (
+        bfl_shapes,
+        check_key_sets,
+        check_shapes,
+        diffusers_getter_from_bfl,
+        diffusers_shapes,
+        to_megatron,
+    )
+
+    # One process builds the whole model and only checks that tp x pp would fit; under torchrun
+    # the ranks build that layout and each writes its own shards.
+    config = validate_layout(diffusers_config, dtype, tp, pp)
+    info = _start_parallel(tp, pp)
+    single_process = info.world_size == 1
+    if single_process:
+        config = _flux_config(diffusers_config, dtype)
+
+    # Check every source key and shape against the config before reading any data.
+    ours = full_parameter_shapes(meta_full_model(config))
+    expected = diffusers_shapes(ours, config)
+    what = f"{source_info['format']} checkpoint {args.diffusers or args.original}"
+    if source_info["format"] == "bfl":
+        expected = bfl_shapes(config, expected)
+        hint = " (pass --config to name the architecture)" if args.config is None else ""
+    else:
+        hint = ""
+    check_key_sets(source.shapes, expected, what, hint)
+    check_shapes(source.shapes, expected, what, hint)
+
+    if args.dry_run:
+        with torch.device("meta"):
+            model = build_flux_model(config)
+    else:
+        model = build_flux_model(config)
+    stage_keys = set(full_parameter_shapes(model))
+    total = sum(_numel(ours[k]) for k in stage_keys) * source.dominant_itemsize()
+    summary = {
+        "tensors": len(source.shapes),
+        "source_bytes": sum(source.nbytes(k) for k in source.shapes),
+        "parameters": sum(_numel(s) for s in ours.values()),
+        "layout": info.describe(),
+        "ignored_tensors": ignored,
+    }
+    _log(
+        f"{PROG} import: {what}: {summary['tensors']} tensors, {format_bytes(summary['source_bytes'])}, "
+        f"{summary['parameters']:,} parameters; process layout {info.describe()}"
+        + (f"; ignored {ignored} tensors outside the transformer" if ignored else ""),
+        args.quiet,
+    )
+    if args.dry_run:
+        _log(f"dry run: keys and shapes match; nothing written (would write {output})", args.quiet)
+        return summary
+
+    if source_info["format"] == "bfl":
+        get = diffusers_getter_from_bfl(source.read_rows, config)
+    else:
+        get = source.get
+    pairs = _release_between_blocks(to_megatron(get, config, block_indices=range(*model.block_range)), source)
+    progress = Progress(total, "import", args.quiet)
+    try:
+        load_streamed_weights(
+            model,
+            ((key, tensor) for key, tensor in pairs if key in stage_keys),  # skip other stages' top-level
+            on_tensor=lambda key, tensor: progress.update(tensor.numel() * tensor.element_size()),
+        )
+    finally:
+        progress.close()
+
+    save_started = time.perf_counter()
+    save_dist_checkpoint(model, output, diffusers_config, source=source_info)
+    summary.update(seconds=time.perf_counter() - started, save_seconds=time.perf_counter() - save_started)
+    _log(
+        f"wrote {output} ({args.dtype}) in {summary['seconds']:.1f} s "
+        f"(saving {summary['save_seconds']:.1f} s). It is layout-independent: load it at any "
+        f"TP/PP size" + (f" (checked tp={tp} pp={pp} fits this model)" if single_process and tp * pp > 1 else ""),
+        args.quiet,
+    )
+    return summary
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _release_between_blocks(pairs: Iterable, source: SafetensorsSource) -> Iterator:
+    """Unmaps the source files whenever conversion moves on to the next block."""
+    current = None
+    for key, tensor in pairs:
+        block = re.match(r"(double_blocks|single_blocks)\.\d+", key)
+        block = block.group(0) if block else None
+        if block != current:
+            source.release()
+            current = block
+        yield key, tensor
+    source.release()
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _block_group(key: str) -> str:
+    """'double_blocks.3' / 'single_blocks.7' for a block's tensor, '' for the top-level ones."""
+    match = re.match(r"(double_blocks|single_blocks)\.\d+", key)
+    return match.group(0) if match else ""
+
+
+class CheckpointReader:
+    """Full (unsharded) tensors of a dist checkpoint, loaded one block at a time.
+
+    ``get(key)`` loads the whole block holding ``key`` on first use and drops the previous block,
+    so memory holds one block (plus the top-level weights once), never the model.
+    """
+
+    def __init__(self, directory: Path, metadata: dict):
+        self.directory = directory
+        self.metadata = metadata
+        self.groups: dict[str, list[str]] = {}
+        for key in metadata:
+            self.groups.setdefault(_block_group(key), []).append(key)
+        self._group: str | None = None
+        self._tensors: dict = {}
+
+    def get(self, key: str):
+        group = _block_group(key)
+        if group != self._group:
+            self._tensors = {}
+            self._tensors = self._load(self.groups[group])
+            self._group = group
+        return self._tensors[key]
+
+    def _load(self, keys: list[str]) -> dict:
+        import torch
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing import ShardedTensor
+
+        sharded = {
+            key: ShardedTensor.from_rank_offsets(
+                key, torch.empty(self.metadata[key].global_shape, dtype=self.metadata[key].dtype), replica_id=0
+            )
+            for key in keys
+        }
+        loaded = dist_checkpointing.load(sharded, str(self.directory), validate_access_integrity=False)
+        return {key: loaded[key] for key in keys}
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
+    """Keys in order, cut into shards of at most ``max_shard_size`` bytes (a bigger tensor alone)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key, nbytes in sizes:
+        if shards[-1] and used + nbytes > max_shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += nbytes
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    if count == 1:
+        return [DIFFUSERS_WEIGHTS]
+    stem = DIFFUSERS_WEIGHTS.removesuffix(".safetensors")
+    return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def run_export(args) -> dict:
+    """The ``export`` command; returns a summary (also used by the tests)."""
+    started = time.perf_counter()
+    checkpoint, output = Path(args.checkpoint), Path(args.output)
+    if not checkpoint.exists():
+        raise ConversionError(f"--checkpoint {checkpoint}: no such file or directory")
+    if not args.dry_run:
+        _require_empty_output(output)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConversionError(
+            "export runs in one process (it reads the checkpoint unsharded, whatever layout wrote "
+            "it); start it without torchrun"
+        )
+
+    import torch
+    from megatron.core import dist_checkpointing
+    from safetensors.torch import save_file
+
+    from models.flux.parallelize import checkpoint_tensor_shapes, read_checkpoint_info
+    from models.flux.state_dict_adapter import check_key_sets, check_shapes, from_megatron
+
+    record = read_checkpoint_info(checkpoint)
+    info = _start_parallel(1, 1)
+    config = _flux_config(record["diffusers_config"], _torch_dtype(record["dtype"]))
+    metadata = dist_checkpointing.load_tensors_metadata(str(checkpoint))
+    found = {key: tuple(value.global_shape) for key, value in metadata.items()}
+    expected = checkpoint_tensor_shapes(config)
+    hint = f" (architecture from {checkpoint}/mfmegatron_flux.json)"
+    check_key_sets(found, expected, f"checkpoint {checkpoint}", hint)
+    check_shapes(found, expected, f"checkpoint {checkpoint}", hint)
+
+    out_dtype = _torch_dtype(args.dtype) if args.dtype else None
+
+    def meta(key):
+        return torch.empty(found[key], dtype=out_dtype or metadata[key].dtype, device="meta")
+
+    planned = [(key, t.numel() * t.element_size()) for key, t in from_megatron(meta, config)]
+    shards = plan_shards(planned, args.max_shard_size)
+    names = shard_file_names(len(shards))
+    total = sum(nbytes for _, nbytes in planned)
+    summary = {"tensors": len(planned), "bytes": total, "shards": names, "layout": info.describe()}
+    _log(
+        f"{PROG} export: {checkpoint} -> {output}: {len(planned)} tensors, {format_bytes(total)} in "
+        f"{len(names)} shard(s) of at most {format_bytes(args.max_shard_size)}",
+        args.quiet,
+    )
+    if args.dry_run:
+        _log("dry run: checkpoint matches its config; nothing written", args.quiet)
+        return summary
+
+    output.mkdir(parents=True, exist_ok=True)
+    reader = CheckpointReader(checkpoint, metadata)
+    shard_of = {key: index for index, keys in enumerate(shards) for key in keys}
+    pending: dict = {}
+    progress = Progress(total, "export", args.quiet)
+    try:
+        for key, tensor in from_megatron(reader.get, config):
+            if out_dtype is not None:
+                tensor = tensor.to(out_dtype)
+            if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+                tensor = tensor.clone()  # a view (e.g. one head's QKV rows): safetensors wants its own storage
+            pending[key] = tensor.contiguous()
+            progress.update(tensor.numel() * tensor.element_size())
+            index = shard_of[key]
+            if len(pending) == len(shards[index]):
+                save_file(pending, str(output / names[index]), metadata={"format": "pt"})
+                pending = {}
+    finally:
+        progress.close()
+    if len(names) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {k: names[shard_of[k]] for k, _ in planned}}
+        (output / DIFFUSERS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (output / "config.json").write_text(json.dumps(record["diffusers_config"], indent=2, sort_keys=True) + "\n")
+    summary["seconds"] = time.perf_counter() - started
+    _log(f"wrote {output} in {summary['seconds']:.1f} s", args.quiet)
+    return summary
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{import,export}")
+
+    imp = sub.add_parser(
+        "import",
+        help="diffusers folder or original single file -> dist checkpoint",
+        description=(
+            "Convert a FLUX.1 transformer to a megatron dist checkpoint. The checkpoint is "
+            "layout-independent: it loads at any tensor/pipeline/data parallel size, whatever "
+            "layout wrote it."
+        ),
+    )
+    source = imp.add_mutually_exclusive_group(required=True)
+    source.add_argument("--diffusers", metavar="DIR",
+                        help="a FluxTransformer2DModel folder (config.json + diffusion_pytorch_model*.safetensors, "
+                             "sharded with an index or one file) or a pipeline folder with transformer/")
+    source.add_argument("--original", metavar="FILE",
+                        help="an original BFL single file (flux1-dev.safetensors); keys may carry the "
+                             "'model.diffusion_model.' prefix")
+    imp.add_argument("--config", metavar="NAME|FILE",
+                     help="with --original: the architecture, a preset (flux1-dev, flux1-schnell, tiny) or a "
+                          "diffusers config.json; default: inferred from the tensor shapes (FLUX.1 sizes)")
+    imp.add_argument("--output", required=True, metavar="DIR", help="the dist checkpoint directory to create (must be empty)")
+    imp.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="parameter dtype stored (default: bf16)")
+    imp.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                     help="under torchrun: the tensor-parallel size the ranks build and write from. In one "
+                          "process: only checked (the model must split N ways); the checkpoint is the same")
+    imp.add_argument("--pipeline-parallel-size", type=int, default=1, metavar="N",
+                     help="as --tensor-parallel-size, for pipeline stages")
+    imp.add_argument("--dry-run", action="store_true",
+                     help="check keys, shapes and layout on the meta device; read no tensor data, write nothing")
+    imp.add_argument("--quiet", action="store_true", help="no progress output")
+
+    exp = sub.add_parser(
+        "export",
+        help="dist checkpoint -> diffusers folder",
+        description=(
+            "Convert a dist checkpoint (saved at any layout) to a diffusers FluxTransformer2DModel folder: "
+            "config.json and safetensors shards (with diffusion_pytorch_model.safetensors.index.json when "
+            "there is more than one). Runs in one process."
+        ),
+    )
+    exp.add_argument("--checkpoint", required=True, metavar="DIR", help="a dist checkpoint written by import or training")
+    exp.add_argument("--output", required=True, metavar="DIR", help="the diffusers folder to create (must be empty)")
+    exp.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), metavar="SIZE",
+                     help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default: 5GB). Peak memory is "
+                          "about one shard plus one block")
+    exp.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                     help="dtype of the written tensors (default: as stored in the checkpoint)")
+    exp.add_argument("--dry-run", action="store_true", help="check the checkpoint and print the shard plan; write nothing")
+    exp.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Parses ``argv`` and runs the command; raises on errors (``main`` prints them).
+
+    torch.distributed is torn down at the end only if this call started it (a caller that set up
+    its own ranks keeps them; megatron's groups are then those of the command's layout).
+    """
+    args = build_parser().parse_args(argv)
+    import torch.distributed as dist
+
+    started_here = not dist.is_initialized()
+    try:
+        return run_import(args) if args.command == "import" else run_export(args)
+    finally:
+        if started_here and dist.is_initialized():
+            from mfmegatron.parallel import destroy_parallel
+
+            destroy_parallel()
+
+
+def _is_user_error(error: BaseException) -> bool:
+    """Errors about the inputs (paths, keys, shapes, layout): printed as one line, no traceback."""
+    kinds = [ConversionError, FileNotFoundError, FileExistsError]
+    for module, name in (("models.flux.state_dict_adapter", "CheckpointMismatchError"),
+                         ("mfmegatron.parallel.state", "ParallelConfigError")):
+        if module in sys.modules:  # if it was never imported, the error cannot be one of its kind
+            kinds.append(getattr(sys.modules[module], name))
+    return isinstance(error, tuple(kinds))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(argv)
+    except Exception as error:  # noqa: BLE001
+        if not _is_user_error(error):
+            raise
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
