@@ -1,6 +1,5 @@
 """The warm-up switch from the discrete to the differential target."""
 
-import copy
 import json
 
 import pytest

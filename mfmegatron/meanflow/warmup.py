@@ -44,11 +44,13 @@ class FixedStepWarmup:
         return DISCRETE
 
     def advance(self, step: int, measure_gap: Callable[[], float] | None = None) -> str:
+        """The phase for training step `step` (this policy never measures the gap)."""
         self.last_step = step
         return self.phase_at(step)
 
     @property
     def phase(self) -> str:
+        """The phase of the last step passed to `advance` (of step 0 before any)."""
         return self.phase_at(max(self.last_step, 0))
 
     def stats(self) -> dict[str, float]:
@@ -82,7 +84,7 @@ class AutomaticWarmupConfig:
     steps makes the floor small).
     """
 
-    threshold: float = 0.02
+    threshold: float = 0.1
     check_every: int = 25
     ema_decay: float = 0.5
     """Weight of the previous EMA value at each check (0 = use only the latest gap)."""
@@ -109,6 +111,7 @@ class AutomaticWarmup:
         return self.current_phase == DISCRETE and step % self.config.check_every == 0
 
     def advance(self, step: int, measure_gap: Callable[[], float] | None = None) -> str:
+        """The phase for training step `step`; calls `measure_gap()` on check steps only."""
         self.last_step = step
         if self.current_phase == DIFFERENTIAL:
             return DIFFERENTIAL
