@@ -90,3 +90,29 @@ def test_segments_cover_the_rollout_grid():
     )
     pairs = set(zip(samples.segment_start.tolist(), samples.segment_end.tolist()))
     assert {(round(a, 6), round(b, 6)) for a, b in pairs} == {(1.0, 0.6), (0.6, 0.2), (0.2, 0.0)}
+
+
+def test_objective_adds_alignment_from_its_start_step_and_needs_x_for_data_source():
+    import pytest
+
+    from mfmegatron.meanflow import FixedStepWarmup, MeanFlowDistillation, MeanFlowDistillationConfig
+
+    teacher, student = make_models()
+    fake = copy.deepcopy(teacher).requires_grad_(True)
+    alignment = TrajectoryAlignment(teacher, fake, AlignmentConfig(num_rollout_steps=2))
+    config = MeanFlowDistillationConfig(z_ode_steps=2, align_weight=0.5, align_start_step=3)
+    objective = MeanFlowDistillation(teacher, student, config, FixedStepWarmup(2), alignment)
+    for step in range(5):
+        output = objective.generator_loss(step, torch.randn(16, 2), None, generator=torch.Generator().manual_seed(step))
+        assert ("align_loss" in output.stats) == (step >= 3)
+        if step >= 3:
+            expected = output.stats["meanflow_loss"] + 0.5 * output.stats["align_loss"]
+            assert output.stats["loss"] == pytest.approx(expected, rel=1e-5)
+    assert "fake_loss" in objective.fake_loss(torch.randn(16, 2)).stats
+
+    with pytest.raises(ValueError):
+        MeanFlowDistillation(teacher, student, MeanFlowDistillationConfig(align_weight=1.0))
+    data_objective = MeanFlowDistillation(teacher, student, MeanFlowDistillationConfig(z_source="data"))
+    with pytest.raises(ValueError):
+        data_objective.generator_loss(0, torch.randn(4, 2))
+    assert torch.isfinite(data_objective.generator_loss(0, torch.randn(4, 2), x=torch.randn(4, 2)).loss)
