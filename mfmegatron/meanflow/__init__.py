@@ -33,7 +33,9 @@ from mfmegatron.meanflow.objective import (
     DistillationStepOutput,
     MeanFlowDistillation,
     MeanFlowDistillationConfig,
+    StepPlan,
 )
+from mfmegatron.meanflow.passes import TrainingPass, run_pass, slice_rows
 
 __all__ = [
     "FlowTeacher",
@@ -68,4 +70,8 @@ __all__ = [
     "MeanFlowDistillation",
     "MeanFlowDistillationConfig",
     "DistillationStepOutput",
+    "StepPlan",
+    "TrainingPass",
+    "run_pass",
+    "slice_rows",
 ]

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from mfmegatron.flow_matching import broadcast_time, clean_estimate, per_sample_mean
 from mfmegatron.meanflow.interface import FlowTeacher, MeanFlowStudent
+from mfmegatron.meanflow.passes import TrainingPass, run_pass
 from mfmegatron.sampling.few_step import check_time_grid, uniform_time_grid
 
 
@@ -60,6 +61,8 @@ class StudentCleanEstimates:
     """`[B]` t_k of each sample's segment."""
     segment_end: Tensor
     """`[B]` t_{k+1}."""
+    z_segment: Tensor
+    """`[B, ...]` the state z_{t_k} the clean estimate jumps from."""
 
 
 @dataclass
@@ -121,18 +124,26 @@ class TrajectoryAlignment:
         with torch.set_grad_enabled(with_grad):
             u = student.mean_velocity(z_segment, zero, t_segment, cond)
             x_hat = clean_estimate(z_segment, t_segment, u)
-        return StudentCleanEstimates(x_hat=x_hat, segment_start=t_segment, segment_end=grid[segment + 1])
+        return StudentCleanEstimates(
+            x_hat=x_hat, segment_start=t_segment, segment_end=grid[segment + 1], z_segment=z_segment
+        )
 
-    def generator_loss(
+    def generator_pass(
         self,
         student: MeanFlowStudent,
         noise: Tensor,
         cond: Any,
         generator: torch.Generator | None = None,
-    ) -> AlignmentOutput:
-        """Alignment loss for the student (gradient flows into the student only)."""
-        samples = self.student_clean_estimates(student, noise, cond, generator, with_grad=True)
-        x_hat = samples.x_hat
+    ) -> TrainingPass:
+        """The generator term as a `TrainingPass` on the student (see `passes.py`).
+
+        The clean estimates and the regression target are computed first without gradient; the
+        pass then re-evaluates the student's last jump with gradient (same inputs, same x̂) and
+        regresses x̂ on the target. One more student forward than a fused version, so that the
+        pass can run through a pipeline schedule.
+        """
+        samples = self.student_clean_estimates(student, noise, cond, generator, with_grad=False)
+        x_hat = samples.x_hat.detach()
         s = self._renoise_times(samples, generator)
         renoise = torch.randn(x_hat.shape, generator=generator, dtype=x_hat.dtype, device=x_hat.device)
         with torch.no_grad():
@@ -143,13 +154,56 @@ class TrajectoryAlignment:
             normalizer = per_sample_mean((x_hat - x_teacher).abs())
             step = direction / broadcast_time(normalizer + self.config.normalizer_eps, direction)
             regression_target = x_hat - step
-        loss = 0.5 * per_sample_mean((x_hat - regression_target).square()).mean()
-        stats = {
-            "align_loss": float(loss.detach()),
-            "align_direction_norm": float(per_sample_mean(direction.square()).sqrt().mean()),
-            "align_normalizer": float(normalizer.mean()),
-        }
+            direction_norm = float(per_sample_mean(direction.square()).sqrt().mean())
+        z_segment, t_segment = samples.z_segment, samples.segment_start
+
+        def loss_fn(u: Tensor, du: Tensor | None, rows: slice):
+            x_hat_with_grad = clean_estimate(z_segment[rows], t_segment[rows], u)
+            loss = 0.5 * per_sample_mean((x_hat_with_grad - regression_target[rows]).square()).mean()
+            stats = {
+                "align_loss": float(loss.detach()),
+                "align_direction_norm": direction_norm,
+                "align_normalizer": float(normalizer.mean()),
+            }
+            return loss, stats
+
+        return TrainingPass(
+            name="alignment", network="student", z=z_segment, r=torch.zeros_like(t_segment),
+            t=t_segment, loss_fn=loss_fn,
+        )
+
+    def generator_loss(
+        self,
+        student: MeanFlowStudent,
+        noise: Tensor,
+        cond: Any,
+        generator: torch.Generator | None = None,
+    ) -> AlignmentOutput:
+        """Alignment loss for the student (gradient flows into the student only)."""
+        loss, stats = run_pass(self.generator_pass(student, noise, cond, generator), student, cond)
         return AlignmentOutput(loss=loss, stats=stats)
+
+    def fake_pass(
+        self,
+        student: MeanFlowStudent,
+        noise: Tensor,
+        cond: Any,
+        generator: torch.Generator | None = None,
+    ) -> TrainingPass:
+        """Flow matching of the fake network on fresh student clean estimates (no student
+        gradient), at renoising times from the same segments the generator loss uses."""
+        samples = self.student_clean_estimates(student, noise, cond, generator, with_grad=False)
+        x_hat = samples.x_hat.detach()
+        s = self._renoise_times(samples, generator)
+        fresh_noise = torch.randn(x_hat.shape, generator=generator, dtype=x_hat.dtype, device=x_hat.device)
+        z_s = (1 - broadcast_time(s, x_hat)) * x_hat + broadcast_time(s, x_hat) * fresh_noise
+        velocity_target = fresh_noise - x_hat
+
+        def loss_fn(v: Tensor, dv: Tensor | None, rows: slice):
+            loss = per_sample_mean((v - velocity_target[rows]).square()).mean()
+            return loss, {"fake_loss": float(loss.detach())}
+
+        return TrainingPass(name="fake", network="fake", z=z_s, r=None, t=s, loss_fn=loss_fn)
 
     def fake_loss(
         self,
@@ -158,13 +212,5 @@ class TrajectoryAlignment:
         cond: Any,
         generator: torch.Generator | None = None,
     ) -> AlignmentOutput:
-        """Flow-matching loss of the fake network on fresh student clean estimates (no student
-        gradient), at renoising times from the same segments the generator loss uses."""
-        samples = self.student_clean_estimates(student, noise, cond, generator, with_grad=False)
-        x_hat = samples.x_hat.detach()
-        s = self._renoise_times(samples, generator)
-        fresh_noise = torch.randn(x_hat.shape, generator=generator, dtype=x_hat.dtype, device=x_hat.device)
-        z_s = (1 - broadcast_time(s, x_hat)) * x_hat + broadcast_time(s, x_hat) * fresh_noise
-        velocity_target = fresh_noise - x_hat
-        loss = per_sample_mean((self.fake.velocity(z_s, s, cond) - velocity_target).square()).mean()
-        return AlignmentOutput(loss=loss, stats={"fake_loss": float(loss.detach())})
+        loss, stats = run_pass(self.fake_pass(student, noise, cond, generator), self.fake, cond)
+        return AlignmentOutput(loss=loss, stats=stats)

@@ -28,10 +28,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mfmegatron.flow_matching import interpolate
+from mfmegatron.flow_matching import broadcast_time, interpolate
 from mfmegatron.meanflow.alignment import TrajectoryAlignment
 from mfmegatron.meanflow.interface import FlowTeacher, MeanFlowStudent
 from mfmegatron.meanflow.loss import AdaptiveLossConfig, adaptive_weighted_loss
+from mfmegatron.meanflow.passes import TrainingPass, run_pass
 from mfmegatron.meanflow.targets import (
     DiscreteTargetConfig,
     ResidualNormalizationConfig,
@@ -58,6 +59,15 @@ class MeanFlowDistillationConfig:
     align_weight: float = 0.0
     """λ_align; 0 disables the alignment term."""
     align_start_step: int = 0
+
+
+@dataclass
+class StepPlan:
+    phase: str
+    """"discrete" or "differential": which MeanFlow target this step uses."""
+    passes: list[TrainingPass]
+    """The student passes with gradient; the step's loss is the sum of their weighted losses."""
+    stats: dict[str, float]
 
 
 @dataclass
@@ -119,15 +129,21 @@ class MeanFlowDistillation:
 
     # -- the step ---------------------------------------------------------------------------
 
-    def generator_loss(
+    def plan(
         self,
         step: int,
         noise: Tensor,
         cond: Any = None,
         x: Tensor | None = None,
         generator: torch.Generator | None = None,
-    ) -> DistillationStepOutput:
-        """The student's loss at training step `step` (advances the warm-up switch once)."""
+    ) -> StepPlan:
+        """Everything of training step `step` that needs no gradient, and the passes that do.
+
+        Samples (t, r), builds z_t, advances the warm-up switch once, computes the phase's
+        target inputs (the discrete target; or the teacher velocity for the differential one)
+        and, when active, the alignment target. Returns the student passes whose weighted losses
+        sum to the step's generator loss (see `passes.py`).
+        """
         batch_size = noise.shape[0]
         t, r = sample_time_pair(self.config.time_sampling, batch_size, generator, noise.dtype, noise.device)
         z_t = self.make_z_t(noise, t, cond, x)
@@ -150,31 +166,72 @@ class MeanFlowDistillation:
             return relative_target_gap(discrete.target, differential.target, mask=t > r)
 
         phase = self.warmup.advance(step, measure_gap)
-
+        stats = dict(self.warmup.stats())
         if phase == DISCRETE:
-            target = get_discrete()
-            student_u = self.student.mean_velocity(z_t, r, t, cond)
+            passes = [self._discrete_pass(z_t, r, t, get_discrete().target)]
         elif phase == DIFFERENTIAL:
-            target = differential_target(self.teacher, self.student, z_t, r, t, cond)
-            student_u = target.student_mean_velocity
+            with torch.no_grad():
+                teacher_velocity = self.teacher.velocity(z_t, t, cond).detach()
+            passes = [self._differential_pass(z_t, r, t, teacher_velocity)]
         else:
             raise ValueError(f"unknown phase {phase!r}")
-
-        u_target = normalize_residual(target.target, student_u, self.config.residual_normalization)
-        meanflow = adaptive_weighted_loss(student_u, u_target, self.config.loss)
-        total = meanflow.loss
-        stats = meanflow.stats(prefix="meanflow_")
-        stats.update(self.warmup.stats())
-        stats["target_norm"] = float(u_target.reshape(batch_size, -1).norm(dim=1).mean())
-
         if self.alignment_active(step):
             align_noise = torch.randn(noise.shape, generator=generator, dtype=noise.dtype, device=noise.device)
-            alignment = self.alignment.generator_loss(self.student, align_noise, cond, generator)
-            total = total + self.config.align_weight * alignment.loss
-            stats.update(alignment.stats)
+            alignment = self.alignment.generator_pass(self.student, align_noise, cond, generator)
+            alignment.weight = self.config.align_weight
+            passes.append(alignment)
+        return StepPlan(phase=phase, passes=passes, stats=stats)
 
+    def _meanflow_loss(self, u: Tensor, u_target: Tensor) -> tuple[Tensor, dict[str, float]]:
+        u_target = normalize_residual(u_target, u, self.config.residual_normalization)
+        meanflow = adaptive_weighted_loss(u, u_target, self.config.loss)
+        stats = meanflow.stats(prefix="meanflow_")
+        stats["target_norm"] = float(u_target.reshape(u_target.shape[0], -1).norm(dim=1).mean())
+        return meanflow.loss, stats
+
+    def _discrete_pass(self, z_t: Tensor, r: Tensor, t: Tensor, target: Tensor) -> TrainingPass:
+        def loss_fn(u: Tensor, du: Tensor | None, rows: slice):
+            return self._meanflow_loss(u, target[rows])
+
+        return TrainingPass(name="meanflow", network="student", z=z_t, r=r, t=t, loss_fn=loss_fn)
+
+    def _differential_pass(self, z_t: Tensor, r: Tensor, t: Tensor, teacher_velocity: Tensor) -> TrainingPass:
+        """The MeanFlow identity target needs the student's own JVP: it is formed inside the
+        pass from the tangent output (`differential_target` does the same in one call)."""
+
+        def loss_fn(u: Tensor, du: Tensor, rows: slice):
+            interval = broadcast_time(t[rows] - r[rows], u)
+            return self._meanflow_loss(u, (teacher_velocity[rows] - interval * du).detach())
+
+        tangents = (teacher_velocity, torch.zeros_like(r), torch.ones_like(t))
+        return TrainingPass(
+            name="meanflow", network="student", z=z_t, r=r, t=t, loss_fn=loss_fn, tangents=tangents
+        )
+
+    def generator_loss(
+        self,
+        step: int,
+        noise: Tensor,
+        cond: Any = None,
+        x: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> DistillationStepOutput:
+        """The student's loss at training step `step`, evaluated directly (single-stage models)."""
+        plan = self.plan(step, noise, cond, x, generator)
+        total, stats = None, dict(plan.stats)
+        for training_pass in plan.passes:
+            loss, pass_stats = run_pass(training_pass, self.student, cond)
+            stats.update(pass_stats)
+            weighted = training_pass.weight * loss
+            total = weighted if total is None else total + weighted
         stats["loss"] = float(total.detach())
-        return DistillationStepOutput(loss=total, phase=phase, stats=stats)
+        return DistillationStepOutput(loss=total, phase=plan.phase, stats=stats)
+
+    def fake_pass(self, noise: Tensor, cond: Any = None, generator: torch.Generator | None = None) -> TrainingPass:
+        """The alignment's fake-network update as a pass on the fake network."""
+        if self.alignment is None:
+            raise ValueError("no TrajectoryAlignment configured")
+        return self.alignment.fake_pass(self.student, noise, cond, generator)
 
     def fake_loss(self, noise: Tensor, cond: Any = None, generator: torch.Generator | None = None):
         """Flow-matching loss of the alignment's fake network on fresh student samples."""
