@@ -36,6 +36,8 @@ setup(
         "console_scripts": [
             "mfmegatron-selfcheck=mfmegatron.selfcheck:main",
             "mfmegatron-convert-flux=tools.convert_flux:main",
+            "mfmegatron-train=mfmegatron.train:main",
+            "mfmegatron-build-prompt-shards=tools.build_prompt_shards:main",
         ],
     },
 )

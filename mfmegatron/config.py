@@ -75,7 +75,14 @@ def _coerce(value: Any, annotation: Any, dotted: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{dotted}: expected a mapping, got {value!r}")
         return dict(value)
-    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{dotted}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{dotted}: expected a number, got {value!r}")
         return float(value)
     if annotation is bool:
         if not isinstance(value, bool):

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mfmegatron.parallel import ParallelConfig, ParallelInfo, initialize_parallel, run_on_ranks
+from mfmegatron.warnings_filter import quiet_expected_warnings
 
 
 @dataclass
@@ -258,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         help="ranks to spawn locally when not started by torchrun (default: tp * pp * ep)",
     )
     args = parser.parse_args(argv)
+    quiet_expected_warnings()
     config = ParallelConfig(
         tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, expert_parallel_size=args.ep
     )

@@ -28,6 +28,8 @@ def test_file_and_overrides(tmp_path):
     config = load_config(Train, recipe, ["optim.schedule=cosine", "name=run1", "optim.lr=1"])
     assert config.steps == 5 and config.name == "run1"
     assert config.optim == Optim(lr=1.0, betas=(0.8, 0.9), schedule="cosine")
+    # YAML reads 1e-3 (no dot) as a string; a float field takes it as the number.
+    assert load_config(Train, None, ["optim.lr=1e-3"]).optim.lr == 1e-3
 
 
 def test_unknown_key_names_the_nearest_valid_one(tmp_path):
@@ -40,6 +42,8 @@ def test_unknown_key_names_the_nearest_valid_one(tmp_path):
 
 
 def test_bad_values_and_missing_recipe(tmp_path):
+    with pytest.raises(ConfigError, match="optim.lr: expected a number"):
+        load_config(Train, None, ["optim.lr=fast"])
     with pytest.raises(ConfigError, match="steps: expected an integer"):
         load_config(Train, None, ["steps=ten"])
     with pytest.raises(ConfigError, match=r"optim.schedule: 'linear' is not one of"):

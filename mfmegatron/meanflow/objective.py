@@ -23,7 +23,7 @@ Total loss: `L = L_meanflow + λ_align · L_align`, the alignment term from `ali
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
@@ -89,6 +89,9 @@ class MeanFlowDistillation:
         warmup: the warm-up switch (default: differential from step 0). Its state is part of
             `state_dict()`.
         alignment: optional `TrajectoryAlignment` (needs `config.align_weight > 0` to be used).
+        reduce_gap: combines the warm-up gap measured on this process's batch with the other
+            data-parallel replicas' (the trainer averages it), so every replica switches at the
+            same step. Default: this batch's gap alone.
     """
 
     def __init__(
@@ -98,7 +101,9 @@ class MeanFlowDistillation:
         config: MeanFlowDistillationConfig | None = None,
         warmup: WarmupSwitch | None = None,
         alignment: TrajectoryAlignment | None = None,
+        reduce_gap: Callable[[float], float] | None = None,
     ):
+        self.reduce_gap = reduce_gap or (lambda gap: gap)
         self.teacher = teacher
         self.student = student
         self.config = config or MeanFlowDistillationConfig()
@@ -163,7 +168,7 @@ class MeanFlowDistillation:
                 differential = differential_target(
                     self.teacher, self.student, z_t, r, t, cond, teacher_velocity=discrete.teacher_velocity
                 )
-            return relative_target_gap(discrete.target, differential.target, mask=t > r)
+            return self.reduce_gap(relative_target_gap(discrete.target, differential.target, mask=t > r))
 
         phase = self.warmup.advance(step, measure_gap)
         stats = dict(self.warmup.stats())

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from mfmegatron.jvp import functional as jf
@@ -410,6 +411,9 @@ class FluxModel(MegatronModule):
         start, end = block_range if block_range is not None else (0, config.num_layers)
         self.block_range = (start, end)
         self.input_tensor = None
+        # Read by megatron's schedules and finalize_model_grads (FLUX ties no embeddings).
+        self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = False
         dtype = config.params_dtype
         h = config.hidden_size
 

@@ -1,0 +1,129 @@
+"""The training recipe: one dataclass tree loaded from YAML (``mfmegatron.config.load_config``).
+
+Sections: ``model`` (which backbone, teacher weights), ``parallel`` (TP/PP/SP, micro-batches),
+``data`` (prompt shards, text encoder), ``meanflow`` (the objective: ``MeanFlowDistillationConfig``
+itself), ``warmup``, ``alignment``, ``optim``, ``train`` (steps, checkpoints, samples) and
+``logging``. ``recipes/*.yaml`` are complete examples; every field is documented below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from mfmegatron.meanflow import AlignmentConfig, AutomaticWarmupConfig, MeanFlowDistillationConfig
+
+
+@dataclass
+class ModelSection:
+    family: str = "flux"
+    """Backbone family, looked up in ``mfmegatron.training.registry``."""
+    preset: str = "tiny"
+    """Architecture preset of the family (flux: ``flux1-dev``, ``flux1-schnell``, ``tiny``)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Fields of the family's config to change (e.g. ``{num_double_layers: 2}``)."""
+    teacher_checkpoint: str | None = None
+    """Dist checkpoint of the teacher (``mfmegatron-convert-flux import``). None: random weights
+    (smoke tests and benchmarks only)."""
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    image_size: int = 1024
+    """Pixels per side; FLUX's latent tokens are (image_size / 16) ** 2."""
+    text_tokens: int = 512
+    guidance: float = 3.5
+    """Guidance-embedding value given to guidance-distilled teachers and students (FLUX.1-dev)."""
+    recompute: bool = False
+    """Activation recompute of every block (the primal only; tangents are never recomputed)."""
+
+
+@dataclass
+class ParallelSection:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    sequence_parallel: bool = False
+    num_microbatches: int = 1
+    """Micro-batches per step and data-parallel rank (pipeline parallel needs > 1 to overlap)."""
+    use_distributed_optimizer: bool = False
+
+
+@dataclass
+class DataSection:
+    shards: str | None = None
+    """Directory of prompt shards (``mfmegatron-build-prompt-shards``)."""
+    micro_batch_size: int = 1
+    """Prompts per micro-batch and data-parallel rank."""
+    window_shards: int | None = 16
+    """Shuffle window in shards (None: shuffle the whole epoch)."""
+    text_encoder: Literal["precomputed", "dummy", "hf"] = "precomputed"
+    """Where embeddings come from: the shards, a deterministic dummy encoder (tests), or the HF
+    T5/CLIP encoders at ``text_encoder_path`` (a FLUX pipeline folder)."""
+    text_encoder_path: str | None = None
+
+
+@dataclass
+class WarmupSection:
+    policy: Literal["fixed", "auto"] = "fixed"
+    switch_step: int | None = 1000
+    """fixed: the first differential step (0: differential from the start; None: never)."""
+    auto: AutomaticWarmupConfig = field(default_factory=AutomaticWarmupConfig)
+
+
+@dataclass
+class AlignmentSection:
+    enabled: bool = False
+    config: AlignmentConfig = field(default_factory=AlignmentConfig)
+    fake_lr: float = 1e-5
+    fake_updates_per_step: int = 1
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    ema_decay: float = 0.999
+    """EMA of the student's weights (0 disables it)."""
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    seed: int = 1234
+    output_dir: str = "outputs/run"
+    save_interval: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = True
+    """Continue from ``output_dir/checkpoints/latest`` when it exists."""
+    sample_interval: int = 0
+    """Write a grid of student samples every N steps (0: never)."""
+    sample_steps: tuple[int, ...] = (1, 2, 4)
+    export_at_end: bool = True
+    """Write the final EMA student as a diffusers folder (+ interval embedding) into output_dir."""
+
+
+@dataclass
+class LoggingSection:
+    log_interval: int = 1
+    tensorboard: bool = True
+    progress_bar: bool = True
+    log_prompts: bool = False
+    """Record every step's prompt keys per data-parallel rank (``prompts/rank{r}.jsonl``), to
+    audit what each replica saw across restarts."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    data: DataSection = field(default_factory=DataSection)
+    meanflow: MeanFlowDistillationConfig = field(default_factory=MeanFlowDistillationConfig)
+    warmup: WarmupSection = field(default_factory=WarmupSection)
+    alignment: AlignmentSection = field(default_factory=AlignmentSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)

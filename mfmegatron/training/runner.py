@@ -1,0 +1,177 @@
+"""Running a network stage through megatron's schedules, with or without pipeline parallelism.
+
+The MeanFlow objective calls networks in two ways (see ``mfmegatron.meanflow.passes``):
+
+- no-grad evaluations (teacher velocities, ODE steps, student rollouts, the fake network): here
+  ``velocity`` / ``mean_velocity`` / ``mean_velocity_jvp``, which run megatron's forward-only
+  schedule over micro-batches and hand the last stage's output to every pipeline stage, so the
+  objective's Python runs identically on all ranks;
+- training passes: ``run_pass`` runs forward (and the tangent), the pass's loss on the last
+  stage, and backward, through megatron's forward-backward schedule (1F1B with PP > 1).
+Gradients accumulate in megatron DDP's buffers until the trainer finalises them.
+
+One code path serves PP = 1 too (megatron's no-pipelining schedule loops the micro-batches).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from mfmegatron.meanflow.passes import TrainingPass, slice_rows
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+class NetworkRunner:
+    """One network (teacher, student or fake) of this rank's pipeline stage.
+
+    ``family`` knows the backbone's inputs (see ``mfmegatron.training.family.ModelFamily``);
+    ``model`` is the stage module, wrapped in megatron DDP when it is trained.
+    """
+
+    def __init__(self, family, model, num_microbatches: int, is_student: bool):
+        self.family = family
+        self.model = model
+        self.num_microbatches = num_microbatches
+        self.is_student = is_student
+        self.forward_equivalents = 0.0  # for the throughput estimate
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _row_slices(self, batch_size: int) -> list[slice]:
+        micro = self.num_microbatches
+        if batch_size % micro:
+            raise ValueError(f"batch of {batch_size} does not split into {micro} micro-batches")
+        size = batch_size // micro
+        return [slice(i * size, (i + 1) * size) for i in range(micro)]
+
+    def _schedule(
+        self,
+        z: torch.Tensor,
+        r: torch.Tensor | None,
+        t: torch.Tensor,
+        cond: Any,
+        tangents: tuple | None,
+        on_output: Callable,
+        forward_only: bool,
+    ):
+        """Runs the schedule; ``on_output(u, du, rows)`` on the last stage returns the loss."""
+        batch_size = z.shape[0]
+        slices = self._row_slices(batch_size)
+        module = _unwrap(self.model)
+
+        def forward_step(data_iterator, model):
+            rows = next(data_iterator)
+            pick = lambda x: slice_rows(x, rows, batch_size)  # noqa: E731
+            result = self.family.stage_forward(
+                _unwrap(model),
+                pick(z),
+                None if r is None else pick(r),
+                pick(t),
+                self.family.slice_condition(cond, rows, batch_size),
+                None if tangents is None else tuple(pick(x) for x in tangents),
+            )
+            if not parallel_state.is_pipeline_last_stage():
+                return result, None
+            u, du = result
+
+            def loss_func(output):
+                loss = on_output(output, du, rows)
+                return loss, {}
+
+            return u, loss_func
+
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(slices),
+            model=[self.model],
+            num_microbatches=len(slices),
+            seq_length=self.family.pipeline_seq_length(module, cond, with_tangent=tangents is not None),
+            micro_batch_size=slices[0].stop - slices[0].start,
+            forward_only=forward_only,
+        )
+
+    def _evaluate(self, z, r, t, cond, tangents):
+        """No-grad outputs for the whole batch, on every pipeline stage."""
+        outputs: list = []
+
+        def keep(u, du, rows):
+            outputs.append((u.detach(), None if du is None else du.detach()))
+            return torch.zeros((), device=u.device)
+
+        with torch.no_grad():
+            self._schedule(z, r, t, cond, tangents, keep, forward_only=True)
+        self.forward_equivalents += 1.0 if tangents is None else 2.0
+        # Velocities have the latents' shape; stages other than the last receive them.
+        u = torch.cat([o[0] for o in outputs]) if outputs else torch.empty_like(z)
+        _broadcast_from_last_stage(u)
+        if tangents is None:
+            return u
+        du = torch.cat([o[1] for o in outputs]) if outputs else torch.empty_like(u)
+        _broadcast_from_last_stage(du)
+        return u, du
+
+    # -- the FlowTeacher / MeanFlowStudent protocols (no grad) ----------------------------------
+
+    def velocity(self, z, t, cond):
+        return self._evaluate(z, None, t, cond, None)
+
+    def mean_velocity(self, z, r, t, cond):
+        return self._evaluate(z, r, t, cond, None)
+
+    def mean_velocity_jvp(self, z, r, t, cond, tangents):
+        return self._evaluate(z, r, t, cond, tangents)
+
+    # -- training ------------------------------------------------------------------------------
+
+    def run_pass(self, training_pass: TrainingPass, cond) -> tuple[float, dict[str, float]]:
+        """Forward (+ tangent), loss and backward of one pass; returns (loss, stats) on every rank.
+
+        The loss is ``training_pass.weight`` times the mean over micro-batches of the pass's
+        loss (megatron divides each micro-batch's loss by their number).
+        """
+        p = training_pass
+        losses: list[torch.Tensor] = []
+        stats: list[dict[str, float]] = []
+
+        def loss(u, du, rows):
+            value, pass_stats = p.loss_fn(u, du, rows)
+            losses.append(value.detach())
+            stats.append(pass_stats)
+            return value * p.weight
+
+        r = None if p.network == "fake" else p.r
+        self._schedule(p.z, r, p.t, cond, p.tangents, loss, forward_only=False)
+        self.forward_equivalents += 3.0 if p.tangents is None else 4.0
+        summary = None
+        if parallel_state.is_pipeline_last_stage():
+            mean_stats = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]} if stats else {}
+            summary = (float(torch.stack(losses).mean()), mean_stats)
+        return _broadcast_object_from_last_stage(summary)
+
+
+def _last_stage_rank() -> int:
+    return parallel_state.get_pipeline_model_parallel_last_rank()
+
+
+def _broadcast_from_last_stage(tensor: torch.Tensor) -> None:
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return
+    dist.broadcast(tensor, src=_last_stage_rank(), group=parallel_state.get_pipeline_model_parallel_group())
+
+
+def _broadcast_object_from_last_stage(value):
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(
+        holder, src=_last_stage_rank(), group=parallel_state.get_pipeline_model_parallel_group()
+    )
+    return holder[0]

@@ -1,0 +1,462 @@
+"""The MeanFlow distillation trainer.
+
+One step, on every rank of the job:
+
+1. the data-parallel rank's prompt batch -> the family's conditioning; noise and times from a
+   generator seeded by (seed, step, data-parallel rank), so a resumed run draws the same numbers;
+2. ``MeanFlowDistillation.plan``: z_t from the teacher ODE, the warm-up phase, the targets
+   (all no-grad, through ``NetworkRunner`` so pipeline stages stay in step);
+3. the plan's training passes through megatron's schedules (gradients accumulate), then
+   ``finalize_model_grads`` (data-parallel all-reduce, TP sums of replicated weights);
+4. a non-finite loss or gradient skips the update (counted); otherwise the optimizer, the LR
+   schedule and the EMA step; the alignment's fake network gets its own flow-matching update;
+5. logging (rank 0: progress bar, JSONL, TensorBoard), sample grids, atomic checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from mfmegatron.config import to_dict
+from mfmegatron.data import (
+    DummyTextEncoder,
+    PromptBatchLoader,
+    PromptShardReader,
+    build_text_encoder,
+    data_parallel_rank_and_size,
+    ensure_embeddings,
+    gather_state_dict,
+)
+from mfmegatron.meanflow import (
+    AutomaticWarmup,
+    FixedStepWarmup,
+    MeanFlowDistillation,
+    TrajectoryAlignment,
+)
+from mfmegatron.parallel import ParallelConfig, initialize_parallel
+from mfmegatron.sampling import sample_student
+from mfmegatron.training import checkpoint as ckpt
+from mfmegatron.training.config import TrainConfig
+from mfmegatron.training.ema import ParameterEMA
+from mfmegatron.training.family import get_family
+from mfmegatron.training.logger import TrainingLogger
+from mfmegatron.training.runner import NetworkRunner
+
+
+def _step_generator(seed: int, step: int, dp_rank: int, device) -> torch.Generator:
+    # Every TP/PP rank of a data-parallel replica draws the same numbers; replicas differ.
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + step * 4099 + dp_rank * 7919) % (2**63 - 1))
+    return generator
+
+
+def _initialize_adam_state(optimizer) -> None:
+    """Give every parameter its Adam state now (step 0, zero moments), exactly as the first
+    ``step()`` would. Checkpoints then hold the same keys whether or not a network has been
+    updated yet (the alignment's fake network trains only from ``align_start_step``)."""
+    inner = optimizer.optimizer
+    for group in inner.param_groups:
+        for param in group["params"]:
+            if not inner.state[param]:
+                inner.state[param] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+                }
+
+
+def _with_zero_steps(optimizer_state: dict) -> dict:
+    """megatron saves Adam's step once for all parameters, and not at all while it is 0 (a
+    network not yet updated); torch's Adam needs it per parameter, so put the 0 back."""
+    state = optimizer_state["state"]
+    if "common_step" not in state:
+        for param_state in state.values():
+            param_state.setdefault("step", torch.tensor(0.0))
+    return optimizer_state
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        parallel = config.parallel
+        self.info = initialize_parallel(
+            ParallelConfig(
+                tensor_parallel_size=parallel.tensor_parallel_size,
+                pipeline_parallel_size=parallel.pipeline_parallel_size,
+                seed=config.train.seed,
+            )
+        )
+        self.rank = dist.get_rank()
+        self.device = self.info.device
+        self.dtype = torch.bfloat16 if config.model.dtype == "bf16" else torch.float32
+        self.output_dir = Path(config.train.output_dir)
+        self.checkpoint_root = self.output_dir / "checkpoints"
+        self.family = get_family(config.model.family)
+        self.dp_rank, self.dp_size = data_parallel_rank_and_size()
+
+        with_fake = config.alignment.enabled
+        networks = self.family.build_networks(config, self.device, with_fake)
+        self.teacher = networks.teacher.eval()
+        self.student, self.optimizer = self._trained(networks.student, config.optim.lr)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if config.optim.lr_warmup_steps else config.optim.lr,
+            max_lr=config.optim.lr,
+            min_lr=config.optim.min_lr,
+            lr_warmup_steps=config.optim.lr_warmup_steps,
+            lr_decay_steps=max(config.train.steps, config.optim.lr_warmup_steps + 1),
+            lr_decay_style=config.optim.lr_decay_style,
+            start_wd=config.optim.weight_decay,
+            end_wd=config.optim.weight_decay,
+            wd_incr_steps=max(1, config.train.steps),
+            wd_incr_style="constant",
+        )
+        self.ema = ParameterEMA(networks.student, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
+        micro = parallel.num_microbatches
+        self.teacher_runner = NetworkRunner(self.family, self.teacher, micro, is_student=False)
+        self.student_runner = NetworkRunner(self.family, self.student, micro, is_student=True)
+        self.fake, self.fake_optimizer, self.fake_runner, alignment = None, None, None, None
+        if with_fake:
+            self.fake, self.fake_optimizer = self._trained(networks.fake, config.alignment.fake_lr)
+            self.fake_runner = NetworkRunner(self.family, self.fake, micro, is_student=False)
+            alignment = TrajectoryAlignment(self.teacher_runner, self.fake_runner, config.alignment.config)
+        meanflow = config.meanflow
+        if with_fake and meanflow.align_weight <= 0:
+            raise ValueError("alignment.enabled needs meanflow.align_weight > 0")
+        self.objective = MeanFlowDistillation(
+            self.teacher_runner,
+            self.student_runner,
+            meanflow,
+            self._warmup(),
+            alignment if meanflow.align_weight > 0 else None,
+            reduce_gap=self._average_gap_over_data_parallel,
+        )
+
+        self.loader = self._data_loader()
+        self.text_encoder = self._text_encoder()
+        self.counters = {"skipped_steps": 0}
+        self.step = 0
+        self.sample_inputs = None
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _trained(self, module: torch.nn.Module, lr: float):
+        config = module.config
+        ddp = DistributedDataParallel(
+            config,
+            DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                use_distributed_optimizer=self.config.parallel.use_distributed_optimizer,
+            ),
+            module=module,
+        )
+        optim = self.config.optim
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=lr,
+                min_lr=optim.min_lr,
+                weight_decay=optim.weight_decay,
+                adam_beta1=optim.adam_beta1,
+                adam_beta2=optim.adam_beta2,
+                adam_eps=optim.adam_eps,
+                clip_grad=optim.clip_grad,
+                bf16=self.dtype == torch.bfloat16,
+                params_dtype=self.dtype,
+                use_distributed_optimizer=self.config.parallel.use_distributed_optimizer,
+            ),
+            [ddp],
+        )
+        _initialize_adam_state(optimizer)
+        return ddp, optimizer
+
+    def _warmup(self):
+        warmup = self.config.warmup
+        if warmup.policy == "fixed":
+            return FixedStepWarmup(warmup.switch_step)
+        return AutomaticWarmup(warmup.auto)
+
+    def _average_gap_over_data_parallel(self, gap: float) -> float:
+        finite = math.isfinite(gap)
+        values = torch.tensor([gap if finite else 0.0, 1.0 if finite else 0.0], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+        return float(values[0] / values[1]) if values[1] > 0 else float("nan")
+
+    def _data_loader(self) -> PromptBatchLoader:
+        data = self.config.data
+        if data.shards is None:
+            raise ValueError("data.shards is not set: give a directory of prompt shards")
+        if not Path(data.shards).is_dir():
+            raise FileNotFoundError(f"data.shards directory {data.shards} does not exist")
+        reader = PromptShardReader(
+            data.shards,
+            rank=self.dp_rank,
+            world_size=self.dp_size,
+            seed=self.config.train.seed,
+            window_shards=data.window_shards,
+            load_embeddings=data.text_encoder == "precomputed",
+        )
+        batch = data.micro_batch_size * self.config.parallel.num_microbatches
+        return PromptBatchLoader(reader, batch, t5_seq_len=self.config.model.text_tokens)
+
+    def _text_encoder(self):
+        data = self.config.data
+        width, pooled = self.family.text_encoder_dims(self.config)
+        if data.text_encoder == "precomputed":
+            return None
+        if data.text_encoder == "dummy":
+            return DummyTextEncoder(t5_dim=width, pooled_dim=pooled, max_length=self.config.model.text_tokens)
+        return build_text_encoder(
+            "hf", flux_path=data.text_encoder_path, device=str(self.device), dtype=self.dtype,
+            max_length=self.config.model.text_tokens,
+        )
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _module_sharded(self, ddp, prefix: str) -> dict:
+        sharded = ddp.module.sharded_state_dict()
+        replace_prefix_for_sharding(sharded, "", prefix)
+        return sharded
+
+    def sharded_state_dict(self, is_loading: bool = False) -> dict:
+        student = self._module_sharded(self.student, "student.")
+        state = {
+            "student": student,
+            "optimizer": self.optimizer.sharded_state_dict(student, is_loading=is_loading),
+            "state": self._common_state(),
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.sharded_state_dict(self.student.module.sharded_state_dict(), "ema.")
+        if self.fake is not None:
+            fake = self._module_sharded(self.fake, "fake.")
+            state["fake"] = fake
+            state["fake_optimizer"] = self.fake_optimizer.sharded_state_dict(fake, is_loading=is_loading)
+        return state
+
+    def _common_state(self) -> dict:
+        """Identical on every rank (dist_checkpointing stores it once)."""
+        return {
+            "step": self.step,
+            "seed": self.config.train.seed,
+            "scheduler": self.scheduler.state_dict(),
+            "objective": self.objective.state_dict(),
+            "data": gather_state_dict(self.loader),
+            "counters": dict(self.counters),
+            "config": to_dict(self.config),
+        }
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(
+            self.checkpoint_root, self.step, self.sharded_state_dict(), self.config.train.keep_checkpoints
+        )
+
+    def resume(self, path: Path) -> None:
+        loaded = ckpt.load_checkpoint(path, self.sharded_state_dict(is_loading=True))
+        self.student.module.load_state_dict(loaded["student"], strict=True)
+        self.optimizer.load_state_dict(_with_zero_steps(loaded["optimizer"]))
+        if self.ema is not None:
+            self.ema.load_state_dict(loaded["ema"])
+        if self.fake is not None:
+            self.fake.module.load_state_dict(loaded["fake"], strict=True)
+            self.fake_optimizer.load_state_dict(_with_zero_steps(loaded["fake_optimizer"]))
+        state = loaded["state"]
+        if state["seed"] != self.config.train.seed:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} was written with train.seed={state['seed']}, the recipe says "
+                f"{self.config.train.seed}; resuming would change the run"
+            )
+        self.step = state["step"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.objective.load_state_dict(state["objective"])
+        self.loader.load_state_dict(state["data"])
+        self.counters.update(state["counters"])
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def _batch(self):
+        batch = next(self.loader)
+        if self.text_encoder is not None:
+            batch = ensure_embeddings(batch, self.text_encoder)
+        if batch.t5 is None:
+            raise ValueError("the prompt shards carry no embeddings; set data.text_encoder to dummy or hf")
+        width, pooled = self.family.text_encoder_dims(self.config)
+        if batch.t5.shape[-1] != width or batch.pooled.shape[-1] != pooled:
+            raise ValueError(
+                f"text embeddings are {batch.t5.shape[-1]}/{batch.pooled.shape[-1]} wide but the "
+                f"model takes {width}/{pooled}"
+            )
+        if self.config.logging.log_prompts:
+            self._record_prompts(batch.keys)
+        return self.family.condition(batch, self.config, self.device, self.dtype), len(batch)
+
+    def _record_prompts(self, keys: list[str]) -> None:
+        # One writer per data-parallel replica: its first tensor- and pipeline-parallel rank.
+        if parallel_state.get_tensor_model_parallel_rank() or parallel_state.get_pipeline_model_parallel_rank():
+            return
+        path = self.output_dir / "prompts" / f"rank{self.dp_rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            handle.write(json.dumps({"step": self.step, "keys": keys}) + "\n")
+
+    def train_step(self) -> dict:
+        config = self.config
+        cond, batch_size = self._batch()
+        generator = _step_generator(config.train.seed, self.step, self.dp_rank, self.device)
+        shape = (batch_size,) + tuple(self.family.latent_shape(config))
+        noise = torch.randn(shape, generator=generator, device=self.device, dtype=self.dtype)
+        if self.sample_inputs is None:
+            self.sample_inputs = (noise.clone(), cond)
+
+        self.student.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        for runner in (self.teacher_runner, self.student_runner):
+            runner.forward_equivalents = 0.0
+        plan = self.objective.plan(self.step, noise, cond, generator=generator)
+        stats = dict(plan.stats)
+        total = 0.0
+        for training_pass in plan.passes:
+            loss, pass_stats = self.student_runner.run_pass(training_pass, cond)
+            stats.update(pass_stats)
+            total += training_pass.weight * loss
+        stats["loss"] = total
+        finalize_model_grads([self.student])
+        update = self._optimizer_step(total)
+        stats.update(update)
+        if self.fake is not None and self.objective.alignment_active(self.step):
+            stats.update(self._fake_updates(cond, generator))
+        stats["phase"] = plan.phase
+        stats["forward_equivalents"] = (
+            self.teacher_runner.forward_equivalents + self.student_runner.forward_equivalents
+        )
+        self.step += 1
+        return stats
+
+    def _optimizer_step(self, loss: float) -> dict:
+        """Skips the update when the loss or the gradient is not finite on any rank."""
+        finite = torch.tensor([1.0 if math.isfinite(loss) else 0.0], device=self.device)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        grad_norm = float("nan")
+        if finite.item() == 1.0:
+            self.optimizer.prepare_grads()
+            grad_norm = float(self.optimizer.get_grad_norm())
+        if finite.item() != 1.0 or not math.isfinite(grad_norm):
+            self.counters["skipped_steps"] += 1
+            self.optimizer.zero_grad()
+            return {"grad_norm": grad_norm, "skipped": 1.0, "lr": self.scheduler.get_lr(self.optimizer.param_groups[0])}
+        succeeded, clipped_norm, _ = self.optimizer.step()
+        if not succeeded:
+            self.counters["skipped_steps"] += 1
+        else:
+            self.scheduler.step(increment=1)
+            if self.ema is not None:
+                self.ema.update()
+        return {
+            "grad_norm": grad_norm,
+            "skipped": 0.0 if succeeded else 1.0,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+
+    def _fake_updates(self, cond, generator) -> dict:
+        stats = {}
+        for _ in range(self.config.alignment.fake_updates_per_step):
+            self.fake.zero_grad_buffer()
+            self.fake_optimizer.zero_grad()
+            noise = torch.randn(
+                (self.sample_inputs[0].shape[0],) + tuple(self.family.latent_shape(self.config)),
+                generator=generator, device=self.device, dtype=self.dtype,
+            )
+            fake_pass = self.objective.fake_pass(noise, cond, generator)
+            loss, stats = self.fake_runner.run_pass(fake_pass, cond)
+            finalize_model_grads([self.fake])
+            if math.isfinite(loss):
+                self.fake_optimizer.step()
+            stats = {**stats, "fake_loss": loss}
+        return stats
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def sample_grid(self) -> None:
+        noise, cond = self.sample_inputs
+        samples = {}
+        for steps in self.config.train.sample_steps:
+            samples[steps] = sample_student(self.student_runner, noise, cond, num_steps=steps)
+        if self.rank == 0:
+            path = self.output_dir / "samples" / f"step_{self.step:08d}.png"
+            self.family.save_sample_grid(samples, path, self.config)
+
+    def train(self) -> dict:
+        config = self.config
+        if self.rank == 0:
+            removed = ckpt.remove_partial_saves(self.checkpoint_root)
+            for name in removed:
+                print(f"removed an interrupted checkpoint save: {name}", flush=True)
+        dist.barrier()
+        latest = ckpt.latest_checkpoint(self.checkpoint_root) if config.train.resume else None
+        if latest is not None:
+            self.resume(latest)
+            if self.rank == 0:
+                print(f"resumed from {latest} at step {self.step}", flush=True)
+        logger = TrainingLogger(self.output_dir, config, is_main=self.rank == 0, start_step=self.step)
+        flops_per_forward = self.family.flops_per_sample_forward(config)
+        last = {}
+        try:
+            while self.step < config.train.steps:
+                start = time.perf_counter()
+                stats = self.train_step()
+                seconds = time.perf_counter() - start
+                samples = config.data.micro_batch_size * config.parallel.num_microbatches * self.dp_size
+                stats["samples_per_second"] = samples / seconds
+                stats["tflops_per_second"] = (
+                    stats["forward_equivalents"] * flops_per_forward * samples / seconds / 1e12
+                )
+                stats = self._average_over_data_parallel(stats)
+                stats.update({f"data_{k}": v for k, v in self.loader.counters.items()})
+                stats["skipped_steps"] = self.counters["skipped_steps"]
+                last = stats
+                logger.log(self.step, stats)
+                if config.train.sample_interval and self.step % config.train.sample_interval == 0:
+                    self.sample_grid()
+                if self.step % config.train.save_interval == 0 or self.step == config.train.steps:
+                    self.save()
+        finally:
+            logger.close()
+        if config.train.export_at_end and self.step == config.train.steps:
+            self.export(self.output_dir / "student")
+        return last
+
+    def _average_over_data_parallel(self, stats: dict) -> dict:
+        """Numeric stats averaged over data-parallel replicas (same keys on every rank)."""
+        keys = sorted(k for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+        values /= self.dp_size
+        return {**stats, **{k: float(v) for k, v in zip(keys, values.tolist())}}
+
+    def export(self, directory: Path) -> None:
+        """The (EMA) student as the family's user-facing format, written by rank 0."""
+        from contextlib import nullcontext
+
+        with self.ema.applied() if self.ema is not None else nullcontext():
+            self.family.export_student(self.student.module, directory, self.config)
+
+
+def run(config: TrainConfig) -> dict:
+    trainer = Trainer(config)
+    if trainer.rank == 0:
+        Path(config.train.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(config.train.output_dir) / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+        print(f"parallel layout: {trainer.info.describe()}", flush=True)
+    return trainer.train()
+

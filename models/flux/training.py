@@ -1,0 +1,174 @@
+"""FLUX as a model family of the trainer (``mfmegatron.training.family.ModelFamily``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from models.flux.config import FLUX_CONFIGS, FluxConfig
+from models.flux.meanflow import FluxCondition, init_student_from_teacher
+from models.flux.model import FluxModel, FluxTangents
+from models.flux.parallelize import (
+    build_flux_model,
+    flux_config_from_checkpoint,
+    load_dist_checkpoint,
+    pipeline_seq_length,
+)
+
+# FLUX's VAE downsamples by 8 and the transformer packs 2x2 latent patches: 16 pixels per token.
+PIXELS_PER_TOKEN = 16
+
+
+class FluxFamily:
+    name = "flux"
+
+    # -- configs and networks ------------------------------------------------------------------
+
+    def model_config(self, config, student: bool) -> FluxConfig:
+        model, parallel = config.model, config.parallel
+        dtype = torch.bfloat16 if model.dtype == "bf16" else torch.float32
+        settings = dict(model.overrides)
+        settings.update(
+            tensor_model_parallel_size=parallel.tensor_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_parallel_size,
+            sequence_parallel=parallel.sequence_parallel,
+            params_dtype=dtype,
+            pipeline_dtype=dtype,
+            bf16=dtype == torch.bfloat16,
+            mean_flow_student=student,
+            use_cpu_initialization=not torch.cuda.is_available(),
+        )
+        if model.recompute:
+            settings.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        if model.teacher_checkpoint is not None:
+            # The checkpoint records its architecture; the preset must not contradict it.
+            settings["perform_initialization"] = False
+            return flux_config_from_checkpoint(model.teacher_checkpoint, **settings)
+        if model.preset not in FLUX_CONFIGS:
+            raise ValueError(f"unknown FLUX preset {model.preset!r}; known: {', '.join(FLUX_CONFIGS)}")
+        return FLUX_CONFIGS[model.preset](**settings)
+
+    def build_networks(self, config, device: torch.device, with_fake: bool):
+        from mfmegatron.training.family import Networks
+
+        teacher = build_flux_model(self.model_config(config, student=False)).to(device)
+        if config.model.teacher_checkpoint is not None:
+            load_dist_checkpoint(teacher, config.model.teacher_checkpoint)
+        teacher.requires_grad_(False)
+        student = build_flux_model(self.model_config(config, student=True)).to(device)
+        init_student_from_teacher(student, teacher)
+        fake = None
+        if with_fake:
+            # A full trainable copy of the teacher (LoRA on the shared frozen weights is the
+            # memory-saving alternative for 12B; not implemented yet).
+            fake = build_flux_model(self.model_config(config, student=False)).to(device)
+            with torch.no_grad():
+                for (_, target), (_, source) in zip(fake.named_parameters(), teacher.named_parameters()):
+                    target.copy_(source)
+        return Networks(teacher=teacher, student=student, fake=fake)
+
+    # -- shapes and conditioning ---------------------------------------------------------------
+
+    def _latent_grid(self, config) -> int:
+        side, remainder = divmod(config.model.image_size, PIXELS_PER_TOKEN)
+        if remainder:
+            raise ValueError(f"model.image_size must be a multiple of {PIXELS_PER_TOKEN}, got {config.model.image_size}")
+        return side
+
+    def teacher_config(self, config) -> FluxConfig:
+        """The teacher's FluxConfig for this recipe (built once per recipe object)."""
+        cached = getattr(self, "_teacher_config", None)
+        if cached is None or cached[0] is not config:
+            self._teacher_config = (config, self.model_config(config, student=False))
+        return self._teacher_config[1]
+
+    def latent_shape(self, config) -> tuple[int, ...]:
+        flux = self.teacher_config(config)
+        return (self._latent_grid(config) ** 2, flux.in_channels * flux.patch_size**2)
+
+    def text_encoder_dims(self, config) -> tuple[int, int]:
+        flux = self.teacher_config(config)
+        return flux.joint_attention_dim, flux.pooled_projection_dim
+
+    def condition(self, batch, config, device, dtype) -> FluxCondition:
+        t5 = batch.t5
+        length = config.model.text_tokens
+        if t5.shape[1] >= length:
+            t5 = t5[:, :length]
+        else:  # FLUX attends to a fixed-length T5 sequence; pad with zeros as the builder does
+            t5 = F.pad(t5, (0, 0, 0, length - t5.shape[1]))
+        side = self._latent_grid(config)
+        ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(ys), ys, xs], dim=-1).flatten(0, 1).float()
+        flux = self.teacher_config(config)
+        guidance = None
+        if flux.guidance_embeds:
+            guidance = torch.full((t5.shape[0],), config.model.guidance, device=device, dtype=dtype)
+        return FluxCondition(
+            encoder_hidden_states=t5.to(device, dtype),
+            pooled_projections=batch.pooled.to(device, dtype),
+            img_ids=img_ids.to(device),
+            txt_ids=torch.zeros(length, 3, device=device),
+            guidance=guidance,
+        )
+
+    def slice_condition(self, cond: FluxCondition, rows: slice, batch_size: int) -> FluxCondition:
+        return dataclasses.replace(
+            cond,
+            encoder_hidden_states=cond.encoder_hidden_states[rows],
+            pooled_projections=cond.pooled_projections[rows],
+            guidance=None if cond.guidance is None else cond.guidance[rows],
+        )
+
+    # -- running a stage ----------------------------------------------------------------------
+
+    def stage_forward(self, model: FluxModel, z, r, t, cond: FluxCondition, tangents):
+        inputs = cond.inputs(z, t, r)
+        flux_tangents = None
+        if tangents is not None:
+            tangent_z, tangent_r, tangent_t = tangents
+            flux_tangents = FluxTangents(latents=tangent_z, timestep=tangent_t, timestep_r=tangent_r)
+        return model.forward_jvp(inputs, flux_tangents)
+
+    def pipeline_seq_length(self, model: FluxModel, cond: FluxCondition, with_tangent: bool) -> int:
+        return pipeline_seq_length(model.config, cond.txt_ids.shape[0], cond.img_ids.shape[0], with_tangent)
+
+    def flops_per_sample_forward(self, config) -> float:
+        """2 FLOPs per MAC: 12 h^2 MACs per token per block (both block kinds), plus attention's
+        two s x s x h products per block."""
+        flux = self.teacher_config(config)
+        tokens = self._latent_grid(config) ** 2 + config.model.text_tokens
+        h = flux.hidden_size
+        return flux.num_layers * (24 * h * h * tokens + 4 * tokens * tokens * h)
+
+    # -- outputs for people --------------------------------------------------------------------
+
+    def save_sample_grid(self, samples: dict[int, torch.Tensor], path, config) -> None:
+        """Rows: number of student steps; columns: samples. Without a VAE this shows the first
+        three latent channels (unpacked to the latent grid), each normalised per image."""
+        from PIL import Image
+
+        side = self._latent_grid(config)
+        rows = []
+        for steps in sorted(samples):
+            latents = samples[steps].float().cpu()  # [n, side*side, 4c]
+            n, _, packed = latents.shape
+            channels = packed // 4
+            grid = latents.view(n, side, side, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+            grid = grid.reshape(n, channels, 2 * side, 2 * side)[:, :3]
+            low = grid.amin(dim=(1, 2, 3), keepdim=True)
+            high = grid.amax(dim=(1, 2, 3), keepdim=True)
+            rows.append(torch.cat(list((grid - low) / (high - low + 1e-8)), dim=2))
+        picture = torch.cat(rows, dim=1)  # [3, rows*H, n*W]
+        scale = max(1, 256 // (2 * side))
+        picture = picture.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+        array = (picture.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(path)
+
+    def export_student(self, student: FluxModel, directory, config) -> None:
+        raise NotImplementedError("student export lands with models/flux student export")
+

@@ -1,0 +1,280 @@
+"""The trainer end to end under torchrun (2 gloo ranks): resume after SIGKILL, a crash during a
+checkpoint save, resuming at another TP/PP layout, and the errors users see."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = [f"prompt number {i} about a {kind}" for i, kind in enumerate(["cat", "boat", "tree", "lamp"] * 24)]
+
+BASE_OVERRIDES = [
+    "model.preset=tiny",
+    "model.dtype=fp32",
+    "model.image_size=64",  # 4 x 4 latent tokens
+    "model.text_tokens=8",
+    "data.micro_batch_size=2",
+    "data.text_encoder=dummy",
+    "data.window_shards=2",
+    "meanflow.z_ode_steps=2",
+    "meanflow.discrete.num_steps=2",
+    "meanflow.align_weight=0.5",
+    "meanflow.align_start_step=6",
+    "warmup.policy=fixed",
+    "warmup.switch_step=3",
+    "alignment.enabled=true",
+    "alignment.config.num_rollout_steps=2",
+    "optim.lr=1e-3",
+    "optim.ema_decay=0.9",
+    "train.save_interval=4",
+    "train.keep_checkpoints=5",
+    "train.export_at_end=false",
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+    "logging.log_prompts=true",
+]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from mfmegatron.data import build_prompt_shards
+
+    root = tmp_path_factory.mktemp("data")
+    source = root / "prompts.txt"
+    source.write_text("\n".join(PROMPTS) + "\n")
+    build_prompt_shards([source], root / "shards", samples_per_shard=12)
+    return root / "shards"
+
+
+def _command(nproc: int, output: Path, shards: Path, extra: list[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-port", str(_free_port()),
+        "-m", "mfmegatron.train", str(REPO / "recipes" / "flux_tiny_cpu.yaml"),
+        *BASE_OVERRIDES, f"data.shards={shards}", f"train.output_dir={output}", *extra,
+    ]
+
+
+def _free_port() -> int:
+    from mfmegatron.parallel.spawn import free_port
+
+    return free_port()
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def _run(nproc, output, shards, extra, timeout=600, **env) -> subprocess.CompletedProcess:
+    """torchrun in its own process group; output through files, not pipes: a rank killed in
+    the middle of a save leaves megatron's checkpoint-writer helper process behind, which
+    would hold a pipe open. The group is killed once torchrun has returned."""
+    output.mkdir(parents=True, exist_ok=True)
+    logs = output.parent / f"{output.name}.torchrun"
+    with open(f"{logs}.out", "w") as stdout, open(f"{logs}.err", "w") as stderr:
+        process = subprocess.Popen(
+            _command(nproc, output, shards, extra), cwd=REPO, env=_env(**env), stdout=stdout,
+            stderr=stderr, text=True, start_new_session=True,
+        )
+        try:
+            returncode = process.wait(timeout=timeout)
+        finally:
+            _kill_tree(process.pid)
+    return subprocess.CompletedProcess(
+        process.args, returncode, Path(f"{logs}.out").read_text(), Path(f"{logs}.err").read_text()
+    )
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (torchrun starts each rank in its own session,
+    so killing torchrun's process group alone would leave the ranks running)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        processes = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=30)
+
+
+def _log(output: Path) -> dict[int, dict]:
+    """Step -> the last record written for it (a resumed run rewrites the steps it redoes)."""
+    records = {}
+    for line in (output / "log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["step"]] = record
+    return records
+
+
+def _prompts(output: Path, rank: int) -> dict[int, list[str]]:
+    steps = {}
+    for line in (output / "prompts" / f"rank{rank}.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        steps[record["step"]] = record["keys"]
+    return steps
+
+
+def _load_plain_tensors(paths: list[str]) -> list[dict[str, torch.Tensor]]:
+    from megatron.core.dist_checkpointing import load_plain_tensors
+
+    from mfmegatron.parallel import initialize_parallel
+
+    initialize_parallel()
+    return [{k: v for k, v in load_plain_tensors(p).items() if torch.is_tensor(v)} for p in paths]
+
+
+def _checkpoint_tensors(*paths: Path) -> list[dict[str, torch.Tensor]]:
+    """Every tensor of each checkpoint, whole, by checkpoint key (loaded in a world of one)."""
+    from mfmegatron.parallel import run_on_ranks
+
+    return run_on_ranks(_load_plain_tensors, 1, [str(p) for p in paths])[0]
+
+
+def _latest(output: Path) -> str:
+    return (output / "checkpoints" / "latest").read_text().strip()
+
+
+def _megatron_frames(text: str) -> list[str]:
+    """Traceback lines inside megatron-core (what users must not have to read)."""
+    return [line for line in text.splitlines() if 'File "' in line and "megatron/core" in line]
+
+
+def _check(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def test_sigkill_and_crash_during_save_resume_to_the_uninterrupted_result(tmp_path, shards):
+    # 2 data-parallel replicas; checkpoints at steps 6 and 12.
+    steps = ["train.steps=12", "train.save_interval=6", "parallel.tensor_parallel_size=1"]
+    reference = tmp_path / "reference"
+    _check(_run(2, reference, shards, steps))
+
+    # 1. SIGKILL every rank in the middle of training (after step 7; last checkpoint: 6).
+    run = tmp_path / "interrupted"
+    run.mkdir()
+    process = subprocess.Popen(
+        _command(2, run, shards, steps), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        log = run / "log.jsonl"
+        if log.exists() and max(_log(run), default=0) >= 7:
+            break
+        time.sleep(0.02)
+    _kill_tree(process.pid)
+    process.wait()
+    assert 7 <= max(_log(run)) < 12 and _latest(run) == "step_00000006"
+
+    # 2. Resume, and die in the middle of saving step 12: step 6 stays the latest checkpoint.
+    crashed = _run(2, run, shards, steps, MFMEGATRON_KILL_DURING_SAVE="12")
+    assert crashed.returncode != 0
+    assert _latest(run) == "step_00000006"
+    assert (run / "checkpoints" / "step_00000012.partial").is_dir()
+
+    # 3. Resume again: from step 6, the partial save is removed, and the run completes.
+    resumed = _run(2, run, shards, steps)
+    _check(resumed)
+    assert "resumed from" in resumed.stdout and "at step 6" in resumed.stdout
+    assert "removed an interrupted checkpoint save: step_00000012.partial" in resumed.stdout
+    assert _latest(run) == "step_00000012"
+
+    # Same final student, EMA, fake network and optimizer state as the uninterrupted run.
+    expected, got = _checkpoint_tensors(
+        reference / "checkpoints" / "step_00000012", run / "checkpoints" / "step_00000012"
+    )
+    assert expected.keys() == got.keys() and any(k.startswith("student.") for k in got)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    # Each replica saw the same prompts at each step, and no prompt twice within the epoch.
+    seen = []
+    for rank in (0, 1):
+        assert _prompts(run, rank) == _prompts(reference, rank)
+        seen += [key for keys in _prompts(run, rank).values() for key in keys]
+    assert len(seen) == 12 * 2 * 2 and len(set(seen)) == len(seen)
+    assert _log(run)[12]["loss"] == _log(reference)[12]["loss"]
+
+
+@pytest.mark.parametrize(
+    "layout,resumed_layout",
+    [
+        (["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true"], ["parallel.tensor_parallel_size=1"]),
+        (["parallel.tensor_parallel_size=1", "parallel.pipeline_parallel_size=2", "parallel.num_microbatches=2"],
+         ["parallel.tensor_parallel_size=1", "parallel.pipeline_parallel_size=1", "parallel.num_microbatches=2"]),
+    ],
+    ids=["tp2_to_tp1", "pp2_to_pp1"],
+)
+def test_resume_at_another_layout_continues_with_the_same_loss(tmp_path, shards, layout, resumed_layout):
+    # 2 ranks in one model-parallel group (data-parallel size 1), then a single process.
+    first = tmp_path / "first"
+    schedule = ["train.steps=5", "meanflow.align_start_step=2"]  # alignment and its fake network active
+    _check(_run(2, first, shards, [*schedule, *layout]))
+    second = tmp_path / "second"
+    shutil.copytree(first / "checkpoints" / "step_00000004", second / "checkpoints" / "step_00000004")
+    (second / "checkpoints" / "latest").write_text("step_00000004\n")
+    result = _run(1, second, shards, [*schedule, *resumed_layout])
+    _check(result)
+    assert "at step 4" in result.stdout
+    expected, got = _log(first)[5], _log(second)[5]
+    assert got["phase"] == expected["phase"]
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-4)
+    assert got["align_loss"] == pytest.approx(expected["align_loss"], rel=1e-3, abs=1e-7)
+    assert got["fake_loss"] == pytest.approx(expected["fake_loss"], rel=1e-4)
+
+
+def test_errors_are_one_clear_line(tmp_path, shards):
+    # A bad recipe key, before anything starts.
+    result = _run(1, tmp_path / "a", shards, ["optim.lrr=1"])
+    assert result.returncode != 0  # the rank exits with 2; torchrun reports 1
+    assert "mfmegatron-train: error: unknown config key 'optim.lrr' (did you mean optim.lr?)" in result.stderr
+    # No rank printed a traceback (torchrun's own agent still reports the non-zero exit).
+    assert "[rank0]: Traceback" not in result.stderr and not _megatron_frames(result.stderr)
+    # A parallel layout that does not fit the world.
+    result = _run(2, tmp_path / "b", shards, ["parallel.tensor_parallel_size=3"])
+    assert result.returncode != 0
+    assert "mfmegatron-train: error: world size 2 is not divisible by tensor_parallel_size (3)" in result.stderr
+    assert not _megatron_frames(result.stderr)
+    # A missing teacher checkpoint.
+    result = _run(1, tmp_path / "c", shards, ["parallel.tensor_parallel_size=1",
+                                               f"model.teacher_checkpoint={tmp_path / 'nowhere'}"])
+    assert result.returncode != 0
+    assert "mfmegatron-train: error:" in result.stderr and "nowhere" in result.stderr
+    # Resuming a checkpoint of another architecture (a wrong-shaped checkpoint).
+    output = tmp_path / "d"
+    _check(_run(1, output, shards, ["train.steps=4", "parallel.tensor_parallel_size=1"]))
+    result = _run(1, output, shards, ["train.steps=8", "parallel.tensor_parallel_size=1",
+                                      "model.overrides={ffn_hidden_size: 128}"])
+    assert result.returncode != 0
+    assert "mfmegatron-train: error: cannot load checkpoint" in result.stderr
+    assert "step_00000004" in result.stderr
+
+
+def test_a_corrupted_shard_is_skipped_with_a_warning_and_counted(tmp_path, shards):
+    broken = tmp_path / "shards"
+    shutil.copytree(shards, broken)
+    victim = sorted(broken.glob("*.tar"))[1]
+    victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 3])  # truncated
+    output = tmp_path / "run"
+    result = _run(1, output, broken, ["train.steps=8", "parallel.tensor_parallel_size=1"])
+    _check(result)
+    assert victim.name in result.stderr  # the warning names the shard
+    assert _log(output)[8]["data_bad_shards"] >= 1
