@@ -269,6 +269,21 @@ def test_seeded_generator_is_reproducible_and_images_per_prompt_differ(exported)
     assert not torch.allclose(other_seed, again)
     latents = exported["latents"][2]
     assert not torch.allclose(latents[0], latents[1])  # two images of the first prompt
+    # The guidance scale reaches the transformer's guidance embedding.
+    assert not torch.allclose(_generate(exported["pipe"], 1, guidance_scale=1.0), exported["latents"][1])
+
+
+def test_step_callback_sees_each_jump(exported):
+    seen = []
+
+    def callback(pipe, step, t, tensors):
+        seen.append((step, t, tensors["latents"].shape))
+        return {}
+
+    latents = _generate(exported["pipe"], 4, callback_on_step_end=callback)
+    assert [(step, t) for step, t, _ in seen] == [(0, 1.0), (1, 0.75), (2, 0.5), (3, 0.25)]
+    assert all(shape == latents.shape for _, _, shape in seen)
+    assert torch.equal(latents, exported["latents"][4])
 
 
 def test_progress_bar_counts_the_steps(exported, monkeypatch):
