@@ -4,6 +4,11 @@
            an original single-file checkpoint (flux1-dev.safetensors) -> a dist checkpoint
   export   a dist checkpoint -> a diffusers folder for FluxTransformer2DModel.from_pretrained
 
+MeanFlow students (checkpoints with the interval embedding ``interval_in.*``) are detected from
+their keys: export writes the teacher-architecture folder plus interval_embedder.safetensors and
+interval_embedder.json (see models/flux/interval_embedder.py), and import reads such a folder back
+into a student checkpoint.
+
 A dist checkpoint is a megatron-core dist_checkpointing directory (torch_dist format) plus
 mfmegatron_flux.json (the architecture as diffusers' config.json, and the dtype). Its tensor keys
 do not depend on the layout that wrote it: it loads at any tensor / pipeline / data parallel size.
@@ -19,11 +24,13 @@ examples:
   mfmegatron-convert-flux import --diffusers FLUX.1-dev --output /tmp/x --dry-run --tensor-parallel-size 8
   torchrun --nproc-per-node 4 -m tools.convert_flux import --diffusers FLUX.1-dev --output ckpt/flux1-dev --tensor-parallel-size 2 --pipeline-parallel-size 2
   mfmegatron-convert-flux export --checkpoint ckpt/flux1-dev --output flux1-dev-diffusers
+  mfmegatron-convert-flux export --checkpoint ckpt/student --output student-diffusers
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -38,6 +45,7 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                          "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
+# Also in models/flux/export.py, which writes the folders (this module imports torch lazily).
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
 
@@ -216,6 +224,26 @@ def diffusers_folder_files(path: Path) -> tuple[dict, dict[str, Path], Path]:
         return config, {key: single for key in handle.keys()}, folder
 
 
+def interval_embedder_source(folder: Path) -> SafetensorsSource | None:
+    """A MeanFlow student's interval embedder next to the transformer in ``folder`` (lazily read),
+    or None for a plain FLUX transformer."""
+    from models.flux import interval_embedder
+
+    if not interval_embedder.has_interval_embedder(folder):
+        return None
+    try:
+        record = interval_embedder.read_config(folder)
+    except interval_embedder.IntervalEmbedderFormatError as error:
+        raise ConversionError(str(error)) from error
+    weights = folder / record.get("weights", interval_embedder.WEIGHTS_NAME)
+    if not weights.is_file():
+        raise ConversionError(f"{folder}: {interval_embedder.CONFIG_NAME} names {weights.name}, which does not exist")
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        return SafetensorsSource({key: weights for key in handle.keys()})
+
+
 def original_file_source(path: Path) -> tuple[SafetensorsSource, int]:
     """The BFL single file as a source with the optional ``model.diffusion_model.`` prefix
     removed; returns it and the number of non-transformer tensors ignored."""
@@ -271,7 +299,7 @@ def _start_parallel(tp: int, pp: int):
     return initialize_parallel(tensor_parallel_size=tp, pipeline_parallel_size=pp)
 
 
-def _flux_config(diffusers_config: dict, dtype, tp: int = 1, pp: int = 1):
+def _flux_config(diffusers_config: dict, dtype, tp: int = 1, pp: int = 1, student: bool = False):
     import torch
 
     from models.flux.state_dict_adapter import flux_config_from_diffusers
@@ -284,16 +312,17 @@ def _flux_config(diffusers_config: dict, dtype, tp: int = 1, pp: int = 1):
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         pipeline_dtype=dtype if pp > 1 else None,
+        mean_flow_student=student,
         # Parameters are allocated empty on the CPU and filled from the file.
         use_cpu_initialization=True,
         perform_initialization=False,
     )
 
 
-def validate_layout(diffusers_config: dict, dtype, tp: int, pp: int):
+def validate_layout(diffusers_config: dict, dtype, tp: int, pp: int, student: bool = False):
     """The config split tp x pp; ConversionError if the model cannot be (megatron's own checks)."""
     try:
-        config = _flux_config(diffusers_config, dtype, tp, pp)
+        config = _flux_config(diffusers_config, dtype, tp, pp, student)
     except (AssertionError, ValueError) as error:
         raise ConversionError(f"the model cannot be split tp={tp} pp={pp}: {error}") from error
     if pp > config.num_layers:
@@ -310,12 +339,14 @@ def run_import(args) -> dict:
 
     started = time.perf_counter()
     output = Path(args.output)
+    interval = None  # a MeanFlow student's interval embedder (exported next to the transformer)
     if args.diffusers is not None:
         if args.config is not None:
             raise ConversionError("--config is for --original; a diffusers folder brings its config.json")
-        diffusers_config, files, _ = diffusers_folder_files(Path(args.diffusers))
+        diffusers_config, files, folder = diffusers_folder_files(Path(args.diffusers))
         source, ignored = SafetensorsSource(files), 0
         source_info = {"format": "diffusers", "name": Path(args.diffusers).name}
+        interval = interval_embedder_source(folder)
     else:
         source, ignored = original_file_source(Path(args.original))
         diffusers_config = resolve_architecture(args.config, source)
@@ -338,16 +369,19 @@ def run_import(args) -> dict:
         check_shapes,
         diffusers_getter_from_bfl,
         diffusers_shapes,
+        interval_from_megatron,
+        interval_to_megatron,
         to_megatron,
     )
 
     # One process builds the whole model and only checks that tp x pp would fit; under torchrun
     # the ranks build that layout and each writes its own shards.
-    config = validate_layout(diffusers_config, dtype, tp, pp)
+    student = interval is not None
+    config = validate_layout(diffusers_config, dtype, tp, pp, student)
     info = _start_parallel(tp, pp)
     single_process = info.world_size == 1
     if single_process:
-        config = _flux_config(diffusers_config, dtype)
+        config = _flux_config(diffusers_config, dtype, student=student)
 
     # Check every source key and shape against the config before reading any data.
     ours = full_parameter_shapes(meta_full_model(config))
@@ -360,6 +394,12 @@ def run_import(args) -> dict:
         hint = ""
     check_key_sets(source.shapes, expected, what, hint)
     check_shapes(source.shapes, expected, what, hint)
+    if student:
+        interval_what = f"interval embedder of {args.diffusers}"
+        interval_expected = {key: ours[our_key] for key, our_key in
+                             interval_from_megatron(lambda k: k)}  # file key -> our shape
+        check_key_sets(interval.shapes, interval_expected, interval_what)
+        check_shapes(interval.shapes, interval_expected, interval_what)
 
     if args.dry_run:
         with torch.device("meta"):
@@ -374,11 +414,13 @@ def run_import(args) -> dict:
         "parameters": sum(_numel(s) for s in ours.values()),
         "layout": info.describe(),
         "ignored_tensors": ignored,
+        "mean_flow_student": student,
     }
     _log(
         f"{PROG} import: {what}: {summary['tensors']} tensors, {format_bytes(summary['source_bytes'])}, "
         f"{summary['parameters']:,} parameters; process layout {info.describe()}"
-        + (f"; ignored {ignored} tensors outside the transformer" if ignored else ""),
+        + (f"; ignored {ignored} tensors outside the transformer" if ignored else "")
+        + ("; MeanFlow student (with interval_embedder.safetensors)" if student else ""),
         args.quiet,
     )
     if args.dry_run:
@@ -390,6 +432,8 @@ def run_import(args) -> dict:
     else:
         get = source.get
     pairs = _release_between_blocks(to_megatron(get, config, block_indices=range(*model.block_range)), source)
+    if student:
+        pairs = itertools.chain(pairs, interval_to_megatron(interval.get))
     progress = Progress(total, "import", args.quiet)
     try:
         load_streamed_weights(
@@ -401,7 +445,8 @@ def run_import(args) -> dict:
         progress.close()
 
     save_started = time.perf_counter()
-    save_dist_checkpoint(model, output, diffusers_config, source=source_info)
+    extra_info = {"mean_flow_student": True} if student else {}
+    save_dist_checkpoint(model, output, diffusers_config, source=source_info, **extra_info)
     summary.update(seconds=time.perf_counter() - started, save_seconds=time.perf_counter() - save_started)
     _log(
         f"wrote {output} ({args.dtype}) in {summary['seconds']:.1f} s "
@@ -480,26 +525,6 @@ class CheckpointReader:
         return {key: loaded[key] for key in keys}
 
 
-def plan_shards(sizes: list[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
-    """Keys in order, cut into shards of at most ``max_shard_size`` bytes (a bigger tensor alone)."""
-    shards: list[list[str]] = [[]]
-    used = 0
-    for key, nbytes in sizes:
-        if shards[-1] and used + nbytes > max_shard_size:
-            shards.append([])
-            used = 0
-        shards[-1].append(key)
-        used += nbytes
-    return shards
-
-
-def shard_file_names(count: int) -> list[str]:
-    if count == 1:
-        return [DIFFUSERS_WEIGHTS]
-    stem = DIFFUSERS_WEIGHTS.removesuffix(".safetensors")
-    return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
-
 def run_export(args) -> dict:
     """The ``export`` command; returns a summary (also used by the tests)."""
     started = time.perf_counter()
@@ -516,16 +541,18 @@ def run_export(args) -> dict:
 
     import torch
     from megatron.core import dist_checkpointing
-    from safetensors.torch import save_file
 
+    from models.flux.export import plan_shards, shard_file_names, write_config, write_interval_embedder, write_shards
     from models.flux.parallelize import checkpoint_tensor_shapes, read_checkpoint_info
-    from models.flux.state_dict_adapter import check_key_sets, check_shapes, from_megatron
+    from models.flux.state_dict_adapter import check_key_sets, check_shapes, from_megatron, is_student_keys
 
     record = read_checkpoint_info(checkpoint)
     info = _start_parallel(1, 1)
-    config = _flux_config(record["diffusers_config"], _torch_dtype(record["dtype"]))
     metadata = dist_checkpointing.load_tensors_metadata(str(checkpoint))
     found = {key: tuple(value.global_shape) for key, value in metadata.items()}
+    # A MeanFlow student is FLUX plus the interval embedding: recognised by its keys.
+    student = is_student_keys(found)
+    config = _flux_config(record["diffusers_config"], _torch_dtype(record["dtype"]), student=student)
     expected = checkpoint_tensor_shapes(config)
     hint = f" (architecture from {checkpoint}/mfmegatron_flux.json)"
     check_key_sets(found, expected, f"checkpoint {checkpoint}", hint)
@@ -540,10 +567,12 @@ def run_export(args) -> dict:
     shards = plan_shards(planned, args.max_shard_size)
     names = shard_file_names(len(shards))
     total = sum(nbytes for _, nbytes in planned)
-    summary = {"tensors": len(planned), "bytes": total, "shards": names, "layout": info.describe()}
+    summary = {"tensors": len(planned), "bytes": total, "shards": names, "layout": info.describe(),
+               "mean_flow_student": student}
     _log(
         f"{PROG} export: {checkpoint} -> {output}: {len(planned)} tensors, {format_bytes(total)} in "
-        f"{len(names)} shard(s) of at most {format_bytes(args.max_shard_size)}",
+        f"{len(names)} shard(s) of at most {format_bytes(args.max_shard_size)}"
+        + ("; MeanFlow student: its interval embedding goes to interval_embedder.safetensors" if student else ""),
         args.quiet,
     )
     if args.dry_run:
@@ -552,27 +581,15 @@ def run_export(args) -> dict:
 
     output.mkdir(parents=True, exist_ok=True)
     reader = CheckpointReader(checkpoint, metadata)
-    shard_of = {key: index for index, keys in enumerate(shards) for key in keys}
-    pending: dict = {}
+    if student:
+        # First: the interval tensors are top-level, loaded together with the other top-level ones.
+        write_interval_embedder(output, reader.get, out_dtype, config.timestep_embedding_dim)
     progress = Progress(total, "export", args.quiet)
     try:
-        for key, tensor in from_megatron(reader.get, config):
-            if out_dtype is not None:
-                tensor = tensor.to(out_dtype)
-            if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
-                tensor = tensor.clone()  # a view (e.g. one head's QKV rows): safetensors wants its own storage
-            pending[key] = tensor.contiguous()
-            progress.update(tensor.numel() * tensor.element_size())
-            index = shard_of[key]
-            if len(pending) == len(shards[index]):
-                save_file(pending, str(output / names[index]), metadata={"format": "pt"})
-                pending = {}
+        write_shards(output, from_megatron(reader.get, config), planned, shards, out_dtype, progress.update)
     finally:
         progress.close()
-    if len(names) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": {k: names[shard_of[k]] for k, _ in planned}}
-        (output / DIFFUSERS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    (output / "config.json").write_text(json.dumps(record["diffusers_config"], indent=2, sort_keys=True) + "\n")
+    write_config(output, record["diffusers_config"])
     summary["seconds"] = time.perf_counter() - started
     _log(f"wrote {output} in {summary['seconds']:.1f} s", args.quiet)
     return summary
@@ -602,7 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = imp.add_mutually_exclusive_group(required=True)
     source.add_argument("--diffusers", metavar="DIR",
                         help="a FluxTransformer2DModel folder (config.json + diffusion_pytorch_model*.safetensors, "
-                             "sharded with an index or one file) or a pipeline folder with transformer/")
+                             "sharded with an index or one file) or a pipeline folder with transformer/; with "
+                             "interval_embedder.json beside the weights it is a MeanFlow student export and "
+                             "becomes a student checkpoint")
     source.add_argument("--original", metavar="FILE",
                         help="an original BFL single file (flux1-dev.safetensors); keys may carry the "
                              "'model.diffusion_model.' prefix")
@@ -626,7 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Convert a dist checkpoint (saved at any layout) to a diffusers FluxTransformer2DModel folder: "
             "config.json and safetensors shards (with diffusion_pytorch_model.safetensors.index.json when "
-            "there is more than one). Runs in one process."
+            "there is more than one). A MeanFlow student (recognised by its interval_in.* tensors) also "
+            "gets interval_embedder.safetensors and interval_embedder.json, which MeanFlowFluxPipeline "
+            "loads (models/flux/pipeline.py). Runs in one process."
         ),
     )
     exp.add_argument("--checkpoint", required=True, metavar="DIR", help="a dist checkpoint written by import or training")

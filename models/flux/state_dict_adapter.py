@@ -16,6 +16,10 @@ block's ``linear1`` = [q; k; v; mlp_in]) and in the final adaLN's chunk order (s
 expressed as where each diffusers tensor lives in a BFL file (``bfl_pieces``), so there is one
 diffusers <-> megatron mapping. Also here: diffusers config.json <-> FluxConfig, and the key /
 shape checks that name what does not fit.
+
+A MeanFlow student's interval embedding (``interval_in.*``) has no diffusers counterpart: it is
+exported as its own ``TimestepEmbedding`` file (``interval_from_megatron`` / ``interval_to_megatron``,
+file format in ``interval_embedder.py``); ``to_megatron`` / ``from_megatron`` cover the rest.
 """
 
 from __future__ import annotations
@@ -184,6 +188,36 @@ def from_megatron(
             )
             yield f"{old_prefix}proj_out.weight", weight
             yield f"{old_prefix}proj_out.bias", get(f"{new_prefix}linear_mlp_out.bias")
+
+
+# The MeanFlow student's interval embedding: exported as its own diffusers TimestepEmbedding
+# (``interval_embedder.safetensors``, keys ``linear_1.weight`` ...; see interval_embedder.py).
+INTERVAL_PREFIX = "interval_in."
+_INTERVAL_RENAMES = {"linear_1": "interval_in.mlp.linear_1", "linear_2": "interval_in.mlp.linear_2"}
+
+
+def interval_keys() -> list[str]:
+    """Our keys of the student's interval embedding."""
+    return [f"{new}.{suffix}" for new in _INTERVAL_RENAMES.values() for suffix in ("weight", "bias")]
+
+
+def is_student_keys(keys) -> bool:
+    """Whether a set of our (checkpoint) keys is a MeanFlow student's (has the interval embedding)."""
+    return any(key.startswith(INTERVAL_PREFIX) for key in keys)
+
+
+def interval_from_megatron(get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (interval-embedder file key, tensor) from our ``interval_in.*`` tensors."""
+    for old, new in _INTERVAL_RENAMES.items():
+        for suffix in ("weight", "bias"):
+            yield f"{old}.{suffix}", get(f"{new}.{suffix}")
+
+
+def interval_to_megatron(get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (our key, tensor) from the interval-embedder file's tensors."""
+    for old, new in _INTERVAL_RENAMES.items():
+        for suffix in ("weight", "bias"):
+            yield f"{new}.{suffix}", get(f"{old}.{suffix}")
 
 
 def megatron_block_key_to_global(key: str, block_range: tuple[int, int], config: FluxConfig) -> str:
