@@ -20,7 +20,13 @@ EXPECTED_WARNINGS = (
 
 
 def quiet_expected_warnings() -> None:
+    import torch
+
     for pattern in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    # torch logs "No CUDA runtime is found" when importing its C++ extension helpers on CPU.
+    if not torch.cuda.is_available():  # advice about CUDA streams; meaningless on CPU
+        warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+    # torch logs "No CUDA runtime is found" when importing its C++ extension helpers on CPU;
+    # megatron logs that its own (synchronous here) checkpoint writer is deprecated.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").setLevel(logging.ERROR)

@@ -231,7 +231,7 @@ def test_resume_at_another_layout_continues_with_the_same_loss(tmp_path, shards,
     second = tmp_path / "second"
     shutil.copytree(first / "checkpoints" / "step_00000004", second / "checkpoints" / "step_00000004")
     (second / "checkpoints" / "latest").write_text("step_00000004\n")
-    result = _run(1, second, shards, [*schedule, *resumed_layout])
+    result = _run(1, second, shards, [*schedule, *resumed_layout, "train.export_at_end=true"])
     _check(result)
     assert "at step 4" in result.stdout
     expected, got = _log(first)[5], _log(second)[5]
@@ -239,6 +239,23 @@ def test_resume_at_another_layout_continues_with_the_same_loss(tmp_path, shards,
     assert got["loss"] == pytest.approx(expected["loss"], rel=1e-4)
     assert got["align_loss"] == pytest.approx(expected["align_loss"], rel=1e-3, abs=1e-7)
     assert got["fake_loss"] == pytest.approx(expected["fake_loss"], rel=1e-4)
+
+    # The run ends by exporting its EMA student for diffusers: exactly the checkpoint's EMA.
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    from models.flux.state_dict_adapter import to_megatron
+    from models.flux.config import tiny_flux_config
+
+    exported = FluxTransformer2DModel.from_pretrained(second / "student").state_dict()
+    interval = load_file(second / "student" / "interval_embedder.safetensors")
+    (final,) = _checkpoint_tensors(second / "checkpoints" / "step_00000005")
+    config = tiny_flux_config(mean_flow_student=True)
+    ours = dict(to_megatron(exported.__getitem__, config))
+    ours.update({f"interval_in.mlp.{k}": v for k, v in interval.items()})
+    assert {f"ema.{k}" for k in ours} == {k for k in final if k.startswith("ema.")}
+    for key, tensor in ours.items():
+        assert torch.equal(tensor, final[f"ema.{key}"].to(tensor.dtype)), key
 
 
 def test_errors_are_one_clear_line(tmp_path, shards):

@@ -40,6 +40,8 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from diffusers.utils.torch_utils import get_module_execution_device
 
+from mfmegatron.sampling.few_step import check_time_grid as check_sampling_grid
+from mfmegatron.sampling.few_step import uniform_time_grid
 from models.flux import interval_embedder as interval_format
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -52,23 +54,12 @@ FLUX_TIME_SHIFT = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_s
 # --------------------------------------------------------------------------- time grids
 
 
-def uniform_time_grid(num_steps: int) -> list[float]:
-    """``[1, 1 - 1/K, ..., 0]``: K + 1 points for K steps."""
-    if int(num_steps) != num_steps or num_steps < 1:
-        raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_steps}")
-    num_steps = int(num_steps)
-    return [1.0 - k / num_steps for k in range(num_steps + 1)]
-
-
 def check_time_grid(timesteps: Sequence[float]) -> list[float]:
-    """A user grid: at least two points, strictly decreasing, from 1 (noise) to 0 (image)."""
-    grid = [float(t) for t in timesteps]
-    if len(grid) < 2:
-        raise ValueError(f"timesteps needs at least two points (one step), got {grid}")
+    """A user grid for sampling from noise to an image: the sampler's checks (strictly
+    decreasing, inside [0, 1]), starting at 1 and ending at 0."""
+    grid = check_sampling_grid(timesteps)
     if grid[0] != 1.0 or grid[-1] != 0.0:
         raise ValueError(f"timesteps must start at 1 (noise) and end at 0 (image), got {grid}")
-    if any(a <= b for a, b in zip(grid[:-1], grid[1:])):
-        raise ValueError(f"timesteps must be strictly decreasing, got {grid}")
     return grid
 
 

@@ -170,5 +170,9 @@ class FluxFamily:
         Image.fromarray(array).save(path)
 
     def export_student(self, student: FluxModel, directory, config) -> None:
-        raise NotImplementedError("student export lands with models/flux student export")
+        """A diffusers FluxTransformer2DModel folder plus the interval embedding (see
+        ``models/flux/export.py``); every rank calls it, one writes."""
+        from models.flux.export import export_to_diffusers
+
+        export_to_diffusers(student, directory)
 
