@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mfmegatron.warnings_filter import quiet_expected_warnings
+
 PRESETS = {
     # FLUX-shaped, small enough for 2 CPU cores.
     "cpu": dict(hidden=256, heads=4, double=2, single=4, image_tokens=256, text_tokens=64, batch=2),
@@ -187,6 +189,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    quiet_expected_warnings()
 
     device = torch.device(args.device)
     preset = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
