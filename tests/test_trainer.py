@@ -56,6 +56,22 @@ def shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
+@pytest.fixture(scope="module")
+def teacher_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random FLUX teacher as a dist checkpoint (the same weights at every layout; a
+    randomly initialised teacher would differ between pipeline layouts)."""
+    from tests.flux_fixtures import diffusers_flux
+
+    root = tmp_path_factory.mktemp("teacher")
+    diffusers_flux(torch.float32).save_pretrained(root / "diffusers")
+    subprocess.run(
+        [sys.executable, "-m", "tools.convert_flux", "import", "--diffusers", str(root / "diffusers"),
+         "--output", str(root / "checkpoint"), "--dtype", "fp32", "--quiet"],
+        cwd=REPO, env=_env(), check=True, capture_output=True, timeout=300,
+    )
+    return root / "checkpoint"
+
+
 def _command(nproc: int, output: Path, shards: Path, extra: list[str]) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
@@ -223,10 +239,16 @@ def test_sigkill_and_crash_during_save_resume_to_the_uninterrupted_result(tmp_pa
     ],
     ids=["tp2_to_tp1", "pp2_to_pp1"],
 )
-def test_resume_at_another_layout_continues_with_the_same_loss(tmp_path, shards, layout, resumed_layout):
+def test_resume_at_another_layout_continues_with_the_same_loss(
+    tmp_path, shards, teacher_checkpoint, layout, resumed_layout
+):
     # 2 ranks in one model-parallel group (data-parallel size 1), then a single process.
     first = tmp_path / "first"
-    schedule = ["train.steps=5", "meanflow.align_start_step=2"]  # alignment and its fake network active
+    schedule = [
+        "train.steps=5",
+        "meanflow.align_start_step=2",  # alignment and its fake network active
+        f"model.teacher_checkpoint={teacher_checkpoint}",
+    ]
     _check(_run(2, first, shards, [*schedule, *layout]))
     second = tmp_path / "second"
     shutil.copytree(first / "checkpoints" / "step_00000004", second / "checkpoints" / "step_00000004")

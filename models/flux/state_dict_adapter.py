@@ -119,6 +119,16 @@ def diffusers_keys(config: FluxConfig) -> list[str]:
     return keys
 
 
+def _block_layout(index: int, config: FluxConfig) -> tuple[str, str, dict, dict]:
+    """For global block ``index``: diffusers' key prefix, ours, and the rename and QKV tables."""
+    if index < config.num_double_layers:
+        return f"transformer_blocks.{index}.", f"double_blocks.{index}.", _DOUBLE_RENAMES, _DOUBLE_QKV
+    single = index - config.num_double_layers
+    return (
+        f"single_transformer_blocks.{single}.", f"single_blocks.{single}.", _SINGLE_RENAMES, _SINGLE_QKV
+    )
+
+
 def to_megatron(
     get: Callable[[str], torch.Tensor], config: FluxConfig, block_indices: range | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -135,13 +145,7 @@ def to_megatron(
             yield f"{new}.{suffix}", get(f"{old}.{suffix}")
     blocks = block_indices if block_indices is not None else range(config.num_layers)
     for index in blocks:
-        if index < config.num_double_layers:
-            old_prefix, new_prefix = f"transformer_blocks.{index}.", f"double_blocks.{index}."
-            renames, qkv = _DOUBLE_RENAMES, _DOUBLE_QKV
-        else:
-            single = index - config.num_double_layers
-            old_prefix, new_prefix = f"single_transformer_blocks.{single}.", f"single_blocks.{single}."
-            renames, qkv = _SINGLE_RENAMES, _SINGLE_QKV
+        old_prefix, new_prefix, renames, qkv = _block_layout(index, config)
         for old, new in renames.items():
             yield f"{new_prefix}{new}.weight", get(f"{old_prefix}{old}.weight")
             if "norm_" not in old:
@@ -166,13 +170,7 @@ def from_megatron(
         for suffix in ("weight", "bias"):
             yield f"{old}.{suffix}", get(f"{new}.{suffix}")
     for index in range(config.num_layers):
-        if index < config.num_double_layers:
-            old_prefix, new_prefix = f"transformer_blocks.{index}.", f"double_blocks.{index}."
-            renames, qkv = _DOUBLE_RENAMES, _DOUBLE_QKV
-        else:
-            single = index - config.num_double_layers
-            old_prefix, new_prefix = f"single_transformer_blocks.{single}.", f"single_blocks.{single}."
-            renames, qkv = _SINGLE_RENAMES, _SINGLE_QKV
+        old_prefix, new_prefix, renames, qkv = _block_layout(index, config)
         for old, new in renames.items():
             yield f"{old_prefix}{old}.weight", get(f"{new_prefix}{new}.weight")
             if "norm_" not in old:
