@@ -16,6 +16,8 @@ EXPECTED_WARNINGS = (
     r".*async save is deprecated.*",
     r".*torch.distributed is disabled, unavailable or uninitialized.*",
     r".*The argument order of load has been changed.*",
+    r".*MimoModelConfig is experimental.*",
+    r".*full scope is deprecated.*",
 )
 
 

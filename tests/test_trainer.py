@@ -4,6 +4,7 @@ checkpoint save, resuming at another TP/PP layout, and the errors users see."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -317,3 +318,49 @@ def test_a_corrupted_shard_is_skipped_with_a_warning_and_counted(tmp_path, shard
     _check(result)
     assert victim.name in result.stderr  # the warning names the shard
     assert _log(output)[8]["data_bad_shards"] >= 1
+
+
+def _non_finite_step(shards: str, output: str) -> dict:
+    from mfmegatron.config import load_config
+    from mfmegatron.training.config import TrainConfig
+    from mfmegatron.training.trainer import Trainer
+
+    overrides = [o for o in BASE_OVERRIDES if not o.startswith("logging.log_prompts")]
+    config = load_config(
+        TrainConfig, REPO / "recipes" / "flux_tiny_cpu.yaml",
+        [*overrides, f"data.shards={shards}", f"train.output_dir={output}", "parallel.tensor_parallel_size=1",
+         "optim.lr_warmup_steps=0"],
+    )
+    trainer = Trainer(config)
+    student = trainer.student.module
+
+    def snapshot():
+        return [p.detach().clone() for p in student.parameters()]
+
+    # A teacher that returns inf makes every target, the loss and the gradient non-finite.
+    bias = trainer.teacher.final_proj.bias
+    original = bias.detach().clone()
+    with torch.no_grad():
+        bias.fill_(float("inf"))
+    before, ema_before = snapshot(), [t.clone() for t in trainer.ema.shadow.values()]
+    poisoned = trainer.train_step()
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, snapshot()))
+    ema_unchanged = all(torch.equal(a, b) for a, b in zip(ema_before, trainer.ema.shadow.values()))
+    with torch.no_grad():
+        bias.copy_(original)
+    healthy = trainer.train_step()
+    changed = not all(torch.equal(a, b) for a, b in zip(before, snapshot()))
+    return {
+        "poisoned": poisoned, "healthy": healthy, "unchanged": unchanged, "ema_unchanged": ema_unchanged,
+        "changed": changed, "skipped_steps": trainer.counters["skipped_steps"],
+    }
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path, shards):
+    from mfmegatron.parallel import run_on_ranks
+
+    result = run_on_ranks(_non_finite_step, 1, str(shards), str(tmp_path / "run"))[0]
+    assert result["poisoned"]["skipped"] == 1.0 and not math.isfinite(result["poisoned"]["loss"])
+    assert result["unchanged"] and result["ema_unchanged"]
+    assert result["healthy"]["skipped"] == 0.0 and math.isfinite(result["healthy"]["loss"])
+    assert result["changed"] and result["skipped_steps"] == 1
