@@ -86,6 +86,8 @@ class OptimSection:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    grad_reduce_in_fp32: bool = True
+    """Gradient buffers (and their data-parallel reduction) in fp32; False halves their memory."""
     ema_decay: float = 0.999
     """EMA of the student's weights (0 disables it)."""
 

@@ -36,11 +36,10 @@ class NetworkRunner:
     ``model`` is the stage module, wrapped in megatron DDP when it is trained.
     """
 
-    def __init__(self, family, model, num_microbatches: int, is_student: bool):
+    def __init__(self, family, model, num_microbatches: int):
         self.family = family
         self.model = model
         self.num_microbatches = num_microbatches
-        self.is_student = is_student
         self.forward_equivalents = 0.0  # for the throughput estimate
 
     # -- helpers -------------------------------------------------------------------------------

@@ -125,12 +125,12 @@ class Trainer:
         )
         self.ema = ParameterEMA(networks.student, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
         micro = parallel.num_microbatches
-        self.teacher_runner = NetworkRunner(self.family, self.teacher, micro, is_student=False)
-        self.student_runner = NetworkRunner(self.family, self.student, micro, is_student=True)
+        self.teacher_runner = NetworkRunner(self.family, self.teacher, micro)
+        self.student_runner = NetworkRunner(self.family, self.student, micro)
         self.fake, self.fake_optimizer, self.fake_runner, alignment = None, None, None, None
         if with_fake:
             self.fake, self.fake_optimizer = self._trained(networks.fake, config.alignment.fake_lr)
-            self.fake_runner = NetworkRunner(self.family, self.fake, micro, is_student=False)
+            self.fake_runner = NetworkRunner(self.family, self.fake, micro)
             alignment = TrajectoryAlignment(self.teacher_runner, self.fake_runner, config.alignment.config)
         meanflow = config.meanflow
         if with_fake and meanflow.align_weight <= 0:
@@ -157,7 +157,7 @@ class Trainer:
         ddp = DistributedDataParallel(
             config,
             DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True,
+                grad_reduce_in_fp32=self.config.optim.grad_reduce_in_fp32,
                 use_distributed_optimizer=self.config.parallel.use_distributed_optimizer,
             ),
             module=module,
@@ -335,7 +335,7 @@ class Trainer:
         update = self._optimizer_step(total)
         stats.update(update)
         if self.fake is not None and self.objective.alignment_active(self.step):
-            stats.update(self._fake_updates(cond, generator))
+            stats.update(self._fake_updates(cond, batch_size, generator))
         stats["phase"] = plan.phase
         stats["forward_equivalents"] = (
             self.teacher_runner.forward_equivalents + self.student_runner.forward_equivalents
@@ -368,13 +368,13 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
         }
 
-    def _fake_updates(self, cond, generator) -> dict:
+    def _fake_updates(self, cond, batch_size: int, generator) -> dict:
         stats = {}
         for _ in range(self.config.alignment.fake_updates_per_step):
             self.fake.zero_grad_buffer()
             self.fake_optimizer.zero_grad()
             noise = torch.randn(
-                (self.sample_inputs[0].shape[0],) + tuple(self.family.latent_shape(self.config)),
+                (batch_size,) + tuple(self.family.latent_shape(self.config)),
                 generator=generator, device=self.device, dtype=self.dtype,
             )
             fake_pass = self.objective.fake_pass(noise, cond, generator)
