@@ -293,14 +293,22 @@ def test_errors_are_one_clear_line(tmp_path, shards):
     assert result.returncode != 0
     assert "mfmegatron-train: error: world size 2 is not divisible by tensor_parallel_size (3)" in result.stderr
     assert not _megatron_frames(result.stderr)
+    # The distributed optimizer without Transformer Engine or apex (megatron cannot resume it).
+    result = _run(1, tmp_path / "e", shards, ["parallel.tensor_parallel_size=1",
+                                              "parallel.use_distributed_optimizer=true"])
+    assert result.returncode != 0
+    assert "mfmegatron-train: error: parallel.use_distributed_optimizer needs Transformer Engine" in result.stderr
     # A missing teacher checkpoint.
     result = _run(1, tmp_path / "c", shards, ["parallel.tensor_parallel_size=1",
                                                f"model.teacher_checkpoint={tmp_path / 'nowhere'}"])
     assert result.returncode != 0
     assert "mfmegatron-train: error:" in result.stderr and "nowhere" in result.stderr
-    # Resuming a checkpoint of another architecture (a wrong-shaped checkpoint).
+    # Resuming a checkpoint of another architecture (a wrong-shaped checkpoint). The first run
+    # trains in bf16 with activation recompute, which nothing else here does.
     output = tmp_path / "d"
-    _check(_run(1, output, shards, ["train.steps=4", "parallel.tensor_parallel_size=1"]))
+    _check(_run(1, output, shards, ["train.steps=4", "parallel.tensor_parallel_size=1", "model.dtype=bf16",
+                                    "model.recompute=true"]))
+    assert all(math.isfinite(record["loss"]) for record in _log(output).values())
     result = _run(1, output, shards, ["train.steps=8", "parallel.tensor_parallel_size=1",
                                       "model.overrides={ffn_hidden_size: 128}"])
     assert result.returncode != 0

@@ -93,6 +93,19 @@ def remove_partial_saves(root: Path) -> list[str]:
     return removed
 
 
+def load_common_state(path: Path) -> dict[str, Any]:
+    """The non-tensor part of a checkpoint (read before building the layout to load into)."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return dist_checkpointing.load_common_state_dict(str(path))
+    except Exception as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {_root_cause(error)}") from error
+
+
 def load_checkpoint(path: Path, sharded_state_dict: dict) -> dict[str, Any]:
     """Loads ``path`` into the given sharded layout (every rank calls it)."""
     from megatron.core import dist_checkpointing

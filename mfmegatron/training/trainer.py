@@ -55,36 +55,27 @@ from mfmegatron.training.logger import TrainingLogger
 from mfmegatron.training.runner import NetworkRunner
 
 
+def optimizer_checkpoint_format() -> dict:
+    """The distributed optimizer's checkpoint format (the plain optimizer ignores it: its state
+    is always per parameter).
+
+    "fully_reshardable" stores each parameter's Adam state whole, gathered over data-parallel
+    ranks at save, so a run resumes at any TP/PP/DP layout; megatron's default
+    ("fully_sharded_model_space") is deprecated and no longer saves in 0.19. Without CUDA the
+    gather must go through megatron's gloo groups (its "memory-efficient" variant, which gathers
+    on data-parallel rank 0 only); with CUDA it uses NCCL on every rank.
+    """
+    return {
+        "distrib_optim_sharding_type": "fully_reshardable",
+        "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available(),
+    }
+
+
 def _step_generator(seed: int, step: int, dp_rank: int, device) -> torch.Generator:
     # Every TP/PP rank of a data-parallel replica draws the same numbers; replicas differ.
     generator = torch.Generator(device=device)
     generator.manual_seed((seed * 1_000_003 + step * 4099 + dp_rank * 7919) % (2**63 - 1))
     return generator
-
-
-def _initialize_adam_state(optimizer) -> None:
-    """Give every parameter its Adam state now (step 0, zero moments), exactly as the first
-    ``step()`` would. Checkpoints then hold the same keys whether or not a network has been
-    updated yet (the alignment's fake network trains only from ``align_start_step``)."""
-    inner = optimizer.optimizer
-    for group in inner.param_groups:
-        for param in group["params"]:
-            if not inner.state[param]:
-                inner.state[param] = {
-                    "step": torch.tensor(0.0),
-                    "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
-                }
-
-
-def _with_zero_steps(optimizer_state: dict) -> dict:
-    """megatron saves Adam's step once for all parameters, and not at all while it is 0 (a
-    network not yet updated); torch's Adam needs it per parameter, so put the 0 back."""
-    state = optimizer_state["state"]
-    if "common_step" not in state:
-        for param_state in state.values():
-            param_state.setdefault("step", torch.tensor(0.0))
-    return optimizer_state
 
 
 class Trainer:
@@ -154,6 +145,17 @@ class Trainer:
 
     def _trained(self, module: torch.nn.Module, lr: float):
         config = module.config
+        if self.config.parallel.use_distributed_optimizer:
+            from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+            if not HAVE_APEX_OR_TE:
+                # megatron-core 0.19 keeps Adam's step in the param groups only with TE's or
+                # apex's fused Adam; with torch's Adam its distributed-optimizer state cannot be
+                # loaded into a fresh process, so a run could never resume.
+                raise ValueError(
+                    "parallel.use_distributed_optimizer needs Transformer Engine or apex "
+                    "(install the gpu extra, or use an NGC container); without them set it to false"
+                )
         ddp = DistributedDataParallel(
             config,
             DistributedDataParallelConfig(
@@ -179,7 +181,6 @@ class Trainer:
             ),
             [ddp],
         )
-        _initialize_adam_state(optimizer)
         return ddp, optimizer
 
     def _warmup(self):
@@ -230,25 +231,43 @@ class Trainer:
         replace_prefix_for_sharding(sharded, "", prefix)
         return sharded
 
-    def sharded_state_dict(self, is_loading: bool = False) -> dict:
+    def sharded_state_dict(self, optimizers_with_state: set[str] | None = None) -> dict:
+        """What a checkpoint holds. ``optimizers_with_state``: None to save (every optimizer that
+        has state, i.e. has stepped), else the names to load (as recorded in the checkpoint).
+
+        An optimizer that has never stepped (the fake network's, before alignment starts) has no
+        state to save and is left out; megatron's optimizers fill it in themselves on load."""
+        is_loading = optimizers_with_state is not None
+        saved = optimizers_with_state if is_loading else self._optimizers_with_state()
         student = self._module_sharded(self.student, "student.")
-        state = {
-            "student": student,
-            "optimizer": self.optimizer.sharded_state_dict(student, is_loading=is_loading),
-            "state": self._common_state(),
-        }
+        state = {"student": student, "state": self._common_state(saved)}
+        if "optimizer" in saved:
+            state["optimizer"] = self.optimizer.sharded_state_dict(
+                student, is_loading=is_loading, metadata=optimizer_checkpoint_format()
+            )
         if self.ema is not None:
             state["ema"] = self.ema.sharded_state_dict(self.student.module.sharded_state_dict(), "ema.")
         if self.fake is not None:
             fake = self._module_sharded(self.fake, "fake.")
             state["fake"] = fake
-            state["fake_optimizer"] = self.fake_optimizer.sharded_state_dict(fake, is_loading=is_loading)
+            if "fake_optimizer" in saved:
+                state["fake_optimizer"] = self.fake_optimizer.sharded_state_dict(
+                    fake, is_loading=is_loading, metadata=optimizer_checkpoint_format()
+                )
         return state
 
-    def _common_state(self) -> dict:
+    def _optimizers_with_state(self) -> set[str]:
+        names = set()
+        for name, optimizer in (("optimizer", self.optimizer), ("fake_optimizer", self.fake_optimizer)):
+            if optimizer is not None and any(optimizer.optimizer.state.values()):
+                names.add(name)
+        return names
+
+    def _common_state(self, optimizers_with_state: set[str]) -> dict:
         """Identical on every rank (dist_checkpointing stores it once)."""
         return {
             "step": self.step,
+            "optimizers_with_state": sorted(optimizers_with_state),
             "seed": self.config.train.seed,
             "scheduler": self.scheduler.state_dict(),
             "objective": self.objective.state_dict(),
@@ -263,14 +282,17 @@ class Trainer:
         )
 
     def resume(self, path: Path) -> None:
-        loaded = ckpt.load_checkpoint(path, self.sharded_state_dict(is_loading=True))
+        saved = set(ckpt.load_common_state(path)["state"]["optimizers_with_state"])
+        loaded = ckpt.load_checkpoint(path, self.sharded_state_dict(optimizers_with_state=saved))
         self.student.module.load_state_dict(loaded["student"], strict=True)
-        self.optimizer.load_state_dict(_with_zero_steps(loaded["optimizer"]))
+        if "optimizer" in saved:
+            self.optimizer.load_state_dict(loaded["optimizer"])
         if self.ema is not None:
             self.ema.load_state_dict(loaded["ema"])
         if self.fake is not None:
             self.fake.module.load_state_dict(loaded["fake"], strict=True)
-            self.fake_optimizer.load_state_dict(_with_zero_steps(loaded["fake_optimizer"]))
+            if "fake_optimizer" in saved:
+                self.fake_optimizer.load_state_dict(loaded["fake_optimizer"])
         state = loaded["state"]
         if state["seed"] != self.config.train.seed:
             raise ckpt.CheckpointError(
