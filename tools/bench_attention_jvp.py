@@ -2,13 +2,20 @@
 
     python -m tools.bench_attention_jvp --device cpu              # ~1-2 min on 2 cores
     python -m tools.bench_attention_jvp --device cuda --dtype bfloat16 --heads 24 --head-dim 128
+    python -m tools.bench_attention_jvp --device cuda --dtype bfloat16 --heads 24 --head-dim 128 \
+        --tangent-pass logsumexp --compile-tangent --triton --triton-autotune
 
 For each sequence length, side by side: (i) the primal attention forward, (ii) ``attention_jvp``
-(primal + tangent), (iii) ``attention_jvp_reference``, optionally ``attention_jvp`` with the
-online-softmax tangent pass (``--online``) and with the compiled tangent pass
-(``--compile-tangent``), and the ratios to (i). q, k, v require grad, as in training, so the
-memory includes what each primal keeps for its backward (the reference keeps its L×L softmax).
-``--backward`` adds to every column the backward through its primal output, as in a training step.
+(primal + tangent; ``--tangent-pass`` picks its pass, default ``auto``), (iii)
+``attention_jvp_reference``, optionally ``attention_jvp`` with the online-softmax tangent pass
+(``--online``), with the compiled PyTorch tangent pass (``--compile-tangent``), with the fused
+Triton tangent kernel (``--triton``, CUDA only; default tiles) and with that kernel autotuned over
+its small config list (``--triton-autotune``; the first call per length tunes, untimed), and the
+ratios to (i). For the Triton columns a line after each row gives the largest difference of their
+tangent from a PyTorch pass (relative to the largest entry) and the autotuner's choice. q, k, v
+require grad, as in training, so the memory includes what each primal keeps for its backward (the
+reference keeps its L×L softmax). ``--backward`` adds to every column the backward through its
+primal output, as in a training step.
 
 Peak memory is the most bytes allocated at once during the call above what was allocated before
 it (inputs excluded; outputs and autograd-saved tensors included). CUDA:
@@ -25,7 +32,9 @@ import time
 
 import torch
 
-from mfmegatron.jvp.attention import attention, attention_jvp, attention_jvp_reference, default_block_sizes
+from mfmegatron.jvp import attention as attention_module
+from mfmegatron.jvp.attention import (TANGENT_PASSES, attention, attention_jvp, attention_jvp_reference,
+                                      default_block_sizes, explain_tangent_pass)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -44,10 +53,19 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (median; default 3 cpu, 20 cuda)")
     parser.add_argument("--online", action="store_true", help="also time the online-softmax tangent pass")
     parser.add_argument("--compile-tangent", action="store_true", help="also time the compiled tangent pass")
+    parser.add_argument("--tangent-pass", default="auto", choices=TANGENT_PASSES,
+                        help="tangent pass of the 'jvp' column (default auto)")
+    parser.add_argument("--triton", action="store_true",
+                        help="also time the fused Triton tangent kernel (CUDA only)")
+    parser.add_argument("--triton-autotune", action="store_true",
+                        help="also time the Triton kernel autotuned over its configs (CUDA only)")
     parser.add_argument("--backward", action="store_true", help="include the backward through the primal")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference (its L×L memory)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.triton or args.triton_autotune) and torch.device(args.device).type != "cuda":
+        parser.error("--triton and --triton-autotune need a CUDA device")
+    return args
 
 
 def make_inputs(seq_len, args, device, dtype):
@@ -146,7 +164,8 @@ def main(argv=None):
         return attention(q, k, v)
 
     def jvp(q, k, v, tq, tk, tv):
-        return attention_jvp(q, k, v, tq, tk, tv, block_size=key_block, query_block_size=query_block)
+        return attention_jvp(q, k, v, tq, tk, tv, block_size=key_block, query_block_size=query_block,
+                             tangent_pass=args.tangent_pass)
 
     def jvp_online(q, k, v, tq, tk, tv):
         return attention_jvp(q, k, v, tq, tk, tv, block_size=key_block, query_block_size=query_block,
@@ -156,6 +175,18 @@ def main(argv=None):
         return attention_jvp(q, k, v, tq, tk, tv, block_size=key_block, query_block_size=query_block,
                              compile_tangent=True)
 
+    def jvp_triton(q, k, v, tq, tk, tv):
+        return attention_jvp(q, k, v, tq, tk, tv, tangent_pass="triton")
+
+    def jvp_triton_autotuned(q, k, v, tq, tk, tv):
+        # What attention_jvp(tangent_pass="triton") does, with the kernel's autotuner on.
+        from mfmegatron.jvp import attention_triton
+
+        scale = q.shape[-1] ** -0.5
+        o, lse = attention_module._fused_attention_with_logsumexp(q, k, v, scale)
+        return o, attention_triton.attention_tangent(q, k, v, tq, tk, tv, o.detach(), lse.detach(),
+                                                     scale, autotune=True)
+
     candidates = [("primal", primal), ("jvp", jvp)]
     if not args.no_reference:
         candidates.append(("reference", attention_jvp_reference))
@@ -163,6 +194,12 @@ def main(argv=None):
         candidates.append(("jvp_online", jvp_online))
     if args.compile_tangent:
         candidates.append(("jvp_compiled", jvp_compiled))
+    triton_columns = []
+    if args.triton:
+        triton_columns.append(("jvp_triton", jvp_triton))
+    if args.triton_autotune:
+        triton_columns.append(("jvp_triton_tuned", jvp_triton_autotuned))
+    candidates += triton_columns
     if args.backward:
         candidates = [(label + "+bwd", with_backward(fn)) for label, fn in candidates]
 
@@ -172,6 +209,9 @@ def main(argv=None):
           f"query block {query_block or 'all'}, median of {repeats}")
     print("memory: " + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
                         "torch.profiler allocation events (CPU allocator)") + ", above the inputs")
+    q, k, v, *_ = make_inputs(args.seq_lens[0], args, device, dtype)
+    chosen, why = explain_tangent_pass(q, k, v, args.tangent_pass)
+    print(f"jvp column: tangent_pass={args.tangent_pass!r} runs the {chosen} pass ({why})")
     header = f"{'seq':>6}"
     for label, _ in candidates:
         header += f" | {label + ' ms':>14} {label + ' MiB':>15}"
@@ -189,6 +229,28 @@ def main(argv=None):
         base_ms, base_mib = results[0]
         row += " | " + " ".join(f"{ms / base_ms:>12.2f}x {mib / base_mib:>8.2f}x" for ms, mib in results[1:])
         print(row, flush=True)
+        if triton_columns:
+            print(check_triton(triton_columns, inputs), flush=True)
+
+
+def check_triton(triton_columns, inputs):
+    """How far each Triton column's tangent is from a PyTorch pass on the same inputs, and the
+    autotuner's choice; one line."""
+    q, k, v = inputs[:3]
+    pytorch_pass = "logsumexp" if explain_tangent_pass(q, k, v)[0] != "online" else "online"
+    with torch.no_grad():
+        expected = attention_jvp(*inputs, tangent_pass=pytorch_pass)[1].float()
+        parts = []
+        for label, fn in triton_columns:
+            got = fn(*inputs)[1].float()
+            error = ((got - expected).abs().max() / expected.abs().max()).item()
+            parts.append(f"{label} max|dtO|/max|tO| vs the {pytorch_pass} pass {error:.1e}")
+    line = "       " + "; ".join(parts)
+    if any(label == "jvp_triton_tuned" for label, _ in triton_columns):
+        from mfmegatron.jvp import attention_triton
+
+        line += f"; autotuned config {attention_triton.last_autotuned_config()}"
+    return line
 
 
 if __name__ == "__main__":

@@ -31,6 +31,12 @@ pass (running max ``m``, normaliser ``l``, Σe·v, Σe·tS, Σe·tS·v, Σe·tv;
 ``O = Σe·v / l``, ``μ = Σe·tS / l``, ``tO = (Σe·tS·v + Σe·tv) / l − μ O``) next to an SDPA primal.
 ``tangent_pass="online"`` forces that path (tests and benchmark use it).
 
+On CUDA, for bf16 / fp16 with head_dim and v head_dim in 16..128 (powers of two), ``"auto"`` runs
+the log-sum-exp tangent as one fused Triton kernel instead (``attention_triton.py``: S, P, tS stay
+in registers; same 10N FLOPs) when Triton is importable; ``tangent_pass="triton"`` asks for it
+explicitly (also float32). ``explain_tangent_pass`` says which pass runs and why; ``attention_jvp``
+logs it once per distinct reason. CPU keeps the PyTorch passes.
+
 FLOPs, per (batch, head), counting a multiply-add as 2, with ``N = Lq · Lk · head_dim``:
 
 - primal forward (QKᵀ, PV): ``4N``.
@@ -44,9 +50,8 @@ Measured (``tools/bench_attention_jvp.py``; H200, torch 2.11, bf16, 24 heads, he
 against 11.6 ms for the online-softmax pass and 21.4 ms / 7.8 GiB for the reference;
 ``compile_tangent=True`` 4.1 ms / 1.4 GiB. With the backward through ``o``: primal 1.35 ms,
 ``attention_jvp`` 11.2 ms, compiled 6.0 ms. The tangent is memory-bound: every elementwise step
-reads and writes float32 tiles while the fused primal keeps them on chip. A fused Triton kernel (S,
-P, tS in registers, one pass per tile, ~10N FLOPs at tensor-core rate) is the way to approach the
-FLOP ratio; it is not part of this module.
+reads and writes float32 tiles while the fused primal keeps them on chip. That is what the fused
+Triton kernel (``attention_triton.py``) addresses; it has not been timed on a GPU yet.
 
 Low precision: bf16 / fp16 inputs are accumulated in float32. On CUDA the tile matmuls take the
 bf16 operands and return float32 (``torch.bmm(..., out_dtype=torch.float32)``, tensor cores);
@@ -55,10 +60,18 @@ elsewhere the operands are upcast to float32 once. Outputs come back in the inpu
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention", "attention_jvp", "attention_jvp_reference", "default_block_sizes"]
+__all__ = ["attention", "attention_jvp", "attention_jvp_reference", "default_block_sizes",
+           "explain_tangent_pass"]
+
+logger = logging.getLogger(__name__)
+
+TANGENT_PASSES = ("auto", "logsumexp", "online", "triton")
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -118,23 +131,25 @@ def attention_jvp(q, k, v, tq, tk, tv, scale=None, block_size=None, query_block_
         block_size: keys per tile; default ``default_block_sizes(device)[0]``.
         query_block_size: queries per tile; default ``default_block_sizes(device)[1]`` (None
             there means all queries in one tile).
-        tangent_pass: ``"auto"`` (log-sum-exp pass when a fused kernel returns lse, else online
-            softmax), ``"logsumexp"`` (error if unavailable) or ``"online"``.
-        compile_tangent: run the tangent pass through ``torch.compile`` (made once per pass;
+        tangent_pass: ``"auto"`` (the Triton kernel on CUDA for bf16 / fp16 where supported, else
+            the log-sum-exp pass when a fused kernel returns lse, else online softmax; see
+            ``explain_tangent_pass``), ``"logsumexp"``, ``"triton"`` (errors if unavailable) or
+            ``"online"``. ``block_size`` and ``query_block_size`` are the PyTorch passes' tiles;
+            the Triton kernel uses its own (``attention_triton.default_config``).
+        compile_tangent: run the PyTorch tangent pass through ``torch.compile`` (made once per pass;
             recompiles per new shape / dtype / block size). Inductor fuses each tile's elementwise
             chain (exp, products, row sums, casts); on an H200 this made the bf16 tangent 2.3x
             faster at 4096 tokens, at 2.6x its peak memory. Off by default: the first call
             compiles (seconds on CUDA; ~30 s on CPU, with a C++ compiler), the tile loops are
             unrolled (small blocks on long sequences compile for minutes), and every new shape
-            compiles again.
+            compiles again. With ``"auto"`` it keeps the PyTorch passes; with ``"triton"`` it is
+            an error.
 
     Returns:
         ``o`` with the autograd graph of q, k, v (the fused SDPA backward); ``to`` without any
         graph (computed under no_grad), both in the input dtype.
     """
     _check_shapes(q, k, v, tq, tk, tv)
-    if tangent_pass not in ("auto", "logsumexp", "online"):
-        raise ValueError(f"tangent_pass must be 'auto', 'logsumexp' or 'online', got {tangent_pass!r}")
     scale = _default_scale(q, scale)
     default_keys, default_queries = default_block_sizes(q.device)
     block_size = default_keys if block_size is None else block_size
@@ -142,14 +157,14 @@ def attention_jvp(q, k, v, tq, tk, tv, scale=None, block_size=None, query_block_
         query_block_size = default_queries or q.shape[2]
     if block_size < 1 or query_block_size < 1:
         raise ValueError(f"block sizes must be positive, got {block_size} and {query_block_size}")
+    chosen, why = explain_tangent_pass(q, k, v, tangent_pass, compile_tangent)
+    _log_choice_once(tangent_pass, chosen, why)
 
-    with_lse = None if tangent_pass == "online" else _fused_attention_with_logsumexp(q, k, v, scale)
-    if with_lse is None and tangent_pass == "logsumexp":
-        raise RuntimeError(
-            f"no fused attention kernel returns the log-sum-exp for {q.dtype} on {q.device.type} "
-            f"with head_dim {q.shape[-1]}; use tangent_pass='online'")
-    if with_lse is not None:
-        o, lse = with_lse
+    if chosen == "triton":
+        o, lse = _fused_attention_with_logsumexp(q, k, v, scale)
+        to = _triton_module().attention_tangent(q, k, v, tq, tk, tv, o.detach(), lse.detach(), scale)
+    elif chosen == "logsumexp":
+        o, lse = _fused_attention_with_logsumexp(q, k, v, scale)
         tangent_fn = _compiled(_tangent_from_logsumexp) if compile_tangent else _tangent_from_logsumexp
         to = tangent_fn(q, k, v, tq, tk, tv, o.detach(), lse.detach(), scale, block_size,
                         query_block_size)
@@ -160,28 +175,112 @@ def attention_jvp(q, k, v, tq, tk, tv, scale=None, block_size=None, query_block_
     return o, to
 
 
+def explain_tangent_pass(q, k, v, tangent_pass="auto", compile_tangent=False) -> tuple[str, str]:
+    """(the tangent pass ``attention_jvp`` runs for these inputs, why), without computing anything.
+
+    The pass is ``"triton"``, ``"logsumexp"`` or ``"online"``. Raises ValueError for an unknown
+    ``tangent_pass`` and RuntimeError when an explicitly requested pass cannot run.
+    """
+    if tangent_pass not in TANGENT_PASSES:
+        raise ValueError(f"tangent_pass must be one of {', '.join(map(repr, TANGENT_PASSES))}, "
+                         f"got {tangent_pass!r}")
+    if tangent_pass == "online":
+        return "online", "requested"
+    if tangent_pass == "triton" and compile_tangent:
+        raise ValueError("compile_tangent=True compiles the PyTorch tangent passes; it does not "
+                         "apply to tangent_pass='triton'")
+    lse_kernel = _logsumexp_kernel(q, k, v)
+    if lse_kernel is None:
+        no_lse = (f"no fused attention kernel returns the log-sum-exp for {q.dtype} on "
+                  f"{q.device.type} with head_dim {q.shape[-1]} / {v.shape[-1]}")
+        if tangent_pass != "auto":
+            raise RuntimeError(f"{no_lse}; use tangent_pass='online'")
+        return "online", no_lse
+    if tangent_pass == "triton":
+        reason = _triton_unsupported_reason(q, k, v)
+        if reason is not None:
+            raise RuntimeError(f"tangent_pass='triton' unavailable: {reason}")
+        return "triton", "requested"
+    if tangent_pass == "logsumexp":
+        return "logsumexp", "requested"
+    # auto: the Triton kernel only where it is meant to run in training (CUDA, bf16 / fp16).
+    if q.device.type != "cuda":
+        reason = f"the Triton kernel is for CUDA, inputs are on {q.device.type}"
+    elif compile_tangent:
+        reason = "compile_tangent=True asks for the compiled PyTorch pass"
+    elif q.dtype not in _LOW_PRECISION:
+        reason = f"'auto' uses the Triton kernel for bfloat16 / float16, inputs are {q.dtype}"
+    else:
+        reason = _triton_unsupported_reason(q, k, v)
+        if reason is None:
+            return "triton", f"fused Triton kernel for {q.dtype} on CUDA, lse from {lse_kernel}"
+    return "logsumexp", f"lse from {lse_kernel}; not Triton: {reason}"
+
+
+_LOGGED_CHOICES = set()
+
+
+def _log_choice_once(requested, chosen, why):
+    if (requested, chosen, why) not in _LOGGED_CHOICES:
+        _LOGGED_CHOICES.add((requested, chosen, why))
+        logger.info("attention_jvp(tangent_pass=%r) runs the %s tangent pass: %s",
+                    requested, chosen, why)
+
+
+@functools.cache
+def _triton_module():
+    """mfmegatron.jvp.attention_triton, or None when Triton cannot be imported."""
+    try:
+        from mfmegatron.jvp import attention_triton
+    except ImportError as error:
+        logger.debug("Triton attention tangent unavailable: %s", error)
+        return None
+    return attention_triton
+
+
+def _triton_unsupported_reason(q, k, v):
+    """None when the Triton tangent kernel can run on these inputs, else why not."""
+    module = _triton_module()
+    if module is None:
+        return "triton is not importable"
+    reason = module.unsupported_reason(q, k, v)
+    return None if reason is None else f"the Triton kernel does not support {reason}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Primal with log-sum-exp
 
 
-def _fused_attention_with_logsumexp(q, k, v, scale):
-    """(o, lse) from a fused kernel, ``o`` with autograd, ``lse`` float32/64 ``[b, h, Lq]``;
-    None where no kernel applies. These are the kernels SDPA itself dispatches to."""
+def _logsumexp_kernel(q, k, v):
+    """Name of the fused kernel that returns (o, lse) for these inputs, or None. These are the
+    kernels SDPA itself dispatches to."""
     if q.device.type == "cpu" and v.shape[-1] == q.shape[-1]:  # the CPU kernel needs equal head sizes
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, scale=scale)
-        return o, lse
+        return "cpu flash attention"
     if q.device.type == "cuda":
         params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)
         if q.dtype in _LOW_PRECISION and torch.backends.cuda.can_use_flash_attention(params):
-            out = torch.ops.aten._scaled_dot_product_flash_attention(
-                q, k, v, 0.0, False, False, scale=scale)
-            return out[0], out[1]
+            return "flash attention"
         if q.dtype != torch.float64 and torch.backends.cuda.can_use_efficient_attention(params):
-            out = torch.ops.aten._scaled_dot_product_efficient_attention(
-                q, k, v, None, True, 0.0, False, scale=scale)
-            # The efficient kernel pads lse's sequence dimension (to a multiple of 32).
-            return out[0], out[1][..., : q.shape[2]]
+            return "efficient attention"
+    return None
+
+
+def _fused_attention_with_logsumexp(q, k, v, scale):
+    """(o, lse) from a fused kernel, ``o`` with autograd, ``lse`` float32/64 ``[b, h, Lq]`` (natural
+    log of the scaled logits; may be a strided view); None where no kernel applies."""
+    kernel = _logsumexp_kernel(q, k, v)
+    if kernel == "cpu flash attention":
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, scale=scale)
+        return o, lse
+    if kernel == "flash attention":
+        out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+        return out[0], out[1]
+    if kernel == "efficient attention":
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, False, scale=scale)
+        # The efficient kernel pads lse's sequence dimension (to a multiple of 32).
+        return out[0], out[1][..., : q.shape[2]]
     return None
 
 
