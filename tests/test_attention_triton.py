@@ -78,6 +78,10 @@ def test_auto_on_cpu_never_picks_triton(monkeypatch, dtype):
     monkeypatch.setattr(attention_module, "_triton_module", lambda: FakeTritonModule)
     q, k, v, tq, tk, tv = cpu_inputs(dtype)
     chosen, why = explain_tangent_pass(q, k, v)
+    assert chosen == "logsumexp" and "opt-in" in why, (chosen, why)
+    # Also once the kernel is marked verified on a GPU: CPU inputs still keep the PyTorch pass.
+    monkeypatch.setattr(attention_module, "TRITON_VERIFIED_ON_GPU", True)
+    chosen, why = explain_tangent_pass(q, k, v)
     assert chosen == "logsumexp" and "CUDA" in why, (chosen, why)
     attention_jvp(q, k, v, tq, tk, tv)  # would raise if the kernel ran
 
@@ -164,14 +168,16 @@ def test_cuda_kernel_matches_the_reference(dtype, shape):
 
 
 @needs_cuda_and_triton
-def test_cuda_auto_picks_triton_for_bf16_and_matches_the_pytorch_pass():
+def test_cuda_triton_pass_for_bf16_matches_the_pytorch_pass():
     # FLUX-like: heads x 128, strided [seq, batch, heads, dim] views, a ragged length.
     inputs = checks.make_inputs(torch.bfloat16, 1, 4, 600, 600, 128, 128, "all", "strided", 7)
     q, k, v, tq, tk, tv = (x.cuda() for x in inputs)
-    chosen, why = explain_tangent_pass(q, k, v)
-    assert chosen == "triton", why
+    # "auto" picks the kernel only once it is marked verified on a GPU (attention.py).
+    from mfmegatron.jvp import attention as attention_module
+
+    assert (explain_tangent_pass(q, k, v)[0] == "triton") == attention_module.TRITON_VERIFIED_ON_GPU
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    o, to = attention_jvp(*leaves, tq, tk, tv)
+    o, to = attention_jvp(*leaves, tq, tk, tv, tangent_pass="triton")
     assert o.grad_fn is not None and not to.requires_grad and to.dtype == torch.bfloat16
     _, to_pytorch = attention_jvp(q, k, v, tq, tk, tv, tangent_pass="logsumexp")
     _, to_expected = attention_jvp(*(x.double() for x in (q, k, v, tq, tk, tv)), tangent_pass="online")
