@@ -1,7 +1,8 @@
 """Prompt data for data-free distillation: WebDataset prompt shards, an exactly resumable
 per-data-parallel-rank reader, tokenizers, text encoders and an embedding cache.
 
-The DALI image-shard pipeline mentioned in the design is not implemented.
+Image shards and image batches (Pillow, or NVIDIA DALI when installed) for ``z_source="data"``
+live in :mod:`mfmegatron.data.images`, imported separately so that nothing here needs them.
 """
 
 from mfmegatron.data.batching import (
