@@ -25,10 +25,12 @@ setup(
         "pyyaml",
         "tqdm",
         "tensorboard",
+        "pillow",
         # T5/CLIP text encoders for prompts whose shards carry no precomputed embeddings.
         "transformers",
     ],
     extras_require={
+        # DALI for CUDA 13 (CUDA 12 machines: nvidia-dali-cuda120).
         "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda130"],
         "test": ["pytest", "diffusers", "transformers", "matplotlib"],
     },
@@ -38,6 +40,7 @@ setup(
             "mfmegatron-convert-flux=tools.convert_flux:main",
             "mfmegatron-train=mfmegatron.train:main",
             "mfmegatron-build-prompt-shards=tools.build_prompt_shards:main",
+            "mfmegatron-build-image-shards=tools.build_image_shards:main",
         ],
     },
 )
