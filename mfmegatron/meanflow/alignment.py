@@ -128,6 +128,16 @@ class TrajectoryAlignment:
             x_hat=x_hat, segment_start=t_segment, segment_end=grid[segment + 1], z_segment=z_segment
         )
 
+    def _renoised_student_samples(self, student, noise, cond, generator):
+        """Student clean estimates (no grad), renoised inside their segments: returns
+        (samples, x̂, s, the renoising noise, z_s = (1 - s) x̂ + s ε')."""
+        samples = self.student_clean_estimates(student, noise, cond, generator, with_grad=False)
+        x_hat = samples.x_hat.detach()
+        s = self._renoise_times(samples, generator)
+        renoise = torch.randn(x_hat.shape, generator=generator, dtype=x_hat.dtype, device=x_hat.device)
+        z_s = (1 - broadcast_time(s, x_hat)) * x_hat + broadcast_time(s, x_hat) * renoise
+        return samples, x_hat, s, renoise, z_s
+
     def generator_pass(
         self,
         student: MeanFlowStudent,
@@ -142,12 +152,8 @@ class TrajectoryAlignment:
         regresses x̂ on the target. One more student forward than a fused version, so that the
         pass can run through a pipeline schedule.
         """
-        samples = self.student_clean_estimates(student, noise, cond, generator, with_grad=False)
-        x_hat = samples.x_hat.detach()
-        s = self._renoise_times(samples, generator)
-        renoise = torch.randn(x_hat.shape, generator=generator, dtype=x_hat.dtype, device=x_hat.device)
+        samples, x_hat, s, _, z_s = self._renoised_student_samples(student, noise, cond, generator)
         with torch.no_grad():
-            z_s = (1 - broadcast_time(s, x_hat)) * x_hat + broadcast_time(s, x_hat) * renoise
             x_teacher = clean_estimate(z_s, s, self.teacher.velocity(z_s, s, cond))
             x_fake = clean_estimate(z_s, s, self.fake.velocity(z_s, s, cond))
             direction = x_fake - x_teacher
@@ -192,11 +198,7 @@ class TrajectoryAlignment:
     ) -> TrainingPass:
         """Flow matching of the fake network on fresh student clean estimates (no student
         gradient), at renoising times from the same segments the generator loss uses."""
-        samples = self.student_clean_estimates(student, noise, cond, generator, with_grad=False)
-        x_hat = samples.x_hat.detach()
-        s = self._renoise_times(samples, generator)
-        fresh_noise = torch.randn(x_hat.shape, generator=generator, dtype=x_hat.dtype, device=x_hat.device)
-        z_s = (1 - broadcast_time(s, x_hat)) * x_hat + broadcast_time(s, x_hat) * fresh_noise
+        _, x_hat, s, fresh_noise, z_s = self._renoised_student_samples(student, noise, cond, generator)
         velocity_target = fresh_noise - x_hat
 
         def loss_fn(v: Tensor, dv: Tensor | None, rows: slice):
