@@ -21,7 +21,7 @@ for import, under torchrun with the ranks writing their own shards.
 examples:
   mfmegatron-convert-flux import --diffusers FLUX.1-dev --output ckpt/flux1-dev
   mfmegatron-convert-flux import --original flux1-dev.safetensors --output ckpt/flux1-dev
-  mfmegatron-convert-flux import --diffusers FLUX.1-dev --output /tmp/x --dry-run --tensor-parallel-size 8
+  mfmegatron-convert-flux import --diffusers FLUX.1-dev --output ckpt/check --dry-run --tensor-parallel-size 8
   torchrun --nproc-per-node 4 -m tools.convert_flux import --diffusers FLUX.1-dev --output ckpt/flux1-dev --tensor-parallel-size 2 --pipeline-parallel-size 2
   mfmegatron-convert-flux export --checkpoint ckpt/flux1-dev --output flux1-dev-diffusers
   mfmegatron-convert-flux export --checkpoint ckpt/student --output student-diffusers
