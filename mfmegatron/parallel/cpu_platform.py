@@ -290,6 +290,3 @@ def apply_cpu_platform_support() -> list[Redirect]:
     return list(_APPLIED)
 
 
-def applied_redirects() -> list[Redirect]:
-    return list(_APPLIED)
-

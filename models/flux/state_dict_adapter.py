@@ -97,25 +97,17 @@ def diffusers_keys(config: FluxConfig) -> list[str]:
     keys = []
     for old in _top_level_renames(config):
         keys += [f"{old}.weight", f"{old}.bias"]
-    for i in range(config.num_double_layers):
-        p = f"transformer_blocks.{i}."
-        for old in _DOUBLE_RENAMES:
-            keys.append(p + old + ".weight")
+    for index in range(config.num_layers):
+        prefix, _, renames, qkv = _block_layout(index, config)
+        for old in renames:
+            keys.append(prefix + old + ".weight")
             if "norm_" not in old:
-                keys.append(p + old + ".bias")
-        for sources in _DOUBLE_QKV.values():
-            for s in sources:
-                keys += [p + s + ".weight", p + s + ".bias"]
-    for i in range(config.num_single_layers):
-        p = f"single_transformer_blocks.{i}."
-        for old in _SINGLE_RENAMES:
-            keys.append(p + old + ".weight")
-            if "norm_" not in old:
-                keys.append(p + old + ".bias")
-        for sources in _SINGLE_QKV.values():
-            for s in sources:
-                keys += [p + s + ".weight", p + s + ".bias"]
-        keys += [p + "proj_out.weight", p + "proj_out.bias"]
+                keys.append(prefix + old + ".bias")
+        for sources in qkv.values():
+            for source in sources:
+                keys += [prefix + source + ".weight", prefix + source + ".bias"]
+        if index >= config.num_double_layers:
+            keys += [prefix + "proj_out.weight", prefix + "proj_out.bias"]
     return keys
 
 
