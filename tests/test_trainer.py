@@ -316,6 +316,24 @@ def test_errors_are_one_clear_line(tmp_path, shards):
     assert "step_00000004" in result.stderr
 
 
+def test_a_finished_run_extended_to_more_steps_decays_over_the_new_total(tmp_path, shards):
+    # A run of 4 steps (cosine decay to 0 over 4), then resumed with train.steps=8: the schedule
+    # comes from the recipe, and the end-of-run export replaces the first one.
+    output = tmp_path / "run"
+    schedule = ["parallel.tensor_parallel_size=1", "optim.lr_decay_style=cosine", "optim.lr_warmup_steps=0",
+                "train.export_at_end=true"]
+    _check(_run(1, output, shards, [*schedule, "train.steps=4"]))
+    first_export = (output / "student" / "interval_embedder.safetensors").read_bytes()
+    _check(_run(1, output, shards, [*schedule, "train.steps=8"]))
+    # The logged lr is the one set after the step (megatron's convention): cosine at step / total.
+    lrs = {step: record["lr"] for step, record in _log(output).items()}
+    for step in range(1, 9):
+        total = 4 if step <= 4 else 8
+        assert lrs[step] == pytest.approx(0.5e-3 * (1 + math.cos(math.pi * step / total)), abs=1e-12), lrs
+    assert (output / "student" / "interval_embedder.safetensors").read_bytes() != first_export
+    assert not (output / "student.partial").exists()
+
+
 def test_a_corrupted_shard_is_skipped_with_a_warning_and_counted(tmp_path, shards):
     broken = tmp_path / "shards"
     shutil.copytree(shards, broken)

@@ -2,6 +2,7 @@
 
     python -m tools.bench_flux_meanflow                      # CPU: a small FLUX-shaped model
     python -m tools.bench_flux_meanflow --device cuda --preset gpu
+    python -m tools.bench_flux_meanflow --device cuda --tangent-passes logsumexp triton
 
 Measured side by side in one run, same model, same batch, same z_t:
 
@@ -9,7 +10,8 @@ Measured side by side in one run, same model, same batch, same z_t:
 - ``meanflow_discrete``: the warm-up target (teacher ODE t -> r, ``--discrete-steps`` Heun steps),
   student forward, adaptive loss, backward.
 - ``meanflow_differential``: teacher velocity, the student's primal (with graph) and tangent (no
-  graph) in one forward-mode pass, adaptive loss, backward.
+  graph) in one forward-mode pass, adaptive loss, backward. ``--tangent-passes`` times it once per
+  attention tangent pass (``logsumexp``, ``triton``, ... as in ``attention_jvp``), one row each.
 
 For each: median step time, bytes saved for backward (autograd's saved tensors: the activation
 memory a step holds; comparable on any device), and on CUDA the peak allocated memory. Ratios are
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mfmegatron.jvp.attention import TANGENT_PASSES
 from mfmegatron.warnings_filter import quiet_expected_warnings
 
 PRESETS = {
@@ -104,7 +107,7 @@ def _batch(args, device, dtype):
     return z_t, r, t, cond
 
 
-def _steps(teacher, student, discrete_steps):
+def _steps(teacher, student, student_module, discrete_steps, tangent_passes):
     from mfmegatron.meanflow import (
         AdaptiveLossConfig,
         DiscreteTargetConfig,
@@ -127,11 +130,19 @@ def _steps(teacher, student, discrete_steps):
         u = student.mean_velocity(z_t, r, t, cond)
         adaptive_weighted_loss(u, target.target, loss_config).loss.backward()
 
-    def meanflow_differential(z_t, r, t, cond):
-        target = differential_target(teacher, student, z_t, r, t, cond)
-        adaptive_weighted_loss(target.student_mean_velocity, target.target, loss_config).loss.backward()
+    def differential_step(tangent_pass):
+        def meanflow_differential(z_t, r, t, cond):
+            # Every block holds the model's one config object.
+            student_module.config.attention_tangent_pass = tangent_pass
+            target = differential_target(teacher, student, z_t, r, t, cond)
+            adaptive_weighted_loss(target.student_mean_velocity, target.target, loss_config).loss.backward()
 
-    return [flow_matching, meanflow_discrete, meanflow_differential]
+        meanflow_differential.__name__ = (
+            "meanflow_differential" if tangent_passes == ["auto"] else f"meanflow_differential[{tangent_pass}]"
+        )
+        return meanflow_differential
+
+    return [flow_matching, meanflow_discrete] + [differential_step(name) for name in tangent_passes]
 
 
 def _saved_bytes(step, args) -> int:
@@ -176,6 +187,27 @@ def measure(step, args, module, device, warmup: int, repeats: int) -> StepResult
     return StepResult(step.__name__, seconds, saved, peak)
 
 
+def _tangent_pass_agreement(teacher, student, student_module, inputs, tangent_passes) -> dict:
+    """With several tangent passes: each one's differential target against the first's, as the
+    largest difference relative to the target's largest entry (printed and returned)."""
+    from mfmegatron.meanflow import differential_target
+
+    if len(tangent_passes) < 2:
+        return {}
+    targets = {}
+    for tangent_pass in tangent_passes:
+        student_module.config.attention_tangent_pass = tangent_pass
+        with torch.no_grad():
+            targets[tangent_pass] = differential_target(teacher, student, *inputs).target.float()
+    first, reference = tangent_passes[0], targets[tangent_passes[0]]
+    agreement = {}
+    for tangent_pass in tangent_passes[1:]:
+        gap = ((targets[tangent_pass] - reference).abs().max() / reference.abs().max()).item()
+        agreement[tangent_pass] = gap
+        print(f"differential target, {tangent_pass} vs {first}: max |difference| / max |target| = {gap:.2e}")
+    return agreement
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench_flux_meanflow", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: cpu or gpu by device")
@@ -185,6 +217,8 @@ def main(argv=None) -> int:
         parser.add_argument(f"--{name}", type=int, default=None, help="override the preset")
     parser.add_argument("--discrete-steps", type=int, default=4, help="Heun steps of the discrete target")
     parser.add_argument("--recompute", action="store_true", help="activation recompute of every block")
+    parser.add_argument("--tangent-passes", nargs="+", default=["auto"], choices=TANGENT_PASSES,
+                        help="attention tangent pass(es) of the differential step, one row each")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -209,15 +243,15 @@ def main(argv=None) -> int:
     )
     results = [
         measure(step, inputs, student_module, device, args.warmup, args.repeats)
-        for step in _steps(teacher, student, args.discrete_steps)
+        for step in _steps(teacher, student, student_module, args.discrete_steps, args.tangent_passes)
     ]
     base = results[0]
-    print(f"{'step':<24}{'median ms':>11}{'x FM':>7}{'saved MiB':>11}{'x FM':>7}{'peak MiB':>10}{'x FM':>7}")
+    print(f"{'step':<34}{'median ms':>11}{'x FM':>7}{'saved MiB':>11}{'x FM':>7}{'peak MiB':>10}{'x FM':>7}")
     rows = []
     for result in results:
         peak = f"{result.peak_bytes / 2**20:10.1f}{result.peak_bytes / base.peak_bytes:7.2f}" if result.peak_bytes else f"{'-':>10}{'-':>7}"
         print(
-            f"{result.name:<24}{result.median * 1e3:11.1f}{result.median / base.median:7.2f}"
+            f"{result.name:<34}{result.median * 1e3:11.1f}{result.median / base.median:7.2f}"
             f"{result.saved_bytes / 2**20:11.1f}{result.saved_bytes / base.saved_bytes:7.2f}{peak}"
         )
         rows.append(
@@ -226,9 +260,10 @@ def main(argv=None) -> int:
                  peak_bytes=result.peak_bytes,
                  peak_ratio=(result.peak_bytes / base.peak_bytes) if result.peak_bytes else None)
         )
+    agreement = _tangent_pass_agreement(teacher, student, student_module, inputs, args.tangent_passes)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"settings": vars(args), "results": rows}, handle, indent=2)
+            json.dump({"settings": vars(args), "results": rows, "target_agreement": agreement}, handle, indent=2)
     return 0
 
 

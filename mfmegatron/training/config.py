@@ -81,6 +81,8 @@ class OptimSection:
     min_lr: float = 0.0
     lr_warmup_steps: int = 0
     lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """The schedule decays over ``train.steps``. On resume it is rebuilt from the recipe (only the
+    step count comes from the checkpoint), so raising ``train.steps`` extends the decay."""
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -113,6 +114,10 @@ class Trainer:
             end_wd=config.optim.weight_decay,
             wd_incr_steps=max(1, config.train.steps),
             wd_incr_style="constant",
+            # The recipe's schedule, not the checkpoint's: a run extended to more steps decays
+            # over the new total (megatron's default keeps the old one, so lr stays at min_lr).
+            use_checkpoint_opt_param_scheduler=False,
+            override_opt_param_scheduler=True,
         )
         self.ema = ParameterEMA(networks.student, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
         micro = parallel.num_microbatches
@@ -467,11 +472,24 @@ class Trainer:
         return {**stats, **{k: float(v) for k, v in zip(keys, values.tolist())}}
 
     def export(self, directory: Path) -> None:
-        """The (EMA) student as the family's user-facing format, written by rank 0."""
+        """The (EMA) student as the family's user-facing format, written by rank 0.
+
+        A run resumed and trained further exports again: the new folder is written beside the
+        old one and replaces it only when complete, so an interrupted export loses nothing.
+        """
         from contextlib import nullcontext
 
+        partial = directory.with_name(directory.name + ".partial")
+        if self.rank == 0 and partial.exists():
+            shutil.rmtree(partial)
+        dist.barrier()
         with self.ema.applied() if self.ema is not None else nullcontext():
-            self.family.export_student(self.student.module, directory, self.config)
+            self.family.export_student(self.student.module, partial, self.config)
+        if self.rank == 0:
+            if directory.exists():
+                shutil.rmtree(directory)
+            partial.rename(directory)
+        dist.barrier()
 
 
 def run(config: TrainConfig) -> dict:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mfmegatron.jvp.attention import TANGENT_PASSES
+
 
 @dataclass
 class FluxConfig(TransformerConfig):
@@ -35,6 +37,9 @@ class FluxConfig(TransformerConfig):
     # Blocks (double first, then single) per pipeline stage; None splits them evenly by count
     # (a double block and a single block cost about the same FLOPs per token).
     pipeline_stage_blocks: tuple[int, ...] | None = None
+    # The attention JVP's tangent pass (mfmegatron.jvp.attention.attention_jvp): "auto",
+    # "logsumexp", "triton" or "online". "auto" picks per device and dtype.
+    attention_tangent_pass: str = "auto"
 
     def __post_init__(self):
         self.num_layers = self.num_double_layers + self.num_single_layers
@@ -48,6 +53,9 @@ class FluxConfig(TransformerConfig):
             raise ValueError(
                 f"axes_dims_rope {self.axes_dims_rope} must sum to the head dim {self.kv_channels}"
             )
+        if self.attention_tangent_pass not in TANGENT_PASSES:
+            raise ValueError(f"attention_tangent_pass must be one of {', '.join(TANGENT_PASSES)}, "
+                             f"got {self.attention_tangent_pass!r}")
         if self.pipeline_stage_blocks is not None:
             blocks = tuple(self.pipeline_stage_blocks)
             if len(blocks) != self.pipeline_model_parallel_size or sum(blocks) != self.num_layers:

@@ -234,7 +234,7 @@ class QKVProjection(MegatronModule):
         return (q, k, v), (tq, tk, tv)
 
 
-def joint_attention(qkv, tqkv, rope):
+def joint_attention(qkv, tqkv, rope, tangent_pass="auto"):
     """RoPE, then full bidirectional attention. q, k, v [s, b, heads, d] -> [s, b, heads * d]."""
     (q, k, v), (tq, tk, tv) = qkv, tqkv
     cos, sin = rope
@@ -251,7 +251,8 @@ def joint_attention(qkv, tqkv, rope):
         out, tout = attention(to_bhsd(q), to_bhsd(k), to_bhsd(v)), None
     else:
         out, tout = attention_jvp(
-            to_bhsd(q), to_bhsd(k), to_bhsd(v), to_bhsd(tq), to_bhsd(tk), to_bhsd(tv)
+            to_bhsd(q), to_bhsd(k), to_bhsd(v), to_bhsd(tq), to_bhsd(tk), to_bhsd(tv),
+            tangent_pass=tangent_pass,
         )
     return to_sbh(out), to_sbh(tout)
 
@@ -321,7 +322,7 @@ class DoubleStreamBlock(MegatronModule):
         tqkv = (None, None, None)
         if tangents is not None:
             tqkv = tuple(torch.cat(pair, dim=0) for pair in zip(ttxt_qkv, timg_qkv))
-        out, tout = joint_attention(qkv, tqkv, rope.double_stream)
+        out, tout = joint_attention(qkv, tqkv, rope.double_stream, self.config.attention_tangent_pass)
         txt_out, img_out = out[:text_length], out[text_length:]
         ttxt_out, timg_out = (None, None) if tout is None else (tout[:text_length], tout[text_length:])
 
@@ -369,7 +370,7 @@ class SingleStreamBlock(MegatronModule):
             # ([txt_0; img_0; txt_1; img_1; ...]); rope.single_stream is permuted to match.
             x, tx = collectives.gather_sequence(x, tx)
         qkv, tqkv = self.attn.forward_jvp(x, tx, input_is_gathered=True)
-        a, ta = joint_attention(qkv, tqkv, rope.single_stream)
+        a, ta = joint_attention(qkv, tqkv, rope.single_stream, self.config.attention_tangent_pass)
         m, tm = self.linear_mlp_in.forward_jvp(x, tx, input_is_gathered=True)
         m, tm = jf.gelu_tanh(m, tm)
         y, ty = self.linear_attn_out.partial_jvp(a, ta)

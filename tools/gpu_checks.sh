@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The checks only a CUDA machine can run, as one script (a lent GPU's minutes are few):
+#
+#   bash tools/gpu_checks.sh [LOG_DIR]        # default LOG_DIR: $OUT, else outputs/gpu_checks
+#
+# 1. the attention-JVP tests, with the fused Triton tangent kernel compiled for the GPU;
+# 2. tools/bench_flux_meanflow on CUDA (bf16, FLUX width): the differential MeanFlow step against
+#    the flow-matching step, with the PyTorch and the Triton attention tangent pass;
+# 3. tools/bench_attention_jvp on CUDA: the attention JVP against the primal at 1k-4.6k tokens;
+# 4. the trainer end to end on one GPU (NCCL, bf16): the tiny recipe for 24 steps with saves,
+#    then resumed to step 30.
+#
+# Each stage has its own time limit and log file; a failing stage does not stop the next one.
+# Packages the machine lacks (megatron-core, webdataset) are installed from wheels in .whl/ when
+# that folder exists (it is not part of the repository; see README "GPU checks").
+set -u
+log_dir=${1:-${OUT:-outputs/gpu_checks}}
+mkdir -p "$log_dir"
+export PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
+
+if [ -d .whl ]; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/mfmegatron_site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/mfmegatron_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+stage() {  # stage NAME SECONDS COMMAND...: run, keep the whole log, print its tail
+    local name=$1 limit=$2 start rc
+    shift 2
+    echo "=== $name (limit ${limit}s): $*"
+    start=$(date +%s)
+    timeout "$limit" "$@" >"$log_dir/$name.log" 2>&1
+    rc=$?
+    echo "--- $name: exit $rc after $(($(date +%s) - start))s"
+    grep -v -E "^\s*$|Warning|warn\(" "$log_dir/$name.log" | tail -n "${TAIL_LINES:-30}"
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    "$python" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda)"
+} 2>&1 | tee "$log_dir/machine.log"
+
+stage attention_tests 180 "$python" -m pytest -q -p no:cacheprovider \
+    tests/test_attention_triton.py tests/test_attention_jvp.py
+stage bench_flux_meanflow 120 "$python" -m tools.bench_flux_meanflow --device cuda \
+    --tangent-passes logsumexp triton --json "$log_dir/bench_flux_meanflow.json"
+stage bench_attention_jvp 120 "$python" -m tools.bench_attention_jvp --device cuda --dtype bfloat16 \
+    --heads 24 --head-dim 128 --seq-lens 1024 2048 4096 4608 --tangent-pass logsumexp \
+    --triton --triton-autotune --no-reference
+trainer_run=(-m torch.distributed.run --nproc-per-node 1 -m mfmegatron.train recipes/flux_tiny_cpu.yaml
+    parallel.tensor_parallel_size=1 model.dtype=bf16 data.shards=/tmp/gpu_checks/prompts
+    train.save_interval=12 train.sample_interval=12 train.output_dir=/tmp/gpu_checks/run
+    logging.progress_bar=false)
+stage trainer 100 bash -c "
+    $python -m tools.build_prompt_shards examples/prompts.txt --out /tmp/gpu_checks/prompts \
+        --samples-per-shard 16 --overwrite &&
+    $python ${trainer_run[*]} train.steps=24 &&
+    echo '--- resume from step 24' && $python ${trainer_run[*]} train.steps=30 &&
+    ls /tmp/gpu_checks/run /tmp/gpu_checks/run/checkpoints && tail -n 3 /tmp/gpu_checks/run/log.jsonl"
