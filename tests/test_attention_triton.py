@@ -77,6 +77,7 @@ class FakeTritonModule:
 def test_auto_on_cpu_never_picks_triton(monkeypatch, dtype):
     monkeypatch.setattr(attention_module, "_triton_module", lambda: FakeTritonModule)
     q, k, v, tq, tk, tv = cpu_inputs(dtype)
+    monkeypatch.setattr(attention_module, "TRITON_VERIFIED_ON_GPU", False)
     chosen, why = explain_tangent_pass(q, k, v)
     assert chosen == "logsumexp" and "opt-in" in why, (chosen, why)
     # Also once the kernel is marked verified on a GPU: CPU inputs still keep the PyTorch pass.

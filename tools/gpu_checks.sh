@@ -11,6 +11,7 @@
 #    then resumed to step 30.
 #
 # Each stage has its own time limit and log file; a failing stage does not stop the next one.
+# GPU_CHECKS="bench_flux_meanflow trainer" runs only the stages named.
 # Packages the machine lacks (megatron-core, webdataset) are installed from wheels in .whl/ when
 # that folder exists (it is not part of the repository; see README "GPU checks").
 set -u
@@ -28,6 +29,9 @@ fi
 stage() {  # stage NAME SECONDS COMMAND...: run, keep the whole log, print its tail
     local name=$1 limit=$2 start rc
     shift 2
+    if [ -n "${GPU_CHECKS:-}" ] && [[ " $GPU_CHECKS " != *" $name "* ]]; then
+        return
+    fi
     echo "=== $name (limit ${limit}s): $*"
     start=$(date +%s)
     timeout "$limit" "$@" >"$log_dir/$name.log" 2>&1

@@ -35,7 +35,9 @@ def layer_norm(x, tx, eps: float):
     with torch.no_grad():
         y_, rstd_ = y.detach(), rstd.detach()
         centred = tx - tx.mean(-1, keepdim=True)
-        ty = rstd_ * (centred - y_ * (y_ * centred).mean(-1, keepdim=True))
+        # CUDA returns rstd in float32 for bf16 / fp16 inputs (CPU in the input dtype): the
+        # product is float32 there, and the tangent goes back to its own dtype.
+        ty = (rstd_ * (centred - y_ * (y_ * centred).mean(-1, keepdim=True))).to(tx.dtype)
     return y, ty
 
 
