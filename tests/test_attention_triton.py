@@ -131,6 +131,12 @@ def test_autotune_configs_are_pruned_by_shared_memory_and_defaults_fit():
             size = at.shared_memory_bytes(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"], head_dim,
                                           head_dim, dtype.itemsize)
             assert size <= hopper_limit, (head_dim, dtype, c, size)
+    # With the device's limit known, head_dim 128 gets the larger tiles where they fit, else 64 x 64.
+    tuned = at.default_config(128, 128, torch.bfloat16, shared_memory_limit=hopper_limit)
+    assert (tuned["BLOCK_M"], tuned["BLOCK_N"]) == (128, 32)
+    assert at.shared_memory_bytes(128, 32, tuned["num_stages"], 128, 128, 2) <= hopper_limit
+    small = at.default_config(128, 128, torch.bfloat16, shared_memory_limit=99 * 1024)
+    assert small == at.default_config(128, 128, torch.bfloat16)
     fitting_128 = [c for c in at.AUTOTUNE_CONFIGS if at.shared_memory_bytes(
         c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, 128, 128, 2) <= hopper_limit]
     assert 2 <= len(fitting_128) < len(at.AUTOTUNE_CONFIGS)

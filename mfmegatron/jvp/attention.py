@@ -46,12 +46,11 @@ FLOPs, per (batch, head), counting a multiply-add as 2, with ``N = Lq · Lk · h
 - reference: 12N as well, but with L×L intermediates in memory.
 
 Measured (``tools/bench_attention_jvp.py``; H200, torch 2.11, bf16, 24 heads, head_dim 128,
-4096 tokens, batch 1): primal 0.36 ms; ``attention_jvp`` 9.3 ms / 0.53 GiB (log-sum-exp pass)
-against 11.6 ms for the online-softmax pass and 21.4 ms / 7.8 GiB for the reference;
-``compile_tangent=True`` 4.1 ms / 1.4 GiB. With the backward through ``o``: primal 1.35 ms,
-``attention_jvp`` 11.2 ms, compiled 6.0 ms. The tangent is memory-bound: every elementwise step
-reads and writes float32 tiles while the fused primal keeps them on chip. That is what the fused
-Triton kernel (``attention_triton.py``) addresses; it has not been timed on a GPU yet.
+4096 tokens, batch 1): primal 0.36-0.39 ms; the PyTorch log-sum-exp pass 9.3 ms / 0.53 GiB,
+online softmax 11.6 ms, the reference 21.4 ms / 7.8 GiB, ``compile_tangent=True`` 4.1 ms /
+1.4 GiB, and the fused Triton kernel 1.7 ms / 48 MiB (its default tiles since that run). The
+PyTorch passes are memory-bound: every elementwise step reads and writes float32 tiles while the
+fused kernels keep them on chip.
 
 Low precision: bf16 / fp16 inputs are accumulated in float32. On CUDA the tile matmuls take the
 bf16 operands and return float32 (``torch.bmm(..., out_dtype=torch.float32)``, tensor cores);
