@@ -179,6 +179,9 @@ def _check(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
+LORA_FAKE = ["alignment.fake_network=lora", "alignment.lora_rank=4", "alignment.lora_alpha=8"]
+
+
 def test_sigkill_and_crash_during_save_resume_to_the_uninterrupted_result(tmp_path, shards):
     # 2 data-parallel replicas; checkpoints at steps 6 and 12.
     steps = ["train.steps=12", "train.save_interval=6", "parallel.tensor_parallel_size=1"]
@@ -237,8 +240,11 @@ def test_sigkill_and_crash_during_save_resume_to_the_uninterrupted_result(tmp_pa
         (["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true"], ["parallel.tensor_parallel_size=1"]),
         (["parallel.tensor_parallel_size=1", "parallel.pipeline_parallel_size=2", "parallel.num_microbatches=2"],
          ["parallel.tensor_parallel_size=1", "parallel.pipeline_parallel_size=1", "parallel.num_microbatches=2"]),
+        # The fake network as LoRA on the teacher's weights: its split factors reshard too.
+        (["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true", *LORA_FAKE],
+         ["parallel.tensor_parallel_size=1", *LORA_FAKE]),
     ],
-    ids=["tp2_to_tp1", "pp2_to_pp1"],
+    ids=["tp2_to_tp1", "pp2_to_pp1", "tp2_to_tp1_lora_fake"],
 )
 def test_resume_at_another_layout_continues_with_the_same_loss(
     tmp_path, shards, teacher_checkpoint, layout, resumed_layout
@@ -262,6 +268,13 @@ def test_resume_at_another_layout_continues_with_the_same_loss(
     assert got["loss"] == pytest.approx(expected["loss"], rel=1e-4)
     assert got["align_loss"] == pytest.approx(expected["align_loss"], rel=1e-3, abs=1e-7)
     assert got["fake_loss"] == pytest.approx(expected["fake_loss"], rel=1e-4)
+    if LORA_FAKE[0] in layout:
+        # Only the LoRA factors of the fake network are saved (its weights are the teacher's),
+        # and they have trained away from B = 0.
+        (saved,) = _checkpoint_tensors(first / "checkpoints" / "step_00000004")
+        fake_keys = [key for key in saved if key.startswith("fake.")]
+        assert fake_keys and all(".lora." in key for key in fake_keys), fake_keys[:5]
+        assert any(key.endswith("lora.b") and saved[key].abs().max() > 0 for key in fake_keys)
 
     # The run ends by exporting its EMA student for diffusers: exactly the checkpoint's EMA.
     from diffusers import FluxTransformer2DModel

@@ -11,6 +11,10 @@ initialisation, TP attributes, ``sharded_state_dict``, gradient-accumulation fus
 
 ``forward_jvp(x, None)`` is the plain forward and matches megatron's ``forward`` exactly; models
 call ``forward_jvp`` everywhere so the math exists once.
+
+``LoRA`` (``mfmegatron/jvp/lora.py``, attached with ``add_lora``) adds a trainable low-rank update ``scale · B A`` to a frozen
+layer as a side path: the weight is never merged, so nothing weight-sized is created or saved for
+backward. The factors follow the layer's TP split (see ``LoRA``).
 """
 
 from __future__ import annotations
@@ -54,9 +58,16 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
             tp_group=self.tp_group,
         )
         ty = _tangent_gemm(tx, self.weight)
+        lora = _lora_of(self)
+        if lora is not None:
+            y, ty = lora.add_to_column_output(y, ty, x, tx, self.sequence_parallel)
         if self.gather_output:
             y, ty = collectives.gather_last_dim(y, ty, group=self.tp_group)
         return y, ty
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """megatron's (weight and bias split on dim 0), plus LoRA's B split like the weight."""
+        return _sharded_with_lora(self, prefix, sharded_offsets, metadata, {"weight": 0, "bias": 0, "lora.b": 0})
 
 
 class RowParallelLinear(tensor_parallel.RowParallelLinear):
@@ -77,7 +88,11 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
             tp_group=None,
             grad_output_buffer=None,
         )
-        return y, _tangent_gemm(tx, self.weight)
+        ty = _tangent_gemm(tx, self.weight)
+        lora = _lora_of(self)
+        if lora is not None:
+            y, ty = lora.add_to_row_partial_output(y, ty, x, tx)
+        return y, ty
 
     def reduce_jvp(self, y, ty=None):
         """Sum partial outputs over TP (reduce-scatter to sequence chunks with SP), add the bias."""
@@ -91,3 +106,21 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
 
     def forward_jvp(self, x, tx=None):
         return self.reduce_jvp(*self.partial_jvp(x, tx))
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """megatron's (weight split on dim 1, bias whole), plus LoRA's A split like the weight."""
+        return _sharded_with_lora(self, prefix, sharded_offsets, metadata, {"weight": 1, "lora.a": 1})
+
+
+def _sharded_with_lora(layer, prefix, sharded_offsets, metadata, axis_map):
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    return make_sharded_tensors_for_checkpoint(
+        layer.state_dict(prefix="", keep_vars=True), prefix, axis_map, sharded_offsets,
+        tp_group=layer.tp_group, dp_cp_group=metadata["dp_cp_group"],
+    )
+
+
+def _lora_of(layer):
+    """The layer's ``LoRA`` (``mfmegatron/jvp/lora.py``), or None."""
+    return layer._modules.get("lora")

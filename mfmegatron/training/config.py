@@ -73,6 +73,12 @@ class AlignmentSection:
     config: AlignmentConfig = field(default_factory=AlignmentConfig)
     fake_lr: float = 1e-5
     fake_updates_per_step: int = 1
+    fake_network: Literal["full", "lora"] = "full"
+    """The fake network: a full trainable copy of the teacher, or LoRA on the teacher's own frozen
+    weights (shared, not copied: no second model, no Adam state for 12B weights)."""
+    lora_rank: int = 64
+    lora_alpha: float = 64.0
+    """LoRA update scale is lora_alpha / lora_rank."""
 
 
 @dataclass

@@ -231,8 +231,13 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
 
-    def _module_sharded(self, ddp, prefix: str) -> dict:
+    def _module_sharded(self, ddp, prefix: str, trainable_only: bool = False) -> dict:
+        """The module's sharded state; ``trainable_only``: without frozen parameters (a LoRA fake
+        network's are the teacher's, which the checkpoint must not hold twice)."""
         sharded = ddp.module.sharded_state_dict()
+        if trainable_only:
+            frozen = {name for name, param in ddp.module.named_parameters() if not param.requires_grad}
+            sharded = {key: value for key, value in sharded.items() if key not in frozen}
         replace_prefix_for_sharding(sharded, "", prefix)
         return sharded
 
@@ -253,7 +258,7 @@ class Trainer:
         if self.ema is not None:
             state["ema"] = self.ema.sharded_state_dict(self.student.module.sharded_state_dict(), "ema.")
         if self.fake is not None:
-            fake = self._module_sharded(self.fake, "fake.")
+            fake = self._module_sharded(self.fake, "fake.", trainable_only=True)
             state["fake"] = fake
             if "fake_optimizer" in saved:
                 state["fake_optimizer"] = self.fake_optimizer.sharded_state_dict(
@@ -295,7 +300,14 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(loaded["ema"])
         if self.fake is not None:
-            self.fake.module.load_state_dict(loaded["fake"], strict=True)
+            missing, unexpected = self.fake.module.load_state_dict(loaded["fake"], strict=False)
+            frozen = {name for name, param in self.fake.module.named_parameters() if not param.requires_grad}
+            if unexpected or not set(missing) <= frozen:
+                raise ckpt.CheckpointError(
+                    f"checkpoint {path}: the fake network does not match alignment.fake_network="
+                    f"{self.config.alignment.fake_network!r} (missing {sorted(set(missing) - frozen)[:3]}, "
+                    f"unexpected {sorted(unexpected)[:3]})"
+                )
             if "fake_optimizer" in saved:
                 self.fake_optimizer.load_state_dict(loaded["fake_optimizer"])
         state = loaded["state"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mfmegatron.jvp.lora import add_lora, share_parameters
 from models.flux.config import FLUX_CONFIGS, FluxConfig
 from models.flux.meanflow import FluxCondition, init_student_from_teacher
 from models.flux.model import FluxModel, FluxTangents
@@ -62,12 +63,17 @@ class FluxFamily:
         init_student_from_teacher(student, teacher)
         fake = None
         if with_fake:
-            # A full trainable copy of the teacher (LoRA on the shared frozen weights is the
-            # memory-saving alternative for 12B; not implemented yet).
             fake = build_flux_model(self.model_config(config, student=False)).to(device)
-            with torch.no_grad():
-                for (_, target), (_, source) in zip(fake.named_parameters(), teacher.named_parameters()):
-                    target.copy_(source)
+            alignment = config.alignment
+            if alignment.fake_network == "lora":
+                # The teacher's own (frozen) weights plus trainable low-rank updates of every
+                # tensor-parallel linear; the fake's freshly built weights are dropped.
+                share_parameters(fake, teacher)
+                add_lora(fake, alignment.lora_rank, alignment.lora_alpha, seed=config.train.seed)
+            else:
+                with torch.no_grad():
+                    for (_, target), (_, source) in zip(fake.named_parameters(), teacher.named_parameters()):
+                        target.copy_(source)
         return Networks(teacher=teacher, student=student, fake=fake)
 
     # -- shapes and conditioning ---------------------------------------------------------------
