@@ -14,8 +14,10 @@ Measured side by side in one run, same model, same batch, same z_t:
   attention tangent pass (``logsumexp``, ``triton``, ... as in ``attention_jvp``), one row each.
 
 For each: median step time, bytes saved for backward (autograd's saved tensors: the activation
-memory a step holds; comparable on any device), and on CUDA the peak allocated memory. Ratios are
-against ``flow_matching``.
+memory a step holds; comparable on any device), and peak memory: on CUDA the most bytes allocated
+(weights included), on CPU the most bytes allocated during the step above its start (torch's
+allocation events through ``torch.profiler``, in a separate untimed call). Ratios are against
+``flow_matching``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from mfmegatron.jvp.attention import TANGENT_PASSES
+from tools.bench_attention_jvp import peak_bytes
 from mfmegatron.warnings_filter import quiet_expected_warnings
 
 PRESETS = {
@@ -241,10 +244,14 @@ def main(argv=None) -> int:
         f"{args.single} single blocks, {args.image_tokens} image + {args.text_tokens} text tokens, "
         f"batch {args.batch}, {dtype}, {device}{', recompute' if args.recompute else ''}"
     )
-    results = [
-        measure(step, inputs, student_module, device, args.warmup, args.repeats)
-        for step in _steps(teacher, student, student_module, args.discrete_steps, args.tangent_passes)
-    ]
+    steps = _steps(teacher, student, student_module, args.discrete_steps, args.tangent_passes)
+    results = [measure(step, inputs, student_module, device, args.warmup, args.repeats) for step in steps]
+    if device.type == "cpu":
+        # The profiler's allocation events, in untimed calls after every timing: a profiled call
+        # slows the calls timed after it in the same process.
+        for step, result in zip(steps, results):
+            result.peak_bytes = peak_bytes(lambda: step(*inputs), device)
+            student_module.zero_grad(set_to_none=True)
     base = results[0]
     print(f"{'step':<34}{'median ms':>11}{'x FM':>7}{'saved MiB':>11}{'x FM':>7}{'peak MiB':>10}{'x FM':>7}")
     rows = []
