@@ -282,6 +282,12 @@ def _optimizer_steps(use_distributed_optimizer: bool, bf16: bool) -> dict:
         ),
         [ddp],
     )
+    from mfmegatron.training.torch_adam import make_torch_adam_checkpointable
+
+    # The adapter the trainer installs (torch's Adam in the distributed optimizer) changes no step;
+    # a state dict taken before the first step (what loading a checkpoint does) neither.
+    adapters = len(make_torch_adam_checkpointable(optimizer))
+    optimizer.state_dict()
     rank = torch.distributed.get_rank()
     torch.manual_seed(500 + rank)
     inputs = [torch.randn(4, HIDDEN) for _ in range(3)]
@@ -296,6 +302,7 @@ def _optimizer_steps(use_distributed_optimizer: bool, bf16: bool) -> dict:
         "inputs": inputs,
         "initial": initial,
         "final": [p.detach().float().clone() for p in module.parameters()],
+        "adapters": adapters,
     }
 
 
@@ -437,7 +444,10 @@ def test_validation_messages_name_the_sizes(monkeypatch):
 def test_megatron_ddp_and_optimizer_match_torch_adamw_on_the_averaged_gradient(rank_results, key):
     """megatron DDP + optimizer (fp32, distributed, bf16 with fp32 main params) on CPU against
     torch.optim.AdamW with the gradient averaged over the two ranks' inputs and norm clipping."""
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
     results = [r[key] for r in rank_results]
+    assert results[0]["adapters"] == (0 if HAVE_APEX_OR_TE or key == "optimizer" else 1)
     module = torch.nn.Sequential(torch.nn.Linear(HIDDEN, FFN), torch.nn.GELU(), torch.nn.Linear(FFN, 1))
     with torch.no_grad():
         for param, value in zip(module.parameters(), results[0]["initial"]):

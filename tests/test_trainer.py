@@ -1,5 +1,6 @@
 """The trainer end to end under torchrun (2 gloo ranks): resume after SIGKILL, a crash during a
-checkpoint save, resuming at another TP/PP layout, and the errors users see."""
+checkpoint save, resuming at another TP/PP layout, the distributed optimizer's resume (also at
+another data-parallel size), and the errors users see."""
 
 from __future__ import annotations
 
@@ -294,6 +295,63 @@ def test_resume_at_another_layout_continues_with_the_same_loss(
         assert torch.equal(tensor, final[f"ema.{key}"].to(tensor.dtype)), key
 
 
+def test_distributed_optimizer_resumes_exactly_and_at_another_data_parallel_size(tmp_path, shards):
+    # The distributed optimizer with torch's Adam (no TE/apex here), 2 data-parallel replicas,
+    # both optimizers (student and fake network) stepping from step 2; checkpoints at 3 and 6.
+    schedule = ["train.save_interval=3", "meanflow.align_start_step=2", "parallel.tensor_parallel_size=1"]
+    distributed = [*schedule, "parallel.use_distributed_optimizer=true"]
+    reference = tmp_path / "reference"
+    _check(_run(2, reference, shards, [*distributed, "train.steps=6"]))
+
+    def from_step_3(source: Path, name: str) -> Path:
+        run = tmp_path / name
+        shutil.copytree(source / "checkpoints" / "step_00000003", run / "checkpoints" / "step_00000003")
+        (run / "checkpoints" / "latest").write_text("step_00000003\n")
+        return run
+
+    # 1. Interrupted after step 3, resumed in a fresh job: the uninterrupted run's final student,
+    # EMA, fake network and Adam state (moments, fp32 params, and the step count), bit for bit.
+    resumed = from_step_3(reference, "resumed")
+    result = _run(2, resumed, shards, [*distributed, "train.steps=6"])
+    _check(result)
+    assert "at step 3" in result.stdout
+    expected, got = _checkpoint_tensors(
+        reference / "checkpoints" / "step_00000006", resumed / "checkpoints" / "step_00000006"
+    )
+    assert expected.keys() == got.keys()
+    assert any(k.startswith("optimizer.state.exp_avg.student.") for k in got)
+    assert any(k.startswith("optimizer.state.exp_avg_sq.fake.") for k in got)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    from mfmegatron.training.checkpoint import load_common_state
+
+    saved, again = (load_common_state(run / "checkpoints" / "step_00000006") for run in (reference, resumed))
+    # Adam's step count: the fake network's optimizer has stepped from step 2 on.
+    for name, adam_steps in (("optimizer", 6), ("fake_optimizer", 4)):
+        groups = again[name]["optimizer"]["param_groups"]
+        assert groups == saved[name]["optimizer"]["param_groups"]
+        assert {group["step"] for group in groups} == {adam_steps}
+    assert _log(resumed)[6]["loss"] == _log(reference)[6]["loss"]
+
+    # 2. The step-3 checkpoint resumed by one process (data-parallel size 2 -> 1). One replica
+    # sees other data than the two did, so the reference is the same history with megatron's
+    # plain optimizer (its own checkpoint format), also resumed by one process: step 4's loss
+    # checks the loaded weights, step 5's the loaded Adam state.
+    plain = tmp_path / "plain"
+    _check(_run(2, plain, shards, [*schedule, "train.steps=3"]))
+    assert _log(plain)[3]["loss"] == pytest.approx(_log(reference)[3]["loss"], rel=1e-5)
+    single = {}
+    for source, name, extra in ((reference, "single", distributed), (plain, "single_plain", schedule)):
+        single[name] = from_step_3(source, name)
+        result = _run(1, single[name], shards, [*extra, "train.steps=5"])
+        _check(result)
+        assert "at step 3" in result.stdout
+    for step in (4, 5):
+        expected, got = _log(single["single_plain"])[step], _log(single["single"])[step]
+        for key in ("loss", "fake_loss"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-4), (step, key)
+
+
 def test_errors_are_one_clear_line(tmp_path, shards):
     # A bad recipe key, before anything starts.
     result = _run(1, tmp_path / "a", shards, ["optim.lrr=1"])
@@ -306,11 +364,6 @@ def test_errors_are_one_clear_line(tmp_path, shards):
     assert result.returncode != 0
     assert "mfmegatron-train: error: world size 2 is not divisible by tensor_parallel_size (3)" in result.stderr
     assert not _megatron_frames(result.stderr)
-    # The distributed optimizer without Transformer Engine or apex (megatron cannot resume it).
-    result = _run(1, tmp_path / "e", shards, ["parallel.tensor_parallel_size=1",
-                                              "parallel.use_distributed_optimizer=true"])
-    assert result.returncode != 0
-    assert "mfmegatron-train: error: parallel.use_distributed_optimizer needs Transformer Engine" in result.stderr
     # A missing teacher checkpoint.
     result = _run(1, tmp_path / "c", shards, ["parallel.tensor_parallel_size=1",
                                                f"model.teacher_checkpoint={tmp_path / 'nowhere'}"])
@@ -322,6 +375,14 @@ def test_errors_are_one_clear_line(tmp_path, shards):
     _check(_run(1, output, shards, ["train.steps=4", "parallel.tensor_parallel_size=1", "model.dtype=bf16",
                                     "model.recompute=true"]))
     assert all(math.isfinite(record["loss"]) for record in _log(output).values())
+    # Resuming it with the other optimizer (their checkpoints keep Adam's state differently).
+    result = _run(1, output, shards, ["train.steps=8", "parallel.tensor_parallel_size=1",
+                                      "parallel.use_distributed_optimizer=true"])
+    assert result.returncode != 0
+    assert "was written with parallel.use_distributed_optimizer=false; resume it with the same setting" in (
+        result.stderr
+    )
+    assert not _megatron_frames(result.stderr)
     result = _run(1, output, shards, ["train.steps=8", "parallel.tensor_parallel_size=1",
                                       "model.overrides={ffn_hidden_size: 128}"])
     assert result.returncode != 0

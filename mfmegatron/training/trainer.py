@@ -54,6 +54,7 @@ from mfmegatron.training.ema import ParameterEMA
 from mfmegatron.training.family import get_family
 from mfmegatron.training.logger import TrainingLogger
 from mfmegatron.training.runner import NetworkRunner
+from mfmegatron.training.torch_adam import make_torch_adam_checkpointable
 
 
 def optimizer_checkpoint_format() -> dict:
@@ -150,17 +151,6 @@ class Trainer:
 
     def _trained(self, module: torch.nn.Module, lr: float):
         config = module.config
-        if self.config.parallel.use_distributed_optimizer:
-            from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
-
-            if not HAVE_APEX_OR_TE:
-                # megatron-core 0.19 keeps Adam's step in the param groups only with TE's or
-                # apex's fused Adam; with torch's Adam its distributed-optimizer state cannot be
-                # loaded into a fresh process, so a run could never resume.
-                raise ValueError(
-                    "parallel.use_distributed_optimizer needs Transformer Engine or apex "
-                    "(install the gpu extra, or use an NGC container); without them set it to false"
-                )
         ddp = DistributedDataParallel(
             config,
             DistributedDataParallelConfig(
@@ -186,6 +176,9 @@ class Trainer:
             ),
             [ddp],
         )
+        # Without TE/apex megatron uses torch's Adam, whose per-parameter step the distributed
+        # optimizer's checkpointing cannot load as is (see torch_adam.py); with them, a no-op.
+        make_torch_adam_checkpointable(optimizer)
         return ddp, optimizer
 
     def _warmup(self):
@@ -292,7 +285,15 @@ class Trainer:
         )
 
     def resume(self, path: Path) -> None:
-        saved = set(ckpt.load_common_state(path)["state"]["optimizers_with_state"])
+        common = ckpt.load_common_state(path)["state"]
+        saved = set(common["optimizers_with_state"])
+        distributed = common["config"]["parallel"].get("use_distributed_optimizer", False)
+        if saved and distributed != self.config.parallel.use_distributed_optimizer:
+            # The two keep Adam's state in different checkpoint layouts (megatron cannot convert).
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} was written with parallel.use_distributed_optimizer="
+                f"{str(distributed).lower()}; resume it with the same setting"
+            )
         loaded = ckpt.load_checkpoint(path, self.sharded_state_dict(optimizers_with_state=saved))
         self.student.module.load_state_dict(loaded["student"], strict=True)
         if "optimizer" in saved:
