@@ -155,14 +155,21 @@ def initialize_parallel(config: ParallelConfig | None = None, **sizes: int) -> P
         device = torch.device("cpu")
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        rendezvous = {}
+        if world_size == 1 and not {"MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys():
+            # A world of one needs no rendezvous: an in-process store takes no port and leaves
+            # os.environ alone (subprocesses inherit it, and a fixed port can still be held).
+            rendezvous["store"] = dist.HashStore()
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(
             backend=backend,
             world_size=world_size,
             rank=rank,
             timeout=datetime.timedelta(minutes=config.timeout_minutes),
             device_id=device if backend == "nccl" else None,
+            **rendezvous,
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
