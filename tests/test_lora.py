@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mfmegatron.jvp.linear import ColumnParallelLinear, RowParallelLinear
 from mfmegatron.parallel import initialize_parallel, parallel_context, run_on_ranks
 
 HIDDEN, FFN, SEQ, BATCH, RANK, ALPHA = 16, 32, 8, 2, 4, 8.0
@@ -19,7 +20,6 @@ TOL = dict(rtol=1e-4, atol=1e-4)  # float32 sums in another order
 def _pair(tensor_parallel_size: int, sequence_parallel: bool):
     from megatron.core.model_parallel_config import ModelParallelConfig
 
-    from mfmegatron.jvp.linear import ColumnParallelLinear, RowParallelLinear
     from mfmegatron.jvp.lora import add_lora
 
     config = ModelParallelConfig(
@@ -69,8 +69,25 @@ def _run_pair(sequence_parallel: bool) -> dict:
     }
 
 
+def _lora_fake(pipeline_parallel_size: int) -> dict:
+    """The trainer's LoRA fake network at this PP size: each layer's A, by whole-model name."""
+    from mfmegatron.config import load_config
+    from mfmegatron.training.config import TrainConfig
+    from models.flux.state_dict_adapter import megatron_block_key_to_global
+    from models.flux.training import FluxFamily
+
+    config = load_config(TrainConfig, "recipes/flux_tiny_cpu.yaml", [
+        "parallel.tensor_parallel_size=1", f"parallel.pipeline_parallel_size={pipeline_parallel_size}",
+        "alignment.fake_network=lora", "alignment.lora_rank=4"])
+    initialize_parallel(pipeline_parallel_size=pipeline_parallel_size)
+    networks = FluxFamily().build_networks(config, torch.device("cpu"), with_fake=True)
+    fake = networks.fake
+    return {megatron_block_key_to_global(name, fake.block_range, fake.config): param.detach()
+            for name, param in fake.named_parameters() if name.endswith("lora.a")}, networks
+
+
 def _worker():
-    return {sp: _run_pair(sp) for sp in (False, True)}
+    return {"pairs": {sp: _run_pair(sp) for sp in (False, True)}, "pp2_lora_a": _lora_fake(2)[0]}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +101,7 @@ def _gather(results, name, dim):
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
 def test_lora_pair_matches_a_dense_lora_with_every_gradient(results, sequence_parallel):
-    ranks = [r[sequence_parallel] for r in results]
+    ranks = [r["pairs"][sequence_parallel] for r in results]
     first = ranks[0]
     assert first["names"] == ["column", "row"]
     assert first["trainable"] == ["column.lora.a", "column.lora.b", "row.lora.a", "row.lora.b"]
@@ -149,24 +166,17 @@ def test_lora_factors_at_tp2_are_the_tp1_draw_split(results):
     # A is drawn whole and split, so every TP layout starts from the same adapted network.
     with parallel_context():
         tp1, _ = _pair(1, False)
-    ranks = [r[False] for r in results]
+    ranks = [r["pairs"][False] for r in results]
     # The TP=2 run overwrote B with random values; A is still the initial draw.
     torch.testing.assert_close(ranks[0]["params"]["column.lora.a"], tp1.column.lora.a.detach())
     torch.testing.assert_close(_gather(ranks, "row.lora.a", 1), tp1.row.lora.a.detach())
 
 
-def test_the_lora_fake_network_holds_no_weights_of_its_own():
+def test_the_lora_fake_network_holds_no_weights_of_its_own_and_starts_alike_at_any_pp(results):
     # The trainer's fake network with alignment.fake_network=lora: the teacher's tensors plus
-    # LoRA factors, the only trainable parameters.
-    from mfmegatron.config import load_config
-    from mfmegatron.jvp.linear import ColumnParallelLinear, RowParallelLinear
-    from mfmegatron.training.config import TrainConfig
-    from models.flux.training import FluxFamily
-
-    config = load_config(TrainConfig, "recipes/flux_tiny_cpu.yaml", [
-        "parallel.tensor_parallel_size=1", "alignment.fake_network=lora", "alignment.lora_rank=4"])
+    # LoRA factors, the only trainable parameters; A drawn by whole-model layer name.
     with parallel_context():
-        networks = FluxFamily().build_networks(config, torch.device("cpu"), with_fake=True)
+        lora_a, networks = _lora_fake(1)
     teacher = dict(networks.teacher.named_parameters())
     fake = dict(networks.fake.named_parameters())
     trainable = {name for name, param in fake.items() if param.requires_grad}
@@ -178,3 +188,10 @@ def test_the_lora_fake_network_holds_no_weights_of_its_own():
         name for name, module in networks.fake.named_modules()
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear))
     }
+    # Two pipeline stages hold the blocks between them, each with the PP=1 draw.
+    stages = [r["pp2_lora_a"] for r in results]
+    block_keys = [{k for k in stage if "_blocks." in k} for stage in stages]
+    assert block_keys[0] and block_keys[1] and not block_keys[0] & block_keys[1]
+    for stage in stages:
+        for key, a in stage.items():
+            torch.testing.assert_close(a, lora_a[key], rtol=0, atol=0)

@@ -239,13 +239,15 @@ def test_sigkill_and_crash_during_save_resume_to_the_uninterrupted_result(tmp_pa
     "layout,resumed_layout",
     [
         (["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true"], ["parallel.tensor_parallel_size=1"]),
-        (["parallel.tensor_parallel_size=1", "parallel.pipeline_parallel_size=2", "parallel.num_microbatches=2"],
-         ["parallel.tensor_parallel_size=1", "parallel.pipeline_parallel_size=1", "parallel.num_microbatches=2"]),
-        # The fake network as LoRA on the teacher's weights: its split factors reshard too.
+        # The fake network as LoRA on the teacher's weights: its factors reshard over PP and TP.
+        (["parallel.tensor_parallel_size=1", "parallel.pipeline_parallel_size=2", "parallel.num_microbatches=2",
+          *LORA_FAKE],
+         ["parallel.tensor_parallel_size=1", "parallel.pipeline_parallel_size=1", "parallel.num_microbatches=2",
+          *LORA_FAKE]),
         (["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true", *LORA_FAKE],
          ["parallel.tensor_parallel_size=1", *LORA_FAKE]),
     ],
-    ids=["tp2_to_tp1", "pp2_to_pp1", "tp2_to_tp1_lora_fake"],
+    ids=["tp2_to_tp1", "pp2_to_pp1_lora_fake", "tp2_to_tp1_lora_fake"],
 )
 def test_resume_at_another_layout_continues_with_the_same_loss(
     tmp_path, shards, teacher_checkpoint, layout, resumed_layout

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -74,11 +75,13 @@ class LoRA(torch.nn.Module):
         return f"kind={self.kind}, rank={self.a.shape[0]}, scale={self.scale:g}"
 
 
-def add_lora(model: torch.nn.Module, rank: int, alpha: float, seed: int = 0) -> list[str]:
+def add_lora(model: torch.nn.Module, rank: int, alpha: float, seed: int = 0,
+             global_name: Callable[[str], str] | None = None) -> list[str]:
     """Attaches a ``LoRA`` to every Column/RowParallelLinear of ``model``; returns their names.
 
     ``A`` is drawn whole (uniform, ±1/sqrt(in_features), as torch's Linear) from a generator
-    seeded by ``seed`` and the layer's name, then split, so every TP layout starts alike.
+    seeded by ``seed`` and the layer's name in the whole model (``global_name`` maps a pipeline
+    stage's module name to it), then split, so every TP / PP layout starts alike.
     """
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
@@ -92,7 +95,8 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, seed: int = 0) -> 
         out_local, in_local = weight.shape
         kind = "column" if isinstance(layer, ColumnParallelLinear) else "row"
         in_full = in_local if kind == "column" else in_local * tp_size
-        generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        whole_model_name = global_name(name) if global_name is not None else name
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(whole_model_name.encode())) % 2**63)
         bound = 1.0 / math.sqrt(in_full)
         a = torch.empty(rank, in_full).uniform_(-bound, bound, generator=generator)
         if kind == "row":

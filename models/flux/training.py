@@ -18,6 +18,7 @@ from models.flux.parallelize import (
     load_dist_checkpoint,
     pipeline_seq_length,
 )
+from models.flux.state_dict_adapter import megatron_block_key_to_global
 
 # FLUX's VAE downsamples by 8 and the transformer packs 2x2 latent patches: 16 pixels per token.
 PIXELS_PER_TOKEN = 16
@@ -69,7 +70,8 @@ class FluxFamily:
                 # The teacher's own (frozen) weights plus trainable low-rank updates of every
                 # tensor-parallel linear; the fake's freshly built weights are dropped.
                 share_parameters(fake, teacher)
-                add_lora(fake, alignment.lora_rank, alignment.lora_alpha, seed=config.train.seed)
+                add_lora(fake, alignment.lora_rank, alignment.lora_alpha, seed=config.train.seed,
+                         global_name=lambda name: megatron_block_key_to_global(name, fake.block_range, fake.config))
             else:
                 with torch.no_grad():
                     for (_, target), (_, source) in zip(fake.named_parameters(), teacher.named_parameters()):
