@@ -12,9 +12,9 @@ initialisation, TP attributes, ``sharded_state_dict``, gradient-accumulation fus
 ``forward_jvp(x, None)`` is the plain forward and matches megatron's ``forward`` exactly; models
 call ``forward_jvp`` everywhere so the math exists once.
 
-``LoRA`` (``mfmegatron/jvp/lora.py``, attached with ``add_lora``) adds a trainable low-rank update ``scale · B A`` to a frozen
-layer as a side path: the weight is never merged, so nothing weight-sized is created or saved for
-backward. The factors follow the layer's TP split (see ``LoRA``).
+A ``LoRA`` (``mfmegatron/jvp/lora.py``, attached with ``add_lora``) adds a trainable low-rank
+update ``scale · B A`` to a frozen layer as a side path: the weight is never merged, so nothing
+weight-sized is created or saved for backward. Its factors follow the layer's TP split.
 """
 
 from __future__ import annotations

@@ -73,6 +73,10 @@ def optimizer_checkpoint_format() -> dict:
     }
 
 
+def _frozen_parameter_names(module: torch.nn.Module) -> set[str]:
+    return {name for name, param in module.named_parameters() if not param.requires_grad}
+
+
 def _step_generator(seed: int, step: int, dp_rank: int, device) -> torch.Generator:
     # Every TP/PP rank of a data-parallel replica draws the same numbers; replicas differ.
     generator = torch.Generator(device=device)
@@ -229,7 +233,7 @@ class Trainer:
         network's are the teacher's, which the checkpoint must not hold twice)."""
         sharded = ddp.module.sharded_state_dict()
         if trainable_only:
-            frozen = {name for name, param in ddp.module.named_parameters() if not param.requires_grad}
+            frozen = _frozen_parameter_names(ddp.module)
             sharded = {key: value for key, value in sharded.items() if key not in frozen}
         replace_prefix_for_sharding(sharded, "", prefix)
         return sharded
@@ -302,7 +306,7 @@ class Trainer:
             self.ema.load_state_dict(loaded["ema"])
         if self.fake is not None:
             missing, unexpected = self.fake.module.load_state_dict(loaded["fake"], strict=False)
-            frozen = {name for name, param in self.fake.module.named_parameters() if not param.requires_grad}
+            frozen = _frozen_parameter_names(self.fake.module)
             if unexpected or not set(missing) <= frozen:
                 raise ckpt.CheckpointError(
                     f"checkpoint {path}: the fake network does not match alignment.fake_network="
