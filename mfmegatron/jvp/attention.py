@@ -301,14 +301,7 @@ def _tangent_from_logsumexp(q, k, v, tq, tk, tv, o, lse, scale, block_size, quer
     batch, heads, q_len, _ = q.shape
     k_len, v_dim = k.shape[2], v.shape[-1]
     operand_dtype, acc_dtype = _tangent_dtypes(q)
-
-    q_b = _batched(q, operand_dtype)
-    k_t = _batched(k, operand_dtype).transpose(1, 2)
-    # [tQ | Q] @ [K | tK]ᵀ = tQ Kᵀ + Q tKᵀ: one matmul with a 2·head_dim inner dimension instead
-    # of two, and no pass over the tile to add them. Costs O(L·head_dim) memory, once.
-    tq_q = _batched(torch.cat([tq, q], dim=-1), operand_dtype)
-    k_tk_t = _batched(torch.cat([k, tk], dim=-1), operand_dtype).transpose(1, 2)
-    v_b, tv_b = _batched(v, operand_dtype), _batched(tv, operand_dtype)
+    q_b, k_t, tq_q, k_tk_t, v_b, tv_b = _tangent_operands(q, k, v, tq, tk, tv, operand_dtype)
     lse_b = lse.reshape(batch * heads, q_len, 1).to(acc_dtype)
     o_b = _batched(o, acc_dtype)
 
@@ -339,12 +332,7 @@ def _tangent_online_softmax(q, k, v, tq, tk, tv, scale, block_size, query_block_
     batch, heads, q_len, _ = q.shape
     k_len, v_dim = k.shape[2], v.shape[-1]
     operand_dtype, acc_dtype = _tangent_dtypes(q)
-
-    q_b = _batched(q, operand_dtype)
-    k_t = _batched(k, operand_dtype).transpose(1, 2)
-    tq_q = _batched(torch.cat([tq, q], dim=-1), operand_dtype)
-    k_tk_t = _batched(torch.cat([k, tk], dim=-1), operand_dtype).transpose(1, 2)
-    v_b, tv_b = _batched(v, operand_dtype), _batched(tv, operand_dtype)
+    q_b, k_t, tq_q, k_tk_t, v_b, tv_b = _tangent_operands(q, k, v, tq, tk, tv, operand_dtype)
 
     to = torch.empty(batch * heads, q_len, v_dim, dtype=acc_dtype, device=q.device)
     for q_start in range(0, q_len, query_block_size):
@@ -418,6 +406,20 @@ def _tangent_dtypes(x):
     if x.is_cuda and _BMM_HAS_OUT_DTYPE:
         return x.dtype, torch.float32
     return torch.float32, torch.float32
+
+
+def _tangent_operands(q, k, v, tq, tk, tv, dtype):
+    """The tile passes' batched operands ``[b·h, L, d]`` in ``dtype``: Q, Kᵀ, [tQ | Q], [K | tK]ᵀ,
+    V, tV. [tQ | Q] @ [K | tK]ᵀ = tQ Kᵀ + Q tKᵀ: one matmul with a 2·head_dim inner dimension
+    instead of two, and no pass over the tile to add them. Costs O(L·head_dim) memory, once."""
+    return (
+        _batched(q, dtype),
+        _batched(k, dtype).transpose(1, 2),
+        _batched(torch.cat([tq, q], dim=-1), dtype),
+        _batched(torch.cat([k, tk], dim=-1), dtype).transpose(1, 2),
+        _batched(v, dtype),
+        _batched(tv, dtype),
+    )
 
 
 def _batched(x, dtype):
