@@ -136,6 +136,38 @@ def test_low_precision_is_close_to_float64(device, dtype, function):
         assert error <= tolerance * want.abs().max().item(), (error, want.abs().max().item())
 
 
+def _kernels_with_logsumexp():
+    cases = []
+    for device in DEVICES:
+        for dtype in ((torch.bfloat16, torch.float16, torch.float32) if device == "cuda" else (torch.float32,)):
+            probe = random_inputs(2, 3, 77, 77, 64, dtype=dtype, device=device)[:3]
+            cases += [(device, dtype, kernel) for kernel in attention_module.logsumexp_kernels(*probe)]
+    return cases
+
+
+@pytest.mark.parametrize("device, dtype, kernel", _kernels_with_logsumexp())
+def test_every_logsumexp_kernel_gives_the_output_lse_and_gradients(device, dtype, kernel):
+    # Each fused kernel the tangent passes take (o, lse) from (on CUDA: cuDNN, flash, efficient),
+    # against float64 SDPA math: o and its gradients (the primal is trained through it) and lse,
+    # the natural log-sum-exp of the scaled logits, [b, h, Lq].
+    q, k, v, *_ = random_inputs(2, 3, 77, 77, 64, dtype=dtype, device=device, seed=7)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o, lse = attention_module._fused_attention_with_logsumexp(*leaves, 0.2, kernel=kernel)
+    reference_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    with sdpa_kernel(SDPBackend.MATH):
+        o_expected = F.scaled_dot_product_attention(*reference_leaves, scale=0.2)
+    lse_expected = torch.logsumexp(0.2 * reference_leaves[0] @ reference_leaves[1].transpose(-1, -2), dim=-1)
+    output_grad = torch.randn_like(o_expected)
+    grads = torch.autograd.grad(o, leaves, output_grad.to(dtype))
+    expected = torch.autograd.grad(o_expected, reference_leaves, output_grad)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    assert lse.shape == lse_expected.shape and lse.dtype in (torch.float32, torch.float64)
+    assert (lse.double() - lse_expected).abs().max().item() <= tolerance * lse_expected.abs().max().item()
+    for got, want in ((o, o_expected), *zip(grads, expected)):
+        error = (got.double() - want).abs().max().item()
+        assert error <= tolerance * want.abs().max().item(), (kernel, error, want.abs().max().item())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: compiling takes ~30 s on CPU")
 @pytest.mark.parametrize("tangent_pass", ["auto", "online"])
 def test_compiled_tangent_pass_matches_the_oracle(tangent_pass):

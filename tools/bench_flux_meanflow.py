@@ -11,19 +11,23 @@ Measured side by side in one run, same model, same batch, same z_t:
   student forward, adaptive loss, backward.
 - ``meanflow_differential``: teacher velocity, the student's primal (with graph) and tangent (no
   graph) in one forward-mode pass, adaptive loss, backward. ``--tangent-passes`` times it once per
-  attention tangent pass (``logsumexp``, ``triton``, ... as in ``attention_jvp``), one row each.
+  attention tangent pass (``logsumexp``, ``triton``, ... as in ``attention_jvp``), one row each;
+  ``--tangent-fusion both`` adds a row with the elementwise tangent rules run eagerly.
 
 For each: median step time, bytes saved for backward (autograd's saved tensors: the activation
-memory a step holds; comparable on any device), and peak memory: on CUDA the most bytes allocated
-(weights included), on CPU the most bytes allocated during the step above its start (torch's
-allocation events through ``torch.profiler``, in a separate untimed call). Ratios are against
-``flow_matching``.
+memory a step holds; comparable on any device), and peak memory: the most bytes allocated during
+the step above its start (on CPU from torch's allocation events through ``torch.profiler``, in a
+separate untimed call), and on CUDA also the most bytes allocated in all, weights included. Ratios
+are against ``flow_matching``. ``--profile DIR`` adds, per step, the operators that took the time
+and (CUDA) what is live at the step's peak memory, by source line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -47,7 +51,8 @@ class StepResult:
     name: str
     seconds: list[float]
     saved_bytes: int
-    peak_bytes: int | None
+    peak_bytes: int | None  # above the step's start: the step's own activations and temporaries
+    peak_total_bytes: int | None = None  # CUDA: everything allocated, weights included
 
     @property
     def median(self) -> float:
@@ -110,7 +115,8 @@ def _batch(args, device, dtype):
     return z_t, r, t, cond
 
 
-def _steps(teacher, student, student_module, discrete_steps, tangent_passes):
+def _steps(teacher, student, student_module, discrete_steps, variants):
+    from mfmegatron.jvp.functional import tangent_fusion
     from mfmegatron.meanflow import (
         AdaptiveLossConfig,
         DiscreteTargetConfig,
@@ -133,19 +139,29 @@ def _steps(teacher, student, student_module, discrete_steps, tangent_passes):
         u = student.mean_velocity(z_t, r, t, cond)
         adaptive_weighted_loss(u, target.target, loss_config).loss.backward()
 
-    def differential_step(tangent_pass):
+    def differential_step(name, tangent_pass, fused):
         def meanflow_differential(z_t, r, t, cond):
             # Every block holds the model's one config object.
             student_module.config.attention_tangent_pass = tangent_pass
-            target = differential_target(teacher, student, z_t, r, t, cond)
+            with tangent_fusion(fused):
+                target = differential_target(teacher, student, z_t, r, t, cond)
             adaptive_weighted_loss(target.student_mean_velocity, target.target, loss_config).loss.backward()
 
-        meanflow_differential.__name__ = (
-            "meanflow_differential" if tangent_passes == ["auto"] else f"meanflow_differential[{tangent_pass}]"
-        )
+        meanflow_differential.__name__ = name
         return meanflow_differential
 
-    return [flow_matching, meanflow_discrete] + [differential_step(name) for name in tangent_passes]
+    return [flow_matching, meanflow_discrete] + [differential_step(*variant) for variant in variants]
+
+
+def _differential_variants(tangent_passes, tangent_fusion_choice) -> list[tuple[str, str, bool]]:
+    """(row name, attention tangent pass, tangent rules fused) for each differential step timed."""
+    variants = []
+    for tangent_pass in tangent_passes:
+        for fused in {"on": [True], "off": [False], "both": [True, False]}[tangent_fusion_choice]:
+            labels = ([] if tangent_passes == ["auto"] else [tangent_pass]) + ([] if fused else ["eager rules"])
+            name = "meanflow_differential" + (f"[{', '.join(labels)}]" if labels else "")
+            variants.append((name, tangent_pass, fused))
+    return variants
 
 
 def _saved_bytes(step, args) -> int:
@@ -175,9 +191,11 @@ def measure(step, args, module, device, warmup: int, repeats: int) -> StepResult
         module.zero_grad(set_to_none=True)
     saved = _saved_bytes(step, args)
     module.zero_grad(set_to_none=True)
-    seconds, peak = [], None
+    seconds, peak, peak_total = [], None, None
     if device.type == "cuda":
+        sync()
         torch.cuda.reset_peak_memory_stats()
+        at_start = torch.cuda.memory_allocated()
     for _ in range(repeats):
         sync()
         start = time.perf_counter()
@@ -186,28 +204,90 @@ def measure(step, args, module, device, warmup: int, repeats: int) -> StepResult
         seconds.append(time.perf_counter() - start)
         module.zero_grad(set_to_none=True)
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    return StepResult(step.__name__, seconds, saved, peak)
+        peak_total = torch.cuda.max_memory_allocated()
+        peak = peak_total - at_start
+    return StepResult(step.__name__, seconds, saved, peak, peak_total)
 
 
-def _tangent_pass_agreement(teacher, student, student_module, inputs, tangent_passes) -> dict:
-    """With several tangent passes: each one's differential target against the first's, as the
-    largest difference relative to the target's largest entry (printed and returned)."""
+def profile_step(step, args, module, device, out_dir: str) -> None:
+    """One profiled call of ``step``: ``<step>.ops.txt``, the operators and kernels that took the
+    most time; on CUDA also ``<step>.peak.txt``, the allocations live at the step's peak grouped by
+    the project source line that made them (from the allocator's history)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, re.sub(r"[^A-Za-z0-9_.-]+", "-", step.__name__).strip("-"))
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step(*args)
+        if cuda:
+            torch.cuda.synchronize()
+    module.zero_grad(set_to_none=True)
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    with open(stem + ".ops.txt", "w") as handle:
+        handle.write(prof.key_averages().table(sort_by=sort_by, row_limit=60, max_name_column_width=90))
+    print(f"profile: {stem}.ops.txt")
+    if not cuda:
+        return
+    torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
+    step(*args)
+    torch.cuda.synchronize()
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    module.zero_grad(set_to_none=True)
+    with open(stem + ".peak.txt", "w") as handle:
+        handle.write(_peak_allocations(snapshot, torch.cuda.current_device()))
+    print(f"profile: {stem}.peak.txt")
+
+
+def _peak_allocations(snapshot, device_index: int) -> str:
+    """Replays the allocator's alloc / free events: at the largest running total (bytes above the
+    step's start), which allocations are live, summed by the innermost project frame."""
+    live, total, peak, at_peak = {}, 0, 0, {}
+    for event in snapshot["device_traces"][device_index]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = (event["size"], event.get("frames", []))
+            total += event["size"]
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif event["action"] == "free_requested" and event["addr"] in live:
+            total -= live.pop(event["addr"])[0]
+    by_origin: dict[str, int] = {}
+    for size, frames in at_peak.values():
+        # Frames run innermost first: name the allocation by the project line closest to it.
+        origin = next((_project_frame(frame) for frame in frames if _project_frame(frame)), "(outside the project)")
+        by_origin[origin] = by_origin.get(origin, 0) + size
+    lines = [f"peak above the step's start: {peak / 2**20:.1f} MiB in {len(at_peak)} allocations"]
+    for origin, size in sorted(by_origin.items(), key=lambda item: -item[1]):
+        lines.append(f"{size / 2**20:10.1f} MiB  {origin}")
+    return "\n".join(lines) + "\n"
+
+
+def _project_frame(frame) -> str | None:
+    match = re.search(r"(?:^|/)((?:mfmegatron|models|tools)/[^/].*)$", frame["filename"])
+    return f"{match.group(1)}:{frame['line']} {frame['name']}" if match else None
+
+
+def _target_agreement(teacher, student, student_module, inputs, variants) -> dict:
+    """With several differential variants: each one's target against the first's, as the largest
+    difference relative to the target's largest entry (printed and returned)."""
+    from mfmegatron.jvp.functional import tangent_fusion
     from mfmegatron.meanflow import differential_target
 
-    if len(tangent_passes) < 2:
+    if len(variants) < 2:
         return {}
     targets = {}
-    for tangent_pass in tangent_passes:
+    for name, tangent_pass, fused in variants:
         student_module.config.attention_tangent_pass = tangent_pass
-        with torch.no_grad():
-            targets[tangent_pass] = differential_target(teacher, student, *inputs).target.float()
-    first, reference = tangent_passes[0], targets[tangent_passes[0]]
+        with torch.no_grad(), tangent_fusion(fused):
+            targets[name] = differential_target(teacher, student, *inputs).target.float()
+    first, reference = variants[0][0], targets[variants[0][0]]
     agreement = {}
-    for tangent_pass in tangent_passes[1:]:
-        gap = ((targets[tangent_pass] - reference).abs().max() / reference.abs().max()).item()
-        agreement[tangent_pass] = gap
-        print(f"differential target, {tangent_pass} vs {first}: max |difference| / max |target| = {gap:.2e}")
+    for name, _, _ in variants[1:]:
+        gap = ((targets[name] - reference).abs().max() / reference.abs().max()).item()
+        agreement[name] = gap
+        print(f"differential target, {name} vs {first}: max |difference| / max |target| = {gap:.2e}")
     return agreement
 
 
@@ -222,9 +302,14 @@ def main(argv=None) -> int:
     parser.add_argument("--recompute", action="store_true", help="activation recompute of every block")
     parser.add_argument("--tangent-passes", nargs="+", default=["auto"], choices=TANGENT_PASSES,
                         help="attention tangent pass(es) of the differential step, one row each")
+    parser.add_argument("--tangent-fusion", choices=["on", "off", "both"], default="on",
+                        help="the tangent rules fused by torch.compile on CUDA (on), eager (off), or a row each")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="after the timings, profile one call of each step: its top operators and kernels "
+                             "by time, and on CUDA what is allocated at its peak, by source line (text files in DIR)")
     args = parser.parse_args(argv)
     quiet_expected_warnings()
 
@@ -244,7 +329,8 @@ def main(argv=None) -> int:
         f"{args.single} single blocks, {args.image_tokens} image + {args.text_tokens} text tokens, "
         f"batch {args.batch}, {dtype}, {device}{', recompute' if args.recompute else ''}"
     )
-    steps = _steps(teacher, student, student_module, args.discrete_steps, args.tangent_passes)
+    variants = _differential_variants(args.tangent_passes, args.tangent_fusion)
+    steps = _steps(teacher, student, student_module, args.discrete_steps, variants)
     results = [measure(step, inputs, student_module, device, args.warmup, args.repeats) for step in steps]
     if device.type == "cpu":
         # The profiler's allocation events, in untimed calls after every timing: a profiled call
@@ -253,21 +339,30 @@ def main(argv=None) -> int:
             result.peak_bytes = peak_bytes(lambda: step(*inputs), device)
             student_module.zero_grad(set_to_none=True)
     base = results[0]
-    print(f"{'step':<34}{'median ms':>11}{'x FM':>7}{'saved MiB':>11}{'x FM':>7}{'peak MiB':>10}{'x FM':>7}")
+    total_column = base.peak_total_bytes is not None
+    print(
+        f"{'step':<46}{'median ms':>11}{'x FM':>7}{'saved MiB':>11}{'x FM':>7}{'peak MiB':>10}{'x FM':>7}"
+        + (f"{'total MiB':>11}{'x FM':>7}" if total_column else "")
+    )
     rows = []
     for result in results:
-        peak = f"{result.peak_bytes / 2**20:10.1f}{result.peak_bytes / base.peak_bytes:7.2f}" if result.peak_bytes else f"{'-':>10}{'-':>7}"
+        peak = f"{result.peak_bytes / 2**20:10.1f}{result.peak_bytes / base.peak_bytes:7.2f}"
+        total = f"{result.peak_total_bytes / 2**20:11.1f}{result.peak_total_bytes / base.peak_total_bytes:7.2f}" if total_column else ""
         print(
-            f"{result.name:<34}{result.median * 1e3:11.1f}{result.median / base.median:7.2f}"
-            f"{result.saved_bytes / 2**20:11.1f}{result.saved_bytes / base.saved_bytes:7.2f}{peak}"
+            f"{result.name:<46}{result.median * 1e3:11.1f}{result.median / base.median:7.2f}"
+            f"{result.saved_bytes / 2**20:11.1f}{result.saved_bytes / base.saved_bytes:7.2f}{peak}{total}"
         )
         rows.append(
             dict(name=result.name, median_s=result.median, time_ratio=result.median / base.median,
                  saved_bytes=result.saved_bytes, saved_ratio=result.saved_bytes / base.saved_bytes,
-                 peak_bytes=result.peak_bytes,
-                 peak_ratio=(result.peak_bytes / base.peak_bytes) if result.peak_bytes else None)
+                 peak_bytes=result.peak_bytes, peak_ratio=result.peak_bytes / base.peak_bytes,
+                 peak_total_bytes=result.peak_total_bytes,
+                 peak_total_ratio=(result.peak_total_bytes / base.peak_total_bytes) if total_column else None)
         )
-    agreement = _tangent_pass_agreement(teacher, student, student_module, inputs, args.tangent_passes)
+    if args.profile:
+        for step in steps:
+            profile_step(step, inputs, student_module, device, args.profile)
+    agreement = _target_agreement(teacher, student, student_module, inputs, variants)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"settings": vars(args), "results": rows, "target_agreement": agreement}, handle, indent=2)

@@ -3,15 +3,18 @@
 #
 #   bash tools/gpu_checks.sh [LOG_DIR]        # default LOG_DIR: $OUT, else outputs/gpu_checks
 #
-# 1. the attention-JVP tests, with the fused Triton tangent kernel compiled for the GPU;
+# 1. the attention-JVP tests, with the fused Triton tangent kernel compiled for the GPU and every
+#    fused (cuDNN / flash / efficient) kernel that returns the log-sum-exp; the forward-mode rules
+#    with their tangents fused by torch.compile;
 # 2. tools/bench_flux_meanflow on CUDA (bf16, FLUX width, 1024 px): the differential MeanFlow step against
-#    the flow-matching step, with the PyTorch and the Triton attention tangent pass;
+#    the flow-matching step, with the tangent rules fused and eager, and a profile of each step
+#    (bench_profile.txt: the kernels that took the time, what is live at the peak);
 # 3. tools/bench_attention_jvp on CUDA: the attention JVP against the primal at 1k-4.6k tokens;
 # 4. the trainer end to end on one GPU (NCCL, bf16): the tiny recipe for 24 steps with saves,
 #    then resumed to step 30.
 #
 # Each stage has its own time limit and log file; a failing stage does not stop the next one. On an
-# H200 the four took 80 s, 45 s, 10 s and 96 s (2026-11-28), plus the machine's start.
+# H200 the four took 84 s, 57 s, 10 s and 108 s (2026-11-28), plus the machine's start.
 # GPU_CHECKS="bench_flux_meanflow trainer" runs only the stages named.
 # Packages the machine lacks (megatron-core, webdataset) are installed from wheels in .whl/ when
 # that folder exists (it is not part of the repository; see README "GPU checks").
@@ -46,12 +49,15 @@ stage() {  # stage NAME SECONDS COMMAND...: run, keep the whole log, print its t
     "$python" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda)"
 } 2>&1 | tee "$log_dir/machine.log"
 
-stage attention_tests 180 "$python" -m pytest -q -p no:cacheprovider \
-    tests/test_attention_triton.py tests/test_attention_jvp.py
+stage attention_tests 240 "$python" -m pytest -q -p no:cacheprovider \
+    tests/test_attention_triton.py tests/test_attention_jvp.py tests/test_jvp_functional.py \
+    -k "not interpreter"  # the interpreter tests are for CI (triton 3.6's interpreter fails them)
 # 1024 px (4096 image + 512 text tokens), batch 2: the default GPU preset's 1.5k tokens at batch 1
 # are bound by kernel launches, not by the GPU.
-stage bench_flux_meanflow 120 "$python" -m tools.bench_flux_meanflow --device cuda --image-tokens 4096 \
-    --batch 2 --tangent-passes logsumexp triton --json "$log_dir/bench_flux_meanflow.json"
+stage bench_flux_meanflow 240 bash -c "
+    $python -m tools.bench_flux_meanflow --device cuda --image-tokens 4096 --batch 2 --tangent-passes triton \
+        --tangent-fusion both --json $log_dir/bench_flux_meanflow.json --profile /tmp/gpu_checks/profile &&
+    cat /tmp/gpu_checks/profile/* > $log_dir/bench_profile.txt"
 stage bench_attention_jvp 120 "$python" -m tools.bench_attention_jvp --device cuda --dtype bfloat16 \
     --heads 24 --head-dim 128 --seq-lens 1024 2048 4096 4608 --tangent-pass logsumexp \
     --triton --triton-autotune --no-reference

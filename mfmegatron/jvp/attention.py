@@ -79,11 +79,13 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _BMM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
 
 # (key block, query block) per device type; None for the query block means all queries at once.
-# CPU: 512 x 512 float32 tiles (1 MiB per (batch, head)); 256..1024 measured within noise.
+# CPU: 256 x 256 float32 tiles (256 KiB per (batch, head)); 256..1024 measured within noise in
+# time, and 256 keeps the CPU MeanFlow bench's differential step at 1.08x flow matching's peak
+# memory (512: 1.11x), the tiles being what is live at its peak.
 # CUDA (H200, bf16, 24 heads, 4608 tokens, eager): 1024 x 1024 took 11.8 ms and 0.56 GiB peak;
 # 1024 keys x all queries 10.5 ms / 1.6 GiB; 4608 x 4608 9.7 ms / 5.1 GiB; 512 x 512 13.5 ms /
 # 0.33 GiB. 1024 x 1024 keeps the extra memory independent of the sequence length at ~12% cost.
-_DEFAULT_BLOCK_SIZES = {"cpu": (512, 512), "cuda": (1024, 1024)}
+_DEFAULT_BLOCK_SIZES = {"cpu": (256, 256), "cuda": (1024, 1024)}
 
 
 def default_block_sizes(device: torch.device) -> tuple[int, int | None]:
@@ -259,27 +261,43 @@ def _triton_unsupported_reason(q, k, v):
 
 
 def _logsumexp_kernel(q, k, v):
-    """Name of the fused kernel that returns (o, lse) for these inputs, or None. These are the
-    kernels SDPA itself dispatches to."""
-    if q.device.type == "cpu" and v.shape[-1] == q.shape[-1]:  # the CPU kernel needs equal head sizes
-        return "cpu flash attention"
+    """Name of the fused kernel that returns (o, lse) for these inputs, or None."""
+    kernels = logsumexp_kernels(q, k, v)
+    return kernels[0] if kernels else None
+
+
+def logsumexp_kernels(q, k, v) -> list[str]:
+    """The fused kernels that return (o, lse) for these inputs, best first: SDPA's own kernels in
+    SDPA's order of preference (on Hopper cuDNN's attention is about twice as fast as flash
+    attention, forward and backward)."""
+    if q.device.type == "cpu":
+        # The CPU kernel needs equal head sizes.
+        return ["cpu flash attention"] if v.shape[-1] == q.shape[-1] else []
+    kernels = []
     if q.device.type == "cuda":
         params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)
+        if q.dtype in _LOW_PRECISION and torch.backends.cuda.can_use_cudnn_attention(params):
+            kernels.append("cudnn attention")
         if q.dtype in _LOW_PRECISION and torch.backends.cuda.can_use_flash_attention(params):
-            return "flash attention"
+            kernels.append("flash attention")
         if q.dtype != torch.float64 and torch.backends.cuda.can_use_efficient_attention(params):
-            return "efficient attention"
-    return None
+            kernels.append("efficient attention")
+    return kernels
 
 
-def _fused_attention_with_logsumexp(q, k, v, scale):
-    """(o, lse) from a fused kernel, ``o`` with autograd, ``lse`` float32/64 ``[b, h, Lq]`` (natural
-    log of the scaled logits; may be a strided view); None where no kernel applies."""
-    kernel = _logsumexp_kernel(q, k, v)
+def _fused_attention_with_logsumexp(q, k, v, scale, kernel=None):
+    """(o, lse) from a fused kernel (``kernel``: one of ``logsumexp_kernels``, default the best),
+    ``o`` with autograd, ``lse`` float32/64 ``[b, h, Lq]`` (natural log of the scaled logits; may be
+    a strided view); None where no kernel applies."""
+    kernel = kernel or _logsumexp_kernel(q, k, v)
     if kernel == "cpu flash attention":
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, scale=scale)
         return o, lse
+    if kernel == "cudnn attention":
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)
+        lse = out[1]
+        return out[0], (lse[..., 0] if lse.dim() == 4 else lse)  # [b, h, Lq, 1] in torch 2.x
     if kernel == "flash attention":
         out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
         return out[0], out[1]

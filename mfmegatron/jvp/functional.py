@@ -10,13 +10,52 @@ the tests check them against ``torch.func.jvp``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_TANGENT_CHUNKS = 4
+_fuse_tangents = os.environ.get("MFMEGATRON_FUSE_TANGENTS", "1") != "0"
+
+
+@contextlib.contextmanager
+def tangent_fusion(enabled: bool):
+    """Within the block, fuse the rules' tangent math on CUDA (True) or run it eagerly (False)."""
+    global _fuse_tangents
+    previous, _fuse_tangents = _fuse_tangents, enabled
+    try:
+        yield
+    finally:
+        _fuse_tangents = previous
+
+
+def fused_on_cuda(tangent_fn):
+    """``tangent_fn`` (tensor code without a graph) compiled into one kernel when its first argument
+    is a CUDA tensor and fusion is on; eager otherwise (CPU, where compiling costs more than it
+    saves). Compiled on first use; shapes that vary make Inductor recompile once, dynamically."""
+    compiled = None
+
+    @functools.wraps(tangent_fn)
+    def run(*args):
+        nonlocal compiled
+        if not (_fuse_tangents and args[0].is_cuda):
+            return tangent_fn(*args)
+        if compiled is None:
+            compiled = run.compiled = torch.compile(tangent_fn, fullgraph=True)
+        return compiled(*args)
+
+    run.compiled = None  # the compiled function, once made (tests look)
+    return run
+
+
+def fusing(x: torch.Tensor) -> bool:
+    """Whether ``fused_on_cuda`` functions compile for tensors like ``x``."""
+    return _fuse_tangents and x.is_cuda
 
 
 def linear(x, tx, weight, bias=None):
@@ -34,12 +73,16 @@ def layer_norm(x, tx, eps: float):
     if tx is None:
         return y, None
     with torch.no_grad():
-        y_, rstd_ = y.detach(), rstd.detach()
-        centred = tx - tx.mean(-1, keepdim=True)
-        # CUDA returns rstd in float32 for bf16 / fp16 inputs (CPU in the input dtype): the
-        # product is float32 there, and the tangent goes back to its own dtype.
-        ty = (rstd_ * (centred - y_ * (y_ * centred).mean(-1, keepdim=True))).to(tx.dtype)
+        ty = _layer_norm_tangent(tx, y.detach(), rstd.detach())
     return y, ty
+
+
+@fused_on_cuda
+def _layer_norm_tangent(tx, y, rstd):
+    centred = tx - tx.mean(-1, keepdim=True)
+    # CUDA returns rstd in float32 for bf16 / fp16 inputs (CPU in the input dtype): the product is
+    # float32 there, and the tangent goes back to its own dtype.
+    return (rstd * (centred - y * (y * centred).mean(-1, keepdim=True))).to(tx.dtype)
 
 
 def rms_norm(x, tx, weight, eps: float):
@@ -48,32 +91,46 @@ def rms_norm(x, tx, weight, eps: float):
     if tx is None:
         return y, None
     with torch.no_grad():
-        x_ = x.detach()
-        rstd = torch.rsqrt(x_.pow(2).mean(-1, keepdim=True) + eps)
-        normed = x_ * rstd
-        ty = weight.detach() * rstd * (tx - normed * (normed * tx).mean(-1, keepdim=True))
+        ty = _rms_norm_tangent(tx, x.detach(), weight.detach(), eps)
     return y, ty
 
 
-def gelu_tanh(x, tx):
+@fused_on_cuda
+def _rms_norm_tangent(tx, x, weight, eps: float):
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    normed = x * rstd
+    return weight * rstd * (tx - normed * (normed * tx).mean(-1, keepdim=True))
+
+
+def gelu_tanh(x, tx, overwrite_tangent: bool = False):
+    """``overwrite_tangent``: the caller no longer needs ``tx``, and the tangent is written into it
+    (the MLP's hidden is the widest activation: this saves a copy of it at the step's peak)."""
     y = F.gelu(x, approximate="tanh")
     if tx is None:
         return y, None
     with torch.no_grad():
-        # slope = ½(1 + tanh u) + ½·x·(1 − tanh² u)·c·(1 + 3a·x²), u = c·(x + a·x³). This runs on
-        # the widest activation (the MLP's hidden), and a MeanFlow step's peak memory is reached
-        # while it runs in the last blocks: so in place, and in row chunks, keeping its
-        # temporaries to a fraction of x's size.
-        a, c = 0.044715, _SQRT_2_OVER_PI
-        ty = torch.empty_like(tx)
-        chunks = min(_GELU_TANGENT_CHUNKS, max(1, x.shape[0]))
-        for x_, tx_, ty_ in zip(x.detach().chunk(chunks), tx.chunk(chunks), ty.chunk(chunks)):
-            x_squared = x_.square()
-            tanh = (x_squared * a).add_(1).mul_(x_).mul_(c).tanh_()
-            tail = x_squared.mul_(3 * a).add_(1).mul_(x_).mul_(0.5 * c)  # ½·x·c·(1 + 3a·x²)
-            tail.mul_(tanh.square().neg_().add_(1))
-            torch.mul(tanh.add_(1).mul_(0.5).add_(tail), tx_, out=ty_)
+        ty = tx if overwrite_tangent else torch.empty_like(tx)
+        if fusing(tx):  # one kernel, no temporaries
+            _gelu_tanh_tangent_into(tx, x.detach(), ty)
+        else:
+            # Eagerly each step makes a temporary as large as its input; a MeanFlow step reaches
+            # its peak memory while this runs in the last blocks, so it runs in row chunks.
+            chunks = min(_GELU_TANGENT_CHUNKS, max(1, x.shape[0]))
+            for parts in zip(tx.chunk(chunks), x.detach().chunk(chunks), ty.chunk(chunks)):
+                _gelu_tanh_tangent_into(*parts)
     return y, ty
+
+
+@fused_on_cuda
+def _gelu_tanh_tangent_into(tx, x, out):
+    # slope = ½(1 + tanh u) + ½·x·(1 − tanh² u)·c·(1 + 3a·x²), u = c·(x + a·x³); in place on
+    # temporaries, so that eagerly at most two of x's size are live.
+    a, c = 0.044715, _SQRT_2_OVER_PI
+    x_squared = x.square()
+    tanh = (x_squared * a).add_(1).mul_(x).mul_(c).tanh_()
+    tail = x_squared.mul_(3 * a).add_(1).mul_(x).mul_(0.5 * c)  # ½·x·c·(1 + 3a·x²)
+    tail.mul_(tanh.square().neg_().add_(1))
+    out.copy_(tanh.add_(1).mul_(0.5).add_(tail).mul_(tx))
 
 
 def silu(x, tx):
@@ -92,8 +149,13 @@ def modulate(x, tx, shift, tshift, scale, tscale):
     if tx is None:
         return y, None
     with torch.no_grad():
-        ty = tx * (1 + scale.detach()) + x.detach() * tscale + tshift
+        ty = _modulate_tangent(tx, x.detach(), scale.detach(), tshift, tscale)
     return y, ty
+
+
+@fused_on_cuda
+def _modulate_tangent(tx, x, scale, tshift, tscale):
+    return tx * (1 + scale) + x * tscale + tshift
 
 
 def gated_residual(residual, tresidual, gate, tgate, update, tupdate):
@@ -102,8 +164,13 @@ def gated_residual(residual, tresidual, gate, tgate, update, tupdate):
     if tresidual is None:
         return y, None
     with torch.no_grad():
-        ty = tresidual + tgate * update.detach() + gate.detach() * tupdate
+        ty = _gated_residual_tangent(tresidual, tgate, update.detach(), gate.detach(), tupdate)
     return y, ty
+
+
+@fused_on_cuda
+def _gated_residual_tangent(tresidual, tgate, update, gate, tupdate):
+    return tresidual + tgate * update + gate * tupdate
 
 
 def add(a, ta, b, tb):

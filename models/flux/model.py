@@ -162,7 +162,10 @@ def apply_rope_jvp(x, tx, cos, sin):
     if tx is None:
         return y, None
     with torch.no_grad():
-        return y, apply_rope(tx, cos, sin)
+        return y, _rope_tangent(tx, cos, sin)
+
+
+_rope_tangent = jf.fused_on_cuda(apply_rope)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -270,7 +273,7 @@ class MLP(MegatronModule):
 
     def forward_jvp(self, x, tx=None):
         h, th = self.linear_fc1.forward_jvp(x, tx)
-        h, th = jf.gelu_tanh(h, th)
+        h, th = jf.gelu_tanh(h, th, overwrite_tangent=True)
         return self.linear_fc2.forward_jvp(h, th)
 
 
@@ -309,22 +312,13 @@ class DoubleStreamBlock(MegatronModule):
         txt_mod, ttxt_mod = self.txt_mod.forward_jvp(temb, ttemb)
         # Each: shift1, scale1, gate1 (attention branch), shift2, scale2, gate2 (MLP branch).
 
-        x, tx = jf.layer_norm(img, timg, eps)
-        x, tx = jf.modulate(x, tx, img_mod[0], timg_mod[0], img_mod[1], timg_mod[1])
-        img_qkv, timg_qkv = self.img_attn.forward_jvp(x, tx)
-        x, tx = jf.layer_norm(txt, ttxt, eps)
-        x, tx = jf.modulate(x, tx, txt_mod[0], ttxt_mod[0], txt_mod[1], ttxt_mod[1])
-        txt_qkv, ttxt_qkv = self.txt_attn.forward_jvp(x, tx)
-
-        # Joint attention over [text; image] (full sequence: the QKV layers gathered it).
-        text_length = txt_qkv[0].shape[0]
-        qkv = tuple(torch.cat(pair, dim=0) for pair in zip(txt_qkv, img_qkv))
-        tqkv = (None, None, None)
-        if tangents is not None:
-            tqkv = tuple(torch.cat(pair, dim=0) for pair in zip(ttxt_qkv, timg_qkv))
-        out, tout = joint_attention(qkv, tqkv, rope.double_stream, self.config.attention_tangent_pass)
-        txt_out, img_out = out[:text_length], out[text_length:]
-        ttxt_out, timg_out = (None, None) if tout is None else (tout[:text_length], tout[text_length:])
+        img_x, timg_x = jf.layer_norm(img, timg, eps)
+        img_x, timg_x = jf.modulate(img_x, timg_x, img_mod[0], timg_mod[0], img_mod[1], timg_mod[1])
+        txt_x, ttxt_x = jf.layer_norm(txt, ttxt, eps)
+        txt_x, ttxt_x = jf.modulate(txt_x, ttxt_x, txt_mod[0], ttxt_mod[0], txt_mod[1], ttxt_mod[1])
+        (txt_out, img_out), (ttxt_out, timg_out) = self._joint_attention(
+            (txt_x, img_x), None if tangents is None else (ttxt_x, timg_x), rope)
+        del img_x, timg_x, txt_x, ttxt_x
 
         a, ta = self.img_attn_proj.forward_jvp(img_out, timg_out)
         img, timg = jf.gated_residual(img, timg, img_mod[2], timg_mod[2], a, ta)
@@ -340,6 +334,22 @@ class DoubleStreamBlock(MegatronModule):
         m, tm = self.txt_mlp.forward_jvp(x, tx)
         txt, ttxt = jf.gated_residual(txt, ttxt, txt_mod[5], ttxt_mod[5], m, tm)
         return (temb, txt, img), (None if tangents is None else (ttemb, ttxt, timg))
+
+    def _joint_attention(self, inputs, tangents, rope):
+        """Attention over [text; image] (full sequence: the QKV layers gather it under SP).
+        Returns (txt_out, img_out) and their tangents. Its q, k, v and their tangents are freed on
+        return, before the MLP makes its 4x-wide hidden activation."""
+        (txt_x, img_x), (ttxt_x, timg_x) = inputs, tangents or (None, None)
+        txt_qkv, ttxt_qkv = self.txt_attn.forward_jvp(txt_x, ttxt_x)
+        img_qkv, timg_qkv = self.img_attn.forward_jvp(img_x, timg_x)
+        text_length = txt_qkv[0].shape[0]
+        qkv = tuple(torch.cat(pair, dim=0) for pair in zip(txt_qkv, img_qkv))
+        tqkv = (None, None, None)
+        if tangents is not None:
+            tqkv = tuple(torch.cat(pair, dim=0) for pair in zip(ttxt_qkv, timg_qkv))
+        out, tout = joint_attention(qkv, tqkv, rope.double_stream, self.config.attention_tangent_pass)
+        outs = (out[:text_length], out[text_length:])
+        return outs, ((None, None) if tout is None else (tout[:text_length], tout[text_length:]))
 
 
 class SingleStreamBlock(MegatronModule):
@@ -369,15 +379,19 @@ class SingleStreamBlock(MegatronModule):
             # One gather feeds both column-parallel layers. The gathered order is rank-major
             # ([txt_0; img_0; txt_1; img_1; ...]); rope.single_stream is permuted to match.
             x, tx = collectives.gather_sequence(x, tx)
-        qkv, tqkv = self.attn.forward_jvp(x, tx, input_is_gathered=True)
-        a, ta = joint_attention(qkv, tqkv, rope.single_stream, self.config.attention_tangent_pass)
+        # The attention branch first, through its output GEMM, so that its q, k, v and their
+        # tangents are freed before the MLP's 4x-wide hidden is made (a MeanFlow step's peak).
+        y, ty = self.linear_attn_out.partial_jvp(*self._attention(x, tx, rope))
         m, tm = self.linear_mlp_in.forward_jvp(x, tx, input_is_gathered=True)
-        m, tm = jf.gelu_tanh(m, tm)
-        y, ty = self.linear_attn_out.partial_jvp(a, ta)
+        m, tm = jf.gelu_tanh(m, tm, overwrite_tangent=True)
         y, ty = jf.add(y, ty, *self.linear_mlp_out.partial_jvp(m, tm))
         y, ty = self.linear_mlp_out.reduce_jvp(y, ty)  # adds the only bias
         joint, tjoint = jf.gated_residual(joint, tjoint, gate, tgate, y, ty)
         return (temb, joint), (None if tangents is None else (ttemb, tjoint))
+
+    def _attention(self, x, tx, rope):
+        qkv, tqkv = self.attn.forward_jvp(x, tx, input_is_gathered=True)
+        return joint_attention(qkv, tqkv, rope.single_stream, self.config.attention_tangent_pass)
 
 
 # --------------------------------------------------------------------------- the model
