@@ -359,6 +359,31 @@ def test_distributed_optimizer_resumes_exactly_and_at_another_data_parallel_size
             assert got[key] == pytest.approx(expected[key], rel=1e-4), (step, key)
 
 
+def test_bf16_with_the_distributed_optimizer_resumes_bit_for_bit(tmp_path, shards):
+    # bf16 weights with float32 main parameters in the distributed optimizer (torch's Adam), two
+    # data-parallel replicas: resumed from step 2, step 4's checkpoint equals the uninterrupted one.
+    settings = ["train.save_interval=2", "meanflow.align_start_step=1", "parallel.tensor_parallel_size=1",
+                "parallel.use_distributed_optimizer=true", "model.dtype=bf16", "train.steps=4"]
+    reference = tmp_path / "reference"
+    _check(_run(2, reference, shards, settings))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(reference / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
+    (resumed / "checkpoints" / "latest").write_text("step_00000002\n")
+    result = _run(2, resumed, shards, settings)
+    _check(result)
+    assert "at step 2" in result.stdout
+    expected, got = _checkpoint_tensors(
+        reference / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004"
+    )
+    assert expected.keys() == got.keys()
+    assert any(k.startswith("optimizer.state.exp_avg.student.") for k in got)
+    student_dtypes = {got[k].dtype for k in got if k.startswith("student.")}
+    assert student_dtypes == {torch.bfloat16}, (student_dtypes, sorted({k.split(".")[0] for k in got}))
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    assert all(math.isfinite(record["loss"]) for record in _log(resumed).values())
+
+
 def test_errors_are_one_clear_line(tmp_path, shards):
     # A bad recipe key, before anything starts.
     result = _run(1, tmp_path / "a", shards, ["optim.lrr=1"])
