@@ -6,6 +6,11 @@ activations. Tangents of ``None`` mean "primal only": every rule then returns ``
 module's plain forward is its ``forward_jvp`` without tangents and the math exists once. Within one
 call the tangents are either all tensors or all ``None``. Each rule is the derivative written out;
 the tests check them against ``torch.func.jvp``.
+
+On CUDA each rule's tangent math runs as one ``torch.compile``d kernel (``fused_on_cuda``). Eagerly
+it is 5-15 memory-bound kernels over activation-sized tensors, which on an H200 cost a 1024 px
+differential MeanFlow step more time than its tangent GEMMs (1.46x a flow-matching step eager,
+1.25x fused). ``MFMEGATRON_FUSE_TANGENTS=0`` (or ``tangent_fusion(False)``) runs them eagerly.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ def fused_on_cuda(tangent_fn):
     @functools.wraps(tangent_fn)
     def run(*args):
         nonlocal compiled
-        if not (_fuse_tangents and args[0].is_cuda):
+        if not fusing(args[0]):
             return tangent_fn(*args)
         if compiled is None:
             compiled = run.compiled = torch.compile(tangent_fn, fullgraph=True)
