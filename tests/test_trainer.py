@@ -167,6 +167,25 @@ def _checkpoint_tensors(*paths: Path) -> list[dict[str, torch.Tensor]]:
     return run_on_ranks(_load_plain_tensors, 1, [str(p) for p in paths])[0]
 
 
+def _resume_from(source: Path, run: Path, step: int) -> Path:
+    """A fresh run folder holding only ``source``'s checkpoint of ``step``, as its latest."""
+    name = f"step_{step:08d}"
+    shutil.copytree(source / "checkpoints" / name, run / "checkpoints" / name)
+    (run / "checkpoints" / "latest").write_text(name + "\n")
+    return run
+
+
+def _assert_same_checkpoints(reference: Path, other: Path, step: int) -> dict[str, torch.Tensor]:
+    """Every tensor of the two runs' checkpoints of ``step`` is equal, bit for bit; returns
+    ``other``'s tensors."""
+    name = f"step_{step:08d}"
+    expected, got = _checkpoint_tensors(reference / "checkpoints" / name, other / "checkpoints" / name)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    return got
+
+
 def _latest(output: Path) -> str:
     return (output / "checkpoints" / "latest").read_text().strip()
 
@@ -220,12 +239,8 @@ def test_sigkill_and_crash_during_save_resume_to_the_uninterrupted_result(tmp_pa
     assert _latest(run) == "step_00000012"
 
     # Same final student, EMA, fake network and optimizer state as the uninterrupted run.
-    expected, got = _checkpoint_tensors(
-        reference / "checkpoints" / "step_00000012", run / "checkpoints" / "step_00000012"
-    )
-    assert expected.keys() == got.keys() and any(k.startswith("student.") for k in got)
-    for key in expected:
-        assert torch.equal(got[key], expected[key]), key
+    got = _assert_same_checkpoints(reference, run, 12)
+    assert any(k.startswith("student.") for k in got)
     # Each replica saw the same prompts at each step, and no prompt twice within the epoch.
     seen = []
     for rank in (0, 1):
@@ -265,8 +280,7 @@ def test_resume_at_another_layout_continues_with_the_same_loss(
     ]
     _check(_run(2, first, shards, [*schedule, *layout]))
     second = tmp_path / "second"
-    shutil.copytree(first / "checkpoints" / "step_00000004", second / "checkpoints" / "step_00000004")
-    (second / "checkpoints" / "latest").write_text("step_00000004\n")
+    _resume_from(first, second, 4)
     result = _run(1, second, shards, [*schedule, *resumed_layout, "train.export_at_end=true"])
     _check(result)
     assert "at step 4" in result.stdout
@@ -311,10 +325,7 @@ def test_distributed_optimizer_resumes_exactly_and_at_another_data_parallel_size
     _check(_run(2, reference, shards, [*distributed, "train.steps=6"]))
 
     def from_step_3(source: Path, name: str) -> Path:
-        run = tmp_path / name
-        shutil.copytree(source / "checkpoints" / "step_00000003", run / "checkpoints" / "step_00000003")
-        (run / "checkpoints" / "latest").write_text("step_00000003\n")
-        return run
+        return _resume_from(source, tmp_path / name, 3)
 
     # 1. Interrupted after step 3, resumed in a fresh job: the uninterrupted run's final student,
     # EMA, fake network and Adam state (moments, fp32 params, and the step count), bit for bit.
@@ -322,14 +333,9 @@ def test_distributed_optimizer_resumes_exactly_and_at_another_data_parallel_size
     result = _run(2, resumed, shards, [*distributed, "train.steps=6"])
     _check(result)
     assert "at step 3" in result.stdout
-    expected, got = _checkpoint_tensors(
-        reference / "checkpoints" / "step_00000006", resumed / "checkpoints" / "step_00000006"
-    )
-    assert expected.keys() == got.keys()
+    got = _assert_same_checkpoints(reference, resumed, 6)
     assert any(k.startswith("optimizer.state.exp_avg.student.") for k in got)
     assert any(k.startswith("optimizer.state.exp_avg_sq.fake.") for k in got)
-    for key in expected:
-        assert torch.equal(got[key], expected[key]), key
     from mfmegatron.training.checkpoint import load_common_state
 
     saved, again = (load_common_state(run / "checkpoints" / "step_00000006") for run in (reference, resumed))
@@ -366,21 +372,14 @@ def test_bf16_with_the_distributed_optimizer_resumes_bit_for_bit(tmp_path, shard
                 "parallel.use_distributed_optimizer=true", "model.dtype=bf16", "train.steps=4"]
     reference = tmp_path / "reference"
     _check(_run(2, reference, shards, settings))
-    resumed = tmp_path / "resumed"
-    shutil.copytree(reference / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
-    (resumed / "checkpoints" / "latest").write_text("step_00000002\n")
+    resumed = _resume_from(reference, tmp_path / "resumed", 2)
     result = _run(2, resumed, shards, settings)
     _check(result)
     assert "at step 2" in result.stdout
-    expected, got = _checkpoint_tensors(
-        reference / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004"
-    )
-    assert expected.keys() == got.keys()
+    got = _assert_same_checkpoints(reference, resumed, 4)
     assert any(k.startswith("optimizer.state.exp_avg.student.") for k in got)
     student_dtypes = {got[k].dtype for k in got if k.startswith("student.")}
     assert student_dtypes == {torch.bfloat16}, (student_dtypes, sorted({k.split(".")[0] for k in got}))
-    for key in expected:
-        assert torch.equal(got[key], expected[key]), key
     assert all(math.isfinite(record["loss"]) for record in _log(resumed).values())
 
 
