@@ -261,28 +261,30 @@ def _triton_unsupported_reason(q, k, v):
 
 
 def _logsumexp_kernel(q, k, v):
-    """Name of the fused kernel that returns (o, lse) for these inputs, or None."""
-    kernels = logsumexp_kernels(q, k, v)
-    return kernels[0] if kernels else None
+    """Name of the fused kernel that returns (o, lse) for these inputs, or None. Runs on every
+    attention call: it checks only as far as the first kernel that applies."""
+    return next(_logsumexp_kernels(q, k, v), None)
 
 
 def logsumexp_kernels(q, k, v) -> list[str]:
     """The fused kernels that return (o, lse) for these inputs, best first: SDPA's own kernels in
     SDPA's order of preference (on Hopper cuDNN's attention is about twice as fast as flash
     attention, forward and backward)."""
+    return list(_logsumexp_kernels(q, k, v))
+
+
+def _logsumexp_kernels(q, k, v):
     if q.device.type == "cpu":
-        # The CPU kernel needs equal head sizes.
-        return ["cpu flash attention"] if v.shape[-1] == q.shape[-1] else []
-    kernels = []
-    if q.device.type == "cuda":
+        if v.shape[-1] == q.shape[-1]:  # the CPU kernel needs equal head sizes
+            yield "cpu flash attention"
+    elif q.device.type == "cuda":
         params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)
         if q.dtype in _LOW_PRECISION and torch.backends.cuda.can_use_cudnn_attention(params):
-            kernels.append("cudnn attention")
+            yield "cudnn attention"
         if q.dtype in _LOW_PRECISION and torch.backends.cuda.can_use_flash_attention(params):
-            kernels.append("flash attention")
+            yield "flash attention"
         if q.dtype != torch.float64 and torch.backends.cuda.can_use_efficient_attention(params):
-            kernels.append("efficient attention")
-    return kernels
+            yield "efficient attention"
 
 
 def _fused_attention_with_logsumexp(q, k, v, scale, kernel=None):
