@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -113,3 +115,80 @@ def test_student_mean_velocity_jvp_matches_torch_func_jvp(student_results):
         torch.testing.assert_close(rank["u"], student_results["expected_u"], rtol=1e-7, atol=1e-7)
         torch.testing.assert_close(rank["du"], student_results["expected_du"], rtol=1e-6, atol=1e-6)
         assert rank["u_requires_grad"] and not rank["du_requires_grad"]
+
+
+def _trainer_path_targets(reference_state64, batch64, noise, times):
+    """The differential target as the trainer forms it: objective plan -> the student pass run by
+    the trainer's NetworkRunner (megatron's schedule) -> the target handed to the loss. The
+    student is the diffusers reference with its guidance embedder as the interval embedding (see
+    `_student_checks`); the teacher the same trunk without it."""
+    from mfmegatron.meanflow import MeanFlowDistillation, MeanFlowDistillationConfig
+    from mfmegatron.meanflow.warmup import FixedStepWarmup
+    from mfmegatron.parallel import initialize_parallel
+    from mfmegatron.training.runner import NetworkRunner
+    from models.flux.config import tiny_flux_config
+    from models.flux.parallelize import build_flux_model, load_full_weights
+    from models.flux.state_dict_adapter import to_megatron
+    from models.flux.training import FluxFamily
+
+    initialize_parallel()
+    networks = []
+    for student in (False, True):
+        config = tiny_flux_config(mean_flow_student=student, guidance_embeds=False, params_dtype=torch.float64)
+        model = build_flux_model(config)
+        full = dict(to_megatron(reference_state64.__getitem__, config))
+        if student:
+            for layer in ("linear_1", "linear_2"):
+                for suffix in ("weight", "bias"):
+                    full[f"interval_in.mlp.{layer}.{suffix}"] = reference_state64[
+                        f"time_text_embed.guidance_embedder.{layer}.{suffix}"
+                    ]
+        load_full_weights(model, full.__getitem__)
+        networks.append(model)
+    teacher, student = networks
+    teacher.requires_grad_(False)
+    objective = MeanFlowDistillation(
+        NetworkRunner(FluxFamily(), teacher, 1), NetworkRunner(FluxFamily(), student, 1),
+        MeanFlowDistillationConfig(z_ode_steps=2), FixedStepWarmup(0),
+    )
+    seen = {}
+    meanflow_loss = objective._meanflow_loss
+
+    def record(u, u_target):
+        seen["u"], seen["target"] = u.detach(), u_target
+        return meanflow_loss(u, u_target)
+
+    objective._meanflow_loss = record
+    cond = _condition(batch64, guidance=False)
+    plan = objective.plan(0, noise, cond, times=times)
+    (meanflow,) = plan.passes
+    loss, _ = objective.student.run_pass(meanflow, cond)
+    with torch.no_grad():
+        velocity = objective.teacher.velocity(meanflow.z, meanflow.t, cond)
+    return {
+        "loss": loss, "target": seen["target"], "u": seen["u"], "z": meanflow.z, "t": meanflow.t,
+        "r": meanflow.r, "v": velocity, "has_grads": any(p.grad is not None for p in student.parameters()),
+    }
+
+
+def test_the_trainers_differential_target_matches_torch_func_jvp_through_diffusers():
+    # One formula (targets.differential_target_from_jvp), checked where the trainer uses it.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    reference64 = diffusers_flux(torch.float64, seed=3)
+    batch64 = flux_batch(torch.float64)
+    noise = torch.randn(batch64["hidden_states"].shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    times = (torch.tensor([0.9, 0.6], dtype=torch.float64), torch.tensor([0.3, 0.6], dtype=torch.float64))
+    result = run_on_ranks(_trainer_path_targets, 1, reference64.state_dict(), batch64, noise, times, timeout=300)[0]
+    assert result["has_grads"] and math.isfinite(result["loss"])
+    z, t, r, v = result["z"], result["t"], result["r"], result["v"]
+
+    def student(z_in, t_in):  # u(z, r, t): the guidance embedder takes h = t - r
+        return reference64(**{**batch64, "hidden_states": z_in, "timestep": t_in, "guidance": t_in - r}).sample
+
+    with sdpa_kernel(SDPBackend.MATH):
+        u, du = torch.func.jvp(student, (z, t), (v, torch.ones_like(t)))
+    torch.testing.assert_close(result["u"], u, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(result["target"], v - (t - r)[:, None, None] * du, rtol=1e-6, atol=1e-6)
+    # Where r = t (the second sample) the target is the teacher's velocity.
+    torch.testing.assert_close(result["target"][1], v[1], rtol=0, atol=0)

@@ -61,7 +61,8 @@ def test_generator_loss_moves_samples_along_fake_minus_teacher():
 
     alignment = TrajectoryAlignment(teacher, ShiftedFake(), AlignmentConfig(num_rollout_steps=1))
     noise = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
-    training_pass = alignment.generator_pass(student, noise, None, torch.Generator().manual_seed(6))
+    generator = torch.Generator().manual_seed(6)
+    training_pass = alignment.generator_pass(alignment.rollout(student, noise, None, generator), None, generator)
     # The loss is a function of the student's output u at the pass inputs; x̂ = z - t u, so the
     # gradient w.r.t. x̂ is -(d loss / d u) / t.
     u = student.mean_velocity(training_pass.z, training_pass.r, training_pass.t, None).detach().requires_grad_()

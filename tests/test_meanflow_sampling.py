@@ -5,17 +5,47 @@ import math
 import pytest
 import torch
 
-from mfmegatron.meanflow import TimeSamplerConfig, sample_time_pair
+from mfmegatron.meanflow import TimeSamplerConfig, global_batch_time_pair, sample_time_pair
 from mfmegatron.sampling import check_time_grid, sample_student, sample_teacher, uniform_time_grid
 
 
 def test_time_pair_ordering_and_equal_fraction():
-    t, r = sample_time_pair(TimeSamplerConfig(), 1000, torch.Generator().manual_seed(0))
-    assert t.shape == r.shape == (1000,)
+    t, r = sample_time_pair(TimeSamplerConfig(), 100_000, torch.Generator().manual_seed(0))
+    assert t.shape == r.shape == (100_000,) and t.dtype == r.dtype == torch.float32
     assert bool((t >= r).all()) and bool((t > 0).all()) and bool((t < 1).all()) and bool((r > 0).all())
-    assert int((t == r).sum()) == 750
-    t, r = sample_time_pair(TimeSamplerConfig(equal_fraction=0.3), 10, torch.Generator().manual_seed(1))
-    assert int((t == r).sum()) == 3
+    assert float((t == r).float().mean()) == pytest.approx(0.75, abs=0.01)
+    t, r = sample_time_pair(TimeSamplerConfig(equal_fraction=0.3), 100_000, torch.Generator().manual_seed(1))
+    assert float((t == r).float().mean()) == pytest.approx(0.3, abs=0.01)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        sample_time_pair(TimeSamplerConfig(), 4, dtype=torch.bfloat16)
+
+
+def test_small_per_rank_batches_still_train_average_velocities():
+    # One or two samples per data-parallel rank: an exact count round(0.75 B) per rank would give
+    # B = 1 or 2 samples with r = t every step. Per-sample decisions give r < t at 25% whatever B.
+    config = TimeSamplerConfig()
+    for per_rank in (1, 2):
+        below = [
+            bool((t > r).any())
+            for step in range(400)
+            for t, r in [global_batch_time_pair(config, 0, step, 8 * per_rank, slice(0, per_rank))]
+        ]
+        expected = 1 - 0.75**per_rank
+        assert sum(below) / len(below) == pytest.approx(expected, abs=0.06), per_rank
+
+
+def test_a_global_sample_gets_the_same_times_at_any_data_parallel_size():
+    config = TimeSamplerConfig()
+    whole = global_batch_time_pair(config, 7, 3, 8, slice(0, 8))
+    for ranks in (2, 4, 8):
+        per_rank = 8 // ranks
+        parts = [global_batch_time_pair(config, 7, 3, 8, slice(i * per_rank, (i + 1) * per_rank)) for i in range(ranks)]
+        assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
+        assert torch.equal(torch.cat([p[1] for p in parts]), whole[1])
+    assert whole[0].dtype == torch.float32
+    other_step = global_batch_time_pair(config, 7, 4, 8, slice(0, 8))
+    other_seed = global_batch_time_pair(config, 8, 3, 8, slice(0, 8))
+    assert not torch.equal(other_step[0], whole[0]) and not torch.equal(other_seed[0], whole[0])
 
 
 def test_time_pair_marginals_are_sorted_logit_normals():

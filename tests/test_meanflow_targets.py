@@ -210,3 +210,105 @@ def test_classifier_free_guidance_teacher():
     # v_c = 2, v_u = 1 -> 1 + 3 (2 - 1) = 4
     torch.testing.assert_close(guided.velocity(z, t, cond), torch.full((2, 2), 4.0))
     torch.testing.assert_close(guided_velocity(torch.tensor(2.0), torch.tensor(1.0), 1.0), torch.tensor(2.0))
+
+
+class CountingTeacher:
+    """A toy teacher whose velocity depends on a per-row condition; counts the rows it sees."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+        self.rows = 0
+
+    def velocity(self, z, t, cond):
+        self.rows += z.shape[0]
+        return self.teacher.velocity(z, t) * cond[:, None]
+
+
+def test_discrete_target_solves_the_teacher_ode_only_where_r_is_below_t():
+    teacher, _ = perturbed_toy_pair(time_scale=1.0)
+    z, r, t = random_batch(batch_size=12)
+    r[::3] = t[::3]  # 4 rows with r = t, 8 moving
+    cond = torch.linspace(0.5, 1.5, 12, dtype=DTYPE)
+    config = DiscreteTargetConfig(solver="heun", num_steps=3)
+    selective = CountingTeacher(teacher)
+    target = discrete_target(selective, z, r, t, cond, config, select_condition=lambda c, index: c[index]).target
+    # v_T on all 12 rows once, then 3 Heun steps (6 evaluations, the first reused) on the 8.
+    assert selective.rows == 12 + 5 * 8
+    whole = CountingTeacher(teacher)
+    reference = discrete_target(whole, z, r, t, cond, config).target  # cond not selectable
+    assert whole.rows == 12 + 5 * 12
+    torch.testing.assert_close(target, reference, rtol=1e-12, atol=1e-12)
+    assert torch.equal(target[::3], whole.teacher.velocity(z, t)[::3] * cond[::3, None])
+
+
+class Bf16Network:
+    """A toy network evaluated in bf16: it rounds its own inputs and returns bf16."""
+
+    def __init__(self, model):
+        self.model = model.to(torch.bfloat16)
+
+    def velocity(self, z, t, cond=None):
+        return self.model.velocity(z.to(torch.bfloat16), t.to(torch.bfloat16))
+
+    def mean_velocity(self, z, r, t, cond=None):
+        return self.model.mean_velocity(z.to(torch.bfloat16), r.to(torch.bfloat16), t.to(torch.bfloat16))
+
+    def mean_velocity_jvp(self, z, r, t, cond, tangents):
+        bf16 = [x.to(torch.bfloat16) for x in (z, r, t, *tangents)]
+        return self.model.mean_velocity_jvp(*bf16[:3], None, tuple(bf16[3:]))
+
+
+def test_time_arithmetic_is_float32_whatever_the_network_dtype():
+    # bf16 networks, bf16 noise: times, ODE states, step sizes and targets must still be float32,
+    # so the targets equal the same computation in float64 up to the network's own bf16 rounding
+    # (which both share: the network sees the same rounded inputs).
+    from mfmegatron.meanflow import MeanFlowDistillation, MeanFlowDistillationConfig
+    from mfmegatron.meanflow.warmup import FixedStepWarmup
+
+    torch.manual_seed(0)
+    teacher_model, student_model = perturbed_toy_pair(time_scale=1000.0)
+    teacher, student = Bf16Network(teacher_model.float()), Bf16Network(student_model.float())
+    config = MeanFlowDistillationConfig(z_ode_steps=4, discrete=DiscreteTargetConfig(solver="heun", num_steps=4))
+    noise = torch.randn(256, 2, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    seen = {}
+
+    def record(u, u_target):
+        seen["target"] = u_target
+        return torch.zeros(()), {}
+
+    for phase_start, phase in ((None, "discrete"), (0, "differential")):
+        objective = MeanFlowDistillation(teacher, student, config, FixedStepWarmup(phase_start))
+        objective._meanflow_loss = record
+        plan = objective.plan(0, noise, generator=torch.Generator().manual_seed(1))
+        (meanflow,) = plan.passes
+        assert plan.phase == phase and meanflow.t.dtype == meanflow.z.dtype == torch.float32
+        t, r = meanflow.t.double(), meanflow.r.double()
+        assert bool((t > r).any()) and bool((t == r).any())
+
+        # float64 reference: the teacher ODE from 1 to t (Euler), then the phase's target.
+        z = noise.double()
+        for k in range(4):
+            start, end = 1 - k * (1 - t) / 4, 1 - (k + 1) * (1 - t) / 4
+            z = z - ((start - end)[:, None] * teacher.velocity(z, start).double())
+        torch.testing.assert_close(meanflow.z.double(), z, rtol=1e-5, atol=1e-5)
+        v = teacher.velocity(meanflow.z, meanflow.t).double()
+        if phase == "discrete":
+            expected, state, h = v.clone(), z.clone(), (t - r) / 4
+            increments = torch.zeros_like(z)
+            for k in range(4):
+                now = t - k * h
+                first = teacher.velocity(state, now).double()
+                second = teacher.velocity(state - h[:, None] * first, now - h).double()
+                increments += 0.5 * (first + second)
+                state = state - h[:, None] * 0.5 * (first + second)
+            expected[t > r] = (increments / 4)[t > r]
+            meanflow.loss_fn(torch.zeros_like(meanflow.z), None, slice(0, 256))
+        else:
+            tangents = (v.float(), torch.zeros_like(meanflow.r), torch.ones_like(meanflow.t))
+            u, du = student.mean_velocity_jvp(meanflow.z, meanflow.r, meanflow.t, None, tangents)
+            expected = v - (t - r)[:, None] * du.double()
+            meanflow.loss_fn(u, du, slice(0, 256))
+        assert seen["target"].dtype == torch.float32
+        # Far below bf16's resolution (2^-8 relative): only float32 rounding separates them.
+        scale = expected.abs().max()
+        torch.testing.assert_close(seen["target"].double(), expected, rtol=0, atol=float(scale) * 1e-4)

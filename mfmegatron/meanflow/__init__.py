@@ -8,15 +8,22 @@ from mfmegatron.meanflow.interface import (
     clean_estimate,
     guided_velocity,
 )
-from mfmegatron.meanflow.time_sampling import TimeSamplerConfig, sample_logit_normal, sample_time_pair
+from mfmegatron.meanflow.time_sampling import (
+    TimeSamplerConfig,
+    global_batch_time_pair,
+    sample_logit_normal,
+    sample_time_pair,
+)
 from mfmegatron.meanflow.loss import AdaptiveLossConfig, AdaptiveLossOutput, adaptive_weighted_loss
 from mfmegatron.meanflow.targets import (
     DiscreteTargetConfig,
     ResidualNormalizationConfig,
     TargetOutput,
     differential_target,
+    differential_target_from_jvp,
     discrete_step_counts,
     discrete_target,
+    meanflow_tangents,
     normalize_residual,
     relative_target_gap,
 )
@@ -47,6 +54,7 @@ __all__ = [
     "TimeSamplerConfig",
     "sample_logit_normal",
     "sample_time_pair",
+    "global_batch_time_pair",
     "AdaptiveLossConfig",
     "AdaptiveLossOutput",
     "adaptive_weighted_loss",
@@ -56,6 +64,8 @@ __all__ = [
     "discrete_target",
     "discrete_step_counts",
     "differential_target",
+    "differential_target_from_jvp",
+    "meanflow_tangents",
     "normalize_residual",
     "relative_target_gap",
     "DISCRETE",

@@ -128,31 +128,37 @@ class TrajectoryAlignment:
             x_hat=x_hat, segment_start=t_segment, segment_end=grid[segment + 1], z_segment=z_segment
         )
 
-    def _renoised_student_samples(self, student, noise, cond, generator):
-        """Student clean estimates (no grad), renoised inside their segments: returns
-        (samples, x̂, s, the renoising noise, z_s = (1 - s) x̂ + s ε')."""
-        samples = self.student_clean_estimates(student, noise, cond, generator, with_grad=False)
+    def _renoise(self, samples: StudentCleanEstimates, generator: torch.Generator | None):
+        """The clean estimates (detached) renoised inside their segments: returns
+        (x̂, s, the renoising noise ε', z_s = (1 - s) x̂ + s ε'). Each call draws its own s, ε'."""
         x_hat = samples.x_hat.detach()
         s = self._renoise_times(samples, generator)
         renoise = torch.randn(x_hat.shape, generator=generator, dtype=x_hat.dtype, device=x_hat.device)
         z_s = (1 - broadcast_time(s, x_hat)) * x_hat + broadcast_time(s, x_hat) * renoise
-        return samples, x_hat, s, renoise, z_s
+        return x_hat, s, renoise, z_s
+
+    def rollout(
+        self, student: MeanFlowStudent, noise: Tensor, cond: Any, generator: torch.Generator | None = None
+    ) -> StudentCleanEstimates:
+        """The student's clean estimates without gradient: what `generator_pass` and `fake_pass`
+        take. One rollout serves both the generator term and the fake network's updates of a
+        training step (the fake network learns from the samples the generator term pushes)."""
+        return self.student_clean_estimates(student, noise, cond, generator, with_grad=False)
 
     def generator_pass(
         self,
-        student: MeanFlowStudent,
-        noise: Tensor,
+        samples: StudentCleanEstimates,
         cond: Any,
         generator: torch.Generator | None = None,
     ) -> TrainingPass:
         """The generator term as a `TrainingPass` on the student (see `passes.py`).
 
-        The clean estimates and the regression target are computed first without gradient; the
+        `samples` is a `rollout`. The regression target is computed first without gradient; the
         pass then re-evaluates the student's last jump with gradient (same inputs, same x̂) and
         regresses x̂ on the target. One more student forward than a fused version, so that the
         pass can run through a pipeline schedule.
         """
-        samples, x_hat, s, _, z_s = self._renoised_student_samples(student, noise, cond, generator)
+        x_hat, s, _, z_s = self._renoise(samples, generator)
         with torch.no_grad():
             x_teacher = clean_estimate(z_s, s, self.teacher.velocity(z_s, s, cond))
             x_fake = clean_estimate(z_s, s, self.fake.velocity(z_s, s, cond))
@@ -185,20 +191,22 @@ class TrajectoryAlignment:
         cond: Any,
         generator: torch.Generator | None = None,
     ) -> AlignmentOutput:
-        """Alignment loss for the student (gradient flows into the student only)."""
-        loss, stats = run_pass(self.generator_pass(student, noise, cond, generator), student, cond)
+        """Alignment loss for the student from a fresh rollout (gradient flows into the student
+        only)."""
+        samples = self.rollout(student, noise, cond, generator)
+        loss, stats = run_pass(self.generator_pass(samples, cond, generator), student, cond)
         return AlignmentOutput(loss=loss, stats=stats)
 
     def fake_pass(
         self,
-        student: MeanFlowStudent,
-        noise: Tensor,
+        samples: StudentCleanEstimates,
         cond: Any,
         generator: torch.Generator | None = None,
     ) -> TrainingPass:
-        """Flow matching of the fake network on fresh student clean estimates (no student
-        gradient), at renoising times from the same segments the generator loss uses."""
-        _, x_hat, s, fresh_noise, z_s = self._renoised_student_samples(student, noise, cond, generator)
+        """Flow matching of the fake network on the student's clean estimates of a `rollout`
+        (no student gradient), renoised at fresh times inside the same segments the generator
+        term uses."""
+        x_hat, s, fresh_noise, z_s = self._renoise(samples, generator)
         velocity_target = fresh_noise - x_hat
 
         def loss_fn(v: Tensor, dv: Tensor | None, rows: slice):
@@ -214,5 +222,6 @@ class TrajectoryAlignment:
         cond: Any,
         generator: torch.Generator | None = None,
     ) -> AlignmentOutput:
-        loss, stats = run_pass(self.fake_pass(student, noise, cond, generator), self.fake, cond)
+        samples = self.rollout(student, noise, cond, generator)
+        loss, stats = run_pass(self.fake_pass(samples, cond, generator), self.fake, cond)
         return AlignmentOutput(loss=loss, stats=stats)

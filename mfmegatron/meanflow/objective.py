@@ -22,23 +22,27 @@ Total loss: `L = L_meanflow + λ_align · L_align`, the alignment term from `ali
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
 
-from mfmegatron.flow_matching import broadcast_time, interpolate
-from mfmegatron.meanflow.alignment import TrajectoryAlignment
+from mfmegatron.flow_matching import interpolate, time_dtype
+from mfmegatron.meanflow.alignment import StudentCleanEstimates, TrajectoryAlignment
 from mfmegatron.meanflow.interface import FlowTeacher, MeanFlowStudent
 from mfmegatron.meanflow.loss import AdaptiveLossConfig, adaptive_weighted_loss
 from mfmegatron.meanflow.passes import TrainingPass, run_pass
 from mfmegatron.meanflow.targets import (
     DiscreteTargetConfig,
     ResidualNormalizationConfig,
+    SelectCondition,
     TargetOutput,
     differential_target,
+    differential_target_from_jvp,
     discrete_target,
+    meanflow_tangents,
     normalize_residual,
     relative_target_gap,
 )
@@ -59,6 +63,11 @@ class MeanFlowDistillationConfig:
     align_weight: float = 0.0
     """λ_align; 0 disables the alignment term."""
     align_start_step: int = 0
+    gap_interval: int = 50
+    """Every N steps, measure the relative gap between the discrete and the differential target
+    on the batch's r < t samples and log it as ``target_gap``, whatever the warm-up policy and
+    phase (on those steps: the discrete target's teacher solves and one student JVP, no grad).
+    The automatic warm-up's checks reuse the same measurement. 0: only on those checks."""
 
 
 @dataclass
@@ -68,6 +77,9 @@ class StepPlan:
     passes: list[TrainingPass]
     """The student passes with gradient; the step's loss is the sum of their weighted losses."""
     stats: dict[str, float]
+    alignment_samples: StudentCleanEstimates | None = None
+    """The student rollout of the alignment term (when active): the fake network's updates of
+    this step train on it (`MeanFlowDistillation.fake_pass`)."""
 
 
 @dataclass
@@ -92,6 +104,9 @@ class MeanFlowDistillation:
         reduce_gap: combines the warm-up gap measured on this process's batch with the other
             data-parallel replicas' (the trainer averages it), so every replica switches at the
             same step. Default: this batch's gap alone.
+        select_condition: `(cond, index) -> cond` of the batch rows `index`; lets the discrete
+            target solve the teacher ODE only for the r < t rows. Without it (and a non-None
+            cond) the whole batch is solved.
     """
 
     def __init__(
@@ -102,6 +117,7 @@ class MeanFlowDistillation:
         warmup: WarmupSwitch | None = None,
         alignment: TrajectoryAlignment | None = None,
         reduce_gap: Callable[[float], float] | None = None,
+        select_condition: SelectCondition | None = None,
     ):
         self.reduce_gap = reduce_gap or (lambda gap: gap)
         self.teacher = teacher
@@ -109,6 +125,7 @@ class MeanFlowDistillation:
         self.config = config or MeanFlowDistillationConfig()
         self.warmup = warmup if warmup is not None else FixedStepWarmup(0)
         self.alignment = alignment
+        self.select_condition = select_condition
         if self.config.align_weight > 0 and alignment is None:
             raise ValueError("align_weight > 0 needs a TrajectoryAlignment")
 
@@ -116,11 +133,12 @@ class MeanFlowDistillation:
 
     @torch.no_grad()
     def make_z_t(self, noise: Tensor, t: Tensor, cond: Any, x: Tensor | None = None) -> Tensor:
-        """z_t per `config.z_source` (see the module docstring)."""
+        """z_t per `config.z_source` (see the module docstring), in float32 (or float64)."""
+        state_dtype = time_dtype(noise.dtype)
         if self.config.z_source == "data":
             if x is None:
                 raise ValueError("z_source='data' needs x in the batch")
-            return interpolate(x, noise, t)
+            return interpolate(x.to(state_dtype), noise.to(state_dtype), t.to(state_dtype))
         if self.config.z_source != "teacher_ode":
             raise ValueError(f"unknown z_source {self.config.z_source!r}")
         ones = torch.ones_like(t)
@@ -141,51 +159,77 @@ class MeanFlowDistillation:
         cond: Any = None,
         x: Tensor | None = None,
         generator: torch.Generator | None = None,
+        times: tuple[Tensor, Tensor] | None = None,
     ) -> StepPlan:
         """Everything of training step `step` that needs no gradient, and the passes that do.
 
-        Samples (t, r), builds z_t, advances the warm-up switch once, computes the phase's
-        target inputs (the discrete target; or the teacher velocity for the differential one)
-        and, when active, the alignment target. Returns the student passes whose weighted losses
-        sum to the step's generator loss (see `passes.py`).
+        Samples (t, r) (or takes `times`, the trainer's draw keyed by global sample index),
+        builds z_t, advances the warm-up switch once, computes the phase's target inputs (the
+        discrete target; or the teacher velocity for the differential one) and, when active,
+        the alignment target. Returns the student passes whose weighted losses sum to the step's
+        generator loss (see `passes.py`). Times and z_t are float32 whatever the noise's dtype.
         """
         batch_size = noise.shape[0]
-        t, r = sample_time_pair(self.config.time_sampling, batch_size, generator, noise.dtype, noise.device)
+        if times is None:
+            dtype = time_dtype(noise.dtype)
+            times = sample_time_pair(self.config.time_sampling, batch_size, generator, dtype, noise.device)
+        t, r = times
         z_t = self.make_z_t(noise, t, cond, x)
 
-        # The discrete target is computed at most once per step: for the loss in the discrete
-        # phase and/or for the warm-up's gap measurement on check steps.
-        cached: dict[str, TargetOutput] = {}
+        # Each piece is computed at most once per step: the teacher velocity (every phase), the
+        # discrete target (discrete phase and/or gap measurement) and the gap itself.
+        cached: dict[str, Any] = {}
+
+        def teacher_velocity() -> Tensor:
+            if "velocity" not in cached:
+                with torch.no_grad():
+                    velocity = self.teacher.velocity(z_t, t, cond)
+                    cached["velocity"] = velocity.to(time_dtype(velocity.dtype))
+            return cached["velocity"]
 
         def get_discrete() -> TargetOutput:
             if "discrete" not in cached:
-                cached["discrete"] = discrete_target(self.teacher, z_t, r, t, cond, self.config.discrete)
+                cached["discrete"] = discrete_target(
+                    self.teacher, z_t, r, t, cond, self.config.discrete, teacher_velocity(), self.select_condition
+                )
             return cached["discrete"]
 
         def measure_gap() -> float:
-            discrete = get_discrete()
-            with torch.no_grad():
-                differential = differential_target(
-                    self.teacher, self.student, z_t, r, t, cond, teacher_velocity=discrete.teacher_velocity
-                )
-            return self.reduce_gap(relative_target_gap(discrete.target, differential.target, mask=t > r))
+            if "gap" not in cached:
+                gap = math.nan  # a batch without r < t samples has no gap (and costs nothing)
+                if bool((t > r).any()):
+                    with torch.no_grad():
+                        differential = differential_target(
+                            self.teacher, self.student, z_t, r, t, cond, teacher_velocity=teacher_velocity()
+                        )
+                    gap = relative_target_gap(get_discrete().target, differential.target, mask=t > r)
+                # Every replica reduces, also those without a gap of their own.
+                cached["gap"] = self.reduce_gap(gap)
+            return cached["gap"]
 
         phase = self.warmup.advance(step, measure_gap)
+        interval = self.config.gap_interval
+        if interval and step % interval == 0:
+            measure_gap()
         stats = dict(self.warmup.stats())
+        if "gap" in cached:
+            stats["target_gap"] = cached["gap"]
+        stats["time_r_below_t_fraction"] = float((t > r).float().mean())
+        stats["time_interval_mean"] = float((t - r).mean())
         if phase == DISCRETE:
             passes = [self._discrete_pass(z_t, r, t, get_discrete().target)]
         elif phase == DIFFERENTIAL:
-            with torch.no_grad():
-                teacher_velocity = self.teacher.velocity(z_t, t, cond).detach()
-            passes = [self._differential_pass(z_t, r, t, teacher_velocity)]
+            passes = [self._differential_pass(z_t, r, t, teacher_velocity())]
         else:
             raise ValueError(f"unknown phase {phase!r}")
+        samples = None
         if self.alignment_active(step):
             align_noise = torch.randn(noise.shape, generator=generator, dtype=noise.dtype, device=noise.device)
-            alignment = self.alignment.generator_pass(self.student, align_noise, cond, generator)
+            samples = self.alignment.rollout(self.student, align_noise, cond, generator)
+            alignment = self.alignment.generator_pass(samples, cond, generator)
             alignment.weight = self.config.align_weight
             passes.append(alignment)
-        return StepPlan(phase=phase, passes=passes, stats=stats)
+        return StepPlan(phase=phase, passes=passes, stats=stats, alignment_samples=samples)
 
     def _meanflow_loss(self, u: Tensor, u_target: Tensor) -> tuple[Tensor, dict[str, float]]:
         u_target = normalize_residual(u_target, u, self.config.residual_normalization)
@@ -201,16 +245,17 @@ class MeanFlowDistillation:
         return TrainingPass(name="meanflow", network="student", z=z_t, r=r, t=t, loss_fn=loss_fn)
 
     def _differential_pass(self, z_t: Tensor, r: Tensor, t: Tensor, teacher_velocity: Tensor) -> TrainingPass:
-        """The MeanFlow identity target needs the student's own JVP: it is formed inside the
-        pass from the tangent output (`differential_target` does the same in one call)."""
+        """The MeanFlow identity target needs the student's own JVP: the pass evaluates the
+        student with the tangents, and its loss forms the target from the tangent output with
+        `differential_target_from_jvp`, the formula `differential_target` uses."""
 
         def loss_fn(u: Tensor, du: Tensor, rows: slice):
-            interval = broadcast_time(t[rows] - r[rows], u)
-            return self._meanflow_loss(u, (teacher_velocity[rows] - interval * du).detach())
+            target = differential_target_from_jvp(teacher_velocity[rows], r[rows], t[rows], du)
+            return self._meanflow_loss(u, target)
 
-        tangents = (teacher_velocity, torch.zeros_like(r), torch.ones_like(t))
         return TrainingPass(
-            name="meanflow", network="student", z=z_t, r=r, t=t, loss_fn=loss_fn, tangents=tangents
+            name="meanflow", network="student", z=z_t, r=r, t=t, loss_fn=loss_fn,
+            tangents=meanflow_tangents(teacher_velocity, r, t),
         )
 
     def generator_loss(
@@ -232,11 +277,14 @@ class MeanFlowDistillation:
         stats["loss"] = float(total.detach())
         return DistillationStepOutput(loss=total, phase=plan.phase, stats=stats)
 
-    def fake_pass(self, noise: Tensor, cond: Any = None, generator: torch.Generator | None = None) -> TrainingPass:
-        """The alignment's fake-network update as a pass on the fake network."""
+    def fake_pass(
+        self, samples: StudentCleanEstimates, cond: Any = None, generator: torch.Generator | None = None
+    ) -> TrainingPass:
+        """The alignment's fake-network update as a pass on the fake network, on a rollout
+        (`StepPlan.alignment_samples`)."""
         if self.alignment is None:
             raise ValueError("no TrajectoryAlignment configured")
-        return self.alignment.fake_pass(self.student, noise, cond, generator)
+        return self.alignment.fake_pass(samples, cond, generator)
 
     def fake_loss(self, noise: Tensor, cond: Any = None, generator: torch.Generator | None = None):
         """Flow-matching loss of the alignment's fake network on fresh student samples."""

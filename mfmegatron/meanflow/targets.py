@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from mfmegatron.flow_matching import broadcast_time
+from mfmegatron.flow_matching import broadcast_time, time_dtype
 from mfmegatron.meanflow.interface import FlowTeacher, MeanFlowStudent
 from mfmegatron.sampling.ode import OdeSolver, integrate_ode
 
@@ -57,6 +57,10 @@ def discrete_step_counts(t: Tensor, r: Tensor, config: DiscreteTargetConfig) -> 
     return scaled.clamp(1, config.num_steps)
 
 
+# select_condition(cond, index) -> the conditioning of the batch rows `index` ([k] long tensor).
+SelectCondition = Callable[[Any, Tensor], Any]
+
+
 @torch.no_grad()
 def discrete_target(
     teacher: FlowTeacher,
@@ -65,18 +69,40 @@ def discrete_target(
     t: Tensor,
     cond: Any,
     config: DiscreteTargetConfig,
+    teacher_velocity: Tensor | None = None,
+    select_condition: SelectCondition | None = None,
 ) -> TargetOutput:
-    """Average velocity of the teacher ODE solution from t to r.
+    """Average velocity of the teacher ODE solution from t to r, in float32.
 
-    The integrator returns the mean of its step increments instead of `(z_t - z_r) / (t - r)`, so
-    there is no cancellation for small `t - r`; where `r == t` the target is set to
-    `v_T(z_t, t)` exactly (the first teacher evaluation, already computed).
+    Where `r == t` the target is `v_T(z_t, t)` exactly (one teacher evaluation of the whole
+    batch, which the differential target and the warm-up gap reuse). The ODE from t to r is
+    solved only for the rows with r < t when `select_condition` can take those rows out of the
+    opaque `cond` (or `cond` is None); otherwise over the whole batch, as if every row moved.
+    The integrator returns the mean of its step increments instead of `(z_t - z_r) / (t - r)`,
+    so there is no cancellation for small `t - r`.
+
+    Args:
+        teacher_velocity: `v_T(z_t, t)` if the caller already has it.
+        select_condition: `(cond, index) -> cond` of the rows `index`.
     """
-    steps = discrete_step_counts(t, r, config)
-    solution = integrate_ode(teacher.velocity, z_t, t, r, cond, steps, config.solver)
-    equal = broadcast_time((t == r).to(z_t.dtype), z_t).bool()
-    target = torch.where(equal, solution.first_velocity, solution.mean_velocity)
-    return TargetOutput(target=target.detach(), teacher_velocity=solution.first_velocity.detach())
+    if teacher_velocity is None:
+        teacher_velocity = teacher.velocity(z_t, t, cond)
+    teacher_velocity = teacher_velocity.to(time_dtype(teacher_velocity.dtype)).detach()
+    target = teacher_velocity.clone()
+    moving = torch.nonzero(t > r).squeeze(1)
+    if moving.numel() > 0:
+        if cond is None or select_condition is not None:
+            rows = moving
+            rows_cond = cond if cond is None else select_condition(cond, rows)
+        else:
+            rows, rows_cond = torch.arange(z_t.shape[0], device=z_t.device), cond
+        steps = discrete_step_counts(t[rows], r[rows], config)
+        solution = integrate_ode(
+            teacher.velocity, z_t[rows], t[rows], r[rows], rows_cond, steps, config.solver,
+            first_velocity=teacher_velocity[rows],
+        )
+        target[moving] = solution.mean_velocity.to(target.dtype)[torch.isin(rows, moving)]
+    return TargetOutput(target=target, teacher_velocity=teacher_velocity)
 
 
 @dataclass
@@ -104,6 +130,17 @@ def normalize_residual(target: Tensor, student_mean_velocity: Tensor, config: Re
     return (prediction - residual / broadcast_time(norm + config.c, residual)).detach()
 
 
+def differential_target_from_jvp(teacher_velocity: Tensor, r: Tensor, t: Tensor, student_du: Tensor) -> Tensor:
+    """The MeanFlow identity `u_tgt = v_T - (t - r) · du`, formed in float32 (detached).
+
+    `student_du` is the JVP of the student along `(v_T, 0, 1)`. The one place this formula
+    lives: `differential_target` and the trainer's differential pass both call it.
+    """
+    dtype = time_dtype(student_du.dtype)
+    interval = broadcast_time((t - r).to(dtype), student_du)
+    return (teacher_velocity.to(dtype) - interval * student_du.to(dtype)).detach()
+
+
 def differential_target(
     teacher: FlowTeacher,
     student: MeanFlowStudent,
@@ -126,11 +163,16 @@ def differential_target(
     if teacher_velocity is None:
         with torch.no_grad():
             teacher_velocity = teacher.velocity(z_t, t, cond)
-    teacher_velocity = teacher_velocity.detach()
-    tangents = (teacher_velocity, torch.zeros_like(r), torch.ones_like(t))
-    student_u, student_du = student.mean_velocity_jvp(z_t, r, t, cond, tangents)
-    target = teacher_velocity - broadcast_time(t - r, z_t) * student_du.detach()
-    return TargetOutput(target=target.detach(), teacher_velocity=teacher_velocity, student_mean_velocity=student_u)
+    teacher_velocity = teacher_velocity.to(time_dtype(teacher_velocity.dtype)).detach()
+    student_u, student_du = student.mean_velocity_jvp(z_t, r, t, cond, meanflow_tangents(teacher_velocity, r, t))
+    target = differential_target_from_jvp(teacher_velocity, r, t, student_du)
+    return TargetOutput(target=target, teacher_velocity=teacher_velocity, student_mean_velocity=student_u)
+
+
+def meanflow_tangents(teacher_velocity: Tensor, r: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The JVP tangents `(t_z, t_r, t_t) = (v_T, 0, 1)` of the total derivative d/dt along the
+    teacher's flow."""
+    return teacher_velocity, torch.zeros_like(r), torch.ones_like(t)
 
 
 def relative_target_gap(target_a: Tensor, target_b: Tensor, mask: Tensor | None = None) -> float:

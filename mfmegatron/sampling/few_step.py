@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from mfmegatron.flow_matching import broadcast_time
+from mfmegatron.flow_matching import broadcast_time, time_dtype
 
 
 def uniform_time_grid(num_steps: int) -> list[float]:
@@ -51,13 +51,15 @@ def sample_student(
         raise ValueError("give exactly one of num_steps or time_grid")
     grid = uniform_time_grid(num_steps) if time_grid is None else check_time_grid(time_grid)
     batch_size = noise.shape[0]
-    z = noise
+    # State and times in float32 (or float64) whatever the network's dtype.
+    state_dtype = time_dtype(noise.dtype)
+    z = noise.to(state_dtype)
     trajectory = [z]
     with torch.no_grad():
         for t_now, t_next in zip(grid[:-1], grid[1:]):
-            t = torch.full((batch_size,), t_now, dtype=noise.dtype, device=noise.device)
-            r = torch.full((batch_size,), t_next, dtype=noise.dtype, device=noise.device)
-            u = student.mean_velocity(z, r, t, cond)
+            t = torch.full((batch_size,), t_now, dtype=state_dtype, device=noise.device)
+            r = torch.full((batch_size,), t_next, dtype=state_dtype, device=noise.device)
+            u = student.mean_velocity(z, r, t, cond).to(state_dtype)
             z = z - broadcast_time(t - r, z) * u
             trajectory.append(z)
     return (z, trajectory) if return_trajectory else z

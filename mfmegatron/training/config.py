@@ -43,6 +43,11 @@ class ParallelSection:
     num_microbatches: int = 1
     """Micro-batches per step and data-parallel rank (pipeline parallel needs > 1 to overlap)."""
     use_distributed_optimizer: bool = False
+    no_grad_memory_gb: float = 4.0
+    """Activation memory a no-grad evaluation (teacher velocities, ODE steps, student rollouts,
+    target JVPs) may use per rank. Its micro-batches hold as many rows as fit by the family's
+    estimate of a no-grad forward's activation peak per sample (with a tangent: twice); nothing
+    is kept for backward, so this is much larger than a training micro-batch."""
 
 
 @dataclass

@@ -38,7 +38,12 @@ class ModelFamily(Protocol):
     def condition(self, batch, config, device: torch.device, dtype: torch.dtype) -> Any:
         """The conditioning of a ``PromptBatch`` (embeddings already present)."""
 
-    def slice_condition(self, cond: Any, rows: slice, batch_size: int) -> Any: ...
+    def slice_condition(self, cond: Any, rows: slice | torch.Tensor, batch_size: int | None) -> Any:
+        """The conditioning of batch ``rows`` (a slice, or a tensor of row indices)."""
+
+    def no_grad_activation_bytes_per_sample(self, config, with_tangent: bool) -> float:
+        """Estimated activation peak of one no-grad forward per sample on one rank (sizes the
+        no-grad micro-batches, ``parallel.no_grad_memory_gb``)."""
 
     def stage_forward(self, model, z, r, t, cond, tangents):
         """This stage's forward (``r`` None: a teacher-architecture network). On the last stage

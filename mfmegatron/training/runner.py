@@ -4,8 +4,10 @@ The MeanFlow objective calls networks in two ways (see ``mfmegatron.meanflow.pas
 
 - no-grad evaluations (teacher velocities, ODE steps, student rollouts, the fake network): here
   ``velocity`` / ``mean_velocity`` / ``mean_velocity_jvp``, which run megatron's forward-only
-  schedule over micro-batches and hand the last stage's output to every pipeline stage, so the
-  objective's Python runs identically on all ranks;
+  schedule and hand the last stage's output (float32) to every pipeline stage, so the
+  objective's Python runs identically on all ranks. Their micro-batches are sized by rows (a
+  memory budget, see ``no_grad_rows``), not by the training passes' micro-batch count: nothing
+  is kept for backward, so far more rows fit;
 - training passes: ``run_pass`` runs forward (and the tangent), the pass's loss on the last
   stage, and backward, through megatron's forward-backward schedule (1F1B with PP > 1).
 Gradients accumulate in megatron DDP's buffers until the trainer finalises them.
@@ -22,6 +24,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from mfmegatron.flow_matching import time_dtype
 from mfmegatron.meanflow.passes import TrainingPass, slice_rows
 
 
@@ -34,13 +37,26 @@ class NetworkRunner:
 
     ``family`` knows the backbone's inputs (see ``mfmegatron.training.family.ModelFamily``);
     ``model`` is the stage module, wrapped in megatron DDP when it is trained.
+    ``no_grad_rows`` / ``no_grad_jvp_rows``: the most batch rows one no-grad micro-batch holds
+    without / with a tangent (None: the training passes' micro-batches).
     """
 
-    def __init__(self, family, model, num_microbatches: int):
+    def __init__(
+        self,
+        family,
+        model,
+        num_microbatches: int,
+        no_grad_rows: int | None = None,
+        no_grad_jvp_rows: int | None = None,
+    ):
         self.family = family
         self.model = model
         self.num_microbatches = num_microbatches
-        self.forward_equivalents = 0.0  # for the throughput estimate
+        self.no_grad_rows = no_grad_rows
+        self.no_grad_jvp_rows = no_grad_jvp_rows
+        # Network evaluations x batch rows since the last reset: a no-grad forward counts 1 per
+        # row, with a tangent 2; a training pass 3 (forward + backward), with a tangent 4.
+        self.sample_forwards = 0.0
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -51,6 +67,19 @@ class NetworkRunner:
         size = batch_size // micro
         return [slice(i * size, (i + 1) * size) for i in range(micro)]
 
+    def _no_grad_slices(self, batch_size: int, with_tangent: bool) -> list[slice]:
+        max_rows = self.no_grad_jvp_rows if with_tangent else self.no_grad_rows
+        if max_rows is None:
+            return self._row_slices(batch_size)
+        max_rows = max(1, max_rows)
+        stages = parallel_state.get_pipeline_model_parallel_world_size()
+        if stages > 1:
+            # Pipeline stages exchange fixed shapes, so micro-batches must be equal; at least as
+            # many as stages (when the batch allows) keeps every stage busy.
+            max_rows = min(max_rows, max(1, batch_size // stages))
+            max_rows = max(d for d in range(1, max_rows + 1) if batch_size % d == 0)
+        return [slice(i, min(i + max_rows, batch_size)) for i in range(0, batch_size, max_rows)]
+
     def _schedule(
         self,
         z: torch.Tensor,
@@ -60,10 +89,11 @@ class NetworkRunner:
         tangents: tuple | None,
         on_output: Callable,
         forward_only: bool,
+        slices: list[slice],
     ):
-        """Runs the schedule; ``on_output(u, du, rows)`` on the last stage returns the loss."""
+        """Runs the schedule over ``slices`` of the batch; ``on_output(u, du, rows)`` on the
+        last stage returns the loss."""
         batch_size = z.shape[0]
-        slices = self._row_slices(batch_size)
         module = _unwrap(self.model)
 
         def forward_step(data_iterator, model):
@@ -98,22 +128,27 @@ class NetworkRunner:
         )
 
     def _evaluate(self, z, r, t, cond, tangents):
-        """No-grad outputs for the whole batch, on every pipeline stage."""
+        """No-grad outputs for the whole batch, in float32 (float64 for a float64 network), on
+        every pipeline stage."""
         outputs: list = []
+        dtype = time_dtype(_unwrap(self.model).config.params_dtype)
 
         def keep(u, du, rows):
-            outputs.append((u.detach(), None if du is None else du.detach()))
+            outputs.append((u.detach().to(dtype), None if du is None else du.detach().to(dtype)))
             return torch.zeros((), device=u.device)
 
+        batch_size = z.shape[0]
         with torch.no_grad():
-            self._schedule(z, r, t, cond, tangents, keep, forward_only=True)
-        self.forward_equivalents += 1.0 if tangents is None else 2.0
+            slices = self._no_grad_slices(batch_size, with_tangent=tangents is not None)
+            self._schedule(z, r, t, cond, tangents, keep, forward_only=True, slices=slices)
+        self.sample_forwards += batch_size * (1.0 if tangents is None else 2.0)
         # Velocities have the latents' shape; stages other than the last receive them.
-        u = torch.cat([o[0] for o in outputs]) if outputs else torch.empty_like(z)
+        empty = lambda: torch.empty(z.shape, dtype=dtype, device=z.device)  # noqa: E731
+        u = torch.cat([o[0] for o in outputs]) if outputs else empty()
         _broadcast_from_last_stage(u)
         if tangents is None:
             return u
-        du = torch.cat([o[1] for o in outputs]) if outputs else torch.empty_like(u)
+        du = torch.cat([o[1] for o in outputs]) if outputs else empty()
         _broadcast_from_last_stage(du)
         return u, du
 
@@ -147,8 +182,9 @@ class NetworkRunner:
             return value * p.weight
 
         r = None if p.network == "fake" else p.r
-        self._schedule(p.z, r, p.t, cond, p.tangents, loss, forward_only=False)
-        self.forward_equivalents += 3.0 if p.tangents is None else 4.0
+        batch_size = p.z.shape[0]
+        self._schedule(p.z, r, p.t, cond, p.tangents, loss, forward_only=False, slices=self._row_slices(batch_size))
+        self.sample_forwards += batch_size * (3.0 if p.tangents is None else 4.0)
         summary = None
         if parallel_state.is_pipeline_last_stage():
             mean_stats = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]} if stats else {}

@@ -45,6 +45,7 @@ from mfmegatron.meanflow import (
     FixedStepWarmup,
     MeanFlowDistillation,
     TrajectoryAlignment,
+    global_batch_time_pair,
 )
 from mfmegatron.parallel import ParallelConfig, initialize_parallel
 from mfmegatron.sampling import sample_student
@@ -125,13 +126,12 @@ class Trainer:
             override_opt_param_scheduler=True,
         )
         self.ema = ParameterEMA(networks.student, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
-        micro = parallel.num_microbatches
-        self.teacher_runner = NetworkRunner(self.family, self.teacher, micro)
-        self.student_runner = NetworkRunner(self.family, self.student, micro)
+        self.teacher_runner = self._runner(self.teacher)
+        self.student_runner = self._runner(self.student)
         self.fake, self.fake_optimizer, self.fake_runner, alignment = None, None, None, None
         if with_fake:
             self.fake, self.fake_optimizer = self._trained(networks.fake, config.alignment.fake_lr)
-            self.fake_runner = NetworkRunner(self.family, self.fake, micro)
+            self.fake_runner = self._runner(self.fake)
             alignment = TrajectoryAlignment(self.teacher_runner, self.fake_runner, config.alignment.config)
         meanflow = config.meanflow
         if with_fake and meanflow.align_weight <= 0:
@@ -143,11 +143,12 @@ class Trainer:
             self._warmup(),
             alignment if meanflow.align_weight > 0 else None,
             reduce_gap=self._average_gap_over_data_parallel,
+            select_condition=self._select_condition,
         )
 
         self.loader = self._data_loader()
         self.text_encoder = self._text_encoder()
-        self.counters = {"skipped_steps": 0}
+        self.counters = {"skipped_steps": 0, "skipped_fake_steps": 0}
         self.step = 0
         self.sample_inputs = None
 
@@ -184,6 +185,20 @@ class Trainer:
         # optimizer's checkpointing cannot load as is (see torch_adam.py); with them, a no-op.
         make_torch_adam_checkpointable(optimizer)
         return ddp, optimizer
+
+    def _runner(self, model) -> NetworkRunner:
+        """A runner whose no-grad micro-batches fill ``parallel.no_grad_memory_gb`` of
+        activations (the family's estimate per row), the training passes' micro-batches being
+        ``parallel.num_microbatches``."""
+        budget = self.config.parallel.no_grad_memory_gb * 1e9
+        rows = [
+            max(1, int(budget // self.family.no_grad_activation_bytes_per_sample(self.config, with_tangent)))
+            for with_tangent in (False, True)
+        ]
+        return NetworkRunner(self.family, model, self.config.parallel.num_microbatches, *rows)
+
+    def _select_condition(self, cond, index: torch.Tensor):
+        return self.family.slice_condition(cond, index, None)
 
     def _warmup(self):
         warmup = self.config.warmup
@@ -354,20 +369,31 @@ class Trainer:
         with open(path, "a") as handle:
             handle.write(json.dumps({"step": self.step, "keys": keys}) + "\n")
 
+    def _runners(self) -> dict[str, NetworkRunner]:
+        runners = {"teacher": self.teacher_runner, "student": self.student_runner}
+        if self.fake_runner is not None:
+            runners["fake"] = self.fake_runner
+        return runners
+
     def train_step(self) -> dict:
         config = self.config
         cond, batch_size = self._batch()
         generator = _step_generator(config.train.seed, self.step, self.dp_rank, self.device)
         shape = (batch_size,) + tuple(self.family.latent_shape(config))
-        noise = torch.randn(shape, generator=generator, device=self.device, dtype=self.dtype)
+        # The noise, the times and every ODE state stay float32; only the networks run in bf16.
+        noise = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
+        times = global_batch_time_pair(
+            config.meanflow.time_sampling, config.train.seed, self.step, batch_size * self.dp_size,
+            slice(self.dp_rank * batch_size, (self.dp_rank + 1) * batch_size), self.device,
+        )
         if self.sample_inputs is None:
             self.sample_inputs = (noise.clone(), cond)
 
         self.student.zero_grad_buffer()
         self.optimizer.zero_grad()
-        for runner in (self.teacher_runner, self.student_runner):
-            runner.forward_equivalents = 0.0
-        plan = self.objective.plan(self.step, noise, cond, generator=generator)
+        for runner in self._runners().values():
+            runner.sample_forwards = 0.0
+        plan = self.objective.plan(self.step, noise, cond, generator=generator, times=times)
         stats = dict(plan.stats)
         total = 0.0
         for training_pass in plan.passes:
@@ -376,57 +402,56 @@ class Trainer:
             total += training_pass.weight * loss
         stats["loss"] = total
         finalize_model_grads([self.student])
-        update = self._optimizer_step(total)
-        stats.update(update)
-        if self.fake is not None and self.objective.alignment_active(self.step):
-            stats.update(self._fake_updates(cond, batch_size, generator))
-        stats["phase"] = plan.phase
-        stats["forward_equivalents"] = (
-            self.teacher_runner.forward_equivalents + self.student_runner.forward_equivalents
-        )
-        self.step += 1
-        return stats
-
-    def _optimizer_step(self, loss: float) -> dict:
-        """Skips the update when the loss or the gradient is not finite on any rank."""
-        finite = torch.tensor([1.0 if math.isfinite(loss) else 0.0], device=self.device)
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        grad_norm = float("nan")
-        if finite.item() == 1.0:
-            self.optimizer.prepare_grads()
-            grad_norm = float(self.optimizer.get_grad_norm())
-        if finite.item() != 1.0 or not math.isfinite(grad_norm):
-            self.counters["skipped_steps"] += 1
-            self.optimizer.zero_grad()
-            return {"grad_norm": grad_norm, "skipped": 1.0, "lr": self.scheduler.get_lr(self.optimizer.param_groups[0])}
-        succeeded, clipped_norm, _ = self.optimizer.step()
-        if not succeeded:
-            self.counters["skipped_steps"] += 1
-        else:
+        update = self._guarded_step(self.optimizer, total, "skipped_steps")
+        if not update["skipped"]:
             self.scheduler.step(increment=1)
             if self.ema is not None:
                 self.ema.update()
-        return {
-            "grad_norm": grad_norm,
-            "skipped": 0.0 if succeeded else 1.0,
-            "lr": self.optimizer.param_groups[0]["lr"],
-        }
+        stats.update(update, lr=self.optimizer.param_groups[0]["lr"])
+        if self.fake is not None and plan.alignment_samples is not None:
+            stats.update(self._fake_updates(plan.alignment_samples, cond, generator))
+        stats["phase"] = plan.phase
+        # Network forwards per sample of this step (a JVP counts 2, a backward 2 more).
+        for name, runner in self._runners().items():
+            stats[f"forwards_{name}"] = runner.sample_forwards / batch_size
+        stats["forward_equivalents"] = sum(runner.sample_forwards for runner in self._runners().values()) / batch_size
+        self.step += 1
+        return stats
 
-    def _fake_updates(self, cond, batch_size: int, generator) -> dict:
+    def _guarded_step(self, optimizer, loss: float, counter: str) -> dict:
+        """One optimizer step, skipped on *every* rank when the loss or the gradient norm is not
+        finite on *any* rank: a rank that skips while others step would hang the distributed
+        optimizer's all-gather, or silently desynchronise the replicas without it, and an inf
+        gradient that reaches Adam poisons its state for good. One flag, all-reduced over the
+        whole job, decides."""
+        optimizer.prepare_grads()
+        grad_norm = float(optimizer.get_grad_norm())
+        finite = torch.tensor(
+            [1.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 0.0], device=self.device
+        )
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() == 1.0:
+            succeeded, _, _ = optimizer.step()
+        else:
+            succeeded = False
+            optimizer.zero_grad()
+        if not succeeded:
+            self.counters[counter] += 1
+        return {"grad_norm": grad_norm, "skipped": 0.0 if succeeded else 1.0}
+
+    def _fake_updates(self, samples, cond, generator) -> dict:
+        """The fake network's flow-matching updates on this step's alignment rollout (each
+        update renoises it afresh)."""
         stats = {}
         for _ in range(self.config.alignment.fake_updates_per_step):
             self.fake.zero_grad_buffer()
             self.fake_optimizer.zero_grad()
-            noise = torch.randn(
-                (batch_size,) + tuple(self.family.latent_shape(self.config)),
-                generator=generator, device=self.device, dtype=self.dtype,
-            )
-            fake_pass = self.objective.fake_pass(noise, cond, generator)
-            loss, stats = self.fake_runner.run_pass(fake_pass, cond)
+            fake_pass = self.objective.fake_pass(samples, cond, generator)
+            loss, pass_stats = self.fake_runner.run_pass(fake_pass, cond)
             finalize_model_grads([self.fake])
-            if math.isfinite(loss):
-                self.fake_optimizer.step()
-            stats = {**stats, "fake_loss": loss}
+            update = self._guarded_step(self.fake_optimizer, loss, "skipped_fake_steps")
+            stats = {**pass_stats, "fake_loss": loss, "fake_grad_norm": update["grad_norm"],
+                     "fake_skipped": update["skipped"]}
         return stats
 
     # -- the loop -----------------------------------------------------------------------------
@@ -467,7 +492,7 @@ class Trainer:
                 )
                 stats = self._average_over_data_parallel(stats)
                 stats.update({f"data_{k}": v for k, v in self.loader.counters.items()})
-                stats["skipped_steps"] = self.counters["skipped_steps"]
+                stats.update(self.counters)
                 last = stats
                 logger.log(self.step, stats)
                 if config.train.sample_interval and self.step % config.train.sample_interval == 0:

@@ -67,23 +67,24 @@ class FluxTangents:
 # --------------------------------------------------------------------------- embeddings
 
 
-def sinusoidal_embedding(t, tt, dim: int, max_period: float = 10000.0):
+def sinusoidal_embedding(t, tt, dim: int, dtype: torch.dtype, max_period: float = 10000.0):
     """[cos(t f), sin(t f)] with f = max_period^(-i/half) (diffusers' flip_sin_to_cos layout).
 
     Computed in float32 whatever t's dtype, exactly as diffusers' ``get_timestep_embedding`` (the
-    teacher was trained with these numerics), and returned in t's dtype.
+    teacher was trained with these numerics), and returned in ``dtype`` (the MLP's, as diffusers
+    casts the projection to the model's dtype).
     """
     half = dim // 2
     freqs = torch.exp(
         -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
     )
     angles = t.float()[:, None] * freqs[None]
-    y = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).to(t.dtype)
+    y = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).to(dtype)
     if tt is None:
         return y, None
     with torch.no_grad():
         rate = tt.float()[:, None] * freqs[None]
-        ty = torch.cat([-torch.sin(angles) * rate, torch.cos(angles) * rate], dim=-1).to(t.dtype)
+        ty = torch.cat([-torch.sin(angles) * rate, torch.cos(angles) * rate], dim=-1).to(dtype)
     return y, ty
 
 
@@ -114,8 +115,11 @@ class TimestepEmbedder(MegatronModule):
         self.mlp = MLPEmbedder(config, self.frequency_dim, zero_init_output)
 
     def forward_jvp(self, t, tt=None):
-        scaled = t.to(self.config.params_dtype if not torch.is_floating_point(t) else t.dtype) * 1000
-        emb, temb = sinusoidal_embedding(scaled, None if tt is None else tt * 1000, self.frequency_dim)
+        # 1000 t in float32 at least: in bf16 it moves in steps of 4 near t = 1.
+        scaled = t.to(torch.promote_types(t.dtype, torch.float32)) * 1000
+        emb, temb = sinusoidal_embedding(
+            scaled, None if tt is None else tt * 1000, self.frequency_dim, self.config.params_dtype
+        )
         return self.mlp.forward_jvp(emb, temb)
 
 
@@ -507,10 +511,14 @@ class FluxModel(MegatronModule):
             h, th = self.interval_in.forward_jvp(interval, tinterval)
             temb, ttemb = jf.add(temb, ttemb, h, th)
 
+        # The latents (and their tangent) may come in float32 (the MeanFlow objective keeps its
+        # ODE state there); the network runs in its own dtype.
+        dtype = config.params_dtype
         img, timg = self.img_in.forward_jvp(
-            inputs.latents.transpose(0, 1), None if tangents is None else tangents.latents.transpose(0, 1)
+            inputs.latents.transpose(0, 1).to(dtype),
+            None if tangents is None else tangents.latents.transpose(0, 1).to(dtype),
         )
-        txt, _ = self.txt_in.forward_jvp(inputs.encoder_hidden_states.transpose(0, 1))
+        txt, _ = self.txt_in.forward_jvp(inputs.encoder_hidden_states.transpose(0, 1).to(dtype))
         ttxt = None if tangents is None else torch.zeros_like(txt)
         return (temb, txt, img), (None if tangents is None else (ttemb, ttxt, timg))
 

@@ -123,7 +123,8 @@ class FluxFamily:
             guidance=guidance,
         )
 
-    def slice_condition(self, cond: FluxCondition, rows: slice, batch_size: int) -> FluxCondition:
+    def slice_condition(self, cond: FluxCondition, rows, batch_size: int | None) -> FluxCondition:
+        """``rows``: a slice or a tensor of row indices of the batch."""
         return dataclasses.replace(
             cond,
             encoder_hidden_states=cond.encoder_hidden_states[rows],
@@ -143,6 +144,18 @@ class FluxFamily:
 
     def pipeline_seq_length(self, model: FluxModel, cond: FluxCondition, with_tangent: bool) -> int:
         return pipeline_seq_length(model.config, cond.txt_ids.shape[0], cond.img_ids.shape[0], with_tangent)
+
+    def no_grad_activation_bytes_per_sample(self, config, with_tangent: bool) -> float:
+        """The peak of a no-grad forward is inside one block: the residual rows plus a single
+        block's QKV (3h), its 4h MLP hidden and activation and the concatenated 5h projection
+        input, column-parallel parts split over TP — about (2 + 14 / TP) x tokens x h values
+        per sample. A tangent carries the same again (the blocks free what they can between
+        the attention and the MLP; this errs high). Communication buffers are not counted."""
+        flux = self.teacher_config(config)
+        tokens = self._latent_grid(config) ** 2 + config.model.text_tokens
+        value_bytes = 2 if config.model.dtype == "bf16" else 4
+        per_row = tokens * flux.hidden_size * value_bytes * (2 + 14 / config.parallel.tensor_parallel_size)
+        return per_row * (2 if with_tangent else 1)
 
     def flops_per_sample_forward(self, config) -> float:
         """2 FLOPs per MAC: 12 h^2 MACs per token per block (both block kinds), plus attention's
