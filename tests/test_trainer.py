@@ -495,3 +495,63 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path, shards):
     assert result["unchanged"] and result["ema_unchanged"]
     assert result["healthy"]["skipped"] == 0.0 and math.isfinite(result["healthy"]["loss"])
     assert result["changed"] and result["skipped_steps"] == 1
+
+
+def _inf_fake_gradient_on_rank_one(shards: str, output: str, distributed: bool) -> dict:
+    """Two data-parallel replicas; on rank 1 only, the fake network's gradient becomes inf after
+    the data-parallel reduction of step 0 (a fault one rank sees alone)."""
+    import mfmegatron.training.trainer as trainer_module
+    from mfmegatron.config import load_config
+    from mfmegatron.training.config import TrainConfig
+
+    overrides = [o for o in BASE_OVERRIDES if not o.startswith("logging.log_prompts")]
+    config = load_config(
+        TrainConfig, REPO / "recipes" / "flux_tiny_cpu.yaml",
+        [*overrides, f"data.shards={shards}", f"train.output_dir={output}", "parallel.tensor_parallel_size=1",
+         f"parallel.use_distributed_optimizer={str(distributed).lower()}", "meanflow.align_start_step=0"],
+    )
+    trainer = trainer_module.Trainer(config)
+    rank = torch.distributed.get_rank()
+    reduce = trainer_module.finalize_model_grads
+
+    def finalize_then_poison(models, *args, **kwargs):
+        reduce(models, *args, **kwargs)
+        if models[0] is trainer.fake and rank == 1 and trainer.step == 0:
+            for param in trainer.fake.module.parameters():
+                if param.requires_grad:
+                    param.main_grad.fill_(float("inf"))
+
+    trainer_module.finalize_model_grads = finalize_then_poison
+    fake_params = lambda: [p.detach().clone() for p in trainer.fake.module.parameters() if p.requires_grad]  # noqa: E731
+    before = fake_params()
+    records = [trainer.train_step() for _ in range(3)]
+    after_first = records[0]
+    final = fake_params()
+    return {
+        "fake_grad_norms": [r["fake_grad_norm"] for r in records],
+        "fake_skipped": [r["fake_skipped"] for r in records],
+        "student_skipped": [r["skipped"] for r in records],
+        "counters": dict(trainer.counters),
+        "finite": all(bool(torch.isfinite(p).all()) for p in final),
+        "moved": any(not torch.equal(a, b) for a, b in zip(before, final)),
+        "checksum": float(sum(p.double().sum() for p in final)),
+        "first_fake_loss": after_first["fake_loss"],
+    }
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["plain_optimizer", "distributed_optimizer"])
+def test_a_fake_network_fault_on_one_rank_is_skipped_on_every_rank(tmp_path, shards, distributed):
+    from mfmegatron.parallel import run_on_ranks
+
+    ranks = run_on_ranks(_inf_fake_gradient_on_rank_one, 2, str(shards), str(tmp_path / "run"), distributed,
+                         timeout=300)
+    # The fault was real on rank 1 (its gradient norm is not finite) ...
+    assert not math.isfinite(ranks[1]["fake_grad_norms"][0]), ranks[1]["fake_grad_norms"]
+    for result in ranks:
+        # ... and every rank skipped that one fake update, counted it, and went on stepping.
+        assert result["fake_skipped"] == [1.0, 0.0, 0.0], result["fake_skipped"]
+        assert result["counters"]["skipped_fake_steps"] == 1
+        assert result["student_skipped"] == [0.0, 0.0, 0.0]
+        assert result["finite"] and result["moved"]
+    # The replicas' fake networks are still the same network.
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
