@@ -38,6 +38,11 @@ class ModelFamily(Protocol):
     def condition(self, batch, config, device: torch.device, dtype: torch.dtype) -> Any:
         """The conditioning of a ``PromptBatch`` (embeddings already present)."""
 
+    def image_encoder(self, config, device: torch.device, dtype: torch.dtype) -> Any:
+        """For ``meanflow.z_source=data``: a callable ``(images, generator) -> x`` from images
+        ``[b, 3, H, W]`` in [-1, 1] to latents ``[b, *latent_shape]`` (the x of
+        ``z_t = (1 - t) x + t ε``); ``generator`` draws whatever the encoder samples."""
+
     def slice_condition(self, cond: Any, rows: slice, batch_size: int) -> Any: ...
 
     def stage_forward(self, model, z, r, t, cond, tangents):

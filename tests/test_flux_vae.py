@@ -1,0 +1,90 @@
+"""Real images -> FLUX latents for ``meanflow.z_source=data``: the FLUX family's image encoder
+against diffusers' own FLUX pipeline code (``retrieve_latents`` of the img2img pipeline, the VAE
+factors, ``FluxPipeline._pack_latents``) on image shards built with the project's builder and
+read by the image loader, with a tiny AutoencoderKL built here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mfmegatron.data.images import build_image_loader, build_image_shards
+from mfmegatron.training.config import TrainConfig
+from models.flux.training import FluxFamily
+from tests.flux_fixtures import photo_folder, tiny_flux_vae
+
+IMAGE_SIZE = 64  # 8 x 8 latent cells, 4 x 4 tokens
+
+
+@pytest.fixture(scope="module")
+def vae_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vae")
+    tiny_flux_vae().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> torch.Tensor:
+    """One batch of 4 images from image shards, as the trainer's loader delivers them."""
+    root = tmp_path_factory.mktemp("images")
+    build_image_shards([photo_folder(root / "photos", 6)], root / "shards", samples_per_shard=3)
+    loader = build_image_loader(root / "shards", 4, size=IMAGE_SIZE, backend="pil", rank=0, world_size=1,
+                                seed=5, load_embeddings=False, prefetch=0)  # fmt: skip
+    batch = next(loader)
+    assert batch.images.shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    return batch.images
+
+
+def _config(vae_folder, latent: str) -> TrainConfig:
+    config = TrainConfig()
+    config.model.preset, config.model.dtype, config.model.image_size = "tiny", "fp32", IMAGE_SIZE
+    config.model.vae_path, config.model.vae_latent = str(vae_folder), latent
+    return config
+
+
+def _diffusers_latents(vae_folder, images: torch.Tensor, sample_mode: str, generator) -> torch.Tensor:
+    """diffusers' FLUX convention, through diffusers' own functions."""
+    from diffusers import AutoencoderKL, FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux_img2img import retrieve_latents
+
+    vae = AutoencoderKL.from_pretrained(vae_folder)
+    with torch.no_grad():
+        latents = retrieve_latents(vae.encode(images), generator=generator, sample_mode=sample_mode)
+    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    b, c, h, w = latents.shape
+    return FluxPipeline._pack_latents(latents, b, c, h, w)
+
+
+@pytest.mark.parametrize("latent,sample_mode", [("sample", "sample"), ("mean", "argmax")])
+def test_latents_are_diffusers_flux_convention(vae_folder, images, latent, sample_mode):
+    family = FluxFamily()
+    config = _config(vae_folder, latent)
+    encoder = family.image_encoder(config, torch.device("cpu"), torch.float32)
+    x = encoder(images, torch.Generator().manual_seed(3))
+    expected = _diffusers_latents(vae_folder, images, sample_mode, torch.Generator().manual_seed(3))
+    assert x.shape == (4, *family.latent_shape(config)) == (4, 16, 16)
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+    if latent == "sample":  # the generator decides the sample
+        other = encoder(images, torch.Generator().manual_seed(4))
+        assert not torch.equal(other, x)
+
+
+def test_packed_tokens_match_the_trainers_image_positions(vae_folder):
+    # Token k of the packed latents is the patch at the row / column the trainer's img_ids give
+    # it, as in diffusers' pipeline (_prepare_latent_image_ids).
+    from diffusers import FluxPipeline
+
+    family = FluxFamily()
+    config = _config(vae_folder, "mean")
+    config.model.text_tokens = 4
+    batch = type("Batch", (), {"t5": torch.zeros(1, 4, 32), "pooled": torch.zeros(1, 24)})()
+    cond = family.condition(batch, config, torch.device("cpu"), torch.float32)
+    side = IMAGE_SIZE // 16
+    expected = FluxPipeline._prepare_latent_image_ids(1, side, side, torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(cond.img_ids, expected, rtol=0, atol=0)
+
+
+def test_a_vae_that_does_not_fit_the_transformer_is_refused(tmp_path):
+    tiny_flux_vae(latent_channels=8).save_pretrained(tmp_path / "wide")
+    with pytest.raises(ValueError, match="8 latent channels; the transformer takes 4"):
+        FluxFamily().image_encoder(_config(tmp_path / "wide", "sample"), torch.device("cpu"), torch.float32)
