@@ -108,3 +108,18 @@ def photo_folder(folder, count: int, seed: int = 0):
         Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:03d}.{'png' if i % 2 else 'jpg'}")
         (folder / f"{i:03d}.txt").write_text(f"photo {i} of a {kinds[i % 4]}")
     return folder
+
+
+def diffusers_flux_latents(vae_folder, images: torch.Tensor, sample_mode: str, generator=None) -> torch.Tensor:
+    """Images -> packed FLUX latents by diffusers' own functions: the img2img pipeline's
+    ``retrieve_latents`` ("sample" / "argmax"), the VAE's shift and scaling factors as its
+    ``_encode_vae_image``, and ``FluxPipeline._pack_latents``."""
+    from diffusers import AutoencoderKL, FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux_img2img import retrieve_latents
+
+    vae = AutoencoderKL.from_pretrained(vae_folder)
+    with torch.no_grad():
+        latents = retrieve_latents(vae.encode(images), generator=generator, sample_mode=sample_mode)
+    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    b, c, h, w = latents.shape
+    return FluxPipeline._pack_latents(latents, b, c, h, w)

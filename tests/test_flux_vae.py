@@ -11,7 +11,7 @@ import torch
 from mfmegatron.data.images import build_image_loader, build_image_shards
 from mfmegatron.training.config import TrainConfig
 from models.flux.training import FluxFamily
-from tests.flux_fixtures import photo_folder, tiny_flux_vae
+from tests.flux_fixtures import diffusers_flux_latents, photo_folder, tiny_flux_vae
 
 IMAGE_SIZE = 64  # 8 x 8 latent cells, 4 x 4 tokens
 
@@ -42,26 +42,13 @@ def _config(vae_folder, latent: str) -> TrainConfig:
     return config
 
 
-def _diffusers_latents(vae_folder, images: torch.Tensor, sample_mode: str, generator) -> torch.Tensor:
-    """diffusers' FLUX convention, through diffusers' own functions."""
-    from diffusers import AutoencoderKL, FluxPipeline
-    from diffusers.pipelines.flux.pipeline_flux_img2img import retrieve_latents
-
-    vae = AutoencoderKL.from_pretrained(vae_folder)
-    with torch.no_grad():
-        latents = retrieve_latents(vae.encode(images), generator=generator, sample_mode=sample_mode)
-    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-    b, c, h, w = latents.shape
-    return FluxPipeline._pack_latents(latents, b, c, h, w)
-
-
 @pytest.mark.parametrize("latent,sample_mode", [("sample", "sample"), ("mean", "argmax")])
 def test_latents_are_diffusers_flux_convention(vae_folder, images, latent, sample_mode):
     family = FluxFamily()
     config = _config(vae_folder, latent)
     encoder = family.image_encoder(config, torch.device("cpu"), torch.float32)
     x = encoder(images, torch.Generator().manual_seed(3))
-    expected = _diffusers_latents(vae_folder, images, sample_mode, torch.Generator().manual_seed(3))
+    expected = diffusers_flux_latents(vae_folder, images, sample_mode, torch.Generator().manual_seed(3))
     assert x.shape == (4, *family.latent_shape(config)) == (4, 16, 16)
     torch.testing.assert_close(x, expected, rtol=0, atol=0)
     if latent == "sample":  # the generator decides the sample
