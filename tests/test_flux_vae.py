@@ -5,6 +5,8 @@ read by the image loader, with a tiny AutoencoderKL built here."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -75,3 +77,34 @@ def test_a_vae_that_does_not_fit_the_transformer_is_refused(tmp_path):
     tiny_flux_vae(latent_channels=8).save_pretrained(tmp_path / "wide")
     with pytest.raises(ValueError, match="8 latent channels; the transformer takes 4"):
         FluxFamily().image_encoder(_config(tmp_path / "wide", "sample"), torch.device("cpu"), torch.float32)
+
+
+def test_latents_stored_by_the_builder_are_read_in_the_image_loaders_order(tmp_path, vae_folder):
+    from mfmegatron.data.images import LatentBatchLoader
+    from tools.build_image_shards import main as build_main
+
+    photos = photo_folder(tmp_path / "photos", 6)
+    out = tmp_path / "shards"
+    with pytest.raises(SystemExit):  # --vae needs the size to encode at
+        build_main([str(photos), "--out", str(out), "--vae", str(vae_folder), "--quiet"])
+    assert build_main([str(photos), "--out", str(out), "--samples-per-shard", "3", "--vae", str(vae_folder),
+                       "--size", str(IMAGE_SIZE), "--latent-dtype", "float32", "--quiet"]) == 0  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["fields"]["latent"] == {"size": IMAGE_SIZE, "crop": "center", "shape": [4, 8, 8],
+                                            "dtype": "float32", "vae": str(vae_folder), "latent": "mean"}  # fmt: skip
+
+    options = dict(rank=0, world_size=1, seed=5, load_embeddings=False, prefetch=0)
+    stored = LatentBatchLoader(out, 4, **options)
+    pixels = build_image_loader(out, 4, size=IMAGE_SIZE, backend="pil", **options)
+    latents, images = next(stored), next(pixels)
+    assert latents.keys == images.keys and latents.images is None
+    # The stored latents are the family's encoding (posterior mean) of the loader's images, to
+    # rounding (the builder encodes one image at a time, here a batch of 4).
+    family = FluxFamily()
+    encoder = family.image_encoder(_config(vae_folder, "mean"), torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(family.pack_latents(latents.latents), encoder(images.images), rtol=1e-5, atol=1e-5)
+    # The two loaders' positions are interchangeable.
+    assert stored.state_dict() == pixels.state_dict()
+    resumed = LatentBatchLoader(out, 4, **options)
+    resumed.load_state_dict(pixels.state_dict())
+    assert next(resumed).keys == next(pixels).keys

@@ -521,6 +521,18 @@ def vae_folder(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def latent_shards(tmp_path_factory, vae_folder) -> Path:
+    """The same 16 images as ``image_shards``, with their latents stored by the builder's CLI."""
+    from tests.flux_fixtures import photo_folder
+    from tools.build_image_shards import main as build_main
+
+    root = tmp_path_factory.mktemp("latent_data")
+    assert build_main([str(photo_folder(root / "photos", 16)), "--out", str(root / "shards"), "--samples-per-shard",
+                       "4", "--vae", str(vae_folder), "--size", "64", "--latent-dtype", "float32", "--quiet"]) == 0
+    return root / "shards"
+
+
 def _data_config(shards: str, output: str, extra: list[str]):
     from mfmegatron.config import load_config
     from mfmegatron.training.config import TrainConfig
@@ -533,9 +545,9 @@ def _data_config(shards: str, output: str, extra: list[str]):
     )  # fmt: skip
 
 
-def _data_sourced_step(image_shards: str, prompt_shards: str, vae: str, output: str) -> dict:
+def _data_sourced_step(image_shards: str, prompt_shards: str, latent_shards: str, vae: str, output: str) -> dict:
     """One rank: the recipe errors (before any network is built), then one training step whose
-    objective call is recorded."""
+    objective call is recorded, and the same step from the latents stored in the shards."""
     from mfmegatron.training.trainer import Trainer
     from models.flux.training import FluxFamily
 
@@ -546,8 +558,10 @@ def _data_sourced_step(image_shards: str, prompt_shards: str, vae: str, output: 
     original = FluxFamily.build_networks
     FluxFamily.build_networks = no_networks
     try:
+        precomputed = "data.image_latents=precomputed"
         for shards, extra in ((image_shards, []), (prompt_shards, [f"model.vae_path={vae}"]),
-                              (image_shards, [f"model.vae_path={output}/nowhere"])):  # fmt: skip
+                              (image_shards, [f"model.vae_path={output}/nowhere"]), (image_shards, [precomputed]),
+                              (latent_shards, [precomputed, "model.image_size=32"])):  # fmt: skip
             try:
                 Trainer(_data_config(shards, output, extra))
             except (ValueError, FileNotFoundError) as error:
@@ -570,21 +584,36 @@ def _data_sourced_step(image_shards: str, prompt_shards: str, vae: str, output: 
 
     trainer.image_encoder, trainer.objective.make_z_t = recording_encoder, recording_make_z_t
     stats = trainer.train_step()
+
+    stored = Trainer(_data_config(latent_shards, output, ["data.image_latents=precomputed"]))
+    assert stored.image_encoder is None  # no VAE in the loop
+    stored_make_z_t = stored.objective.make_z_t
+
+    def recording_stored_make_z_t(noise, t, cond, x=None):
+        seen["stored_x"] = x.clone()
+        return stored_make_z_t(noise, t, cond, x)
+
+    stored.objective.make_z_t = recording_stored_make_z_t
+    stored.train_step()
     return {"errors": errors, "stats": stats, "latent_stats": trainer.latent_stats, **seen}
 
 
-def test_data_sourced_z_t_is_the_interpolation_of_the_encoded_images(tmp_path, image_shards, shards, vae_folder):
+def test_data_sourced_z_t_is_the_interpolation_of_the_encoded_images(
+    tmp_path, image_shards, shards, latent_shards, vae_folder
+):
     from mfmegatron.data.images import build_image_loader
     from mfmegatron.parallel import run_on_ranks
     from tests.flux_fixtures import diffusers_flux_latents
 
-    result = run_on_ranks(_data_sourced_step, 1, str(image_shards), str(shards), str(vae_folder),
-                          str(tmp_path / "run"))[0]  # fmt: skip
+    result = run_on_ranks(_data_sourced_step, 1, str(image_shards), str(shards), str(latent_shards),
+                          str(vae_folder), str(tmp_path / "run"))[0]  # fmt: skip
     # Each recipe that lacks what z_source=data needs: one line, before any network exists.
-    missing_vae, prompt_only, no_vae_folder = result["errors"]
+    missing_vae, prompt_only, no_vae_folder, no_latents, other_size = result["errors"]
     assert missing_vae.startswith("meanflow.z_source=data needs model.vae_path")
     assert prompt_only.startswith("meanflow.z_source=data needs image shards in data.shards")
     assert no_vae_folder.startswith("model.vae_path directory") and "nowhere" in no_vae_folder
+    assert no_latents.startswith("data.image_latents=precomputed, but the shards in")
+    assert other_size.endswith("were encoded at 64 px, but model.image_size is 32")
 
     # The step's images are the image loader's first batch for this seed and replica ...
     loader = build_image_loader(image_shards, 2, size=64, backend="pil", rank=0, world_size=1, seed=1234,
@@ -598,6 +627,9 @@ def test_data_sourced_z_t_is_the_interpolation_of_the_encoded_images(tmp_path, i
     torch.testing.assert_close(result["z_t"], (1 - t) * expected_x + t * result["noise"], rtol=1e-6, atol=1e-6)
     assert math.isfinite(result["stats"]["loss"])
     assert result["latent_stats"]["data_latent_std"] == pytest.approx(float(expected_x.std()), rel=1e-5)
+    # The latents the builder stored for the same images (float32) are the same x, to rounding
+    # (the builder encodes one image at a time, the trainer a batch: other conv kernel blocking).
+    torch.testing.assert_close(result["stored_x"], expected_x, rtol=1e-5, atol=1e-5)
 
 
 def test_data_sourced_training_under_tensor_parallel_resumes_bit_for_bit(tmp_path, image_shards, vae_folder):

@@ -71,6 +71,12 @@ class DataSection:
     image_crop: Literal["center", "random"] = "center"
     """``z_source=data``: images are resized to cover ``model.image_size`` (aspect kept), then
     cropped square at the centre or at a position seeded by (seed, sample)."""
+    image_latents: Literal["vae", "precomputed"] = "vae"
+    """``z_source=data``: encode each batch's images with the VAE at ``model.vae_path`` (on the
+    fly), or read the latents ``build_image_shards --vae`` stored in the shards (no VAE and no
+    image decoding in the loop; they are the posterior mean of a centre crop at the builder's
+    ``--size``, which must equal ``model.image_size``; ``vae_latent`` and ``image_crop`` do not
+    apply)."""
 
 
 @dataclass

@@ -43,6 +43,10 @@ class ModelFamily(Protocol):
         ``[b, 3, H, W]`` in [-1, 1] to latents ``[b, *latent_shape]`` (the x of
         ``z_t = (1 - t) x + t ε``); ``generator`` draws whatever the encoder samples."""
 
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's latents ``[b, c, h, w]`` (precomputed in the shards) -> the networks'
+        latents ``[b, *latent_shape]``."""
+
     def slice_condition(self, cond: Any, rows: slice, batch_size: int) -> Any: ...
 
     def stage_forward(self, model, z, r, t, cond, tangents):

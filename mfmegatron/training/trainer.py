@@ -41,7 +41,7 @@ from mfmegatron.data import (
     gather_state_dict,
 )
 from mfmegatron.data.format import MANIFEST_NAME, Manifest
-from mfmegatron.data.images import ImageBatchLoader, build_image_loader
+from mfmegatron.data.images import ImageBatchLoader, LatentBatchLoader, build_image_loader
 from mfmegatron.meanflow import (
     AutomaticWarmup,
     FixedStepWarmup,
@@ -223,15 +223,35 @@ class Trainer:
         return PromptBatchLoader(reader, batch, t5_seq_len=self.config.model.text_tokens)
 
     def _image_loader(self, batch_size: int) -> ImageBatchLoader:
-        """z_source=data: image shards through the image loader, in the prompt reader's resumable
-        per-replica order (TP/PP peers of a replica read the same samples)."""
+        """z_source=data: image shards through the image loader (or their precomputed latents
+        through the latent loader), in the prompt reader's resumable per-replica order (TP/PP
+        peers of a replica read the same samples)."""
         data, model = self.config.data, self.config.model
         manifest = Path(data.shards) / MANIFEST_NAME
-        if manifest.is_file() and "image" not in Manifest.read(manifest).fields:
+        fields = Manifest.read(manifest).fields if manifest.is_file() else None
+        if fields is not None and "image" not in fields:
             raise ValueError(
                 f"meanflow.z_source=data needs image shards in data.shards, but {data.shards} holds "
                 "prompts only (build them with mfmegatron-build-image-shards)"
             )
+        options = dict(
+            rank=self.dp_rank, world_size=self.dp_size, seed=self.config.train.seed,
+            window_shards=data.window_shards, load_embeddings=data.text_encoder == "precomputed",
+            t5_seq_len=model.text_tokens,
+        )  # fmt: skip
+        if data.image_latents == "precomputed":
+            stored = (fields or {}).get("latent")
+            if stored is None:
+                raise ValueError(
+                    f"data.image_latents=precomputed, but the shards in {data.shards} hold no latents "
+                    "(build them with mfmegatron-build-image-shards --vae PATH --size N)"
+                )
+            if stored["size"] != model.image_size:
+                raise ValueError(
+                    f"the latents in {data.shards} were encoded at {stored['size']} px, but "
+                    f"model.image_size is {model.image_size}"
+                )
+            return LatentBatchLoader(data.shards, batch_size, **options)
         if model.vae_path is None:
             raise ValueError(
                 "meanflow.z_source=data needs model.vae_path: the teacher's VAE (a diffusers "
@@ -242,16 +262,15 @@ class Trainer:
         return build_image_loader(
             data.shards, batch_size, size=model.image_size, backend=data.image_backend,
             device_id=torch.cuda.current_device() if torch.cuda.is_available() else None,
-            crop=data.image_crop, rank=self.dp_rank, world_size=self.dp_size, seed=self.config.train.seed,
-            window_shards=data.window_shards, load_embeddings=data.text_encoder == "precomputed",
-            t5_seq_len=model.text_tokens,
+            crop=data.image_crop, **options,
         )  # fmt: skip
 
     def _image_encoder(self):
-        """z_source=data: the family's VAE. Every rank loads it (small next to the networks: 84M
-        parameters for FLUX.1), so a VAE that does not fit fails on every rank alike; only the
-        first rank of each model-parallel group runs it (``_image_latents``)."""
-        if self.config.meanflow.z_source != "data":
+        """z_source=data with on-the-fly encoding: the family's VAE. Every rank loads it (small
+        next to the networks: 84M parameters for FLUX.1), so a VAE that does not fit fails on
+        every rank alike; only the first rank of each model-parallel group runs it
+        (``_image_latents``)."""
+        if self.config.meanflow.z_source != "data" or self.config.data.image_latents == "precomputed":
             return None
         return self.family.image_encoder(self.config, self.device, self.dtype)
 
@@ -384,25 +403,31 @@ class Trainer:
             )
         if self.config.logging.log_prompts:
             self._record_prompts(batch.keys)
-        x = self._image_latents(batch.images) if self.image_encoder is not None else None
+        x = self._image_latents(batch) if self.config.meanflow.z_source == "data" else None
         return self.family.condition(batch, self.config, self.device, self.dtype), len(batch), x
 
-    def _image_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """The x of ``z_t = (1 - t) x + t ε`` for this step's images. The first rank of each
-        model-parallel group encodes them and broadcasts the latents to its TP/PP peers (which
-        read the same images): the peers must see bit-identical inputs, and one VAE pass per
-        replica and step is enough."""
-        shape = (images.shape[0],) + tuple(self.family.latent_shape(self.config))
+    def _image_latents(self, batch) -> torch.Tensor:
+        """The x of ``z_t = (1 - t) x + t ε`` for this step's images. Latents stored in the
+        shards are only packed (every peer read the same bytes). Otherwise the first rank of each
+        model-parallel group encodes the images and broadcasts the latents to its TP/PP peers
+        (which read the same images): the peers must see bit-identical inputs, and one VAE pass
+        per replica and step is enough."""
+        shape = (len(batch),) + tuple(self.family.latent_shape(self.config))
         source = parallel_state.get_model_parallel_src_rank()
-        if self.rank == source:
+        if batch.latents is not None:
+            x = self.family.pack_latents(batch.latents.to(self.device)).to(self.dtype)
+            if tuple(x.shape) != shape:
+                raise ValueError(f"the stored latents pack to shape {tuple(x.shape)}; the model takes {shape}")
+        elif self.rank == source:
             # Its own stream: the step generator's numbers are the flow noise and the times.
             generator = _step_generator(self.config.train.seed + 1, self.step, self.dp_rank, self.device)
-            x = self.image_encoder(images, generator).to(self.dtype)
+            x = self.image_encoder(batch.images, generator).to(self.dtype)
             if tuple(x.shape) != shape:
                 raise ValueError(f"the VAE made latents of shape {tuple(x.shape)}; the model takes {shape}")
         else:
             x = torch.empty(shape, dtype=self.dtype, device=self.device)
-        dist.broadcast(x, src=source, group=parallel_state.get_model_parallel_group())
+        if batch.latents is None:
+            dist.broadcast(x, src=source, group=parallel_state.get_model_parallel_group())
         values = x.float()
         self.latent_stats = {"data_latent_mean": float(values.mean()), "data_latent_std": float(values.std())}
         return x

@@ -78,10 +78,15 @@ class FluxImageEncoder:
         return cls(vae, latent, **checks)
 
     @torch.no_grad()
-    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """``[b, 3, H, W]`` in [-1, 1] -> packed latents ``[b, (H/16)(W/16), 4c]`` in the VAE's
-        dtype. ``generator`` draws the posterior samples (``latent="sample"``)."""
+    def latents(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``[b, 3, H, W]`` in [-1, 1] -> the VAE's scaled latents ``[b, c, H/8, W/8]`` (unpacked:
+        what ``build_image_shards --vae`` stores). ``generator`` draws the posterior samples."""
         parameter = next(self.vae.parameters())
         posterior = self.vae.encode(images.to(parameter.device, parameter.dtype)).latent_dist
         latents = posterior.sample(generator) if self.latent == "sample" else posterior.mode()
-        return pack_latents((latents - self.shift) * self.scale)
+        return (latents - self.shift) * self.scale
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``[b, 3, H, W]`` in [-1, 1] -> packed latents ``[b, (H/16)(W/16), 4c]`` in the VAE's
+        dtype (the networks' input layout)."""
+        return pack_latents(self.latents(images, generator))
