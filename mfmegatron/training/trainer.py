@@ -2,10 +2,12 @@
 
 One step, on every rank of the job:
 
-1. the data-parallel rank's prompt batch -> the family's conditioning; noise and times from a
-   generator seeded by (seed, step, data-parallel rank), so a resumed run draws the same numbers;
-2. ``MeanFlowDistillation.plan``: z_t from the teacher ODE, the warm-up phase, the targets
-   (all no-grad, through ``NetworkRunner`` so pipeline stages stay in step);
+1. the data-parallel rank's prompt batch -> the family's conditioning (with
+   ``meanflow.z_source=data``, also the batch's images -> latents x through the VAE); noise and
+   times from a generator seeded by (seed, step, data-parallel rank), so a resumed run draws the
+   same numbers;
+2. ``MeanFlowDistillation.plan``: z_t from the teacher ODE (or ``(1 - t) x + t ε``), the warm-up
+   phase, the targets (all no-grad, through ``NetworkRunner`` so pipeline stages stay in step);
 3. the plan's training passes through megatron's schedules (gradients accumulate), then
    ``finalize_model_grads`` (data-parallel all-reduce, TP sums of replicated weights);
 4. a non-finite loss or gradient skips the update (counted); otherwise the optimizer, the LR

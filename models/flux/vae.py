@@ -32,7 +32,7 @@ def pack_latents(latents: Tensor) -> Tensor:
     b, c, h, w = latents.shape
     if h % PATCH or w % PATCH:
         raise ValueError(f"latent grid {h}x{w} is not divisible into {PATCH}x{PATCH} patches")
-    patches = latents.view(b, c, h // PATCH, PATCH, w // PATCH, PATCH)
+    patches = latents.reshape(b, c, h // PATCH, PATCH, w // PATCH, PATCH)
     return patches.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // PATCH) * (w // PATCH), c * PATCH * PATCH)
 
 
