@@ -1,6 +1,7 @@
 """The trainer end to end under torchrun (2 gloo ranks): resume after SIGKILL, a crash during a
 checkpoint save, resuming at another TP/PP layout, the distributed optimizer's resume (also at
-another data-parallel size), and the errors users see."""
+another data-parallel size), the errors users see, and z_t from real images
+(``meanflow.z_source=data``, a tiny VAE built here)."""
 
 from __future__ import annotations
 
