@@ -1,6 +1,7 @@
 """The trainer end to end under torchrun (2 gloo ranks): resume after SIGKILL, a crash during a
 checkpoint save, resuming at another TP/PP layout, the distributed optimizer's resume (also at
-another data-parallel size), and the errors users see."""
+another data-parallel size), the errors users see, and z_t from real images
+(``meanflow.z_source=data``, a tiny VAE built here)."""
 
 from __future__ import annotations
 
@@ -495,6 +496,163 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path, shards):
     assert result["unchanged"] and result["ema_unchanged"]
     assert result["healthy"]["skipped"] == 0.0 and math.isfinite(result["healthy"]["loss"])
     assert result["changed"] and result["skipped_steps"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# meanflow.z_source=data: real images' latents as the x of z_t = (1 - t) x + t ε
+
+
+@pytest.fixture(scope="module")
+def image_shards(tmp_path_factory) -> Path:
+    """16 captioned images (assorted sizes, PNG and JPEG) as image shards, by the project's builder."""
+    from mfmegatron.data.images import build_image_shards
+    from tests.flux_fixtures import photo_folder
+
+    root = tmp_path_factory.mktemp("image_data")
+    build_image_shards([photo_folder(root / "photos", 16)], root / "shards", samples_per_shard=4)
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def vae_folder(tmp_path_factory) -> Path:
+    from tests.flux_fixtures import tiny_flux_vae
+
+    folder = tmp_path_factory.mktemp("vae")
+    tiny_flux_vae().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def latent_shards(tmp_path_factory, vae_folder) -> Path:
+    """The same 16 images as ``image_shards``, with their latents stored by the builder's CLI."""
+    from tests.flux_fixtures import photo_folder
+    from tools.build_image_shards import main as build_main
+
+    root = tmp_path_factory.mktemp("latent_data")
+    assert build_main([str(photo_folder(root / "photos", 16)), "--out", str(root / "shards"), "--samples-per-shard",
+                       "4", "--vae", str(vae_folder), "--size", "64", "--latent-dtype", "float32", "--quiet"]) == 0
+    return root / "shards"
+
+
+def _data_config(shards: str, output: str, extra: list[str]):
+    from mfmegatron.config import load_config
+    from mfmegatron.training.config import TrainConfig
+
+    overrides = [o for o in BASE_OVERRIDES if not o.startswith("logging.log_prompts")]
+    return load_config(
+        TrainConfig, REPO / "recipes" / "flux_tiny_cpu.yaml",
+        [*overrides, f"data.shards={shards}", f"train.output_dir={output}", "parallel.tensor_parallel_size=1",
+         "meanflow.z_source=data", "data.image_backend=pil", *extra],
+    )  # fmt: skip
+
+
+def _data_sourced_step(image_shards: str, prompt_shards: str, latent_shards: str, vae: str, output: str) -> dict:
+    """One rank: the recipe errors (before any network is built), then one training step whose
+    objective call is recorded, and the same step from the latents stored in the shards."""
+    from mfmegatron.training.trainer import Trainer
+    from models.flux.training import FluxFamily
+
+    def no_networks(*args, **kwargs):
+        raise AssertionError("a network was built before the data source was checked")
+
+    errors = []
+    original = FluxFamily.build_networks
+    FluxFamily.build_networks = no_networks
+    try:
+        precomputed = "data.image_latents=precomputed"
+        for shards, extra in ((image_shards, []), (prompt_shards, [f"model.vae_path={vae}"]),
+                              (image_shards, [f"model.vae_path={output}/nowhere"]), (image_shards, [precomputed]),
+                              (latent_shards, [precomputed, "model.image_size=32"])):  # fmt: skip
+            try:
+                Trainer(_data_config(shards, output, extra))
+            except (ValueError, FileNotFoundError) as error:
+                errors.append(str(error))
+    finally:
+        FluxFamily.build_networks = original
+
+    trainer = Trainer(_data_config(image_shards, output, [f"model.vae_path={vae}", "model.vae_latent=mean"]))
+    seen = {}
+    encode, make_z_t = trainer.image_encoder, trainer.objective.make_z_t
+
+    def recording_encoder(images, generator):
+        seen["images"] = images.clone()
+        return encode(images, generator)
+
+    def recording_make_z_t(noise, t, cond, x=None):
+        z_t = make_z_t(noise, t, cond, x)
+        seen.update(noise=noise.clone(), t=t.clone(), x=x.clone(), z_t=z_t.clone())
+        return z_t
+
+    trainer.image_encoder, trainer.objective.make_z_t = recording_encoder, recording_make_z_t
+    stats = trainer.train_step()
+
+    stored = Trainer(_data_config(latent_shards, output, ["data.image_latents=precomputed"]))
+    assert stored.image_encoder is None  # no VAE in the loop
+    stored_make_z_t = stored.objective.make_z_t
+
+    def recording_stored_make_z_t(noise, t, cond, x=None):
+        seen["stored_x"] = x.clone()
+        return stored_make_z_t(noise, t, cond, x)
+
+    stored.objective.make_z_t = recording_stored_make_z_t
+    stored.train_step()
+    return {"errors": errors, "stats": stats, "latent_stats": trainer.latent_stats, **seen}
+
+
+def test_data_sourced_z_t_is_the_interpolation_of_the_encoded_images(
+    tmp_path, image_shards, shards, latent_shards, vae_folder
+):
+    from mfmegatron.data.images import build_image_loader
+    from mfmegatron.parallel import run_on_ranks
+    from tests.flux_fixtures import diffusers_flux_latents
+
+    result = run_on_ranks(_data_sourced_step, 1, str(image_shards), str(shards), str(latent_shards),
+                          str(vae_folder), str(tmp_path / "run"))[0]  # fmt: skip
+    # Each recipe that lacks what z_source=data needs: one line, before any network exists.
+    missing_vae, prompt_only, no_vae_folder, no_latents, other_size = result["errors"]
+    assert missing_vae.startswith("meanflow.z_source=data needs model.vae_path")
+    assert prompt_only.startswith("meanflow.z_source=data needs image shards in data.shards")
+    assert no_vae_folder.startswith("model.vae_path directory") and "nowhere" in no_vae_folder
+    assert no_latents.startswith("data.image_latents=precomputed, but the shards in")
+    assert other_size.endswith("were encoded at 64 px, but model.image_size is 32")
+
+    # The step's images are the image loader's first batch for this seed and replica ...
+    loader = build_image_loader(image_shards, 2, size=64, backend="pil", rank=0, world_size=1, seed=1234,
+                                window_shards=2, load_embeddings=False, prefetch=0)  # fmt: skip
+    torch.testing.assert_close(result["images"], next(loader).images, rtol=0, atol=0)
+    # ... x is diffusers' FLUX encoding of them (the VAE's mean: model.vae_latent=mean) ...
+    expected_x = diffusers_flux_latents(vae_folder, result["images"], "argmax")
+    torch.testing.assert_close(result["x"], expected_x, rtol=0, atol=0)
+    # ... and the objective trained on z_t = (1 - t) x + t ε.
+    t = result["t"].view(-1, 1, 1)
+    torch.testing.assert_close(result["z_t"], (1 - t) * expected_x + t * result["noise"], rtol=1e-6, atol=1e-6)
+    assert math.isfinite(result["stats"]["loss"])
+    assert result["latent_stats"]["data_latent_std"] == pytest.approx(float(expected_x.std()), rel=1e-5)
+    # The latents the builder stored for the same images (float32) are the same x, to rounding
+    # (the builder encodes one image at a time, the trainer a batch: other conv kernel blocking).
+    torch.testing.assert_close(result["stored_x"], expected_x, rtol=1e-5, atol=1e-5)
+
+
+def test_data_sourced_training_under_tensor_parallel_resumes_bit_for_bit(tmp_path, image_shards, vae_folder):
+    # TP=2: the first rank of the model-parallel group encodes, its peer receives the latents.
+    # Posterior samples (model.vae_latent=sample) come from a generator seeded by the step, so a
+    # run resumed from step 2 ends with the uninterrupted run's checkpoint.
+    settings = ["meanflow.z_source=data", f"model.vae_path={vae_folder}", "data.image_backend=pil",
+                "parallel.tensor_parallel_size=2", "train.steps=4", "train.save_interval=2",
+                "meanflow.align_start_step=3"]  # fmt: skip
+    reference = tmp_path / "reference"
+    _check(_run(2, reference, image_shards, settings))
+    resumed = _resume_from(reference, tmp_path / "resumed", 2)
+    result = _run(2, resumed, image_shards, settings)
+    _check(result)
+    assert "at step 2" in result.stdout
+    _assert_same_checkpoints(reference, resumed, 4)
+    assert _prompts(resumed, 0) == {step: keys for step, keys in _prompts(reference, 0).items() if step >= 2}
+    log = _log(reference)
+    for step in range(1, 5):
+        assert math.isfinite(log[step]["loss"]) and log[step]["data_latent_std"] > 0, log[step]
+    # The data position was saved and restored: the resumed run read on where step 2 left off.
+    assert set(_prompts(reference, 0)[3]).isdisjoint(_prompts(reference, 0)[1])
 
 
 def _inf_fake_gradient_on_rank_one(shards: str, output: str, distributed: bool) -> dict:

@@ -33,6 +33,12 @@ class ModelSection:
     """Guidance-embedding value given to guidance-distilled teachers and students (FLUX.1-dev)."""
     recompute: bool = False
     """Activation recompute of every block (the primal only; tangents are never recomputed)."""
+    vae_path: str | None = None
+    """For ``meanflow.z_source=data``: the teacher's VAE, a diffusers ``AutoencoderKL`` folder
+    (FLUX.1-dev's ``vae`` subfolder), which encodes the image shards' images to latents."""
+    vae_latent: Literal["sample", "mean"] = "sample"
+    """Which latent of the VAE encoder's Gaussian: a sample (as diffusers' FLUX pipelines, drawn
+    from a generator seeded by (seed, step, data-parallel rank)) or its mean."""
 
 
 @dataclass
@@ -53,7 +59,9 @@ class ParallelSection:
 @dataclass
 class DataSection:
     shards: str | None = None
-    """Directory of prompt shards (``mfmegatron-build-prompt-shards``)."""
+    """Directory of prompt shards (``mfmegatron-build-prompt-shards``); with
+    ``meanflow.z_source=data``, of image shards (``mfmegatron-build-image-shards``: prompt shards
+    with an image per sample), whose images become the x of ``z_t = (1 - t) x + t ε``."""
     micro_batch_size: int = 1
     """Prompts per micro-batch and data-parallel rank."""
     window_shards: int | None = 16
@@ -62,6 +70,18 @@ class DataSection:
     """Where embeddings come from: the shards, a deterministic dummy encoder (tests), or the HF
     T5/CLIP encoders at ``text_encoder_path`` (a FLUX pipeline folder)."""
     text_encoder_path: str | None = None
+    image_backend: Literal["auto", "pil", "dali"] = "auto"
+    """``z_source=data``: image decoding with NVIDIA DALI (GPU decoding on CUDA machines), Pillow,
+    or DALI when it is installed (``mfmegatron.data.images.build_image_loader``)."""
+    image_crop: Literal["center", "random"] = "center"
+    """``z_source=data``: images are resized to cover ``model.image_size`` (aspect kept), then
+    cropped square at the centre or at a position seeded by (seed, sample)."""
+    image_latents: Literal["vae", "precomputed"] = "vae"
+    """``z_source=data``: encode each batch's images with the VAE at ``model.vae_path`` (on the
+    fly), or read the latents ``build_image_shards --vae`` stored in the shards (no VAE and no
+    image decoding in the loop; they are the posterior mean of a centre crop at the builder's
+    ``--size``, which must equal ``model.image_size``; ``vae_latent`` and ``image_crop`` do not
+    apply)."""
 
 
 @dataclass

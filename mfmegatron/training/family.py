@@ -38,6 +38,15 @@ class ModelFamily(Protocol):
     def condition(self, batch, config, device: torch.device, dtype: torch.dtype) -> Any:
         """The conditioning of a ``PromptBatch`` (embeddings already present)."""
 
+    def image_encoder(self, config, device: torch.device, dtype: torch.dtype) -> Any:
+        """For ``meanflow.z_source=data``: a callable ``(images, generator) -> x`` from images
+        ``[b, 3, H, W]`` in [-1, 1] to latents ``[b, *latent_shape]`` (the x of
+        ``z_t = (1 - t) x + t ε``); ``generator`` draws whatever the encoder samples."""
+
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's latents ``[b, c, h, w]`` (precomputed in the shards) -> the networks'
+        latents ``[b, *latent_shape]``."""
+
     def slice_condition(self, cond: Any, rows: slice | torch.Tensor, batch_size: int | None) -> Any:
         """The conditioning of batch ``rows`` (a slice, or a tensor of row indices)."""
 

@@ -2,10 +2,12 @@
 
 One step, on every rank of the job:
 
-1. the data-parallel rank's prompt batch -> the family's conditioning; noise and times from a
-   generator seeded by (seed, step, data-parallel rank), so a resumed run draws the same numbers;
-2. ``MeanFlowDistillation.plan``: z_t from the teacher ODE, the warm-up phase, the targets
-   (all no-grad, through ``NetworkRunner`` so pipeline stages stay in step);
+1. the data-parallel rank's prompt batch -> the family's conditioning (with
+   ``meanflow.z_source=data``, also the batch's images -> latents x through the VAE); noise and
+   times from a generator seeded by (seed, step, data-parallel rank), so a resumed run draws the
+   same numbers;
+2. ``MeanFlowDistillation.plan``: z_t from the teacher ODE (or ``(1 - t) x + t ε``), the warm-up
+   phase, the targets (all no-grad, through ``NetworkRunner`` so pipeline stages stay in step);
 3. the plan's training passes through megatron's schedules (gradients accumulate), then
    ``finalize_model_grads`` (data-parallel all-reduce, TP sums of replicated weights);
 4. a non-finite loss or gradient skips the update (counted); otherwise the optimizer, the LR
@@ -40,6 +42,8 @@ from mfmegatron.data import (
     ensure_embeddings,
     gather_state_dict,
 )
+from mfmegatron.data.format import MANIFEST_NAME, Manifest
+from mfmegatron.data.images import ImageBatchLoader, LatentBatchLoader, build_image_loader
 from mfmegatron.meanflow import (
     AutomaticWarmup,
     FixedStepWarmup,
@@ -103,6 +107,11 @@ class Trainer:
         self.checkpoint_root = self.output_dir / "checkpoints"
         self.family = get_family(config.model.family)
         self.dp_rank, self.dp_size = data_parallel_rank_and_size()
+        # The data (and, for z_source=data, the VAE) first: a recipe that lacks what its data
+        # source needs fails in one line before any network is built or loaded.
+        self.loader = self._data_loader()
+        self.image_encoder = self._image_encoder()
+        self.latent_stats: dict[str, float] = {}
 
         with_fake = config.alignment.enabled
         networks = self.family.build_networks(config, self.device, with_fake)
@@ -146,7 +155,6 @@ class Trainer:
             select_condition=self._select_condition,
         )
 
-        self.loader = self._data_loader()
         self.text_encoder = self._text_encoder()
         self.counters = {"skipped_steps": 0, "skipped_fake_steps": 0}
         self.step = 0
@@ -218,6 +226,9 @@ class Trainer:
             raise ValueError("data.shards is not set: give a directory of prompt shards")
         if not Path(data.shards).is_dir():
             raise FileNotFoundError(f"data.shards directory {data.shards} does not exist")
+        batch = data.micro_batch_size * self.config.parallel.num_microbatches
+        if self.config.meanflow.z_source == "data":
+            return self._image_loader(batch)
         reader = PromptShardReader(
             data.shards,
             rank=self.dp_rank,
@@ -226,8 +237,59 @@ class Trainer:
             window_shards=data.window_shards,
             load_embeddings=data.text_encoder == "precomputed",
         )
-        batch = data.micro_batch_size * self.config.parallel.num_microbatches
         return PromptBatchLoader(reader, batch, t5_seq_len=self.config.model.text_tokens)
+
+    def _image_loader(self, batch_size: int) -> ImageBatchLoader:
+        """z_source=data: image shards through the image loader (or their precomputed latents
+        through the latent loader), in the prompt reader's resumable per-replica order (TP/PP
+        peers of a replica read the same samples)."""
+        data, model = self.config.data, self.config.model
+        manifest = Path(data.shards) / MANIFEST_NAME
+        fields = Manifest.read(manifest).fields if manifest.is_file() else None
+        if fields is not None and "image" not in fields:
+            raise ValueError(
+                f"meanflow.z_source=data needs image shards in data.shards, but {data.shards} holds "
+                "prompts only (build them with mfmegatron-build-image-shards)"
+            )
+        options = dict(
+            rank=self.dp_rank, world_size=self.dp_size, seed=self.config.train.seed,
+            window_shards=data.window_shards, load_embeddings=data.text_encoder == "precomputed",
+            t5_seq_len=model.text_tokens,
+        )  # fmt: skip
+        if data.image_latents == "precomputed":
+            stored = (fields or {}).get("latent")
+            if stored is None:
+                raise ValueError(
+                    f"data.image_latents=precomputed, but the shards in {data.shards} hold no latents "
+                    "(build them with mfmegatron-build-image-shards --vae PATH --size N)"
+                )
+            if stored["size"] != model.image_size:
+                raise ValueError(
+                    f"the latents in {data.shards} were encoded at {stored['size']} px, but "
+                    f"model.image_size is {model.image_size}"
+                )
+            return LatentBatchLoader(data.shards, batch_size, **options)
+        if model.vae_path is None:
+            raise ValueError(
+                "meanflow.z_source=data needs model.vae_path: the teacher's VAE (a diffusers "
+                "AutoencoderKL folder, e.g. FLUX.1-dev's vae/)"
+            )
+        if not Path(model.vae_path).is_dir():
+            raise FileNotFoundError(f"model.vae_path directory {model.vae_path} does not exist")
+        return build_image_loader(
+            data.shards, batch_size, size=model.image_size, backend=data.image_backend,
+            device_id=torch.cuda.current_device() if torch.cuda.is_available() else None,
+            crop=data.image_crop, **options,
+        )  # fmt: skip
+
+    def _image_encoder(self):
+        """z_source=data with on-the-fly encoding: the family's VAE. Every rank loads it (small
+        next to the networks: 84M parameters for FLUX.1), so a VAE that does not fit fails on
+        every rank alike; only the first rank of each model-parallel group runs it
+        (``_image_latents``)."""
+        if self.config.meanflow.z_source != "data" or self.config.data.image_latents == "precomputed":
+            return None
+        return self.family.image_encoder(self.config, self.device, self.dtype)
 
     def _text_encoder(self):
         data = self.config.data
@@ -358,7 +420,34 @@ class Trainer:
             )
         if self.config.logging.log_prompts:
             self._record_prompts(batch.keys)
-        return self.family.condition(batch, self.config, self.device, self.dtype), len(batch)
+        x = self._image_latents(batch) if self.config.meanflow.z_source == "data" else None
+        return self.family.condition(batch, self.config, self.device, self.dtype), len(batch), x
+
+    def _image_latents(self, batch) -> torch.Tensor:
+        """The x of ``z_t = (1 - t) x + t ε`` for this step's images. Latents stored in the
+        shards are only packed (every peer read the same bytes). Otherwise the first rank of each
+        model-parallel group encodes the images and broadcasts the latents to its TP/PP peers
+        (which read the same images): the peers must see bit-identical inputs, and one VAE pass
+        per replica and step is enough."""
+        shape = (len(batch),) + tuple(self.family.latent_shape(self.config))
+        source = parallel_state.get_model_parallel_src_rank()
+        if batch.latents is not None:
+            x = self.family.pack_latents(batch.latents.to(self.device)).to(self.dtype)
+            if tuple(x.shape) != shape:
+                raise ValueError(f"the stored latents pack to shape {tuple(x.shape)}; the model takes {shape}")
+        elif self.rank == source:
+            # Its own stream: the step generator's numbers are the flow noise and the times.
+            generator = _step_generator(self.config.train.seed + 1, self.step, self.dp_rank, self.device)
+            x = self.image_encoder(batch.images, generator).to(self.dtype)
+            if tuple(x.shape) != shape:
+                raise ValueError(f"the VAE made latents of shape {tuple(x.shape)}; the model takes {shape}")
+        else:
+            x = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if batch.latents is None:
+            dist.broadcast(x, src=source, group=parallel_state.get_model_parallel_group())
+        values = x.float()
+        self.latent_stats = {"data_latent_mean": float(values.mean()), "data_latent_std": float(values.std())}
+        return x
 
     def _record_prompts(self, keys: list[str]) -> None:
         # One writer per data-parallel replica: its first tensor- and pipeline-parallel rank.
@@ -377,7 +466,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         config = self.config
-        cond, batch_size = self._batch()
+        cond, batch_size, x = self._batch()
         generator = _step_generator(config.train.seed, self.step, self.dp_rank, self.device)
         shape = (batch_size,) + tuple(self.family.latent_shape(config))
         # The noise, the times and every ODE state stay float32; only the networks run in bf16.
@@ -393,7 +482,7 @@ class Trainer:
         self.optimizer.zero_grad()
         for runner in self._runners().values():
             runner.sample_forwards = 0.0
-        plan = self.objective.plan(self.step, noise, cond, generator=generator, times=times)
+        plan = self.objective.plan(self.step, noise, cond, x=x, generator=generator, times=times)
         stats = dict(plan.stats)
         total = 0.0
         for training_pass in plan.passes:
@@ -492,6 +581,7 @@ class Trainer:
                 )
                 stats = self._average_over_data_parallel(stats)
                 stats.update({f"data_{k}": v for k, v in self.loader.counters.items()})
+                stats.update(self.latent_stats)
                 stats.update(self.counters)
                 last = stats
                 logger.log(self.step, stats)

@@ -19,6 +19,7 @@ from models.flux.parallelize import (
     pipeline_seq_length,
 )
 from models.flux.state_dict_adapter import megatron_block_key_to_global
+from models.flux.vae import PATCH, FluxImageEncoder, pack_latents
 
 # FLUX's VAE downsamples by 8 and the transformer packs 2x2 latent patches: 16 pixels per token.
 PIXELS_PER_TOKEN = 16
@@ -131,6 +132,19 @@ class FluxFamily:
             pooled_projections=cond.pooled_projections[rows],
             guidance=None if cond.guidance is None else cond.guidance[rows],
         )
+
+    def image_encoder(self, config, device, dtype) -> FluxImageEncoder:
+        """FLUX's VAE at ``model.vae_path`` for ``meanflow.z_source=data``: images -> the packed
+        latents the networks map (checked against the transformer's latent channels)."""
+        flux = self.teacher_config(config)
+        return FluxImageEncoder.from_pretrained(
+            config.model.vae_path, device, dtype, config.model.vae_latent,
+            latent_channels=flux.in_channels // PATCH**2, downsample=PIXELS_PER_TOKEN // PATCH,
+        )  # fmt: skip
+
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """FLUX's VAE latents ``[b, 16, h, w]`` -> tokens of 2x2 patches (diffusers' packing)."""
+        return pack_latents(latents)
 
     # -- running a stage ----------------------------------------------------------------------
 

@@ -8,6 +8,9 @@
   (Pillow, always available) or ``"auto"``. Batches are :class:`ImageBatch`: a
   :class:`~mfmegatron.data.PromptBatch` plus ``images`` ``[b, 3, H, W]`` in [-1, 1]. The
   trainer encodes them to FLUX latents with the VAE.
+* Precomputed latents: shards built with a latent encoder (``build_image_shards --vae``) also
+  hold ``KEY.latent.npy``; :class:`LatentBatchLoader` reads those instead of decoding images
+  (``ImageBatch.latents``), in the same order and with the same state.
 * Geometry: aspect-preserving resize to cover ``(H, W)``, then a center or seeded random crop,
   planned once in :mod:`~mfmegatron.data.images.geometry` for every backend.
 * Resumption: exact with the Pillow backend and with DALI's default reader (both use the prompt
@@ -17,17 +20,23 @@
 DALI is imported only when a DALI loader is built; nothing here needs it.
 """
 
-from mfmegatron.data.images.builder import ImageBuildStats, ImageBuildSummary, build_image_shards
+from mfmegatron.data.images.builder import (
+    ImageBuildStats,
+    ImageBuildSummary,
+    LatentEncoding,
+    build_image_shards,
+)
 from mfmegatron.data.images.geometry import CropPlan, plan_crop
 from mfmegatron.data.images.loader import (
     BACKENDS,
     ImageBatch,
     ImageBatchLoader,
+    LatentBatchLoader,
     PILImageBatchLoader,
     build_image_loader,
     collate_images,
 )
-from mfmegatron.data.images.reader import IMAGE_EXTS, ImageSample, ImageShardReader
+from mfmegatron.data.images.reader import IMAGE_EXTS, LATENT, ImageSample, ImageShardReader
 from mfmegatron.data.images.transforms import FILTERS, ImageDecodeError, to_unit_range
 
 
@@ -50,6 +59,9 @@ __all__ = [
     "ImageDecodeError",
     "ImageSample",
     "ImageShardReader",
+    "LATENT",
+    "LatentEncoding",
+    "LatentBatchLoader",
     "PILImageBatchLoader",
     "build_image_loader",
     "build_image_shards",

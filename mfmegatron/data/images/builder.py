@@ -13,6 +13,11 @@ JPEG, PNG and WebP files are stored byte for byte (``.jpg`` / ``.png`` / ``.webp
 format Pillow opens (BMP, TIFF, GIF, ...) is converted to PNG. Every image is opened and verified
 first: files Pillow cannot read are dropped and counted. Keys, shard names, the manifest and the
 byte-identical output for the same input are the prompt builder's.
+
+With a :class:`LatentEncoding`, each sample also gets ``KEY.latent.npy``: the VAE latents of the
+image resized to cover a square and centre-cropped (the image loader's geometry and filter), so
+training reads latents instead of decoding and encoding images every epoch. The manifest's
+``latent`` field records the size, shape, dtype and what the caller says about the encoder.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
+import torch
+
 from mfmegatron.data import format as fmt
 from mfmegatron.data.builder import (
     InputStats,
@@ -34,6 +42,8 @@ from mfmegatron.data.builder import (
     detect_format,
     read_prompts,
 )
+from mfmegatron.data.images.reader import LATENT
+from mfmegatron.data.images.transforms import pil_transform, to_unit_range
 
 # File suffix -> member extension for formats stored as they are.
 _KEEP = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
@@ -48,6 +58,30 @@ class ImageBuildStats:
     missing_image: int = 0  # rows whose image field is absent or names no file
     bad_image: int = 0  # files Pillow cannot open
     converted: int = 0  # stored as PNG after conversion
+
+
+@dataclass
+class LatentEncoding:
+    """Precompute each image's latents into the shards (``KEY.latent.npy``)."""
+
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    """Images ``[1, 3, size, size]`` in [-1, 1] -> latents ``[1, c, h, w]`` (e.g. a VAE's
+    deterministic posterior mean, scaled as the model expects)."""
+    size: int
+    """Pixels per side of the centre crop that is encoded (the trainer's ``model.image_size``)."""
+    dtype: str = "float16"
+    """Storage dtype: float16, bfloat16 or float32."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Recorded in the manifest's ``latent`` field (which VAE, which latent)."""
+
+    def __call__(self, image: bytes) -> bytes:
+        """One encoded image file -> its ``.latent.npy`` member."""
+        pixels, _ = pil_transform(image, (self.size, self.size), crop="center")
+        with torch.no_grad():
+            latents = self.encode(to_unit_range(torch.from_numpy(np.stack([pixels]))))
+        if latents.dim() != 4 or latents.shape[0] != 1:
+            raise ValueError(f"the latent encoder returned shape {tuple(latents.shape)}, expected [1, c, h, w]")
+        return fmt.npy_bytes(fmt.tensor_to_storage(latents[0], self.dtype))
 
 
 @dataclass
@@ -127,8 +161,10 @@ def build_image_shards(
     prefix: str = "shard",
     overwrite: bool = False,
     progress: Callable[[int, int, float], None] | None = None,
+    latents: LatentEncoding | None = None,
 ) -> ImageBuildSummary:
-    """Writes ``out_dir/{prefix}-000000.tar, ...`` and ``out_dir/manifest.json``.
+    """Writes ``out_dir/{prefix}-000000.tar, ...`` and ``out_dir/manifest.json`` (with
+    ``latents``: also each image's ``KEY.latent.npy``, see :class:`LatentEncoding`).
 
     ``progress(records_seen, samples_written, elapsed_s)`` is called after every sample.
     """
@@ -150,6 +186,7 @@ def build_image_shards(
 
     stats = ImageBuildStats()
     formats: dict[str, int] = {}
+    latent_shape: list[int] | None = None
     written = 0
 
     def records() -> Iterator[tuple[Path, PromptRecord]]:
@@ -172,6 +209,9 @@ def build_image_shards(
                 stats.converted += 1
             members = _sample_members(record if keep_meta else PromptRecord(record.prompt))
             members[ext] = data
+            if latents is not None:
+                members[LATENT] = latents(data)
+                latent_shape = list(fmt.load_npy(members[LATENT]).shape)
             writer.write(f"{written:010d}", members)
             formats[ext] = formats.get(ext, 0) + 1
             written += 1
@@ -185,9 +225,13 @@ def build_image_shards(
                     "bad_image": stats.bad_image},  # fmt: skip
         "converted_to_png": stats.converted,
     }
+    fields: dict[str, Any] = {fmt.TXT: {}, "image": {"formats": formats}}
+    if latents is not None:
+        fields["latent"] = {"size": latents.size, "crop": "center", "shape": latent_shape,
+                            "dtype": fmt.normalize_embed_dtype(latents.dtype), **latents.info}  # fmt: skip
     manifest = fmt.Manifest(
         shards=writer.shards,
-        fields={fmt.TXT: {}, "image": {"formats": formats}},
+        fields=fields,
         extra={"encoder": None, "builder": builder_info},
     )
     manifest_path = out_dir / fmt.MANIFEST_NAME

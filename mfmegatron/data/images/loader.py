@@ -36,16 +36,21 @@ class ImageBatch(PromptBatch):
 
     ``crops`` holds each image's :class:`CropPlan` (source size after EXIF orientation, resized
     size, crop window), or None where the backend does not know it (DALI's own reader).
+    ``latents`` ``[b, c, h, w]`` (float32) are the images' precomputed VAE latents, set instead of
+    ``images`` by :class:`LatentBatchLoader`.
     """
 
     images: torch.Tensor | None = None
     crops: list[CropPlan | None] = field(default_factory=list)
+    latents: torch.Tensor | None = None
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "ImageBatch":
-        """Images and text tensors moved to ``device``; ``dtype`` casts images and embeddings."""
+        """Images, latents and text tensors moved to ``device``; ``dtype`` casts them (not the
+        masks)."""
         moved = super().to(device, dtype)
         images = self.images.to(device, dtype=dtype) if self.images is not None else None
-        return replace(moved, images=images)
+        latents = self.latents.to(device, dtype=dtype) if self.latents is not None else None
+        return replace(moved, images=images, latents=latents)
 
 
 def collate_images(
@@ -179,6 +184,52 @@ class PILImageBatchLoader(PromptBatchLoader, ImageBatchLoader):
         windows = torch.from_numpy(np.stack([s.prepared[0] for s in samples]))
         crops = [s.prepared[1] for s in samples]
         return collate_images(samples, windows, crops, dtype=self.dtype, **self._collate_options)
+
+
+class LatentBatchLoader(PromptBatchLoader, ImageBatchLoader):
+    """Batches of the images' precomputed VAE latents (``KEY.latent.npy``, written by
+    :func:`~mfmegatron.data.images.build_image_shards` with a latent encoder) instead of pixels:
+    :class:`ImageBatch` with ``latents`` ``[b, c, h, w]`` (float32) and no ``images``. Nothing is
+    decoded; order, state (exact, mergeable across ranks) and damaged-sample handling are the
+    Pillow backend's, so the two loaders' states are interchangeable. The arguments are
+    :class:`PILImageBatchLoader`'s without the geometry, which the builder fixed.
+    """
+
+    backend = "latents"
+
+    def __init__(
+        self,
+        source,
+        batch_size: int,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        window_shards: int | None = 16,
+        epochs: int | None = None,
+        load_embeddings: bool = True,
+        prefetch: int = 2,
+        **collate_options,
+    ) -> None:
+        if rank is None or world_size is None:
+            dp_rank, dp_size = data_parallel_rank_and_size()
+            rank = dp_rank if rank is None else rank
+            world_size = dp_size if world_size is None else world_size
+        reader = ImageShardReader(
+            source, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle,
+            window_shards=window_shards, epochs=epochs, load_embeddings=load_embeddings, latents=True,
+        )  # fmt: skip
+        super().__init__(reader, batch_size, prefetch=prefetch, **collate_options)
+
+    def _make_batch(self) -> ImageBatch | None:
+        samples = self.reader.take(self.batch_size)
+        if not samples:
+            return None
+        text = collate_prompts(samples, **self._collate_options)
+        values = {f.name: getattr(text, f.name) for f in fields(PromptBatch)}
+        latents = torch.stack([s.latent.float() for s in samples])
+        return ImageBatch(**values, latents=latents, crops=[None] * len(samples))
 
 
 def build_image_loader(
