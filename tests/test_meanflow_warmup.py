@@ -78,14 +78,52 @@ def test_automatic_state_dict_round_trip_resumes_identically():
     first = AutomaticWarmup(config)
     phases_before, _ = run_automatic(first, gaps, 0, 20)
     state = json.loads(json.dumps(first.state_dict()))  # must survive a plain-JSON checkpoint
-    resumed = AutomaticWarmup(AutomaticWarmupConfig())
+    resumed = AutomaticWarmup(config)
     resumed.load_state_dict(state)
     phases_after, _ = run_automatic(resumed, gaps, 20, 60)
     assert phases_before + phases_after == reference_phases
     assert resumed.state_dict() == reference.state_dict()
 
-    with pytest.raises(ValueError):
-        FixedStepWarmup(3).load_state_dict(state)
+
+def test_a_resumed_warmup_follows_the_recipe_from_the_checkpoints_phase():
+    gaps = [1.0 / (1 + 0.3 * s) for s in range(60)]
+    config = AutomaticWarmupConfig(threshold=0.2, check_every=3, ema_decay=0.7, max_steps=1000)
+    first = AutomaticWarmup(config)
+    run_automatic(first, gaps, 0, 20)
+    discrete_state = json.loads(json.dumps(first.state_dict()))
+    assert first.phase == DISCRETE and first.ema_gap is not None
+
+    # The recipe's threshold applies after the resume; the gap EMA carries over.
+    stricter = AutomaticWarmup(AutomaticWarmupConfig(threshold=0.05, check_every=3, ema_decay=0.7, max_steps=1000))
+    stricter.load_state_dict(discrete_state)
+    assert stricter.ema_gap == first.ema_gap and stricter.config.threshold == 0.05
+    phases, _ = run_automatic(stricter, gaps, 20, 60)
+    assert DIFFERENTIAL not in phases  # 0.2 would have switched by now; 0.05 does not
+
+    # A switched run stays switched, whatever the new settings say.
+    run_automatic(first, gaps, 20, 60)
+    switched_state = first.state_dict()
+    assert first.phase == DIFFERENTIAL
+    never = AutomaticWarmup(AutomaticWarmupConfig(threshold=0.0, max_steps=10_000))
+    never.load_state_dict(switched_state)
+    assert never.advance(60) == DIFFERENTIAL and never.switch_step == first.switch_step
+    fixed_later = FixedStepWarmup(500)
+    fixed_later.load_state_dict(switched_state)
+    assert fixed_later.advance(60) == DIFFERENTIAL and fixed_later.switch_step == first.switch_step
+
+    # A fixed warm-up lengthened on resume keeps training the discrete target; an automatic
+    # policy takes over a fixed one that had not switched.
+    fixed = FixedStepWarmup(10)
+    fixed.advance(5)
+    longer = FixedStepWarmup(30)
+    longer.load_state_dict(fixed.state_dict())
+    assert longer.advance(12) == DISCRETE and longer.advance(30) == DIFFERENTIAL
+    automatic = AutomaticWarmup(config)
+    automatic.load_state_dict(fixed.state_dict())
+    assert automatic.phase == DISCRETE and automatic.ema_gap is None
+    fixed.advance(10)
+    automatic.load_state_dict(fixed.state_dict())
+    assert automatic.phase == DIFFERENTIAL and automatic.switch_reason == "fixed_step"
 
 
 def test_objective_follows_the_switch_and_measures_the_real_gap():

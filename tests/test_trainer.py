@@ -249,6 +249,8 @@ def test_sigkill_and_crash_during_save_resume_to_the_uninterrupted_result(tmp_pa
         seen += [key for keys in _prompts(run, rank).values() for key in keys]
     assert len(seen) == 12 * 2 * 2 and len(set(seen)) == len(seen)
     assert _log(run)[12]["loss"] == _log(reference)[12]["loss"]
+    # The MeanFlow steps had samples with r < t (not only flow matching of the teacher).
+    assert sum(record["time_r_below_t_fraction"] > 0 for record in _log(reference).values()) >= 3
 
 
 @pytest.mark.parametrize(
@@ -288,6 +290,8 @@ def test_resume_at_another_layout_continues_with_the_same_loss(
     for step in (5, 6):
         expected, got = _log(first)[step], _log(second)[step]
         assert got["phase"] == expected["phase"]
+        # These steps train average velocities (some r < t), the same samples at either layout.
+        assert got["time_r_below_t_fraction"] == expected["time_r_below_t_fraction"] > 0
         assert got["loss"] == pytest.approx(expected["loss"], rel=1e-4), step
         assert got["align_loss"] == pytest.approx(expected["align_loss"], rel=1e-3, abs=1e-7), step
         assert got["fake_loss"] == pytest.approx(expected["fake_loss"], rel=1e-4), step
@@ -713,3 +717,78 @@ def test_a_fake_network_fault_on_one_rank_is_skipped_on_every_rank(tmp_path, sha
         assert result["finite"] and result["moved"]
     # The replicas' fake networks are still the same network.
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
+
+
+def _gap_ema_series(log: dict[int, dict], decay: float) -> dict[int, float]:
+    """Training step -> the automatic warm-up's gap EMA after that step's check, recomputed from
+    the logged (data-parallel averaged) gaps; steps whose batch had no r < t sample keep it."""
+    series, ema = {}, None
+    for logged_step in sorted(log):
+        gap = log[logged_step].get("target_gap")
+        if gap is None:
+            continue
+        if math.isfinite(gap):
+            ema = gap if ema is None else decay * ema + (1 - decay) * gap
+        if ema is not None:
+            series[logged_step - 1] = ema
+    return series
+
+
+def _a_fall_of_the_gap(series: dict[int, float]) -> tuple[int, int, float]:
+    """(min_steps, switch step, threshold): the first check, counting from some check on, whose
+    gap EMA lies below every earlier one's from there, and a threshold between them — so the
+    criterion can fire only after the gap has really fallen."""
+    checks = sorted(series)
+    for first, min_steps in enumerate(checks):
+        for position in range(first + 1, len(checks)):
+            lowest_before = min(series[c] for c in checks[first:position])
+            if series[checks[position]] < lowest_before:
+                return min_steps, checks[position], (series[checks[position]] + lowest_before) / 2
+    raise AssertionError(f"the gap EMA never fell in this run: {series}")
+
+
+def test_the_automatic_warmup_switches_when_the_gap_falls_and_resumes_as_documented(tmp_path, shards):
+    # Two data-parallel replicas. A run that never switches logs the gap at every other step; the
+    # automatic policy is then given a threshold the gap EMA only crosses after it has fallen.
+    common = ["parallel.tensor_parallel_size=1", "meanflow.gap_interval=2", "alignment.enabled=false",
+              "meanflow.align_weight=0", "train.steps=20", "train.save_interval=4"]
+    measured = tmp_path / "measured"
+    _check(_run(2, measured, shards, [*common, "warmup.policy=fixed", "warmup.switch_step=null"]))
+    log = _log(measured)
+    assert all(record["phase"] == "discrete" for record in log.values())
+    assert sum(record["time_r_below_t_fraction"] for record in log.values()) > 0
+    min_steps, switch, threshold = _a_fall_of_the_gap(_gap_ema_series(log, 0.5))
+
+    auto = ["warmup.policy=auto", "warmup.auto.check_every=2", "warmup.auto.ema_decay=0.5",
+            f"warmup.auto.min_steps={min_steps}", "warmup.auto.max_steps=100"]
+    run = tmp_path / "auto"
+    _check(_run(2, run, shards, [*common, *auto, f"warmup.auto.threshold={threshold}"]))
+    auto_log = _log(run)
+    phases = [auto_log[step + 1]["phase"] for step in range(20)]
+    assert phases == ["discrete"] * switch + ["differential"] * (20 - switch), (switch, phases)
+    # Both replicas took every step in the same phase (a disagreement would average to 0.5).
+    assert all(record["phase_differential"] in (0.0, 1.0) for record in auto_log.values())
+    # Up to the switch the run is the measured one: the same gaps, and the criterion's reason.
+    for step in range(1, switch + 1):
+        assert auto_log[step]["loss"] == log[step]["loss"]
+    assert auto_log[switch + 1]["warmup_gap_ema"] < threshold
+    from mfmegatron.training.checkpoint import load_common_state
+
+    final = load_common_state(run / "checkpoints" / "step_00000020")["state"]["objective"]["warmup"]
+    assert (final["switch_step"], final["switch_reason"]) == (switch, "gap_below_threshold")
+
+    # Resumed before the switch with a threshold the gap never reaches: the recipe's threshold
+    # applies, the gap EMA carries over, and the run stays in the discrete phase.
+    before = (switch // 4) * 4
+    if before:
+        stricter = _resume_from(run, tmp_path / "stricter", before)
+        _check(_run(2, stricter, shards, [*common, *auto, "warmup.auto.threshold=0"]))
+        stricter_log = _log(stricter)
+        assert all(stricter_log[step]["phase"] == "discrete" for step in range(before + 1, 21))
+        # The first check after the resume updates the EMA it was saved with.
+        first_check = before + 1 + (before % 2)
+        assert stricter_log[first_check]["warmup_gap_ema"] == auto_log[first_check]["warmup_gap_ema"]
+    # Resumed after the switch with that threshold: it stays switched.
+    after = _resume_from(run, tmp_path / "after", 20)
+    _check(_run(2, after, shards, [*common, *auto, "warmup.auto.threshold=0", "train.steps=22"]))
+    assert [_log(after)[step]["phase"] for step in (21, 22)] == ["differential"] * 2

@@ -14,6 +14,12 @@ Usage in a training loop (the objective does this for you)::
 
 `measure_gap` is a zero-argument callable returning the current self-consistency gap; it is
 called only on the steps where a policy needs it (so it costs nothing on other steps).
+
+Resuming (`load_state_dict`): the *recipe's* policy and settings apply from the resumed step on
+(a user may lengthen the warm-up or change the threshold), starting from the checkpoint's
+state: a run that had switched stays in the differential phase whatever the new settings say
+(the phase never moves back), and an automatic policy resumed from an automatic checkpoint
+keeps its gap EMA. A run still in the discrete phase continues under the recipe's policy.
 """
 
 from __future__ import annotations
@@ -60,9 +66,11 @@ class FixedStepWarmup:
         return {"policy": "fixed", "switch_step": self.switch_step, "last_step": self.last_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("policy") != "fixed":
-            raise ValueError(f"state is for warm-up policy {state.get('policy')!r}, not 'fixed'")
-        self.switch_step = state["switch_step"]
+        """Keeps this (the recipe's) `switch_step`, unless the checkpoint had already switched
+        earlier: then it stays switched from that step."""
+        switched_at = _switched_at(state)
+        if switched_at is not None and (self.switch_step is None or switched_at < self.switch_step):
+            self.switch_step = switched_at
         self.last_step = state["last_step"]
 
 
@@ -161,16 +169,28 @@ class AutomaticWarmup:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("policy") != "automatic":
-            raise ValueError(f"state is for warm-up policy {state.get('policy')!r}, not 'automatic'")
-        self.config = AutomaticWarmupConfig(**state["config"])
-        self.current_phase = state["phase"]
-        self.switch_step = state["switch_step"]
-        self.switch_reason = state["switch_reason"]
-        self.ema_gap = state["ema_gap"]
-        self.last_gap = state["last_gap"]
-        self.num_checks = state["num_checks"]
+        """Keeps this (the recipe's) config; restores the phase, and the gap statistics when the
+        checkpoint's policy was automatic too."""
         self.last_step = state["last_step"]
+        switched_at = _switched_at(state)
+        if switched_at is not None:
+            reason = state.get("switch_reason") or "fixed_step"
+            self._switch(switched_at, reason)
+        if state.get("policy") == "automatic":
+            self.ema_gap = state["ema_gap"]
+            self.last_gap = state["last_gap"]
+            self.num_checks = state["num_checks"]
+
+
+def _switched_at(state: dict[str, Any]) -> int | None:
+    """The step at which a saved warm-up (either policy) had switched, None if it had not."""
+    policy = state.get("policy")
+    if policy == "automatic":
+        return state["switch_step"] if state["phase"] == DIFFERENTIAL else None
+    if policy == "fixed":
+        switch_step, last_step = state["switch_step"], state["last_step"]
+        return switch_step if switch_step is not None and last_step >= switch_step else None
+    raise ValueError(f"unknown warm-up policy {policy!r} in the checkpoint")
 
 
 WarmupSwitch = FixedStepWarmup | AutomaticWarmup

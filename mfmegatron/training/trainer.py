@@ -45,6 +45,7 @@ from mfmegatron.data import (
 from mfmegatron.data.format import MANIFEST_NAME, Manifest
 from mfmegatron.data.images import ImageBatchLoader, LatentBatchLoader, build_image_loader
 from mfmegatron.meanflow import (
+    DIFFERENTIAL,
     AutomaticWarmup,
     FixedStepWarmup,
     MeanFlowDistillation,
@@ -500,6 +501,8 @@ class Trainer:
         if self.fake is not None and plan.alignment_samples is not None:
             stats.update(self._fake_updates(plan.alignment_samples, cond, generator))
         stats["phase"] = plan.phase
+        # Numeric, so the data-parallel average shows a disagreement (anything but 0 or 1).
+        stats["phase_differential"] = 1.0 if plan.phase == DIFFERENTIAL else 0.0
         # Network forwards per sample of this step (a JVP counts 2, a backward 2 more).
         for name, runner in self._runners().items():
             stats[f"forwards_{name}"] = runner.sample_forwards / batch_size
