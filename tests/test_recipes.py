@@ -27,3 +27,26 @@ def test_recipe_loads_and_fits_its_world(recipe):
 @pytest.mark.parametrize("launcher", sorted(p.name for p in (RECIPES / "slurm").glob("*.sbatch")))
 def test_slurm_launcher_is_valid_bash(launcher):
     subprocess.run(["bash", "-n", str(RECIPES / "slurm" / launcher)], check=True)
+
+
+def _forward_counts(recipe: str) -> list[dict]:
+    from tools.count_forwards import count_forwards
+
+    return count_forwards(recipe, steps=3)
+
+
+def test_forward_counts_of_a_recipe_match_the_arithmetic():
+    # The instrumented count of network forwards per sample (tools/count_forwards) against the
+    # formula, for the 8xH100 recipe's objective: the discrete target solves only r < t rows,
+    # one student rollout serves the generator term and the fake network's update.
+    from mfmegatron.parallel import run_on_ranks
+
+    results = run_on_ranks(_forward_counts, 1, str(RECIPES / "flux_dev_8xh100.yaml"), timeout=600)[0]
+    assert [r["regime"] for r in results] == ["warm-up (discrete target)", "differential target",
+                                              "differential + alignment"]
+    for result in results:
+        for network in ("teacher", "student", "fake"):
+            assert result["counted"][network] == pytest.approx(result["expected"][network]), (result, network)
+    warmup, differential, aligned = results
+    assert warmup["moving_fraction"] > 0 and warmup["counted"]["teacher"] < 4 + 1 + 2 * 4 - 1
+    assert aligned["counted"]["student"] == 4 + 2 + 3 and aligned["counted"]["fake"] == 1 + 3
