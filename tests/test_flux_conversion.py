@@ -466,3 +466,32 @@ def test_command_line_entry_point_reports_a_missing_path_in_one_line(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr == f"mfmegatron-convert-flux: error: --diffusers {absent}: no such file or directory\n"
+
+
+def test_an_error_after_megatron_is_loaded_is_one_line_without_warnings(tmp_path):
+    # Export imports megatron-core (and its warnings about TE/apex/CUDA) before it finds out.
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.convert_flux", "export", "--checkpoint", str(tmp_path / "empty"),
+         "--output", str(tmp_path / "out")],
+        cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert result.returncode == 2
+    assert result.stderr == (f"mfmegatron-convert-flux: error: {tmp_path / 'empty'} is not an mfmegatron FLUX "
+                             "checkpoint (no mfmegatron_flux.json)\n")
+
+
+def test_under_torchrun_only_rank_0_prints_the_error(tmp_path):
+    from mfmegatron.parallel.spawn import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    absent = tmp_path / "absent"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+         "-m", "tools.convert_flux", "import", "--diffusers", str(absent), "--output", str(tmp_path / "out")],
+        cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert result.returncode != 0  # the ranks exit with 2; torchrun reports the failure
+    error = f"mfmegatron-convert-flux: error: --diffusers {absent}: no such file or directory"
+    assert (result.stdout + result.stderr).count(error) == 1, result.stderr

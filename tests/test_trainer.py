@@ -293,7 +293,9 @@ def test_resume_at_another_layout_continues_with_the_same_loss(
         # These steps train average velocities (some r < t), the same samples at either layout.
         assert got["time_r_below_t_fraction"] == expected["time_r_below_t_fraction"] > 0
         assert got["loss"] == pytest.approx(expected["loss"], rel=1e-4), step
-        assert got["align_loss"] == pytest.approx(expected["align_loss"], rel=1e-3, abs=1e-7), step
+        # Relative only: with the LoRA fake network the alignment loss is ~4e-8, under the abs=1e-7
+        # this once allowed, which let any value pass. Measured: at most 3.3e-5 (PP=2 -> 1, step 6).
+        assert got["align_loss"] == pytest.approx(expected["align_loss"], rel=1e-4), step
         assert got["fake_loss"] == pytest.approx(expected["fake_loss"], rel=1e-4), step
     if LORA_FAKE[0] in layout:
         # Only the LoRA factors of the fake network are saved (its weights are the teacher's),

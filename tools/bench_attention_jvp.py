@@ -27,7 +27,12 @@ time order); measured in a separate, untimed call.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import re
 import statistics
+import sys
+import tempfile
 import time
 
 import torch
@@ -113,10 +118,37 @@ def peak_bytes(fn, device):
         return peak
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler_logs(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     del result
     return _cpu_peak_from_profile(prof)
+
+
+# A line of the profiler's C++ side (Kineto), e.g.
+# "USDT:2026-11-30 14:03:00 23588:23588 SyncActivityProfilerHandler.cpp:39] profiler_start" or, on a
+# machine without GPUs, "ERROR:... DeviceProperties.cpp:56] gpuGetDeviceCount failed with code 35".
+PROFILER_LOG_LINE = re.compile(rb"^(?:VERBOSE|INFO|USDT|STAGE|WARNING|ERROR):\d{4}-\d\d-\d\d [\d:.]+ \d+:\d+ \S+:\d+\] ")
+
+
+@contextlib.contextmanager
+def quiet_profiler_logs():
+    """Keeps the profiler's own log lines out of a report. Kineto writes them from C++ straight
+    to file descriptor 2, past Python's sys.stderr, so fd 2 is sent to a temporary file for the
+    duration; anything else written there (Python warnings, errors) is passed on afterwards."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().splitlines(keepends=True) if not PROFILER_LOG_LINE.match(line)]
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 def _cpu_peak_from_profile(prof):

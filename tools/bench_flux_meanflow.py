@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from mfmegatron.jvp.attention import TANGENT_PASSES
-from tools.bench_attention_jvp import peak_bytes
+from tools.bench_attention_jvp import peak_bytes, quiet_profiler_logs
 from mfmegatron.warnings_filter import quiet_expected_warnings
 
 PRESETS = {
@@ -219,7 +219,7 @@ def profile_step(step, args, module, device, out_dir: str) -> None:
     stem = os.path.join(out_dir, re.sub(r"[^A-Za-z0-9_.-]+", "-", step.__name__).strip("-"))
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with quiet_profiler_logs(), profile(activities=activities) as prof:
         step(*args)
         if cuda:
             torch.cuda.synchronize()

@@ -692,12 +692,21 @@ def _is_user_error(error: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mfmegatron.warnings_filter import quiet_expected_warnings
+
+    # As the trainer: megatron's and torch's import-time warnings (no TE/apex/CUDA here) would
+    # bury the one line that matters.
+    quiet_expected_warnings()
+    # Under torchrun every rank meets the same error: rank 0 says it, once. From the environment:
+    # run() has torn the process group down by the time an error gets here.
+    rank = int(os.environ.get("RANK", "0"))
     try:
         run(argv)
     except Exception as error:  # noqa: BLE001
         if not _is_user_error(error):
             raise
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        if rank == 0:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     return 0
 
