@@ -124,7 +124,7 @@ class Trainer:
             use_checkpoint_opt_param_scheduler=False,
             override_opt_param_scheduler=True,
         )
-        self.ema = ParameterEMA(networks.student, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
+        self.ema = self._ema(networks.student)
         micro = parallel.num_microbatches
         self.teacher_runner = NetworkRunner(self.family, self.teacher, micro)
         self.student_runner = NetworkRunner(self.family, self.student, micro)
@@ -184,6 +184,16 @@ class Trainer:
         # optimizer's checkpointing cannot load as is (see torch_adam.py); with them, a no-op.
         make_torch_adam_checkpointable(optimizer)
         return ddp, optimizer
+
+    def _ema(self, student: torch.nn.Module) -> ParameterEMA | None:
+        optim = self.config.optim
+        if optim.ema_decay <= 0:
+            return None
+        sharding = optim.ema_sharding
+        if sharding == "auto":
+            sharding = "data_parallel" if self.config.parallel.use_distributed_optimizer else "replicated"
+        group = parallel_state.get_data_parallel_group() if sharding == "data_parallel" else None
+        return ParameterEMA(student, optim.ema_decay, group=group)
 
     def _warmup(self):
         warmup = self.config.warmup
