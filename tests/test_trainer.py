@@ -186,17 +186,18 @@ def _assert_same_checkpoints(reference: Path, other: Path, step: int) -> dict[st
     return got
 
 
-def _assert_export_is_the_checkpoint_ema(run: Path, step: int) -> None:
-    """The run's exported student (diffusers folder + interval embedder) equals the EMA in its
-    checkpoint of ``step``, bit for bit."""
+def _assert_export_is_the_checkpoint_ema(run: Path, step: int, folder: Path | None = None) -> None:
+    """The run's exported student (diffusers folder + interval embedder; ``folder``, default the
+    run's own export) equals the EMA in its checkpoint of ``step``, bit for bit."""
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import load_file
 
     from models.flux.config import tiny_flux_config
     from models.flux.state_dict_adapter import to_megatron
 
-    exported = FluxTransformer2DModel.from_pretrained(run / "student").state_dict()
-    interval = load_file(run / "student" / "interval_embedder.safetensors")
+    folder = folder or run / "student"
+    exported = FluxTransformer2DModel.from_pretrained(folder).state_dict()
+    interval = load_file(folder / "interval_embedder.safetensors")
     (final,) = _checkpoint_tensors(run / "checkpoints" / f"step_{step:08d}")
     config = tiny_flux_config(mean_flow_student=True)
     ours = dict(to_megatron(exported.__getitem__, config))
@@ -350,8 +351,16 @@ def test_distributed_optimizer_resumes_exactly_and_at_another_data_parallel_size
     assert "at step 3" in result.stdout
     got = _assert_same_checkpoints(reference, resumed, 6)
     assert _stored_chunks(resumed / "checkpoints" / "step_00000006", "ema.img_in.weight") == 2
-    # The export gathers the sharded EMA: exactly the checkpoint's.
+    # The export gathers the sharded EMA: exactly the checkpoint's. So does the converter's export
+    # of the training checkpoint (its EMA by default).
     _assert_export_is_the_checkpoint_ema(resumed, 6)
+    converted = tmp_path / "converted"
+    subprocess.run(
+        [sys.executable, "-m", "tools.convert_flux", "export", "--checkpoint",
+         str(resumed / "checkpoints" / "step_00000006"), "--output", str(converted), "--quiet"],
+        cwd=REPO, env=_env(), check=True, capture_output=True, timeout=300,
+    )
+    _assert_export_is_the_checkpoint_ema(resumed, 6, converted)
     assert any(k.startswith("optimizer.state.exp_avg.student.") for k in got)
     assert any(k.startswith("optimizer.state.exp_avg_sq.fake.") for k in got)
     from mfmegatron.training.checkpoint import load_common_state

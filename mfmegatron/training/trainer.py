@@ -295,7 +295,8 @@ class Trainer:
 
     def save(self) -> Path:
         return ckpt.save_checkpoint(
-            self.checkpoint_root, self.step, self.sharded_state_dict(), self.config.train.keep_checkpoints
+            self.checkpoint_root, self.step, self.sharded_state_dict(), self.config.train.keep_checkpoints,
+            files=self.family.checkpoint_files(self.student.module, self.ema is not None),
         )
 
     def resume(self, path: Path) -> None:

@@ -286,3 +286,16 @@ class FluxFamily:
 
         export_to_diffusers(student, directory)
 
+    def checkpoint_files(self, student: FluxModel, with_ema: bool) -> dict[str, str]:
+        """``mfmegatron_flux.json`` with the student's architecture and its weights' key prefixes
+        (the EMA's first), so ``mfmegatron-convert-flux export`` reads a training checkpoint."""
+        from models.flux.parallelize import CHECKPOINT_INFO_FILE, checkpoint_info_json
+        from models.flux.state_dict_adapter import CheckpointMismatchError, diffusers_config_from_flux
+
+        try:
+            diffusers_config = diffusers_config_from_flux(student.config)
+        except CheckpointMismatchError:  # an architecture diffusers cannot hold: no export either
+            return {}
+        prefixes = (["ema."] if with_ema else []) + ["student."]
+        return {CHECKPOINT_INFO_FILE: checkpoint_info_json(student.config, diffusers_config, weight_prefixes=prefixes)}
+
