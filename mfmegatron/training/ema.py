@@ -25,6 +25,13 @@ import torch
 import torch.distributed as dist
 
 
+def resolve_sharding(setting: str, use_distributed_optimizer: bool) -> str:
+    """``optim.ema_sharding`` with ``auto`` resolved: sharded like the optimizer's state."""
+    if setting == "auto":
+        return "data_parallel" if use_distributed_optimizer else "replicated"
+    return setting
+
+
 def row_block(rows: int, shards: int, index: int) -> slice | None:
     """The rows data-parallel rank ``index`` of ``shards`` owns, or None when the rows do not
     split evenly (the tensor then stays whole on every rank)."""

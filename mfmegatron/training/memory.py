@@ -56,14 +56,6 @@ class RankMemory:
         return out
 
 
-def effective_ema_sharding(config) -> str:
-    """``optim.ema_sharding`` with ``auto`` resolved (as the trainer resolves it)."""
-    sharding = config.optim.ema_sharding
-    if sharding == "auto":
-        return "data_parallel" if config.parallel.use_distributed_optimizer else "replicated"
-    return sharding
-
-
 def data_parallel_size(config, world_size: int) -> int:
     parallel = config.parallel
     return world_size // (parallel.tensor_parallel_size * parallel.pipeline_parallel_size)
@@ -71,6 +63,7 @@ def data_parallel_size(config, world_size: int) -> int:
 
 def rank_memory(config, world_size: int) -> RankMemory:
     """Per-rank bytes of a recipe run on ``world_size`` GPUs (GB = 1e9 bytes)."""
+    from mfmegatron.training.ema import resolve_sharding
     from mfmegatron.training.family import get_family
 
     family = get_family(config.model.family)
@@ -97,7 +90,7 @@ def rank_memory(config, world_size: int) -> RankMemory:
     memory.add("student gradients", student * grad, f"{student / 1e9:.3f}e9 x {grad} B")
     memory.add("student main params + Adam", student * state_per_parameter, f"{student / 1e9:.3f}e9 x {state_how}")
     if optim.ema_decay > 0:
-        sharded = effective_ema_sharding(config) == "data_parallel"
+        sharded = resolve_sharding(optim.ema_sharding, parallel.use_distributed_optimizer) == "data_parallel"
         memory.add("student EMA", student * FP32 / (dp if sharded else 1),
                    f"{student / 1e9:.3f}e9 x {FP32} B" + (f" / DP={dp}" if sharded else " (replicated)"))
     if alignment.enabled:

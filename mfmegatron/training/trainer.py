@@ -50,7 +50,7 @@ from mfmegatron.parallel import ParallelConfig, initialize_parallel
 from mfmegatron.sampling import sample_student
 from mfmegatron.training import checkpoint as ckpt
 from mfmegatron.training.config import TrainConfig
-from mfmegatron.training.ema import ParameterEMA
+from mfmegatron.training.ema import ParameterEMA, resolve_sharding
 from mfmegatron.training.family import get_family
 from mfmegatron.training.logger import TrainingLogger
 from mfmegatron.training.runner import NetworkRunner
@@ -189,9 +189,7 @@ class Trainer:
         optim = self.config.optim
         if optim.ema_decay <= 0:
             return None
-        sharding = optim.ema_sharding
-        if sharding == "auto":
-            sharding = "data_parallel" if self.config.parallel.use_distributed_optimizer else "replicated"
+        sharding = resolve_sharding(optim.ema_sharding, self.config.parallel.use_distributed_optimizer)
         group = parallel_state.get_data_parallel_group() if sharding == "data_parallel" else None
         return ParameterEMA(student, optim.ema_decay, group=group)
 
