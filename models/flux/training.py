@@ -17,6 +17,7 @@ from models.flux.parallelize import (
     build_flux_model,
     flux_config_from_checkpoint,
     load_dist_checkpoint,
+    meta_full_model,
     pipeline_seq_length,
 )
 from models.flux.state_dict_adapter import megatron_block_key_to_global
@@ -196,11 +197,7 @@ class FluxFamily:
 
         counts = {}
         for network, student in (("teacher", False), ("student", True)):
-            flux = dataclasses.replace(
-                self.model_config(plan, student=student), use_cpu_initialization=True, perform_initialization=False
-            )
-            with torch.device("meta"):
-                model = build_flux_model(flux)
+            model = meta_full_model(self.model_config(plan, student=student))
             counts[network] = sum(
                 per_rank(name, param.numel() / (tp if getattr(param, "tensor_model_parallel", False) else 1))
                 for name, param in model.named_parameters()
@@ -233,7 +230,8 @@ class FluxFamily:
         (without it only 24/34 of it is, as megatron's layers). With recompute every block keeps
         only its input (e·s·b·h) and one block at a time is recomputed; without, every block keeps
         everything. The MeanFlow tangent pass stores nothing for backward (measured) but holds
-        one block's tangent temporaries in the forward: one block more. 1F1B keeps up to
+        one block's tangent temporaries in the forward: one block more (added to the backward's
+        recomputed block although the two peaks do not coincide: an upper bound). 1F1B keeps up to
         min(PP, micro-batches) micro-batches in flight on the first stage."""
         flux = self.model_config(self._preset_only(config), student=False)
         parallel = config.parallel
