@@ -187,6 +187,34 @@ def _assert_same_checkpoints(reference: Path, other: Path, step: int) -> dict[st
     return got
 
 
+def _assert_export_is_the_checkpoint_ema(run: Path, step: int, folder: Path | None = None) -> None:
+    """The run's exported student (diffusers folder + interval embedder; ``folder``, default the
+    run's own export) equals the EMA in its checkpoint of ``step``, bit for bit."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    from models.flux.config import tiny_flux_config
+    from models.flux.state_dict_adapter import to_megatron
+
+    folder = folder or run / "student"
+    exported = FluxTransformer2DModel.from_pretrained(folder).state_dict()
+    interval = load_file(folder / "interval_embedder.safetensors")
+    (final,) = _checkpoint_tensors(run / "checkpoints" / f"step_{step:08d}")
+    config = tiny_flux_config(mean_flow_student=True)
+    ours = dict(to_megatron(exported.__getitem__, config))
+    ours.update({f"interval_in.mlp.{k}": v for k, v in interval.items()})
+    assert {f"ema.{k}" for k in ours} == {k for k in final if k.startswith("ema.")}
+    for key, tensor in ours.items():
+        assert torch.equal(tensor, final[f"ema.{key}"].to(tensor.dtype)), key
+
+
+def _stored_chunks(checkpoint: Path, key: str) -> int:
+    """How many pieces the checkpoint stores ``key`` in (one per rank that wrote a part of it)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return len(FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata[key].chunks)
+
+
 def _latest(output: Path) -> str:
     return (output / "checkpoints" / "latest").read_text().strip()
 
@@ -306,26 +334,14 @@ def test_resume_at_another_layout_continues_with_the_same_loss(
         assert any(key.endswith("lora.b") and saved[key].abs().max() > 0 for key in fake_keys)
 
     # The run ends by exporting its EMA student for diffusers: exactly the checkpoint's EMA.
-    from diffusers import FluxTransformer2DModel
-    from safetensors.torch import load_file
-
-    from models.flux.state_dict_adapter import to_megatron
-    from models.flux.config import tiny_flux_config
-
-    exported = FluxTransformer2DModel.from_pretrained(second / "student").state_dict()
-    interval = load_file(second / "student" / "interval_embedder.safetensors")
-    (final,) = _checkpoint_tensors(second / "checkpoints" / "step_00000006")
-    config = tiny_flux_config(mean_flow_student=True)
-    ours = dict(to_megatron(exported.__getitem__, config))
-    ours.update({f"interval_in.mlp.{k}": v for k, v in interval.items()})
-    assert {f"ema.{k}" for k in ours} == {k for k in final if k.startswith("ema.")}
-    for key, tensor in ours.items():
-        assert torch.equal(tensor, final[f"ema.{key}"].to(tensor.dtype)), key
+    _assert_export_is_the_checkpoint_ema(second, 6)
 
 
 def test_distributed_optimizer_resumes_exactly_and_at_another_data_parallel_size(tmp_path, shards):
     # The distributed optimizer with torch's Adam (no TE/apex here), 2 data-parallel replicas,
     # both optimizers (student and fake network) stepping from step 2; checkpoints at 3 and 6.
+    # The EMA is sharded over the 2 replicas (optim.ema_sharding=auto with the distributed
+    # optimizer): each writes its half of every EMA tensor's rows.
     schedule = ["train.save_interval=3", "meanflow.align_start_step=2", "parallel.tensor_parallel_size=1"]
     distributed = [*schedule, "parallel.use_distributed_optimizer=true"]
     reference = tmp_path / "reference"
@@ -337,10 +353,21 @@ def test_distributed_optimizer_resumes_exactly_and_at_another_data_parallel_size
     # 1. Interrupted after step 3, resumed in a fresh job: the uninterrupted run's final student,
     # EMA, fake network and Adam state (moments, fp32 params, and the step count), bit for bit.
     resumed = from_step_3(reference, "resumed")
-    result = _run(2, resumed, shards, [*distributed, "train.steps=6"])
+    result = _run(2, resumed, shards, [*distributed, "train.steps=6", "train.export_at_end=true"])
     _check(result)
     assert "at step 3" in result.stdout
     got = _assert_same_checkpoints(reference, resumed, 6)
+    assert _stored_chunks(resumed / "checkpoints" / "step_00000006", "ema.img_in.weight") == 2
+    # The export gathers the sharded EMA: exactly the checkpoint's. So does the converter's export
+    # of the training checkpoint (its EMA by default).
+    _assert_export_is_the_checkpoint_ema(resumed, 6)
+    converted = tmp_path / "converted"
+    subprocess.run(
+        [sys.executable, "-m", "tools.convert_flux", "export", "--checkpoint",
+         str(resumed / "checkpoints" / "step_00000006"), "--output", str(converted), "--quiet"],
+        cwd=REPO, env=_env(), check=True, capture_output=True, timeout=300,
+    )
+    _assert_export_is_the_checkpoint_ema(resumed, 6, converted)
     assert any(k.startswith("optimizer.state.exp_avg.student.") for k in got)
     assert any(k.startswith("optimizer.state.exp_avg_sq.fake.") for k in got)
     from mfmegatron.training.checkpoint import load_common_state
@@ -370,6 +397,13 @@ def test_distributed_optimizer_resumes_exactly_and_at_another_data_parallel_size
         expected, got = _log(single["single_plain"])[step], _log(single["single"])[step]
         for key in ("loss", "fake_loss"):
             assert got[key] == pytest.approx(expected[key], rel=1e-4), (step, key)
+    # The sharded EMA, loaded whole by the one replica, went on as the replicated one did.
+    expected, got = _checkpoint_tensors(*(single[name] / "checkpoints" / "step_00000005"
+                                          for name in ("single_plain", "single")))
+    ema_keys = [key for key in expected if key.startswith("ema.")]
+    assert ema_keys and _stored_chunks(single["single"] / "checkpoints" / "step_00000005", ema_keys[0]) == 1
+    for key in ema_keys:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
 def test_bf16_with_the_distributed_optimizer_resumes_bit_for_bit(tmp_path, shards):

@@ -25,6 +25,7 @@ examples:
   torchrun --nproc-per-node 4 -m tools.convert_flux import --diffusers FLUX.1-dev --output ckpt/flux1-dev --tensor-parallel-size 2 --pipeline-parallel-size 2
   mfmegatron-convert-flux export --checkpoint ckpt/flux1-dev --output flux1-dev-diffusers
   mfmegatron-convert-flux export --checkpoint ckpt/student --output student-diffusers
+  mfmegatron-convert-flux export --checkpoint outputs/run/checkpoints/step_00010000 --output student --weights ema
 """
 
 from __future__ import annotations
@@ -493,9 +494,10 @@ class CheckpointReader:
     so memory holds one block (plus the top-level weights once), never the model.
     """
 
-    def __init__(self, directory: Path, metadata: dict):
+    def __init__(self, directory: Path, metadata: dict, prefix: str = ""):
         self.directory = directory
-        self.metadata = metadata
+        self.metadata = metadata  # by our key, without ``prefix``
+        self.prefix = prefix  # what the checkpoint's keys start with (a training checkpoint's "ema.")
         self.groups: dict[str, list[str]] = {}
         for key in metadata:
             self.groups.setdefault(_block_group(key), []).append(key)
@@ -517,7 +519,8 @@ class CheckpointReader:
 
         sharded = {
             key: ShardedTensor.from_rank_offsets(
-                key, torch.empty(self.metadata[key].global_shape, dtype=self.metadata[key].dtype), replica_id=0
+                self.prefix + key, torch.empty(self.metadata[key].global_shape, dtype=self.metadata[key].dtype),
+                replica_id=0,
             )
             for key in keys
         }
@@ -549,6 +552,13 @@ def run_export(args) -> dict:
     record = read_checkpoint_info(checkpoint)
     info = _start_parallel(1, 1)
     metadata = dist_checkpointing.load_tensors_metadata(str(checkpoint))
+    # A training checkpoint keeps the FLUX weights under prefixes (the EMA's, then the student's).
+    prefixes = record.get("weight_prefixes", [""])
+    prefix = prefixes[0] if args.weights is None else args.weights + "."
+    if prefix not in prefixes:
+        held = ", ".join(p.rstrip(".") for p in prefixes if p) or "one set of weights, not a training checkpoint's"
+        raise ConversionError(f"--weights {args.weights}: {checkpoint} holds {held}")
+    metadata = {key[len(prefix):]: value for key, value in metadata.items() if key.startswith(prefix)}
     found = {key: tuple(value.global_shape) for key, value in metadata.items()}
     # A MeanFlow student is FLUX plus the interval embedding: recognised by its keys.
     student = is_student_keys(found)
@@ -580,7 +590,7 @@ def run_export(args) -> dict:
         return summary
 
     output.mkdir(parents=True, exist_ok=True)
-    reader = CheckpointReader(checkpoint, metadata)
+    reader = CheckpointReader(checkpoint, metadata, prefix)
     if student:
         # First: the interval tensors are top-level, loaded together with the other top-level ones.
         write_interval_embedder(output, reader.get, out_dtype, config.timestep_embedding_dim)
@@ -657,6 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "about one shard plus one block")
     exp.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                      help="dtype of the written tensors (default: as stored in the checkpoint)")
+    exp.add_argument("--weights", choices=["ema", "student"], default=None,
+                     help="of a training checkpoint (output_dir/checkpoints/step_N): the student's EMA (the "
+                          "default when it has one) or its trained weights")
     exp.add_argument("--dry-run", action="store_true", help="check the checkpoint and print the shard plan; write nothing")
     exp.add_argument("--quiet", action="store_true", help="no progress output")
     return parser

@@ -46,8 +46,10 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path
 
 
-def save_checkpoint(root: Path, step: int, sharded_state_dict: dict, keep: int) -> Path:
-    """Saves atomically (every rank calls it); returns the final directory."""
+def save_checkpoint(root: Path, step: int, sharded_state_dict: dict, keep: int,
+                    files: dict[str, str] | None = None) -> Path:
+    """Saves atomically (every rank calls it); returns the final directory. ``files``: name ->
+    text of small files to write beside megatron's (rank 0, before the checkpoint is published)."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -61,6 +63,9 @@ def save_checkpoint(root: Path, step: int, sharded_state_dict: dict, keep: int) 
         partial.mkdir()
     dist.barrier()
     dist_checkpointing.save(sharded_state_dict, str(partial))
+    if rank == 0:
+        for name, text in (files or {}).items():
+            (partial / name).write_text(text)
     dist.barrier()
     if os.environ.get(KILL_DURING_SAVE) == str(step):
         # Fault injection (tests): die after the data is written, before it is published.

@@ -123,6 +123,13 @@ class OptimSection:
     """Gradient buffers (and their data-parallel reduction) in fp32; False halves their memory."""
     ema_decay: float = 0.999
     """EMA of the student's weights (0 disables it)."""
+    ema_sharding: Literal["auto", "replicated", "data_parallel"] = "auto"
+    """Where the EMA's float32 copy lives. ``data_parallel``: each data-parallel rank keeps the EMA
+    of 1/DP of its parameters' rows (gathered one parameter at a time for export and sample grids);
+    ``replicated``: every rank keeps all of it (4 bytes per local parameter, 12 GB per GPU for
+    FLUX.1-dev at TP=4). ``auto``: ``data_parallel`` with ``parallel.use_distributed_optimizer``,
+    which shards the optimizer's float32 state the same way, else ``replicated``. Checkpoints hold
+    whole tensors either way: a run resumes with the other setting or at another layout."""
 
 
 @dataclass

@@ -1,4 +1,20 @@
-"""Exponential moving average of the student's weights (this rank's shards, in float32)."""
+"""Exponential moving average of the student's weights, in float32, optionally sharded over the
+data-parallel group.
+
+Every data-parallel replica holds the same (TP/PP-sharded) student, so a replicated EMA stores
+the same float32 numbers DP times: 4 bytes per local parameter on every rank (12 GB per GPU for
+FLUX.1-dev at TP=4). Sharded, each data-parallel rank keeps the EMA of a 1/DP slice of every local
+parameter, as the distributed optimizer does with its float32 main parameters and Adam moments.
+
+The slice is a block of rows (the first axis of the local tensor): data-parallel rank ``d`` owns
+rows ``[d * n / DP, (d + 1) * n / DP)``. A parameter whose row count DP does not divide (a few
+small vectors, if any) stays whole on every rank. Rows, rather than a slice of the flattened
+tensor, keep each rank's part a regular block of the global tensor, so the checkpoint stores it as
+an ordinary megatron ``ShardedTensor`` (one more fragmentation of the first axis): every rank
+writes only its own rows, nothing is gathered at save, and the stored tensor is the whole EMA
+under the same ``ema.*`` key as a replicated EMA's, loadable at any TP / PP / DP layout and with
+either kind of EMA.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +22,81 @@ import contextlib
 import dataclasses
 
 import torch
+import torch.distributed as dist
+
+
+def resolve_sharding(setting: str, use_distributed_optimizer: bool) -> str:
+    """``optim.ema_sharding`` with ``auto`` resolved: sharded like the optimizer's state."""
+    if setting == "auto":
+        return "data_parallel" if use_distributed_optimizer else "replicated"
+    return setting
+
+
+def row_block(rows: int, shards: int, index: int) -> slice | None:
+    """The rows data-parallel rank ``index`` of ``shards`` owns, or None when the rows do not
+    split evenly (the tensor then stays whole on every rank)."""
+    if shards == 1 or rows % shards:
+        return None
+    size = rows // shards
+    return slice(index * size, (index + 1) * size)
 
 
 class ParameterEMA:
-    def __init__(self, module: torch.nn.Module, decay: float):
+    """``shadow[name]``: the float32 EMA of this rank's part of parameter ``name`` (its row block
+    when sharded, else the whole local tensor).
+
+    ``group``: the data-parallel process group to shard over; None keeps a replicated EMA.
+    """
+
+    def __init__(self, module: torch.nn.Module, decay: float, group=None):
         self.module = module
         self.decay = decay
-        self.shadow = {name: p.detach().float().clone() for name, p in module.named_parameters()}
+        self.group = group
+        self.shards = 1 if group is None else dist.get_world_size(group)
+        self.shard_index = 0 if group is None else dist.get_rank(group)
+        self.rows: dict[str, slice | None] = {}
+        self.shadow: dict[str, torch.Tensor] = {}
+        for name, param in module.named_parameters():
+            rows = row_block(param.shape[0], self.shards, self.shard_index) if param.dim() else None
+            self.rows[name] = rows
+            self.shadow[name] = self._local_part(name, param).float().clone()
+
+    @property
+    def sharded(self) -> bool:
+        return self.shards > 1
+
+    def _local_part(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        rows = self.rows[name]
+        return param.detach() if rows is None else param.detach()[rows]
 
     @torch.no_grad()
     def update(self) -> None:
         for name, param in self.module.named_parameters():
-            self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+            self.shadow[name].lerp_(self._local_part(name, param).float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def full(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        """The whole local EMA of one parameter (gathered over the data-parallel group when
+        sharded; a collective: every data-parallel rank calls it for the same parameter)."""
+        shadow = self.shadow[name]
+        if self.rows[name] is None:
+            return shadow
+        whole = torch.empty(param.shape, dtype=shadow.dtype, device=shadow.device)
+        dist.all_gather(list(whole.chunk(self.shards)), shadow, group=self.group)
+        return whole
 
     @contextlib.contextmanager
     def applied(self):
-        """The module with the EMA weights in place (restored afterwards)."""
-        saved = {name: p.detach().clone() for name, p in self.module.named_parameters()}
+        """The module with the whole EMA weights in place (restored afterwards).
+
+        One parameter at a time: the EMA is gathered into a transient of one parameter's size,
+        and the training weights wait in host memory (a copy on the device would be a second
+        model's worth of memory, which is what sharding the EMA saves)."""
+        saved = {}
         with torch.no_grad():
             for name, param in self.module.named_parameters():
-                param.copy_(self.shadow[name])
+                saved[name] = param.detach().to("cpu", copy=True)
+                param.copy_(self.full(name, param))
         try:
             yield self.module
         finally:
@@ -37,14 +108,33 @@ class ParameterEMA:
         """The module's sharded layout with the EMA tensors as data and ``key_prefix`` keys.
 
         ``module_sharded_state_dict`` maps parameter names to megatron ShardedTensors (the
-        module's own ``sharded_state_dict()``); non-parameter entries are left out.
+        module's own ``sharded_state_dict()``); non-parameter entries are left out. A sharded
+        parameter's entry is narrowed to this rank's rows: its first local axis is fragmented
+        DP times more, and no data-parallel rank is a replica of another for it.
         """
         sharded = {}
         for name, entry in module_sharded_state_dict.items():
-            if name in self.shadow and hasattr(entry, "key"):
-                sharded[name] = dataclasses.replace(
-                    entry, key=key_prefix + entry.key, data=self.shadow[name], dtype=torch.float32
+            if name not in self.shadow or not hasattr(entry, "key"):
+                continue
+            fields = dict(key=key_prefix + entry.key, data=self.shadow[name], dtype=torch.float32)
+            rows = self.rows[name]
+            if rows is not None:
+                if entry.flattened_range is not None:
+                    raise ValueError(f"{entry.key}: a flattened ShardedTensor cannot be sharded by rows")
+                axis = entry.prepend_axis_num  # the global axis of the local tensor's first one
+                offsets, fragments = list(entry.global_offset), list(entry.axis_fragmentations)
+                offsets[axis] += rows.start
+                fragments[axis] *= self.shards
+                replica_id = entry.replica_id
+                # megatron's replica ids end with the data-parallel rank; the rows are unique.
+                replica_id = (*replica_id[:-1], 0) if isinstance(replica_id, tuple) else 0
+                fields.update(
+                    local_shape=tuple(self.shadow[name].shape),
+                    global_offset=tuple(offsets),
+                    axis_fragmentations=tuple(fragments),
+                    replica_id=replica_id,
                 )
+            sharded[name] = dataclasses.replace(entry, **fields)
         return sharded
 
     def load_state_dict(self, loaded: dict) -> None:

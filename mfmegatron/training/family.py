@@ -72,6 +72,17 @@ class ModelFamily(Protocol):
     def export_student(self, student: torch.nn.Module, directory, config) -> None:
         """Write the (whole, unsharded) student for users, e.g. as a diffusers folder."""
 
+    def checkpoint_files(self, student: torch.nn.Module, with_ema: bool) -> dict[str, str]:
+        """Small files (name -> text) saved in each training checkpoint, e.g. what the family's
+        converter needs to export the checkpoint's EMA (``ema.*``) or student (``student.*``)."""
+
+    def rank_parameter_counts(self, config) -> dict[str, float]:
+        """Parameters one rank holds of the ``teacher``, the ``student`` and the LoRA fake
+        network's factors (``lora``), for ``training/memory.py``."""
+
+    def activation_bytes(self, config) -> tuple[float, str]:
+        """Peak activation bytes of one rank in a training pass, and the formula in words."""
+
 
 def get_family(name: str) -> ModelFamily:
     if name not in FAMILIES:

@@ -56,7 +56,7 @@ from mfmegatron.parallel import ParallelConfig, initialize_parallel
 from mfmegatron.sampling import sample_student
 from mfmegatron.training import checkpoint as ckpt
 from mfmegatron.training.config import TrainConfig
-from mfmegatron.training.ema import ParameterEMA
+from mfmegatron.training.ema import ParameterEMA, resolve_sharding
 from mfmegatron.training.family import get_family
 from mfmegatron.training.logger import TrainingLogger
 from mfmegatron.training.runner import NetworkRunner
@@ -135,7 +135,7 @@ class Trainer:
             use_checkpoint_opt_param_scheduler=False,
             override_opt_param_scheduler=True,
         )
-        self.ema = ParameterEMA(networks.student, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
+        self.ema = self._ema(networks.student)
         self.teacher_runner = self._runner(self.teacher)
         self.student_runner = self._runner(self.student)
         self.fake, self.fake_optimizer, self.fake_runner, alignment = None, None, None, None
@@ -208,6 +208,14 @@ class Trainer:
 
     def _select_condition(self, cond, index: torch.Tensor):
         return self.family.slice_condition(cond, index, None)
+
+    def _ema(self, student: torch.nn.Module) -> ParameterEMA | None:
+        optim = self.config.optim
+        if optim.ema_decay <= 0:
+            return None
+        sharding = resolve_sharding(optim.ema_sharding, self.config.parallel.use_distributed_optimizer)
+        group = parallel_state.get_data_parallel_group() if sharding == "data_parallel" else None
+        return ParameterEMA(student, optim.ema_decay, group=group)
 
     def _warmup(self):
         warmup = self.config.warmup
@@ -363,7 +371,8 @@ class Trainer:
 
     def save(self) -> Path:
         return ckpt.save_checkpoint(
-            self.checkpoint_root, self.step, self.sharded_state_dict(), self.config.train.keep_checkpoints
+            self.checkpoint_root, self.step, self.sharded_state_dict(), self.config.train.keep_checkpoints,
+            files=self.family.checkpoint_files(self.student.module, self.ema is not None),
         )
 
     def resume(self, path: Path) -> None:

@@ -144,6 +144,8 @@ def export_to_diffusers(
     # Every rank checks (before any collective), so a bad output is an error everywhere, not a hang.
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"output {output} already exists and is not an empty directory")
+    # ... and only then does the writer start: a rank that checked late would see its files.
+    dist.barrier()
     diffusers_config = diffusers_config_from_flux(config)
 
     dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)

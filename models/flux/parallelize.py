@@ -210,7 +210,6 @@ def save_dist_checkpoint(model: FluxModel, directory, diffusers_config: dict, **
     ``diffusers_config`` (the architecture, as diffusers' config.json) and ``info`` go into
     ``mfmegatron_flux.json`` next to megatron's files.
     """
-    import json
     from pathlib import Path
 
     from megatron.core import dist_checkpointing
@@ -226,15 +225,24 @@ def save_dist_checkpoint(model: FluxModel, directory, diffusers_config: dict, **
     dist.barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(directory))
     if rank == 0:
-        record = {
-            "format": CHECKPOINT_FORMAT,
-            "version": 1,
-            "dtype": str(model.config.params_dtype).removeprefix("torch."),
-            "diffusers_config": diffusers_config,
-            **info,
-        }
-        (directory / CHECKPOINT_INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        (directory / CHECKPOINT_INFO_FILE).write_text(checkpoint_info_json(model.config, diffusers_config, **info))
     dist.barrier()
+
+
+def checkpoint_info_json(config: FluxConfig, diffusers_config: dict, **info) -> str:
+    """The text of ``mfmegatron_flux.json``: the architecture (as diffusers' config.json), the
+    parameters' dtype and ``info``. A training checkpoint adds ``weight_prefixes``: the key
+    prefixes its FLUX weights are stored under (the EMA's first), which export strips."""
+    import json
+
+    record = {
+        "format": CHECKPOINT_FORMAT,
+        "version": 1,
+        "dtype": str(config.params_dtype).removeprefix("torch."),
+        "diffusers_config": diffusers_config,
+        **info,
+    }
+    return json.dumps(record, indent=2) + "\n"
 
 
 def read_checkpoint_info(directory) -> dict:

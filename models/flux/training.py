@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from models.flux.parallelize import (
     build_flux_model,
     flux_config_from_checkpoint,
     load_dist_checkpoint,
+    meta_full_model,
     pipeline_seq_length,
 )
 from models.flux.state_dict_adapter import megatron_block_key_to_global
@@ -179,6 +181,104 @@ class FluxFamily:
         h = flux.hidden_size
         return flux.num_layers * (24 * h * h * tokens + 4 * tokens * tokens * h)
 
+    # -- memory (mfmegatron/training/memory.py) -------------------------------------------------
+
+    @staticmethod
+    def _preset_only(config):
+        """A copy of the recipe whose architecture is its preset's (for planning before the
+        teacher checkpoint exists)."""
+        plan = copy.deepcopy(config)
+        plan.model.teacher_checkpoint = None
+        return plan
+
+    def rank_parameter_counts(self, config) -> dict[str, float]:
+        """Parameters one rank holds: ``teacher``, ``student`` and ``lora`` (the LoRA fake
+        network's factors at ``alignment.lora_rank``).
+
+        Counted on the recipe's preset (its teacher checkpoint need not exist yet) built on the
+        meta device at TP=1 (no memory), then split as the layout splits it: tensor-parallel
+        weights by TP, LoRA factors as ``jvp/lora.py`` splits them (column-parallel: A whole, B
+        split; row-parallel: A split, B whole), and the blocks evenly by PP (an average stage;
+        the embedders and the final layer are counted on every stage). Rebuilds megatron's
+        process groups at TP=1 when they are at another layout: a planning call, not one for a
+        training process.
+        """
+        from megatron.core import parallel_state
+
+        from mfmegatron.jvp.linear import ColumnParallelLinear, RowParallelLinear
+        from mfmegatron.parallel import initialize_parallel
+
+        tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
+        plan = self._preset_only(config)
+        plan.parallel.tensor_parallel_size = plan.parallel.pipeline_parallel_size = 1
+        plan.parallel.sequence_parallel = False
+        if not (
+            parallel_state.model_parallel_is_initialized()
+            and parallel_state.get_tensor_model_parallel_world_size() == 1
+            and parallel_state.get_pipeline_model_parallel_world_size() == 1
+        ):
+            initialize_parallel()
+
+        def per_rank(name: str, count: float) -> float:
+            return count / pp if name.startswith(("double_blocks.", "single_blocks.")) else count
+
+        counts = {}
+        for network, student in (("teacher", False), ("student", True)):
+            model = meta_full_model(self.model_config(plan, student=student))
+            counts[network] = sum(
+                per_rank(name, param.numel() / (tp if getattr(param, "tensor_model_parallel", False) else 1))
+                for name, param in model.named_parameters()
+            )
+            if network == "teacher":
+                rank = config.alignment.lora_rank
+                counts["lora"] = 0.0
+                for name, layer in model.named_modules():
+                    if isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
+                        out_features, in_features = layer.weight.shape
+                        if isinstance(layer, ColumnParallelLinear):
+                            factors = rank * in_features + rank * out_features / tp
+                        else:
+                            factors = rank * in_features / tp + rank * out_features
+                        counts["lora"] += per_rank(name, factors)
+        return counts
+
+    # Bytes of saved activations per block, token and unit of width for 2-byte activations,
+    # measured on an H200 with tools/bench_flux_meanflow at 1024 px (README: 9038 MiB saved for
+    # backward by a flow-matching step of 2 double + 4 single blocks, width 3072, 4608 tokens,
+    # batch 2, less the 2.6 GB of weights autograd keeps). Korthikanti et al. (2022) give 34 for a
+    # GPT layer (with dropout masks, without FLUX's QK-norm, RoPE and modulation outputs).
+    ACTIVATION_BYTES_PER_TOKEN_WIDTH_BLOCK = 40
+
+    def activation_bytes(self, config) -> tuple[float, str]:
+        """Peak activation memory of one rank in a training pass of one micro-batch, and the
+        formula. s tokens (image + text), b the micro-batch, h the width, L the blocks per stage,
+        t the TP size, e the element size, c the per-block coefficient above (for 2-byte
+        elements). One block holds c·e/2·s·b·h bytes, split t ways under sequence parallelism
+        (without it only 24/34 of it is, as megatron's layers). With recompute every block keeps
+        only its input (e·s·b·h) and one block at a time is recomputed; without, every block keeps
+        everything. The MeanFlow tangent pass stores nothing for backward (measured) but holds
+        one block's tangent temporaries in the forward: one block more (added to the backward's
+        recomputed block although the two peaks do not coincide: an upper bound). 1F1B keeps up to
+        min(PP, micro-batches) micro-batches in flight on the first stage."""
+        flux = self.model_config(self._preset_only(config), student=False)
+        parallel = config.parallel
+        tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+        s = self._latent_grid(config) ** 2 + config.model.text_tokens
+        b, h = config.data.micro_batch_size, flux.hidden_size
+        blocks = flux.num_layers / pp
+        element = 2 if config.model.dtype == "bf16" else 4
+        split = 1 / tp if parallel.sequence_parallel else (10 + 24 / tp) / 34
+        one_block = self.ACTIVATION_BYTES_PER_TOKEN_WIDTH_BLOCK * element / 2 * s * b * h * split
+        in_flight = min(pp, parallel.num_microbatches)
+        if config.model.recompute:
+            inputs = element * s * b * h * (1 / tp if parallel.sequence_parallel else 1)
+            total = in_flight * blocks * inputs + one_block + one_block
+            formula = f"{in_flight} x {blocks:g} block inputs + 1 block recomputed + 1 block of tangents"
+        else:
+            total = in_flight * blocks * one_block + one_block
+            formula = f"{in_flight} x {blocks:g} blocks + 1 block of tangents"
+        return total, f"{formula}; {s} tokens, micro-batch {b}"
+
     # -- outputs for people --------------------------------------------------------------------
 
     def save_sample_grid(self, samples: dict[int, torch.Tensor], path, config) -> None:
@@ -210,4 +310,17 @@ class FluxFamily:
         from models.flux.export import export_to_diffusers
 
         export_to_diffusers(student, directory)
+
+    def checkpoint_files(self, student: FluxModel, with_ema: bool) -> dict[str, str]:
+        """``mfmegatron_flux.json`` with the student's architecture and its weights' key prefixes
+        (the EMA's first), so ``mfmegatron-convert-flux export`` reads a training checkpoint."""
+        from models.flux.parallelize import CHECKPOINT_INFO_FILE, checkpoint_info_json
+        from models.flux.state_dict_adapter import CheckpointMismatchError, diffusers_config_from_flux
+
+        try:
+            diffusers_config = diffusers_config_from_flux(student.config)
+        except CheckpointMismatchError:  # an architecture diffusers cannot hold: no export either
+            return {}
+        prefixes = (["ema."] if with_ema else []) + ["student."]
+        return {CHECKPOINT_INFO_FILE: checkpoint_info_json(student.config, diffusers_config, weight_prefixes=prefixes)}
 

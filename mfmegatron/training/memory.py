@@ -1,0 +1,107 @@
+"""What one rank of a training job holds in device memory, counted from the recipe.
+
+``rank_memory(config)`` adds up, per GPU: the frozen teacher's weights; the student's weights,
+gradient buffers, float32 main parameters and Adam moments (the last two sharded over data-parallel
+ranks with the distributed optimizer) and its EMA (sharded or replicated, ``optim.ema_sharding``);
+the fake network of the alignment loss (a full copy: everything the student has but the EMA;
+LoRA: the same for its factors only); and the activations of a training pass (the model family's
+formula). Recipes quote its figures (``python -m tools.memory_plan RECIPE``) and
+``tests/test_memory.py`` fails when a recipe's comment and this count disagree.
+
+Left out: the CUDA context and library workspaces (cuBLAS, cuDNN: about 0.5-1 GB), NCCL's
+communication buffers, megatron's bucket padding, the caching allocator's fragmentation, the text
+embeddings and the no-grad teacher passes' transient activations (one block at a time). The budget
+check keeps 5 GB of an 80 GB (decimal) H100 for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GB = 1e9
+FP32 = 4
+ADAM_MOMENTS = 2 * FP32
+
+
+@dataclass
+class MemoryItem:
+    label: str
+    bytes: float
+    how: str
+    """The arithmetic, in words and numbers."""
+
+
+@dataclass
+class RankMemory:
+    """One rank's memory, item by item (``label -> bytes`` through ``by_label``)."""
+
+    layout: str
+    items: list[MemoryItem] = field(default_factory=list)
+
+    def add(self, label: str, count: float, how: str) -> None:
+        self.items.append(MemoryItem(label, count, how))
+
+    @property
+    def total(self) -> float:
+        return sum(item.bytes for item in self.items)
+
+    def by_label(self) -> dict[str, float]:
+        return {item.label: item.bytes for item in self.items}
+
+    def lines(self) -> list[str]:
+        """The breakdown as recipes quote it: one item per line, GB to one decimal."""
+        width = max(len(item.label) for item in self.items)
+        out = [f"{item.label:<{width}}  {item.bytes / GB:5.1f} GB   {item.how}" for item in self.items]
+        out.append(f"{'total':<{width}}  {self.total / GB:5.1f} GB")
+        return out
+
+
+def data_parallel_size(config, world_size: int) -> int:
+    parallel = config.parallel
+    return world_size // (parallel.tensor_parallel_size * parallel.pipeline_parallel_size)
+
+
+def rank_memory(config, world_size: int) -> RankMemory:
+    """Per-rank bytes of a recipe run on ``world_size`` GPUs (GB = 1e9 bytes)."""
+    from mfmegatron.training.ema import resolve_sharding
+    from mfmegatron.training.family import get_family
+
+    family = get_family(config.model.family)
+    parallel, optim, alignment = config.parallel, config.optim, config.alignment
+    dp = data_parallel_size(config, world_size)
+    counts = family.rank_parameter_counts(config)
+    weight = 2 if config.model.dtype == "bf16" else FP32
+    grad = FP32 if optim.grad_reduce_in_fp32 else weight
+    # Adam's state lives with float32 main parameters; bf16 weights get a float32 copy (fp32
+    # weights are their own main parameters). The distributed optimizer shards both over DP.
+    main = FP32 if weight != FP32 else 0
+    state_shards = dp if parallel.use_distributed_optimizer else 1
+    state_per_parameter = (main + ADAM_MOMENTS) / state_shards
+    state_how = f"({main} + {ADAM_MOMENTS}) B" + (f" / DP={dp}" if state_shards > 1 else "")
+
+    memory = RankMemory(
+        f"TP={parallel.tensor_parallel_size} PP={parallel.pipeline_parallel_size} DP={dp}"
+        f"{' SP' if parallel.sequence_parallel else ''}"
+        f"{', distributed optimizer' if parallel.use_distributed_optimizer else ''}"
+    )
+    teacher, student = counts["teacher"], counts["student"]
+    memory.add("teacher weights", teacher * weight, f"{teacher / 1e9:.3f}e9 x {weight} B")
+    memory.add("student weights", student * weight, f"{student / 1e9:.3f}e9 x {weight} B")
+    memory.add("student gradients", student * grad, f"{student / 1e9:.3f}e9 x {grad} B")
+    memory.add("student main params + Adam", student * state_per_parameter, f"{student / 1e9:.3f}e9 x {state_how}")
+    if optim.ema_decay > 0:
+        sharded = resolve_sharding(optim.ema_sharding, parallel.use_distributed_optimizer) == "data_parallel"
+        memory.add("student EMA", student * FP32 / (dp if sharded else 1),
+                   f"{student / 1e9:.3f}e9 x {FP32} B" + (f" / DP={dp}" if sharded else " (replicated)"))
+    if alignment.enabled:
+        if alignment.fake_network == "lora":
+            fake = counts["lora"]
+            label = f"fake network (LoRA rank {alignment.lora_rank})"
+        else:
+            fake = teacher
+            label = "fake network (full copy)"
+        memory.add(label, fake * (weight + grad + state_per_parameter),
+                   f"{fake / 1e9:.3f}e9 x ({weight} + {grad} B + {state_how})")
+    activations, formula = family.activation_bytes(config)
+    memory.add("activations", activations, formula)
+    return memory
