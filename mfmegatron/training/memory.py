@@ -5,12 +5,13 @@ gradient buffers, float32 main parameters and Adam moments (the last two sharded
 ranks with the distributed optimizer) and its EMA (sharded or replicated, ``optim.ema_sharding``);
 the fake network of the alignment loss (a full copy: everything the student has but the EMA;
 LoRA: the same for its factors only); and the activations of a training pass (the model family's
-formula). Recipes quote its figures (``python -m tools.memory_plan RECIPE``) and
+formula, or a no-grad evaluation's when larger). Recipes quote its figures (``python -m tools.memory_plan RECIPE``) and
 ``tests/test_memory.py`` fails when a recipe's comment and this count disagree.
 
 Left out: the CUDA context and library workspaces (cuBLAS, cuDNN: about 0.5-1 GB), NCCL's
-communication buffers, megatron's bucket padding, the caching allocator's fragmentation, the text
-embeddings and the no-grad teacher passes' transient activations (one block at a time). The budget
+communication buffers, megatron's bucket padding, the caching allocator's fragmentation and the text
+embeddings. Activations are the larger of a training pass's and a no-grad evaluation's (those
+run in micro-batches of up to ``parallel.no_grad_memory_gb``, one block at a time). The budget
 check keeps 5 GB of an 80 GB (decimal) H100 for them.
 """
 
@@ -102,6 +103,22 @@ def rank_memory(config, world_size: int) -> RankMemory:
             label = "fake network (full copy)"
         memory.add(label, fake * (weight + grad + state_per_parameter),
                    f"{fake / 1e9:.3f}e9 x ({weight} + {grad} B + {state_how})")
+    # The training passes' activations and the no-grad evaluations' (teacher velocities, ODE
+    # steps, rollouts, target JVPs: micro-batches of up to parallel.no_grad_memory_gb) never live
+    # at the same time; the peak is the larger.
     activations, formula = family.activation_bytes(config)
+    no_grad, no_grad_formula = no_grad_activation_bytes(config, family)
+    if no_grad > activations:
+        activations, formula = no_grad, no_grad_formula
     memory.add("activations", activations, formula)
     return memory
+
+
+def no_grad_activation_bytes(config, family) -> tuple[float, str]:
+    """Peak activations of a no-grad evaluation (with a tangent, the larger): the rank's batch
+    in micro-batches of as many rows as ``parallel.no_grad_memory_gb`` holds, times the
+    family's estimate per row (what ``Trainer._runner`` sizes them by)."""
+    batch = config.data.micro_batch_size * config.parallel.num_microbatches
+    per_row = family.no_grad_activation_bytes_per_sample(config, with_tangent=True)
+    rows = min(batch, max(1, int(config.parallel.no_grad_memory_gb * GB // per_row)))
+    return rows * per_row, f"no-grad JVP evaluation: {rows} rows x {per_row / GB:.2f} GB (peak of one block)"

@@ -167,7 +167,7 @@ class FluxFamily:
         input, column-parallel parts split over TP — about (2 + 14 / TP) x tokens x h values
         per sample. A tangent carries the same again (the blocks free what they can between
         the attention and the MLP; this errs high). Communication buffers are not counted."""
-        flux = self.teacher_config(config)
+        flux = self._architecture(config)
         tokens = self._latent_grid(config) ** 2 + config.model.text_tokens
         value_bytes = 2 if config.model.dtype == "bf16" else 4
         per_row = tokens * flux.hidden_size * value_bytes * (2 + 14 / config.parallel.tensor_parallel_size)
@@ -190,6 +190,14 @@ class FluxFamily:
         plan = copy.deepcopy(config)
         plan.model.teacher_checkpoint = None
         return plan
+
+    def _architecture(self, config) -> FluxConfig:
+        """The teacher's architecture: its checkpoint's, or the preset's while planning a run
+        whose teacher checkpoint does not exist yet."""
+        checkpoint = config.model.teacher_checkpoint
+        if checkpoint is not None and not Path(checkpoint).exists():
+            config = self._preset_only(config)
+        return self.teacher_config(config)
 
     def rank_parameter_counts(self, config) -> dict[str, float]:
         """Parameters one rank holds: ``teacher``, ``student`` and ``lora`` (the LoRA fake
@@ -260,7 +268,7 @@ class FluxFamily:
         one block's tangent temporaries in the forward: one block more (added to the backward's
         recomputed block although the two peaks do not coincide: an upper bound). 1F1B keeps up to
         min(PP, micro-batches) micro-batches in flight on the first stage."""
-        flux = self.model_config(self._preset_only(config), student=False)
+        flux = self._architecture(config)
         parallel = config.parallel
         tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
         s = self._latent_grid(config) ** 2 + config.model.text_tokens
