@@ -308,6 +308,8 @@ def test_resume_at_another_layout_continues_with_the_same_loss(
         "train.steps=6",
         "meanflow.align_start_step=2",  # alignment and its fake network active
         f"model.teacher_checkpoint={teacher_checkpoint}",
+        # 3 of 4 samples with r < t: steps 5 and 6 train average velocities at 2 and 4 samples
+        "meanflow.time_sampling.equal_fraction=0.25",
     ]
     _check(_run(2, first, shards, [*schedule, *layout]))
     second = tmp_path / "second"
