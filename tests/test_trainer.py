@@ -494,18 +494,22 @@ def test_a_corrupted_shard_is_skipped_with_a_warning_and_counted(tmp_path, shard
     assert _log(output)[8]["data_bad_shards"] >= 1
 
 
-def _non_finite_step(shards: str, output: str) -> dict:
+def _recipe(shards: str, output: str, extra: list[str]):
+    """The tests' tiny recipe at TP=1 for a Trainer built in this process (a spawned rank)."""
     from mfmegatron.config import load_config
     from mfmegatron.training.config import TrainConfig
-    from mfmegatron.training.trainer import Trainer
 
     overrides = [o for o in BASE_OVERRIDES if not o.startswith("logging.log_prompts")]
-    config = load_config(
+    return load_config(
         TrainConfig, REPO / "recipes" / "flux_tiny_cpu.yaml",
-        [*overrides, f"data.shards={shards}", f"train.output_dir={output}", "parallel.tensor_parallel_size=1",
-         "optim.lr_warmup_steps=0"],
+        [*overrides, f"data.shards={shards}", f"train.output_dir={output}", "parallel.tensor_parallel_size=1", *extra],
     )
-    trainer = Trainer(config)
+
+
+def _non_finite_step(shards: str, output: str) -> dict:
+    from mfmegatron.training.trainer import Trainer
+
+    trainer = Trainer(_recipe(shards, output, ["optim.lr_warmup_steps=0"]))
     student = trainer.student.module
 
     def snapshot():
@@ -577,15 +581,7 @@ def latent_shards(tmp_path_factory, vae_folder) -> Path:
 
 
 def _data_config(shards: str, output: str, extra: list[str]):
-    from mfmegatron.config import load_config
-    from mfmegatron.training.config import TrainConfig
-
-    overrides = [o for o in BASE_OVERRIDES if not o.startswith("logging.log_prompts")]
-    return load_config(
-        TrainConfig, REPO / "recipes" / "flux_tiny_cpu.yaml",
-        [*overrides, f"data.shards={shards}", f"train.output_dir={output}", "parallel.tensor_parallel_size=1",
-         "meanflow.z_source=data", "data.image_backend=pil", *extra],
-    )  # fmt: skip
+    return _recipe(shards, output, ["meanflow.z_source=data", "data.image_backend=pil", *extra])
 
 
 def _data_sourced_step(image_shards: str, prompt_shards: str, latent_shards: str, vae: str, output: str) -> dict:
@@ -701,15 +697,9 @@ def _inf_fake_gradient_on_rank_one(shards: str, output: str, distributed: bool) 
     """Two data-parallel replicas; on rank 1 only, the fake network's gradient becomes inf after
     the data-parallel reduction of step 0 (a fault one rank sees alone)."""
     import mfmegatron.training.trainer as trainer_module
-    from mfmegatron.config import load_config
-    from mfmegatron.training.config import TrainConfig
 
-    overrides = [o for o in BASE_OVERRIDES if not o.startswith("logging.log_prompts")]
-    config = load_config(
-        TrainConfig, REPO / "recipes" / "flux_tiny_cpu.yaml",
-        [*overrides, f"data.shards={shards}", f"train.output_dir={output}", "parallel.tensor_parallel_size=1",
-         f"parallel.use_distributed_optimizer={str(distributed).lower()}", "meanflow.align_start_step=0"],
-    )
+    config = _recipe(shards, output, [f"parallel.use_distributed_optimizer={str(distributed).lower()}",
+                                      "meanflow.align_start_step=0"])
     trainer = trainer_module.Trainer(config)
     rank = torch.distributed.get_rank()
     reduce = trainer_module.finalize_model_grads
