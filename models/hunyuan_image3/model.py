@@ -1,0 +1,258 @@
+"""HunyuanImage 3.0's language-model trunk on megatron-core (the text path; this slice).
+
+Reads top to bottom as the architecture:
+
+    wte(token ids)                                         -> hidden [s, b, h]
+    32 decoder layers, pre-norm:
+        x += o_proj(attention(input_layernorm(x)))          GQA, fused per-group QKV,
+                                                            RoPE then q/k RMSNorm, causal SDPA
+        x += shared_expert(h) + moe(h),  h = post_attention_layernorm(x)
+    ln_f, lm_head                                          -> logits (text output only)
+
+The image head reads the last layer's hidden states *without* ``ln_f`` (``hidden_states``).
+
+megatron-core pieces: the attention projections are megatron's Column/RowParallelLinear
+(``mfmegatron.jvp.linear``), the MoE is megatron's ``MoELayer`` (router, token dispatcher,
+``SequentialMLP`` experts, ``SharedExpertMLP``), the embedding megatron's
+``VocabParallelEmbedding``. The attention itself is written here because HunyuanImage 3.0
+normalises q and k *after* RoPE (megatron's ``SelfAttention`` normalises before).
+
+Layouts: tensors are sequence-first ``[s, b, h]`` (megatron's convention). The fused QKV weight's
+rows are ``[group][q_0 .. q_{n-1}, k, v][head_dim]`` with ``n = heads / groups``: megatron's own
+``linear_qkv`` order, the same as the released ``qkv_proj`` (a TP split is whole KV groups). The
+expert ``linear_fc1`` rows are ``[gate; up]`` (megatron's GLU activates the first half); the
+released ``gate_and_up_proj`` is ``[up; gate]`` and is swapped by ``state_dict_adapter``.
+
+Numerics as the official code: RMSNorm, RoPE tables and rotation, router logits and softmax in
+float32; results cast back to the activation dtype.
+
+Not in this slice: the image path (patch embedding, final layer, timestep embedders), the 2-D
+positions of image tokens and the mixed causal / full mask (``attention_mask`` takes any boolean
+mask already), pipeline stages, tensor parallel > 1 checks, and ``forward_jvp``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import MegatronModule
+
+from models.hunyuan_image3.config import HunyuanImage3Config
+from models.hunyuan_image3.layer_specs import HunyuanLayerSpec, get_hunyuan_layer_spec
+
+# --------------------------------------------------------------------------- norms, rotary
+
+
+class RMSNorm(torch.nn.Module):
+    """``weight * (x / rms(x))`` with the normalisation in float32 and the scale in x's dtype."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(dim, dtype=dtype))
+
+    def forward(self, x):
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_tables(positions_y: torch.Tensor, positions_x: torch.Tensor, head_dim: int, theta: float):
+    """cos, sin [s, head_dim] in float32 for per-token (y, x) positions [s].
+
+    Frequency m (m = 0 .. head_dim/2 - 1) is ``theta^(-2m/head_dim)``; its angle uses y for even m
+    and x for odd m; the table is laid out ``[angles, angles]`` (pairs m, m + head_dim/2, applied
+    with rotate_half). A text token at index n has y = x = n: plain 1-D RoPE.
+    """
+    device = positions_y.device
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    even = (torch.arange(head_dim // 2, device=device) % 2) == 0
+    positions = torch.where(even[None, :], positions_y.float()[:, None], positions_x.float()[:, None])
+    angles = positions * inv_freq[None, :]
+    table = torch.cat([angles, angles], dim=-1)
+    return table.cos(), table.sin()
+
+
+def text_rope_positions(length: int, device=None):
+    """(y, x) positions of a text-only sequence: y = x = index."""
+    index = torch.arange(length, device=device)
+    return index, index
+
+
+def apply_rope(x, cos, sin):
+    """x [s, b, heads, d]; rotate_half RoPE computed in float32, returned in x's dtype."""
+    x32 = x.float()
+    half = x32.shape[-1] // 2
+    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
+    cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+class SelfAttention(MegatronModule):
+    """GQA self-attention: fused per-group QKV -> RoPE -> q/k RMSNorm -> SDPA -> output projection.
+
+    Each tensor-parallel rank holds whole KV groups (and their query heads).
+    """
+
+    def __init__(self, config: HunyuanImage3Config, spec: HunyuanLayerSpec):
+        super().__init__(config)
+        self.head_dim = config.kv_channels
+        self.heads_per_group = config.query_heads_per_group
+        qkv_width = (config.num_attention_heads + 2 * config.num_query_groups) * self.head_dim
+        self.linear_qkv = spec.column_parallel_linear(
+            config.hidden_size, qkv_width, config=config, init_method=config.init_method,
+            bias=False, gather_output=False,
+        )
+        dtype = config.params_dtype
+        # Named as megatron's so finalize_model_grads sums their replicated grads over TP.
+        self.q_layernorm = RMSNorm(self.head_dim, config.layernorm_epsilon, dtype)
+        self.k_layernorm = RMSNorm(self.head_dim, config.layernorm_epsilon, dtype)
+        self.linear_proj = spec.row_parallel_linear(
+            config.num_attention_heads * self.head_dim, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
+            skip_bias_add=False,
+        )
+
+    def forward(self, x, rope, attention_mask=None):
+        """x [s, b, h]; rope = (cos, sin) [s, head_dim]; attention_mask: None (causal) or a
+        boolean mask broadcastable to [b, heads, s, s], True where a query may attend."""
+        qkv, _ = self.linear_qkv.forward_jvp(x)
+        s, b = qkv.shape[:2]
+        n = self.heads_per_group
+        qkv = qkv.view(s, b, -1, n + 2, self.head_dim)  # [s, b, local groups, n q + k + v, d]
+        q = qkv[:, :, :, :n].flatten(2, 3)  # [s, b, local heads, d], heads group-major
+        k, v = qkv[:, :, :, n], qkv[:, :, :, n + 1]  # [s, b, local groups, d]
+        cos, sin = rope
+        q = self.q_layernorm(apply_rope(q, cos, sin))
+        k = self.k_layernorm(apply_rope(k, cos, sin))
+
+        def to_bhsd(t):
+            return t.permute(1, 2, 0, 3)
+
+        out = F.scaled_dot_product_attention(
+            to_bhsd(q), to_bhsd(k), to_bhsd(v),
+            attn_mask=attention_mask, is_causal=attention_mask is None, enable_gqa=True,
+        )  # query head i reads KV group i // n, as the fused layout orders them
+        out = out.permute(2, 0, 1, 3).flatten(2)  # [s, b, local heads * d]
+        y, _ = self.linear_proj.forward_jvp(out)
+        return y
+
+
+# --------------------------------------------------------------------------- decoder layer
+
+
+class DecoderLayer(MegatronModule):
+    """Pre-norm attention and MoE (routed experts + shared expert, both in megatron's MoELayer)."""
+
+    def __init__(self, config: HunyuanImage3Config, spec: HunyuanLayerSpec, layer_number: int):
+        super().__init__(config)
+        dtype = config.params_dtype
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype)
+        self.self_attention = SelfAttention(config, spec)
+        self.pre_mlp_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype)
+        self.mlp = spec.moe_builder(
+            config=config, layer_number=layer_number,
+            pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        )
+
+    def forward(self, x, rope, attention_mask=None):
+        x = x + self.self_attention(self.input_layernorm(x), rope, attention_mask)
+        moe_out, _ = self.mlp(self.pre_mlp_layernorm(x))  # routed + shared expert
+        return x + moe_out
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class HunyuanImage3Model(MegatronModule):
+    """The trunk: ``wte``, the decoder layers, ``ln_f`` and ``lm_head`` (all on one pipeline stage).
+
+    ``hidden_states(...)`` returns the last layer's output [s, b, h] (what the image head reads);
+    ``forward(...)`` returns this rank's vocab shard of the logits, batch-first [b, s, vocab / tp].
+    """
+
+    def __init__(self, config: HunyuanImage3Config, spec: HunyuanLayerSpec | None = None):
+        super().__init__(config)
+        spec = spec or get_hunyuan_layer_spec(num_experts=config.num_moe_experts)
+        # Read by megatron's schedules and finalize_model_grads (embeddings are not tied).
+        self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = False
+        dtype = config.params_dtype
+        self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, init_method=config.init_method, config=config,
+        )
+        self.layers = torch.nn.ModuleList(
+            DecoderLayer(config, spec, layer_number=i + 1) for i in range(config.num_layers)
+        )
+        self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype)
+        self.output_layer = spec.column_parallel_linear(
+            config.hidden_size, config.vocab_size, config=config, init_method=config.init_method,
+            bias=False, gather_output=False,
+        )
+
+    def hidden_states(self, input_ids, rope_positions=None, attention_mask=None):
+        """input_ids [b, s] -> the last layer's output [s, b, h] (before ``ln_f``).
+
+        ``rope_positions``: (y, x) positions [s] (default: text positions 0 .. s-1);
+        ``attention_mask``: None for causal, or a boolean mask (True = attend).
+        """
+        config = self.config
+        x = self.word_embeddings(input_ids).transpose(0, 1).contiguous()  # [s, b, h]
+        if rope_positions is None:
+            rope_positions = text_rope_positions(x.shape[0], x.device)
+        rope = rope_tables(*rope_positions, config.kv_channels, config.rope_theta)
+        for layer in self.layers:
+            x = layer(x, rope, attention_mask)
+        return x
+
+    def forward(self, input_ids, rope_positions=None, attention_mask=None):
+        x = self.final_layernorm(self.hidden_states(input_ids, rope_positions, attention_mask))
+        logits, _ = self.output_layer.forward_jvp(x)
+        return logits.transpose(0, 1)
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def parameter_counts(model: HunyuanImage3Model) -> dict[str, int]:
+    """Parameter counts read off the built modules (a meta-device build works).
+
+    ``activated_per_token_layers``: parameters one token passes through in the decoder layers —
+    everything in a layer except the routed experts, plus ``topk`` routed experts' worth.
+    """
+    def count(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    layers = sum(count(layer) for layer in model.layers)
+    activated = 0
+    for layer in model.layers:
+        experts = layer.mlp.experts
+        routed = count(experts)
+        one_expert = count(experts.local_experts[0])
+        activated += count(layer) - routed + model.config.moe_router_topk * one_expert
+    return {
+        "total": count(model),
+        "layers": layers,
+        "word_embeddings": count(model.word_embeddings),
+        "output_layer": count(model.output_layer),
+        "final_layernorm": count(model.final_layernorm),
+        "activated_per_token_layers": activated,
+    }
+
+
+__all__ = [
+    "HunyuanImage3Model",
+    "DecoderLayer",
+    "SelfAttention",
+    "RMSNorm",
+    "rope_tables",
+    "text_rope_positions",
+    "apply_rope",
+    "parameter_counts",
+]

@@ -1,0 +1,210 @@
+"""HunyuanImage 3.0's trunk on megatron-core: sizes, conversion, and transformers' HunYuanMoEV1 as
+the reference for text-only sequences.
+
+The reference is transformers' ``hunyuan_v1_moe`` (the Hunyuan-A13B trunk family): separate
+q/k/v and gate/up projections, q/k RMSNorm after RoPE, softmax over all experts then top-k
+renormalised, no capacity. Its weights are re-laid out here into the released HunyuanImage 3.0
+keys (fused per-KV-group ``qkv_proj``, ``gate_and_up_proj`` = ``[up; gate]``) and then converted by
+our ``state_dict_adapter``, so the comparison also checks the conversion.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mfmegatron.parallel import parallel_context, run_on_ranks
+
+SEQ = 9
+BATCH = 2
+TINY = dict(hidden=64, heads=4, groups=2, head_dim=16, layers=2, vocab=128, experts=8, topk=3, width=32)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _transformers_reference():
+    from transformers import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
+
+    config = HunYuanMoEV1Config(
+        vocab_size=TINY["vocab"],
+        hidden_size=TINY["hidden"],
+        intermediate_size=TINY["width"],
+        num_hidden_layers=TINY["layers"],
+        num_attention_heads=TINY["heads"],
+        num_key_value_heads=TINY["groups"],
+        head_dim=TINY["head_dim"],
+        num_experts=TINY["experts"],
+        moe_topk=TINY["topk"],
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    model = HunYuanMoEV1ForCausalLM(config).float().eval()
+    # Weights large enough that routing, attention and norms all matter (the default init's 0.02
+    # leaves the residual stream nearly unchanged).
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1:
+                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def _released_layout(hf: dict) -> dict:
+    """transformers' HunYuanMoEV1 tensors -> the released HunyuanImage 3.0 keys and fused layouts."""
+    heads, groups, d = TINY["heads"], TINY["groups"], TINY["head_dim"]
+    out = {
+        "model.wte.weight": hf["model.embed_tokens.weight"],
+        "model.ln_f.weight": hf["model.norm.weight"],
+        "lm_head.weight": hf["lm_head.weight"],
+    }
+    for i in range(TINY["layers"]):
+        src, dst = f"model.layers.{i}.", f"model.layers.{i}."
+        q = hf[src + "self_attn.q_proj.weight"].view(groups, heads // groups, d, -1)
+        k = hf[src + "self_attn.k_proj.weight"].view(groups, 1, d, -1)
+        v = hf[src + "self_attn.v_proj.weight"].view(groups, 1, d, -1)
+        out[dst + "self_attn.qkv_proj.weight"] = torch.cat([q, k, v], dim=1).flatten(0, 2)
+        for name in ("self_attn.query_layernorm.weight", "self_attn.key_layernorm.weight",
+                     "self_attn.o_proj.weight", "input_layernorm.weight",
+                     "post_attention_layernorm.weight", "mlp.gate.wg.weight"):
+            out[dst + name] = hf[src + name]
+        gate_up = hf[src + "mlp.experts.gate_up_proj"]  # [E, 2I, H], gate first
+        down = hf[src + "mlp.experts.down_proj"]  # [E, H, I]
+        for e in range(TINY["experts"]):
+            gate, up = gate_up[e].chunk(2, dim=0)
+            out[dst + f"mlp.experts.{e}.gate_and_up_proj.weight"] = torch.cat([up, gate], dim=0)
+            out[dst + f"mlp.experts.{e}.down_proj.weight"] = down[e]
+        out[dst + "mlp.shared_mlp.gate_and_up_proj.weight"] = torch.cat(
+            [hf[src + "mlp.shared_mlp.up_proj.weight"], hf[src + "mlp.shared_mlp.gate_proj.weight"]], dim=0
+        )
+        out[dst + "mlp.shared_mlp.down_proj.weight"] = hf[src + "mlp.shared_mlp.down_proj.weight"]
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+def _tiny_config(**overrides):
+    from models.hunyuan_image3.config import tiny_hunyuan_image3_config
+
+    return tiny_hunyuan_image3_config(**overrides)
+
+
+def _input_ids(seed: int):
+    # Not token 0: the reference's embedding has padding_idx 0, whose row gets no gradient.
+    return torch.randint(1, TINY["vocab"], (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def _loss_weights(shape):
+    return torch.linspace(-1, 1, torch.Size(shape).numel()).view(shape)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """transformers' model, its logits / final hidden states / grads on one batch, and the
+    released-layout weights."""
+    model = _transformers_reference()
+    ids = _input_ids(10)
+    out = model(input_ids=ids, output_hidden_states=True)
+    (out.logits * _loss_weights(out.logits.shape)).sum().backward()
+    grads = {}
+    for name, param in model.named_parameters():
+        grads[name] = param.grad.detach().clone()
+    released = _released_layout(dict(model.state_dict()))
+    return {
+        "ids": ids,
+        "logits": out.logits.detach(),
+        "final_hidden": out.hidden_states[-1].detach(),
+        "released": released,
+        "released_grads": _released_layout(grads),
+    }
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def test_reference_is_the_current_hunyuan_v1_moe():
+    """The facts this comparison relies on: q/k norm after RoPE, no capacity, softmax-then-top-k
+    renormalised routing. An older transformers normalised q/k before RoPE and dropped tokens."""
+    import inspect
+
+    from transformers.models.hunyuan_v1_moe import modeling_hunyuan_v1_moe as hf
+
+    attention = inspect.getsource(hf.HunYuanMoEV1Attention.forward)
+    assert attention.index("apply_rotary_pos_emb(") < attention.index("self.query_layernorm(")
+    gate = inspect.getsource(hf.HunYuanMoEV1Gate.forward)
+    assert gate.index("softmax") < gate.index("topk") < gate.index("routing_weights /=")
+    assert "capacity" not in inspect.getsource(hf)
+
+
+def test_full_config_parameter_counts_from_the_built_modules():
+    from models.hunyuan_image3.config import hunyuan_image3_config
+    from models.hunyuan_image3.model import parameter_counts
+    from models.hunyuan_image3.parallelize import meta_full_model
+
+    with parallel_context():
+        model = meta_full_model(hunyuan_image3_config())
+        counts = parameter_counts(model)
+    assert counts["total"] == 80_958_730_240
+    assert counts["layers"] == 79_868_207_104
+    assert counts["word_embeddings"] == counts["output_layer"] == 545_259_520
+    assert counts["activated_per_token_layers"] == 381_952_256 * 32
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert shapes["layers.0.self_attention.linear_qkv.weight"] == (6144, 4096)
+    assert shapes["layers.31.mlp.experts.local_experts.63.linear_fc1.weight"] == (6144, 4096)
+    assert shapes["layers.31.mlp.experts.local_experts.63.linear_fc2.weight"] == (4096, 3072)
+    assert shapes["layers.0.mlp.router.weight"] == (64, 4096)
+
+
+def test_conversion_round_trip_is_exact_and_names_what_does_not_fit(reference):
+    from models.hunyuan_image3.state_dict_adapter import (
+        CheckpointMismatchError,
+        from_megatron,
+        to_megatron,
+    )
+
+    config = _tiny_config()
+    released = dict(reference["released"])
+    released["patch_embed.model.0.weight"] = torch.zeros(3)  # an image-path key: passed through
+    ours, rest = to_megatron(released, config)
+    assert set(rest) == {"patch_embed.model.0.weight"}
+    # [up; gate] released -> [gate; up] ours
+    up_gate = released["model.layers.1.mlp.experts.5.gate_and_up_proj.weight"]
+    fc1 = ours["layers.1.mlp.experts.local_experts.5.linear_fc1.weight"]
+    torch.testing.assert_close(fc1[: TINY["width"]], up_gate[TINY["width"]:], rtol=0, atol=0)
+    back = from_megatron(ours, config)
+    assert set(back) == set(reference["released"])
+    for key, value in back.items():
+        assert torch.equal(value, reference["released"][key]), key
+    del released["model.layers.0.mlp.experts.3.down_proj.weight"]
+    with pytest.raises(CheckpointMismatchError, match="experts.3.down_proj"):
+        to_megatron(released, config)
+
+
+def test_text_trunk_matches_transformers_hunyuan_v1_moe(reference):
+    """fp32, world of one: logits, final hidden states and every parameter gradient."""
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights
+    from models.hunyuan_image3.state_dict_adapter import to_megatron
+
+    config = _tiny_config()
+    with parallel_context():
+        model = build_hunyuan_model(config)
+        ours, _ = to_megatron(reference["released"], config)
+        load_full_weights(model, ours)
+        ids = reference["ids"]
+        hidden = model.hidden_states(ids)
+        final = model.final_layernorm(hidden).transpose(0, 1)
+        logits = model(ids)
+        (logits * _loss_weights(logits.shape)).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+    torch.testing.assert_close(final, reference["final_hidden"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, reference["logits"], rtol=1e-5, atol=1e-5)
+    expected_grads, _ = to_megatron(reference["released_grads"], config)
+    assert set(grads) == set(expected_grads)
+    for name, grad in grads.items():
+        expected = expected_grads[name]
+        # Gradients reach tens here (weights of std 0.3): an absolute 1e-5 relative to the scale.
+        atol = 1e-5 * max(1.0, expected.abs().max().item())
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
