@@ -208,3 +208,62 @@ def test_text_trunk_matches_transformers_hunyuan_v1_moe(reference):
         # Gradients reach tens here (weights of std 0.3): an absolute 1e-5 relative to the scale.
         atol = 1e-5 * max(1.0, expected.abs().max().item())
         torch.testing.assert_close(grad, expected, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# --------------------------------------------------------------------------- expert parallel
+
+
+def _expert_parallel_rank(full_state: dict) -> dict:
+    """EP=2 on two gloo ranks (alltoall dispatcher): each rank its own batch; outputs and grads."""
+    from mfmegatron.parallel import initialize_parallel
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights, local_weights
+
+    initialize_parallel(expert_parallel_size=2)
+    model = build_hunyuan_model(_tiny_config(expert_model_parallel_size=2))
+    load_full_weights(model, full_state)
+    rank = torch.distributed.get_rank()
+    logits = model(_input_ids(20 + rank))
+    (logits * _loss_weights(logits.shape)).sum().backward()
+    names = [name for name, _ in local_weights(model)]
+    return {
+        "logits": logits.detach(),
+        "grads": {name: p.grad.clone() for name, p in zip(names, model.parameters())},
+        "local_experts": len(model.layers[0].mlp.experts.local_experts),
+    }
+
+
+def test_expert_parallel_2_matches_one_rank(reference):
+    """Each rank's logits and its dense parameters' gradients equal the one-rank model's on that
+    rank's batch; an expert's gradient (the expert lives on one rank, tokens come from both)
+    equals the sum of the one-rank gradients over both batches."""
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights
+    from models.hunyuan_image3.state_dict_adapter import to_megatron
+
+    config = _tiny_config()
+    ours, _ = to_megatron(reference["released"], config)
+    ranks = run_on_ranks(_expert_parallel_rank, 2, ours, timeout=300)
+
+    expected = []
+    with parallel_context():
+        model = build_hunyuan_model(config)
+        load_full_weights(model, ours)
+        for rank in range(2):
+            model.zero_grad(set_to_none=True)
+            logits = model(_input_ids(20 + rank))
+            (logits * _loss_weights(logits.shape)).sum().backward()
+            expected.append({"logits": logits.detach(), "grads": {n: p.grad.clone() for n, p in model.named_parameters()}})
+
+    experts_seen = set()
+    for rank, result in enumerate(ranks):
+        assert result["local_experts"] == TINY["experts"] // 2
+        torch.testing.assert_close(result["logits"], expected[rank]["logits"], rtol=1e-5, atol=1e-5)
+        for name, grad in result["grads"].items():
+            if ".local_experts." in name:
+                want = expected[0]["grads"][name] + expected[1]["grads"][name]
+                experts_seen.add(name)
+            else:
+                want = expected[rank]["grads"][name]
+            atol = 1e-5 * max(1.0, want.abs().max().item())
+            torch.testing.assert_close(grad, want, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"rank {rank} {name}: {m}")
+    all_experts = {n for n in expected[0]["grads"] if ".local_experts." in n}
+    assert experts_seen == all_experts  # every expert checked once, on the rank that holds it
