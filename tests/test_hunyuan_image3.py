@@ -158,6 +158,14 @@ def test_full_config_parameter_counts_from_the_built_modules():
     assert shapes["layers.0.mlp.router.weight"] == (64, 4096)
 
 
+def test_sizes_tool_prints_the_counts(capsys):
+    from tools.hunyuan_image3_sizes import main
+
+    assert main(["--preset", "hunyuan-image3"]) == 0
+    printed = capsys.readouterr().out
+    assert "80,958,730,240" in printed and "12,222,472,192" in printed and "381,952,256" in printed
+
+
 def test_conversion_round_trip_is_exact_and_names_what_does_not_fit(reference):
     from models.hunyuan_image3.state_dict_adapter import (
         CheckpointMismatchError,
