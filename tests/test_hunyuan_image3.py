@@ -16,6 +16,7 @@ import torch
 from mfmegatron.parallel import parallel_context, run_on_ranks
 
 SEQ = 9
+TP_SEQ = 10  # divisible by the TP size (sequence parallel)
 BATCH = 2
 TINY = dict(hidden=64, heads=4, groups=2, head_dim=16, layers=2, vocab=128, experts=8, topk=3, width=32)
 
@@ -92,9 +93,9 @@ def _tiny_config(**overrides):
     return tiny_hunyuan_image3_config(**overrides)
 
 
-def _input_ids(seed: int):
+def _input_ids(seed: int, length: int = SEQ):
     # Not token 0: the reference's embedding has padding_idx 0, whose row gets no gradient.
-    return torch.randint(1, TINY["vocab"], (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(1, TINY["vocab"], (BATCH, length), generator=torch.Generator().manual_seed(seed))
 
 
 def _loss_weights(shape):
@@ -275,3 +276,82 @@ def test_expert_parallel_2_matches_one_rank(reference):
             torch.testing.assert_close(grad, want, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"rank {rank} {name}: {m}")
     all_experts = {n for n in expected[0]["grads"] if ".local_experts." in n}
     assert experts_seen == all_experts  # every expert checked once, on the rank that holds it
+
+
+# --------------------------------------------------------------------------- tensor parallel
+
+
+def _full_grads(model) -> dict:
+    """Every parameter's gradient as the full tensor under its full name: TP parts gathered (the
+    SwiGLU fc1 per half), and the grads that are partial per TP rank summed, as megatron's
+    finalize_model_grads does: the q/k norms (each rank sees its own heads) and the parameters
+    applied to sequence chunks (marked ``sequence_parallel``: norms, router)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from models.hunyuan_image3.parallelize import _is_routed_expert, local_weights, unshard_tensor
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    names = [name for name, _ in local_weights(model)]
+    grads = {}
+    for name, param in zip(names, model.parameters()):
+        grad = param.grad.clone()
+        partial = "layernorm" in name and "self_attention" in name
+        if partial or getattr(param, "sequence_parallel", False):
+            dist.all_reduce(grad, group=tp_group)
+        if getattr(param, "tensor_model_parallel", False):
+            group = (parallel_state.get_expert_tensor_parallel_group() if _is_routed_expert(name) else tp_group)
+            parts = [torch.empty_like(grad) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, grad.contiguous(), group=group)
+            grad = unshard_tensor(name, parts, param)
+        grads[name] = grad
+    return grads
+
+
+def _tensor_parallel_rank(full_state: dict) -> dict:
+    """TP=2 with sequence parallel (experts split over the expert-tensor-parallel group of 2):
+    the same batch on both ranks; the full logits and full gradients."""
+    import torch.distributed as dist
+
+    from mfmegatron.parallel import initialize_parallel
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights
+
+    initialize_parallel(tensor_parallel_size=2)
+    model = build_hunyuan_model(_tiny_config(tensor_model_parallel_size=2, sequence_parallel=True))
+    load_full_weights(model, full_state)
+    logits = model(_input_ids(30, TP_SEQ))  # [b, s, vocab / 2]
+    parts = [torch.empty_like(logits) for _ in range(2)]
+    dist.all_gather(parts, logits.detach().contiguous())
+    full_logits = torch.cat(parts, dim=-1)
+    weights = _loss_weights(full_logits.shape).chunk(2, dim=-1)[dist.get_rank()]
+    (logits * weights).sum().backward()
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    return {"logits": full_logits, "grads": _full_grads(model), "shapes": shapes}
+
+
+def test_tensor_parallel_2_with_sequence_parallel_matches_one_rank(reference):
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights
+    from models.hunyuan_image3.state_dict_adapter import to_megatron
+
+    config = _tiny_config()
+    ours, _ = to_megatron(reference["released"], config)
+    ranks = run_on_ranks(_tensor_parallel_rank, 2, ours, timeout=300)
+    with parallel_context():
+        model = build_hunyuan_model(config)
+        load_full_weights(model, ours)
+        logits = model(_input_ids(30, TP_SEQ))
+        (logits * _loss_weights(logits.shape)).sum().backward()
+        expected = {n: p.grad for n, p in model.named_parameters()}
+    for rank, result in enumerate(ranks):
+        # Split as intended: whole KV groups, vocab rows, experts' and shared expert's halves.
+        shapes = result["shapes"]
+        assert shapes["layers.0.self_attention.linear_qkv.weight"] == (64, 64)
+        assert shapes["word_embeddings.weight"] == shapes["output_layer.weight"] == (64, 64)
+        assert shapes["layers.0.mlp.experts.local_experts.7.linear_fc1.weight"] == (32, 64)
+        assert shapes["layers.0.mlp.shared_experts.linear_fc2.weight"] == (64, 16)
+        torch.testing.assert_close(result["logits"], logits.detach(), rtol=1e-5, atol=1e-5)
+        assert set(result["grads"]) == set(expected)
+        for name, grad in result["grads"].items():
+            want = expected[name]
+            atol = 1e-5 * max(1.0, want.abs().max().item())
+            torch.testing.assert_close(grad, want, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"rank {rank} {name}: {m}")

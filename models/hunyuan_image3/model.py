@@ -26,9 +26,13 @@ released ``gate_and_up_proj`` is ``[up; gate]`` and is swapped by ``state_dict_a
 Numerics as the official code: RMSNorm, RoPE tables and rotation, router logits and softmax in
 float32; results cast back to the activation dtype.
 
+Parallelism: tensor parallel needs sequence parallel (megatron's MoELayer requires it when
+training): activations between layers are sequence chunks ``[s/tp, b, h]``; experts are split
+over expert parallel (and expert tensor parallel). See ``parallelize.py``.
+
 Not in this slice: the image path (patch embedding, final layer, timestep embedders), the 2-D
 positions of image tokens and the mixed causal / full mask (``attention_mask`` takes any boolean
-mask already), pipeline stages, tensor parallel > 1 checks, and ``forward_jvp``.
+mask already), pipeline stages, and ``forward_jvp``.
 """
 
 from __future__ import annotations
@@ -49,10 +53,13 @@ from models.hunyuan_image3.layer_specs import HunyuanLayerSpec, get_hunyuan_laye
 class RMSNorm(torch.nn.Module):
     """``weight * (x / rms(x))`` with the normalisation in float32 and the scale in x's dtype."""
 
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, sequence_parallel: bool = False):
         super().__init__()
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(dim, dtype=dtype))
+        # Applied to sequence chunks under sequence parallel: megatron's finalize_model_grads
+        # then sums the weight's gradient over TP.
+        self.weight.sequence_parallel = sequence_parallel
 
     def forward(self, x):
         x32 = x.float()
@@ -97,7 +104,8 @@ def apply_rope(x, cos, sin):
 class SelfAttention(MegatronModule):
     """GQA self-attention: fused per-group QKV -> RoPE -> q/k RMSNorm -> SDPA -> output projection.
 
-    Each tensor-parallel rank holds whole KV groups (and their query heads).
+    Each tensor-parallel rank holds whole KV groups (and their query heads). Under sequence
+    parallel the QKV projection gathers the sequence and the output projection reduce-scatters it.
     """
 
     def __init__(self, config: HunyuanImage3Config, spec: HunyuanLayerSpec):
@@ -152,10 +160,10 @@ class DecoderLayer(MegatronModule):
 
     def __init__(self, config: HunyuanImage3Config, spec: HunyuanLayerSpec, layer_number: int):
         super().__init__(config)
-        dtype = config.params_dtype
-        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype)
+        dtype, sp = config.params_dtype, config.sequence_parallel
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype, sp)
         self.self_attention = SelfAttention(config, spec)
-        self.pre_mlp_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype)
+        self.pre_mlp_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype, sp)
         self.mlp = spec.moe_builder(
             config=config, layer_number=layer_number,
             pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
@@ -184,34 +192,40 @@ class HunyuanImage3Model(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = False
         dtype = config.params_dtype
+        # With sequence parallel the embedding reduce-scatters to sequence chunks [s/tp, b, h].
         self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, init_method=config.init_method, config=config,
+            reduce_scatter_embeddings=config.sequence_parallel,
         )
         self.layers = torch.nn.ModuleList(
             DecoderLayer(config, spec, layer_number=i + 1) for i in range(config.num_layers)
         )
-        self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype)
+        self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype, config.sequence_parallel)
         self.output_layer = spec.column_parallel_linear(
             config.hidden_size, config.vocab_size, config=config, init_method=config.init_method,
             bias=False, gather_output=False,
         )
 
     def hidden_states(self, input_ids, rope_positions=None, attention_mask=None):
-        """input_ids [b, s] -> the last layer's output [s, b, h] (before ``ln_f``).
+        """input_ids [b, s] -> the last layer's output [s, b, h] (before ``ln_f``); this rank's
+        sequence chunk [s/tp, b, h] under sequence parallel.
 
         ``rope_positions``: (y, x) positions [s] (default: text positions 0 .. s-1);
         ``attention_mask``: None for causal, or a boolean mask (True = attend).
         """
         config = self.config
-        x = self.word_embeddings(input_ids).transpose(0, 1).contiguous()  # [s, b, h]
+        x = self.word_embeddings(input_ids)
+        if not config.sequence_parallel:
+            x = x.transpose(0, 1).contiguous()  # [s, b, h]
         if rope_positions is None:
-            rope_positions = text_rope_positions(x.shape[0], x.device)
+            rope_positions = text_rope_positions(input_ids.shape[1], x.device)
         rope = rope_tables(*rope_positions, config.kv_channels, config.rope_theta)
         for layer in self.layers:
             x = layer(x, rope, attention_mask)
         return x
 
     def forward(self, input_ids, rope_positions=None, attention_mask=None):
+        """Logits [b, s, vocab / tp] (the output layer gathers the sequence under SP)."""
         x = self.final_layernorm(self.hidden_states(input_ids, rope_positions, attention_mask))
         logits, _ = self.output_layer.forward_jvp(x)
         return logits.transpose(0, 1)

@@ -1,9 +1,14 @@
-"""How the HunyuanImage 3.0 trunk is laid out over ranks (this slice: expert parallel only).
+"""How the HunyuanImage 3.0 trunk is laid out over ranks: expert and tensor parallel.
 
 Full (unsharded) weights use ``state_dict_adapter``'s names, with the global expert index.
 An expert-parallel rank of size ``ep`` holds experts ``[r * E/ep, (r + 1) * E/ep)`` as
-``local_experts.0 ..`` (megatron's ``SequentialMLP`` order); everything else is replicated.
-Tensor parallel > 1 and pipeline stages are later slices and raise here.
+``local_experts.0 ..`` (megatron's ``SequentialMLP`` order). Tensor-parallel weights are split
+along megatron's ``partition_dim`` (routed experts over the expert-tensor-parallel group, the rest
+over TP): ``linear_qkv`` rows are whole KV groups, the embedding and ``lm_head`` vocab rows. A
+SwiGLU ``linear_fc1`` (``[gate; up]`` in full) is split per half: rank ``r`` holds
+``[gate_r; up_r]``, as megatron's GLU chunks its local output in two.
+Pipeline stages are a later slice and raise here. Tensor parallel needs sequence parallel
+(megatron's MoELayer refuses TP without SP in training).
 """
 
 from __future__ import annotations
@@ -23,23 +28,22 @@ _LOCAL_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts\.local_experts\.)(\d+)(
 
 
 def _check_supported_layout(config: HunyuanImage3Config) -> None:
-    tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if tp != 1 or pp != 1 or config.tensor_model_parallel_size != 1 or config.pipeline_model_parallel_size != 1:
-        raise NotImplementedError(
-            "HunyuanImage 3.0 runs with tensor and pipeline parallel size 1 so far (expert "
-            f"parallel only); got TP={tp}, PP={pp}"
-        )
-    ep = parallel_state.get_expert_model_parallel_world_size()
-    if ep != config.expert_model_parallel_size:
-        raise ValueError(
-            f"config.expert_model_parallel_size={config.expert_model_parallel_size} but the "
-            f"initialised expert-parallel group has {ep} ranks"
-        )
+    if pp != 1 or config.pipeline_model_parallel_size != 1:
+        raise NotImplementedError(f"HunyuanImage 3.0 runs without pipeline stages so far; got PP={pp}")
+    for what, initialised, configured in (
+        ("expert", parallel_state.get_expert_model_parallel_world_size(), config.expert_model_parallel_size),
+        ("tensor", parallel_state.get_tensor_model_parallel_world_size(), config.tensor_model_parallel_size),
+    ):
+        if initialised != configured:
+            raise ValueError(
+                f"the config's {what} parallel size is {configured} but the initialised {what}-"
+                f"parallel group has {initialised} ranks"
+            )
 
 
 def build_hunyuan_model(config: HunyuanImage3Config) -> HunyuanImage3Model:
-    """This rank's trunk (whole model: no tensor or pipeline parallelism yet)."""
+    """This rank's trunk (all layers: no pipeline stages yet)."""
     _check_supported_layout(config)
     return HunyuanImage3Model(config)
 
@@ -68,6 +72,42 @@ def local_to_global_key(key: str, offset: int) -> str:
     return f"{match.group(1)}{offset + int(match.group(2))}{match.group(3)}"
 
 
+def _is_routed_expert(key: str) -> bool:
+    return ".mlp.experts." in key
+
+
+def _is_glu_fc1(key: str) -> bool:
+    return ".mlp." in key and key.endswith("linear_fc1.weight")
+
+
+def _tp_world_and_rank(key: str) -> tuple[int, int]:
+    if _is_routed_expert(key):
+        return (parallel_state.get_expert_tensor_parallel_world_size(),
+                parallel_state.get_expert_tensor_parallel_rank())
+    return parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+
+
+def shard_full_tensor(key: str, full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of the full tensor ``key`` for ``param`` (megatron's TP attributes)."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    world, rank = _tp_world_and_rank(key)
+    if _is_glu_fc1(key):
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(world, dim=0)[rank], up.chunk(world, dim=0)[rank]], dim=0)
+    return full.chunk(world, dim=param.partition_dim)[rank]
+
+
+def unshard_tensor(key: str, parts: list[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
+    """The full tensor from the TP ranks' parts (in rank order): ``shard_full_tensor`` undone."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return parts[0]
+    if _is_glu_fc1(key):
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])], dim=0)
+    return torch.cat(parts, dim=param.partition_dim)
+
+
 def load_full_weights(model: HunyuanImage3Model, full: dict) -> None:
     """Copies full tensors (``state_dict_adapter`` names) into this rank's parameters."""
     _check_supported_layout(model.config)
@@ -79,11 +119,11 @@ def load_full_weights(model: HunyuanImage3Model, full: dict) -> None:
     check_key_sets(set(full) - (experts - expected), expected, "the full HunyuanImage 3.0 weights")
     with torch.no_grad():
         for key, param in params.items():
-            tensor = full[key]
+            tensor = shard_full_tensor(key, full[key], param)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise CheckpointMismatchError(
-                    f"{key}: checkpoint tensor has shape {tuple(tensor.shape)}, the model expects "
-                    f"{tuple(param.shape)}"
+                    f"{key}: checkpoint tensor {tuple(full[key].shape)} gives this rank "
+                    f"{tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
                 )
             param.copy_(tensor.to(param.dtype))
 
