@@ -355,3 +355,25 @@ def test_tensor_parallel_2_with_sequence_parallel_matches_one_rank(reference):
             want = expected[name]
             atol = 1e-5 * max(1.0, want.abs().max().item())
             torch.testing.assert_close(grad, want, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"rank {rank} {name}: {m}")
+
+
+def test_bf16_keeps_the_router_in_float32(reference):
+    """The released router weight is float32 and routes in float32; megatron would store it in
+    params_dtype. A bf16 trunk keeps it exactly and stays close to the fp32 trunk."""
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights
+    from models.hunyuan_image3.state_dict_adapter import to_megatron
+
+    ours, _ = to_megatron(reference["released"], _tiny_config())
+    with parallel_context():
+        model = build_hunyuan_model(_tiny_config(bf16=True, params_dtype=torch.bfloat16))
+        load_full_weights(model, ours)
+        router = model.layers[1].mlp.router.weight
+        assert router.dtype == torch.float32
+        assert torch.equal(router.detach(), ours["layers.1.mlp.router.weight"])
+        assert model.layers[1].self_attention.linear_qkv.weight.dtype == torch.bfloat16
+        logits = model(reference["ids"])
+        logits.float().sum().backward()
+        assert router.grad.dtype == torch.float32
+    assert logits.dtype == torch.bfloat16
+    scale = reference["logits"].abs().max()
+    assert (logits.float() - reference["logits"]).abs().max() < 0.05 * scale

@@ -23,8 +23,8 @@ rows are ``[group][q_0 .. q_{n-1}, k, v][head_dim]`` with ``n = heads / groups``
 expert ``linear_fc1`` rows are ``[gate; up]`` (megatron's GLU activates the first half); the
 released ``gate_and_up_proj`` is ``[up; gate]`` and is swapped by ``state_dict_adapter``.
 
-Numerics as the official code: RMSNorm, RoPE tables and rotation, router logits and softmax in
-float32; results cast back to the activation dtype.
+Numerics as the official code: RMSNorm, RoPE tables and rotation, the router weight, logits and
+softmax in float32; results cast back to the activation dtype.
 
 Parallelism: tensor parallel needs sequence parallel (megatron's MoELayer requires it when
 training): activations between layers are sequence chunks ``[s/tp, b, h]``; experts are split
@@ -168,6 +168,10 @@ class DecoderLayer(MegatronModule):
             config=config, layer_number=layer_number,
             pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
         )
+        # The released router weight is float32 and used in float32; megatron stores it in
+        # params_dtype (bf16 would round the released weights and move routing decisions).
+        router = self.mlp.router
+        router.weight.data = router.weight.data.float()
 
     def forward(self, x, rope, attention_mask=None):
         x = x + self.self_attention(self.input_layernorm(x), rope, attention_mask)
