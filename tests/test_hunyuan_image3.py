@@ -123,6 +123,36 @@ def reference():
     }
 
 
+def _save(model, directory: str) -> None:
+    from megatron.core import dist_checkpointing
+
+    torch.distributed.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), directory)
+    torch.distributed.barrier()
+
+
+def _all_rank_checks(full_state: dict, checkpoint_root: str) -> dict:
+    """Every two-rank check in one spawn (each rank pays megatron-core's import once)."""
+    return {
+        "ep2": _expert_parallel_rank(full_state, f"{checkpoint_root}/ep2"),
+        "tp2_sp": _tensor_parallel_rank(full_state, f"{checkpoint_root}/tp2_sp"),
+    }
+
+
+@pytest.fixture(scope="module")
+def rank_results(reference, tmp_path_factory):
+    """Two gloo ranks: EP=2 and TP=2 + SP runs of the converted reference weights, each saving a
+    dist checkpoint."""
+    from models.hunyuan_image3.state_dict_adapter import to_megatron
+
+    ours, _ = to_megatron(reference["released"], _tiny_config())
+    root = tmp_path_factory.mktemp("hunyuan_checkpoints")
+    for layout in ("ep2", "tp2_sp"):
+        (root / layout).mkdir()
+    ranks = run_on_ranks(_all_rank_checks, 2, ours, str(root), timeout=300)
+    return {"ours": ours, "ranks": ranks, "root": root}
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -222,8 +252,9 @@ def test_text_trunk_matches_transformers_hunyuan_v1_moe(reference):
 # --------------------------------------------------------------------------- expert parallel
 
 
-def _expert_parallel_rank(full_state: dict) -> dict:
-    """EP=2 on two gloo ranks (alltoall dispatcher): each rank its own batch; outputs and grads."""
+def _expert_parallel_rank(full_state: dict, checkpoint: str) -> dict:
+    """EP=2 on two gloo ranks (alltoall dispatcher): each rank its own batch; outputs and grads.
+    Then saves a megatron dist checkpoint of the model."""
     from mfmegatron.parallel import initialize_parallel
     from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights, local_weights
 
@@ -234,6 +265,7 @@ def _expert_parallel_rank(full_state: dict) -> dict:
     logits = model(_input_ids(20 + rank))
     (logits * _loss_weights(logits.shape)).sum().backward()
     names = [name for name, _ in local_weights(model)]
+    _save(model, checkpoint)
     return {
         "logits": logits.detach(),
         "grads": {name: p.grad.clone() for name, p in zip(names, model.parameters())},
@@ -241,16 +273,15 @@ def _expert_parallel_rank(full_state: dict) -> dict:
     }
 
 
-def test_expert_parallel_2_matches_one_rank(reference):
+def test_expert_parallel_2_matches_one_rank(rank_results):
     """Each rank's logits and its dense parameters' gradients equal the one-rank model's on that
     rank's batch; an expert's gradient (the expert lives on one rank, tokens come from both)
     equals the sum of the one-rank gradients over both batches."""
     from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights
-    from models.hunyuan_image3.state_dict_adapter import to_megatron
 
     config = _tiny_config()
-    ours, _ = to_megatron(reference["released"], config)
-    ranks = run_on_ranks(_expert_parallel_rank, 2, ours, timeout=300)
+    ours = rank_results["ours"]
+    ranks = [r["ep2"] for r in rank_results["ranks"]]
 
     expected = []
     with parallel_context():
@@ -308,9 +339,9 @@ def _full_grads(model) -> dict:
     return grads
 
 
-def _tensor_parallel_rank(full_state: dict) -> dict:
+def _tensor_parallel_rank(full_state: dict, checkpoint: str) -> dict:
     """TP=2 with sequence parallel (experts split over the expert-tensor-parallel group of 2):
-    the same batch on both ranks; the full logits and full gradients."""
+    the same batch on both ranks; the full logits and full gradients. Then saves a checkpoint."""
     import torch.distributed as dist
 
     from mfmegatron.parallel import initialize_parallel
@@ -326,16 +357,17 @@ def _tensor_parallel_rank(full_state: dict) -> dict:
     weights = _loss_weights(full_logits.shape).chunk(2, dim=-1)[dist.get_rank()]
     (logits * weights).sum().backward()
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    return {"logits": full_logits, "grads": _full_grads(model), "shapes": shapes}
+    grads = _full_grads(model)
+    _save(model, checkpoint)
+    return {"logits": full_logits, "grads": grads, "shapes": shapes}
 
 
-def test_tensor_parallel_2_with_sequence_parallel_matches_one_rank(reference):
+def test_tensor_parallel_2_with_sequence_parallel_matches_one_rank(rank_results):
     from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights
-    from models.hunyuan_image3.state_dict_adapter import to_megatron
 
     config = _tiny_config()
-    ours, _ = to_megatron(reference["released"], config)
-    ranks = run_on_ranks(_tensor_parallel_rank, 2, ours, timeout=300)
+    ours = rank_results["ours"]
+    ranks = [r["tp2_sp"] for r in rank_results["ranks"]]
     with parallel_context():
         model = build_hunyuan_model(config)
         load_full_weights(model, ours)
@@ -377,3 +409,29 @@ def test_bf16_keeps_the_router_in_float32(reference):
     assert logits.dtype == torch.bfloat16
     scale = reference["logits"].abs().max()
     assert (logits.float() - reference["logits"]).abs().max() < 0.05 * scale
+
+
+# --------------------------------------------------------------------------- dist checkpointing
+
+
+@pytest.mark.parametrize("layout", ["ep2", "tp2_sp"])
+def test_dist_checkpoint_saved_parallel_loads_on_one_rank_with_every_expert(rank_results, layout):
+    """Saved at EP=2 (each rank half the experts) or TP=2 + SP (every weight split), loaded at one
+    rank: every tensor, every expert, equal to the weights that were loaded."""
+    from megatron.core import dist_checkpointing
+
+    from models.hunyuan_image3.parallelize import build_hunyuan_model
+
+    ours = rank_results["ours"]
+    with parallel_context():
+        model = build_hunyuan_model(_tiny_config())
+        with torch.no_grad():
+            for param in model.parameters():
+                param.zero_()
+        directory = str(rank_results["root"] / layout)
+        loaded = dist_checkpointing.load(model.sharded_state_dict(), directory)
+        model.load_state_dict(loaded, strict=True)
+        state = {n: p.detach() for n, p in model.named_parameters()}
+    assert set(state) == set(ours)
+    for name, value in ours.items():
+        assert torch.equal(state[name], value), name

@@ -235,6 +235,39 @@ class HunyuanImage3Model(MegatronModule):
         return logits.transpose(0, 1)
 
 
+    # -- distributed checkpointing ----------------------------------------------------------
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """This rank's parameters for megatron ``dist_checkpointing``, layout-independent.
+
+        megatron's default would treat the ``layers`` ModuleList as one plain module (its
+        state_dict, replicated): every rank would save its *local* experts under local names, so a
+        checkpoint saved at EP > 1 would hold only ``E/ep`` experts, and TP-split weights would be
+        saved as if whole. So each layer gives its own sharded state dict: megatron's
+        ``SequentialMLP`` places local expert ``i`` at global index ``ep_rank * E/ep + i`` of an
+        expert axis, its ``MLP`` stores SwiGLU ``fc1`` gate and up halves TP-independently, the TP
+        linears are split along their partition dim, and the norms are replicated.
+        """
+        from megatron.core import parallel_state
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            sharded_state_dict_default,
+        )
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        sharded = {}
+        for name, module in self.named_children():
+            if name == "layers":
+                for index, layer in enumerate(module):
+                    sharded.update(layer.sharded_state_dict(f"{prefix}layers.{index}.", sharded_offsets, metadata))
+            else:
+                sharded.update(
+                    sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=tp_group)
+                )
+        return sharded
+
+
 # --------------------------------------------------------------------------- sizes
 
 
