@@ -16,6 +16,7 @@ import torch
 from mfmegatron.parallel import parallel_context, run_on_ranks
 
 SEQ = 9
+MICRO_BATCHES = 2
 TP_SEQ = 10  # divisible by the TP size (sequence parallel)
 BATCH = 2
 TINY = dict(hidden=64, heads=4, groups=2, head_dim=16, layers=2, vocab=128, experts=8, topk=3, width=32)
@@ -136,18 +137,19 @@ def _all_rank_checks(full_state: dict, checkpoint_root: str) -> dict:
     return {
         "ep2": _expert_parallel_rank(full_state, f"{checkpoint_root}/ep2"),
         "tp2_sp": _tensor_parallel_rank(full_state, f"{checkpoint_root}/tp2_sp"),
+        "pp2": _pipeline_rank(full_state, f"{checkpoint_root}/pp2"),
     }
 
 
 @pytest.fixture(scope="module")
 def rank_results(reference, tmp_path_factory):
-    """Two gloo ranks: EP=2 and TP=2 + SP runs of the converted reference weights, each saving a
-    dist checkpoint."""
+    """Two gloo ranks: EP=2, TP=2 + SP and PP=2 runs of the converted reference weights, each
+    saving a dist checkpoint."""
     from models.hunyuan_image3.state_dict_adapter import to_megatron
 
     ours, _ = to_megatron(reference["released"], _tiny_config())
     root = tmp_path_factory.mktemp("hunyuan_checkpoints")
-    for layout in ("ep2", "tp2_sp"):
+    for layout in ("ep2", "tp2_sp", "pp2"):
         (root / layout).mkdir()
     ranks = run_on_ranks(_all_rank_checks, 2, ours, str(root), timeout=300)
     return {"ours": ours, "ranks": ranks, "root": root}
@@ -411,13 +413,84 @@ def test_bf16_keeps_the_router_in_float32(reference):
     assert (logits.float() - reference["logits"]).abs().max() < 0.05 * scale
 
 
+# --------------------------------------------------------------------------- pipeline parallel
+
+
+def _pipeline_rank(full_state: dict, checkpoint: str) -> dict:
+    """PP=2 (one layer per stage) under megatron's 1F1B schedule, two micro-batches; this stage's
+    gradients under full names. Then saves a checkpoint."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from mfmegatron.parallel import initialize_parallel
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights, local_weights
+
+    initialize_parallel(pipeline_parallel_size=2)
+    model = build_hunyuan_model(_tiny_config(pipeline_model_parallel_size=2, pipeline_dtype=torch.float32))
+    load_full_weights(model, full_state)
+    batches = iter([_input_ids(40 + mb) for mb in range(MICRO_BATCHES)])
+
+    def forward_step(data_iterator, model):
+        out = model(next(data_iterator))
+
+        def loss_func(output):
+            loss = (output * _loss_weights(output.shape)).sum()
+            return loss, {"loss": loss.detach().clone()}  # megatron scales `loss` in place
+
+        return out, loss_func
+
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=batches, model=[model],
+        num_microbatches=MICRO_BATCHES, seq_length=SEQ, micro_batch_size=BATCH, forward_only=False,
+    )
+    names = [name for name, _ in local_weights(model)]
+    grads = {name: p.grad.clone() for name, p in zip(names, model.parameters())}
+    _save(model, checkpoint)
+    return {
+        "stage": parallel_state.get_pipeline_model_parallel_rank(),
+        "losses": [d["loss"] for d in losses] if losses else None,
+        "grads": grads,
+    }
+
+
+def test_pipeline_parallel_2_matches_one_rank(rank_results):
+    """Losses on the last stage and every stage's gradients equal the one-rank trunk's (the
+    schedule averages over micro-batches)."""
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights
+
+    ours = rank_results["ours"]
+    with parallel_context():
+        model = build_hunyuan_model(_tiny_config())
+        load_full_weights(model, ours)
+        losses = []
+        for mb in range(MICRO_BATCHES):
+            logits = model(_input_ids(40 + mb))
+            loss = (logits * _loss_weights(logits.shape)).sum()
+            (loss / MICRO_BATCHES).backward()
+            losses.append(loss.detach())
+        expected = {n: p.grad for n, p in model.named_parameters()}
+    stages = {r["pp2"]["stage"]: r["pp2"] for r in rank_results["ranks"]}
+    assert set(stages) == {0, 1}
+    for got, want in zip(stages[1]["losses"], losses):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    assert set(stages[0]["grads"]) | set(stages[1]["grads"]) == set(expected)
+    assert not set(stages[0]["grads"]) & set(stages[1]["grads"])
+    assert "word_embeddings.weight" in stages[0]["grads"] and "output_layer.weight" in stages[1]["grads"]
+    for stage in stages.values():
+        for name, grad in stage["grads"].items():
+            want = expected[name]
+            atol = 1e-5 * max(1.0, want.abs().max().item())
+            torch.testing.assert_close(grad, want, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
 # --------------------------------------------------------------------------- dist checkpointing
 
 
-@pytest.mark.parametrize("layout", ["ep2", "tp2_sp"])
+@pytest.mark.parametrize("layout", ["ep2", "tp2_sp", "pp2"])
 def test_dist_checkpoint_saved_parallel_loads_on_one_rank_with_every_expert(rank_results, layout):
-    """Saved at EP=2 (each rank half the experts) or TP=2 + SP (every weight split), loaded at one
-    rank: every tensor, every expert, equal to the weights that were loaded."""
+    """Saved at EP=2 (each rank half the experts), TP=2 + SP (every weight split) or PP=2 (each
+    rank one layer), loaded at one rank: every tensor, every expert, equal to the weights that
+    were loaded."""
     from megatron.core import dist_checkpointing
 
     from models.hunyuan_image3.parallelize import build_hunyuan_model

@@ -28,11 +28,12 @@ softmax in float32; results cast back to the activation dtype.
 
 Parallelism: tensor parallel needs sequence parallel (megatron's MoELayer requires it when
 training): activations between layers are sequence chunks ``[s/tp, b, h]``; experts are split
-over expert parallel (and expert tensor parallel). See ``parallelize.py``.
+over expert parallel (and expert tensor parallel); pipeline stages hold a contiguous range of
+layers and pass the [s, b, h] activation. See ``parallelize.py``.
 
 Not in this slice: the image path (patch embedding, final layer, timestep embedders), the 2-D
 positions of image tokens and the mixed causal / full mask (``attention_mask`` takes any boolean
-mask already), pipeline stages, and ``forward_jvp``.
+mask already), and ``forward_jvp``.
 """
 
 from __future__ import annotations
@@ -183,44 +184,72 @@ class DecoderLayer(MegatronModule):
 
 
 class HunyuanImage3Model(MegatronModule):
-    """The trunk: ``wte``, the decoder layers, ``ln_f`` and ``lm_head`` (all on one pipeline stage).
+    """The trunk: ``wte``, the decoder layers, ``ln_f`` and ``lm_head`` — or one pipeline stage of
+    it: ``layer_range`` (global indices) of the layers, ``wte`` on the first stage
+    (``pre_process``), ``ln_f`` and ``lm_head`` on the last (``post_process``).
 
     ``hidden_states(...)`` returns the last layer's output [s, b, h] (what the image head reads);
-    ``forward(...)`` returns this rank's vocab shard of the logits, batch-first [b, s, vocab / tp].
+    ``forward(...)`` returns this rank's vocab shard of the logits, batch-first [b, s, vocab / tp],
+    on the last stage and the stage's output activation [s, b, h] on the others. Every stage
+    takes the token ids (their length sets the RoPE tables).
     """
 
-    def __init__(self, config: HunyuanImage3Config, spec: HunyuanLayerSpec | None = None):
+    def __init__(
+        self,
+        config: HunyuanImage3Config,
+        spec: HunyuanLayerSpec | None = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+        layer_range: tuple[int, int] | None = None,
+    ):
         super().__init__(config)
         spec = spec or get_hunyuan_layer_spec(num_experts=config.num_moe_experts)
+        self.pre_process, self.post_process = pre_process, post_process
+        start, end = layer_range if layer_range is not None else (0, config.num_layers)
+        self.layer_range = (start, end)
+        self.input_tensor = None
         # Read by megatron's schedules and finalize_model_grads (embeddings are not tied).
         self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = False
         dtype = config.params_dtype
-        # With sequence parallel the embedding reduce-scatters to sequence chunks [s/tp, b, h].
-        self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, init_method=config.init_method, config=config,
-            reduce_scatter_embeddings=config.sequence_parallel,
-        )
+        if pre_process:
+            # With sequence parallel the embedding reduce-scatters to sequence chunks [s/tp, b, h].
+            self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
+                config.vocab_size, config.hidden_size, init_method=config.init_method, config=config,
+                reduce_scatter_embeddings=config.sequence_parallel,
+            )
         self.layers = torch.nn.ModuleList(
-            DecoderLayer(config, spec, layer_number=i + 1) for i in range(config.num_layers)
+            DecoderLayer(config, spec, layer_number=i + 1) for i in range(start, end)
         )
-        self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype, config.sequence_parallel)
-        self.output_layer = spec.column_parallel_linear(
-            config.hidden_size, config.vocab_size, config=config, init_method=config.init_method,
-            bias=False, gather_output=False,
-        )
+        if post_process:
+            self.final_layernorm = RMSNorm(
+                config.hidden_size, config.layernorm_epsilon, dtype, config.sequence_parallel
+            )
+            self.output_layer = spec.column_parallel_linear(
+                config.hidden_size, config.vocab_size, config=config, init_method=config.init_method,
+                bias=False, gather_output=False,
+            )
+
+    def set_input_tensor(self, input_tensor):
+        """Called by megatron's schedules with the previous stage's output (a list of one)."""
+        self.input_tensor = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
 
     def hidden_states(self, input_ids, rope_positions=None, attention_mask=None):
-        """input_ids [b, s] -> the last layer's output [s, b, h] (before ``ln_f``); this rank's
-        sequence chunk [s/tp, b, h] under sequence parallel.
+        """input_ids [b, s] -> this stage's last layer's output [s, b, h] (before ``ln_f``); this
+        rank's sequence chunk [s/tp, b, h] under sequence parallel.
 
         ``rope_positions``: (y, x) positions [s] (default: text positions 0 .. s-1);
         ``attention_mask``: None for causal, or a boolean mask (True = attend).
         """
         config = self.config
-        x = self.word_embeddings(input_ids)
-        if not config.sequence_parallel:
-            x = x.transpose(0, 1).contiguous()  # [s, b, h]
+        if self.pre_process:
+            x = self.word_embeddings(input_ids)
+            if not config.sequence_parallel:
+                x = x.transpose(0, 1).contiguous()  # [s, b, h]
+        else:
+            if self.input_tensor is None:
+                raise RuntimeError("a non-first pipeline stage needs set_input_tensor() first")
+            x = self.input_tensor
         if rope_positions is None:
             rope_positions = text_rope_positions(input_ids.shape[1], x.device)
         rope = rope_tables(*rope_positions, config.kv_channels, config.rope_theta)
@@ -229,11 +258,13 @@ class HunyuanImage3Model(MegatronModule):
         return x
 
     def forward(self, input_ids, rope_positions=None, attention_mask=None):
-        """Logits [b, s, vocab / tp] (the output layer gathers the sequence under SP)."""
-        x = self.final_layernorm(self.hidden_states(input_ids, rope_positions, attention_mask))
-        logits, _ = self.output_layer.forward_jvp(x)
+        """Logits [b, s, vocab / tp] (the output layer gathers the sequence under SP) on the last
+        stage; the stage activation on the others."""
+        x = self.hidden_states(input_ids, rope_positions, attention_mask)
+        if not self.post_process:
+            return x
+        logits, _ = self.output_layer.forward_jvp(self.final_layernorm(x))
         return logits.transpose(0, 1)
-
 
     # -- distributed checkpointing ----------------------------------------------------------
 
@@ -249,6 +280,7 @@ class HunyuanImage3Model(MegatronModule):
         linears are split along their partition dim, and the norms are replicated.
         """
         from megatron.core import parallel_state
+        from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
         from megatron.core.transformer.utils import (
             ensure_metadata_has_dp_cp_group,
             sharded_state_dict_default,
@@ -259,8 +291,13 @@ class HunyuanImage3Model(MegatronModule):
         sharded = {}
         for name, module in self.named_children():
             if name == "layers":
-                for index, layer in enumerate(module):
-                    sharded.update(layer.sharded_state_dict(f"{prefix}layers.{index}.", sharded_offsets, metadata))
+                for index, layer in enumerate(module, start=self.layer_range[0]):
+                    # Dict keys stay this stage's module names (for load_state_dict); checkpoint
+                    # keys use the global layer index, the same at every pipeline layout.
+                    local = f"{prefix}layers.{index - self.layer_range[0]}."
+                    layer_sharded = layer.sharded_state_dict(local, sharded_offsets, metadata)
+                    replace_prefix_for_sharding(layer_sharded, local, f"{prefix}layers.{index}.")
+                    sharded.update(layer_sharded)
             else:
                 sharded.update(
                     sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=tp_group)

@@ -1,4 +1,4 @@
-"""How the HunyuanImage 3.0 trunk is laid out over ranks: expert and tensor parallel.
+"""How the HunyuanImage 3.0 trunk is laid out over ranks: expert, tensor and pipeline parallel.
 
 Full (unsharded) weights use ``state_dict_adapter``'s names, with the global expert index.
 An expert-parallel rank of size ``ep`` holds experts ``[r * E/ep, (r + 1) * E/ep)`` as
@@ -7,8 +7,9 @@ along megatron's ``partition_dim`` (routed experts over the expert-tensor-parall
 over TP): ``linear_qkv`` rows are whole KV groups, the embedding and ``lm_head`` vocab rows. A
 SwiGLU ``linear_fc1`` (``[gate; up]`` in full) is split per half: rank ``r`` holds
 ``[gate_r; up_r]``, as megatron's GLU chunks its local output in two.
-Pipeline stages are a later slice and raise here. Tensor parallel needs sequence parallel
-(megatron's MoELayer refuses TP without SP in training).
+Pipeline stages hold contiguous layer ranges (``pipeline_layer_range``); full names use global
+layer indices. Tensor parallel needs sequence parallel (megatron's MoELayer refuses TP without SP
+in training).
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from models.hunyuan_image3.model import HunyuanImage3Model
 from models.hunyuan_image3.state_dict_adapter import CheckpointMismatchError, check_key_sets
 
 _LOCAL_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
+_LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
 def _check_supported_layout(config: HunyuanImage3Config) -> None:
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if pp != 1 or config.pipeline_model_parallel_size != 1:
-        raise NotImplementedError(f"HunyuanImage 3.0 runs without pipeline stages so far; got PP={pp}")
+    if parallel_state.get_virtual_pipeline_model_parallel_world_size() not in (None, 1):
+        raise NotImplementedError("HunyuanImage 3.0 has no interleaved (virtual) pipeline stages yet")
     for what, initialised, configured in (
+        ("pipeline", parallel_state.get_pipeline_model_parallel_world_size(), config.pipeline_model_parallel_size),
         ("expert", parallel_state.get_expert_model_parallel_world_size(), config.expert_model_parallel_size),
         ("tensor", parallel_state.get_tensor_model_parallel_world_size(), config.tensor_model_parallel_size),
     ):
@@ -42,10 +44,24 @@ def _check_supported_layout(config: HunyuanImage3Config) -> None:
             )
 
 
+def pipeline_layer_range(config: HunyuanImage3Config, stage: int) -> tuple[int, int]:
+    """Layers [start, end) of pipeline stage ``stage``: an even split, earlier stages taking the
+    remainder (the last stage also runs ``ln_f`` and ``lm_head``)."""
+    stages = config.pipeline_model_parallel_size
+    base, extra = divmod(config.num_layers, stages)
+    start = stage * base + min(stage, extra)
+    return start, start + base + (1 if stage < extra else 0)
+
+
 def build_hunyuan_model(config: HunyuanImage3Config) -> HunyuanImage3Model:
-    """This rank's trunk (all layers: no pipeline stages yet)."""
+    """This rank's trunk, or its pipeline stage of it."""
     _check_supported_layout(config)
-    return HunyuanImage3Model(config)
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    stages = parallel_state.get_pipeline_model_parallel_world_size()
+    return HunyuanImage3Model(
+        config, pre_process=stage == 0, post_process=stage == stages - 1,
+        layer_range=pipeline_layer_range(config, stage),
+    )
 
 
 def meta_full_model(config: HunyuanImage3Config) -> HunyuanImage3Model:
@@ -54,6 +70,7 @@ def meta_full_model(config: HunyuanImage3Config) -> HunyuanImage3Model:
     Needs megatron's parallel state (a world of one is enough)."""
     shape_config = dataclasses.replace(
         config, use_cpu_initialization=True, perform_initialization=False, expert_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
     )
     with torch.device("meta"):
         return HunyuanImage3Model(shape_config)
@@ -64,12 +81,16 @@ def _expert_offset(model: HunyuanImage3Model) -> int:
     return parallel_state.get_expert_model_parallel_rank() * local
 
 
-def local_to_global_key(key: str, offset: int) -> str:
-    """``...local_experts.{i}...`` -> ``...local_experts.{offset + i}...``; other keys unchanged."""
+def local_to_global_key(key: str, expert_offset: int, layer_offset: int = 0) -> str:
+    """A stage's parameter name -> its full name: ``layers.{j}`` -> ``layers.{layer_offset + j}``,
+    ``local_experts.{i}`` -> ``local_experts.{expert_offset + i}``; other keys unchanged."""
+    layer = _LAYER.match(key)
+    if layer is not None:
+        key = f"layers.{layer_offset + int(layer.group(1))}." + key[layer.end():]
     match = _LOCAL_EXPERT.match(key)
     if match is None:
         return key
-    return f"{match.group(1)}{offset + int(match.group(2))}{match.group(3)}"
+    return f"{match.group(1)}{expert_offset + int(match.group(2))}{match.group(3)}"
 
 
 def _is_routed_expert(key: str) -> bool:
@@ -112,11 +133,12 @@ def load_full_weights(model: HunyuanImage3Model, full: dict) -> None:
     """Copies full tensors (``state_dict_adapter`` names) into this rank's parameters."""
     _check_supported_layout(model.config)
     offset = _expert_offset(model)
-    params = {local_to_global_key(name, offset): p for name, p in model.named_parameters()}
+    params = {local_to_global_key(name, offset, model.layer_range[0]): p for name, p in model.named_parameters()}
     expected = set(params)
-    experts = {k for k in full if _LOCAL_EXPERT.match(k)}
-    # Other ranks' experts are in the full dict too; only missing or unknown keys are errors.
-    check_key_sets(set(full) - (experts - expected), expected, "the full HunyuanImage 3.0 weights")
+    # Other ranks' experts and other stages' parts are in the full dict too; only keys missing
+    # here or belonging to no rank are errors.
+    everywhere = set(_full_names(model.config))
+    check_key_sets(set(full) & (expected | (set(full) - everywhere)), expected, "the full HunyuanImage 3.0 weights")
     with torch.no_grad():
         for key, param in params.items():
             tensor = shard_full_tensor(key, full[key], param)
@@ -129,7 +151,13 @@ def load_full_weights(model: HunyuanImage3Model, full: dict) -> None:
 
 
 def local_weights(model: HunyuanImage3Model) -> Iterable[tuple[str, torch.Tensor]]:
-    """This rank's parameters under their full names (experts by global index)."""
+    """This rank's parameters under their full names (layers and experts by global index)."""
     offset = _expert_offset(model)
     for name, param in model.named_parameters():
-        yield local_to_global_key(name, offset), param.detach()
+        yield local_to_global_key(name, offset, model.layer_range[0]), param.detach()
+
+
+def _full_names(config: HunyuanImage3Config) -> list[str]:
+    from models.hunyuan_image3.state_dict_adapter import megatron_keys
+
+    return megatron_keys(config)
