@@ -91,12 +91,13 @@ def text_rope_positions(length: int, device=None):
 
 
 def apply_rope(x, cos, sin):
-    """x [s, b, heads, d]; rotate_half RoPE computed in float32, returned in x's dtype."""
+    """x [s, b, heads, d]; rotate_half RoPE, returned in float32 (the official code keeps the
+    rotated q and k in float32 through their RMSNorm and casts after it)."""
     x32 = x.float()
     half = x32.shape[-1] // 2
     rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
     cos, sin = cos[:, None, None, :], sin[:, None, None, :]
-    return (x32 * cos + rotated * sin).to(x.dtype)
+    return x32 * cos + rotated * sin
 
 
 # --------------------------------------------------------------------------- attention
@@ -138,8 +139,9 @@ class SelfAttention(MegatronModule):
         q = qkv[:, :, :, :n].flatten(2, 3)  # [s, b, local heads, d], heads group-major
         k, v = qkv[:, :, :, n], qkv[:, :, :, n + 1]  # [s, b, local groups, d]
         cos, sin = rope
-        q = self.q_layernorm(apply_rope(q, cos, sin))
-        k = self.k_layernorm(apply_rope(k, cos, sin))
+        # RoPE and the q/k RMSNorm in float32 (the norm's scale too), then cast: the official order.
+        q = self.q_layernorm(apply_rope(q, cos, sin)).to(v.dtype)
+        k = self.k_layernorm(apply_rope(k, cos, sin)).to(v.dtype)
 
         def to_bhsd(t):
             return t.permute(1, 2, 0, 3)
