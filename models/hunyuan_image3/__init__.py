@@ -1,0 +1,1 @@
+"""HunyuanImage 3.0 (80B MoE) on megatron-core; see model.py."""

@@ -1,0 +1,138 @@
+"""HunyuanImage 3.0 configuration: megatron's TransformerConfig plus the model's own fields.
+
+The trunk is a 32-layer decoder with GQA attention and a 64-expert MoE in every layer (top-8,
+softmax over all experts then renormalised over the chosen 8, one always-on shared expert). The
+megatron fields below express that exactly:
+
+- ``moe_router_score_function="softmax"`` with ``moe_router_pre_softmax=False``: top-k on the
+  logits, softmax over the k chosen. ``softmax(all)`` restricted to the top k and renormalised is
+  ``exp(l_i) / sum_{j in top k} exp(l_j)``, the same numbers, and the chosen set is the same
+  because softmax is monotonic.
+- ``moe_router_dtype="fp32"``: router logits and softmax in float32 (the official code's casts).
+- ``moe_expert_capacity_factor=None``: no capacity, nothing dropped (``moe_drop_tokens`` false).
+- ``moe_router_load_balancing_type="none"``, ``moe_aux_loss_coeff=0``: no auxiliary loss term.
+- ``moe_shared_expert_intermediate_size``: the shared expert, summed into the MoE output, no gate.
+
+Image-path sizes (patch embedding, final layer, timestep embedders) are recorded here for the
+later slices; this slice builds the trunk only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+@dataclass
+class HunyuanImage3Config(TransformerConfig):
+    """Field names follow the released ``config.json`` where megatron has no own name."""
+
+    vocab_size: int = 133120
+    rope_theta: float = 10000.0
+    # Image path (not built in this slice): VAE latent channels, patch embedding width, the
+    # timestep sinusoid width, the patch size on the latent grid, the VAE scale.
+    latent_channels: int = 32
+    patch_embed_hidden_dim: int = 1024
+    timestep_embedding_dim: int = 256
+    patch_size: int = 1
+    vae_scaling_factor: float = 0.562679178327931
+
+    def __post_init__(self):
+        if self.kv_channels is None and self.num_attention_heads:
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        super().__post_init__()
+        if self.num_attention_heads % (self.num_query_groups or self.num_attention_heads):
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} must be a multiple of "
+                f"num_query_groups {self.num_query_groups}"
+            )
+        if self.kv_channels % 2:
+            raise ValueError(f"the head dim {self.kv_channels} must be even (rotary pairs)")
+        if self.moe_expert_capacity_factor is not None:
+            raise ValueError("HunyuanImage 3.0 routes without capacity: moe_expert_capacity_factor must be None")
+
+    @property
+    def query_heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+
+def _hunyuan_defaults(**overrides) -> dict:
+    settings = dict(
+        num_layers=32,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_query_groups=8,
+        kv_channels=128,
+        ffn_hidden_size=3072,
+        vocab_size=133120,
+        num_moe_experts=64,
+        moe_router_topk=8,
+        moe_ffn_hidden_size=3072,
+        moe_shared_expert_intermediate_size=3072,
+        moe_shared_expert_gate=False,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=False,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_expert_capacity_factor=None,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-5,
+        qk_layernorm=True,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        bf16=True,
+        params_dtype=torch.bfloat16,
+    )
+    settings.update(overrides)
+    return settings
+
+
+def hunyuan_image3_config(**overrides) -> HunyuanImage3Config:
+    """The released HunyuanImage 3.0 (80B total, 13B activated): 32 MoE layers, width 4096."""
+    return HunyuanImage3Config(**_hunyuan_defaults(**overrides))
+
+
+def tiny_hunyuan_image3_config(**overrides) -> HunyuanImage3Config:
+    """A small trunk for tests: 2 layers, width 64, 4 heads of 16 in 2 KV groups, 8 experts top-3."""
+    settings = dict(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        kv_channels=16,
+        ffn_hidden_size=32,
+        vocab_size=128,
+        num_moe_experts=8,
+        moe_router_topk=3,
+        moe_ffn_hidden_size=32,
+        moe_shared_expert_intermediate_size=32,
+        bf16=False,
+        params_dtype=torch.float32,
+        use_cpu_initialization=True,
+    )
+    settings.update(overrides)
+    return HunyuanImage3Config(**_hunyuan_defaults(**settings))
+
+
+HUNYUAN_IMAGE3_CONFIGS = {"hunyuan-image3": hunyuan_image3_config, "tiny": tiny_hunyuan_image3_config}
+
+__all__ = [
+    "HunyuanImage3Config",
+    "hunyuan_image3_config",
+    "tiny_hunyuan_image3_config",
+    "HUNYUAN_IMAGE3_CONFIGS",
+]

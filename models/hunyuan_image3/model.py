@@ -1,0 +1,348 @@
+"""HunyuanImage 3.0's language-model trunk on megatron-core (the text path; this slice).
+
+Reads top to bottom as the architecture:
+
+    wte(token ids)                                         -> hidden [s, b, h]
+    32 decoder layers, pre-norm:
+        x += o_proj(attention(input_layernorm(x)))          GQA, fused per-group QKV,
+                                                            RoPE then q/k RMSNorm, causal SDPA
+        x += shared_expert(h) + moe(h),  h = post_attention_layernorm(x)
+    ln_f, lm_head                                          -> logits (text output only)
+
+The image head reads the last layer's hidden states *without* ``ln_f`` (``hidden_states``).
+
+megatron-core pieces: the attention projections are megatron's Column/RowParallelLinear
+(``mfmegatron.jvp.linear``), the MoE is megatron's ``MoELayer`` (router, token dispatcher,
+``SequentialMLP`` experts, ``SharedExpertMLP``), the embedding megatron's
+``VocabParallelEmbedding``. The attention itself is written here because HunyuanImage 3.0
+normalises q and k *after* RoPE (megatron's ``SelfAttention`` normalises before).
+
+Layouts: tensors are sequence-first ``[s, b, h]`` (megatron's convention). The fused QKV weight's
+rows are ``[group][q_0 .. q_{n-1}, k, v][head_dim]`` with ``n = heads / groups``: megatron's own
+``linear_qkv`` order, the same as the released ``qkv_proj`` (a TP split is whole KV groups). The
+expert ``linear_fc1`` rows are ``[gate; up]`` (megatron's GLU activates the first half); the
+released ``gate_and_up_proj`` is ``[up; gate]`` and is swapped by ``state_dict_adapter``.
+
+Numerics as the official code: RMSNorm, RoPE tables and rotation, the router weight, logits and
+softmax in float32; results cast back to the activation dtype.
+
+Parallelism: tensor parallel needs sequence parallel (megatron's MoELayer requires it when
+training): activations between layers are sequence chunks ``[s/tp, b, h]``; experts are split
+over expert parallel (and expert tensor parallel); pipeline stages hold a contiguous range of
+layers and pass the [s, b, h] activation. See ``parallelize.py``.
+
+Not in this slice: the image path (patch embedding, final layer, timestep embedders), the 2-D
+positions of image tokens and the mixed causal / full mask (``attention_mask`` takes any boolean
+mask already), and ``forward_jvp``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import MegatronModule
+
+from models.hunyuan_image3.config import HunyuanImage3Config
+from models.hunyuan_image3.layer_specs import HunyuanLayerSpec, get_hunyuan_layer_spec
+
+# --------------------------------------------------------------------------- norms, rotary
+
+
+class RMSNorm(torch.nn.Module):
+    """``weight * (x / rms(x))`` with the normalisation in float32 and the scale in x's dtype."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, sequence_parallel: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(dim, dtype=dtype))
+        # Applied to sequence chunks under sequence parallel: megatron's finalize_model_grads
+        # then sums the weight's gradient over TP.
+        self.weight.sequence_parallel = sequence_parallel
+
+    def forward(self, x):
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_tables(positions_y: torch.Tensor, positions_x: torch.Tensor, head_dim: int, theta: float):
+    """cos, sin [s, head_dim] in float32 for per-token (y, x) positions [s].
+
+    Frequency m (m = 0 .. head_dim/2 - 1) is ``theta^(-2m/head_dim)``; its angle uses y for even m
+    and x for odd m; the table is laid out ``[angles, angles]`` (pairs m, m + head_dim/2, applied
+    with rotate_half). A text token at index n has y = x = n: plain 1-D RoPE.
+    """
+    device = positions_y.device
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    even = (torch.arange(head_dim // 2, device=device) % 2) == 0
+    positions = torch.where(even[None, :], positions_y.float()[:, None], positions_x.float()[:, None])
+    angles = positions * inv_freq[None, :]
+    table = torch.cat([angles, angles], dim=-1)
+    return table.cos(), table.sin()
+
+
+def text_rope_positions(length: int, device=None):
+    """(y, x) positions of a text-only sequence: y = x = index."""
+    index = torch.arange(length, device=device)
+    return index, index
+
+
+def apply_rope(x, cos, sin):
+    """x [s, b, heads, d]; rotate_half RoPE, returned in float32 (the official code keeps the
+    rotated q and k in float32 through their RMSNorm and casts after it)."""
+    x32 = x.float()
+    half = x32.shape[-1] // 2
+    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
+    cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+    return x32 * cos + rotated * sin
+
+
+# --------------------------------------------------------------------------- attention
+
+
+class SelfAttention(MegatronModule):
+    """GQA self-attention: fused per-group QKV -> RoPE -> q/k RMSNorm -> SDPA -> output projection.
+
+    Each tensor-parallel rank holds whole KV groups (and their query heads). Under sequence
+    parallel the QKV projection gathers the sequence and the output projection reduce-scatters it.
+    """
+
+    def __init__(self, config: HunyuanImage3Config, spec: HunyuanLayerSpec):
+        super().__init__(config)
+        self.head_dim = config.kv_channels
+        self.heads_per_group = config.query_heads_per_group
+        qkv_width = (config.num_attention_heads + 2 * config.num_query_groups) * self.head_dim
+        self.linear_qkv = spec.column_parallel_linear(
+            config.hidden_size, qkv_width, config=config, init_method=config.init_method,
+            bias=False, gather_output=False,
+        )
+        dtype = config.params_dtype
+        # Named as megatron's so finalize_model_grads sums their replicated grads over TP.
+        self.q_layernorm = RMSNorm(self.head_dim, config.layernorm_epsilon, dtype)
+        self.k_layernorm = RMSNorm(self.head_dim, config.layernorm_epsilon, dtype)
+        self.linear_proj = spec.row_parallel_linear(
+            config.num_attention_heads * self.head_dim, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
+            skip_bias_add=False,
+        )
+
+    def forward(self, x, rope, attention_mask=None):
+        """x [s, b, h]; rope = (cos, sin) [s, head_dim]; attention_mask: None (causal) or a
+        boolean mask broadcastable to [b, heads, s, s], True where a query may attend."""
+        qkv, _ = self.linear_qkv.forward_jvp(x)
+        s, b = qkv.shape[:2]
+        n = self.heads_per_group
+        qkv = qkv.view(s, b, -1, n + 2, self.head_dim)  # [s, b, local groups, n q + k + v, d]
+        q = qkv[:, :, :, :n].flatten(2, 3)  # [s, b, local heads, d], heads group-major
+        k, v = qkv[:, :, :, n], qkv[:, :, :, n + 1]  # [s, b, local groups, d]
+        cos, sin = rope
+        # RoPE and the q/k RMSNorm in float32 (the norm's scale too), then cast: the official order.
+        q = self.q_layernorm(apply_rope(q, cos, sin)).to(v.dtype)
+        k = self.k_layernorm(apply_rope(k, cos, sin)).to(v.dtype)
+
+        def to_bhsd(t):
+            return t.permute(1, 2, 0, 3)
+
+        out = F.scaled_dot_product_attention(
+            to_bhsd(q), to_bhsd(k), to_bhsd(v),
+            attn_mask=attention_mask, is_causal=attention_mask is None, enable_gqa=True,
+        )  # query head i reads KV group i // n, as the fused layout orders them
+        out = out.permute(2, 0, 1, 3).flatten(2)  # [s, b, local heads * d]
+        y, _ = self.linear_proj.forward_jvp(out)
+        return y
+
+
+# --------------------------------------------------------------------------- decoder layer
+
+
+class DecoderLayer(MegatronModule):
+    """Pre-norm attention and MoE (routed experts + shared expert, both in megatron's MoELayer)."""
+
+    def __init__(self, config: HunyuanImage3Config, spec: HunyuanLayerSpec, layer_number: int):
+        super().__init__(config)
+        dtype, sp = config.params_dtype, config.sequence_parallel
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype, sp)
+        self.self_attention = SelfAttention(config, spec)
+        self.pre_mlp_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype, sp)
+        self.mlp = spec.moe_builder(
+            config=config, layer_number=layer_number,
+            pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        )
+        # The released router weight is float32 and used in float32; megatron stores it in
+        # params_dtype (bf16 would round the released weights and move routing decisions).
+        router = self.mlp.router
+        router.weight.data = router.weight.data.float()
+
+    def forward(self, x, rope, attention_mask=None):
+        x = x + self.self_attention(self.input_layernorm(x), rope, attention_mask)
+        moe_out, _ = self.mlp(self.pre_mlp_layernorm(x))  # routed + shared expert
+        return x + moe_out
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class HunyuanImage3Model(MegatronModule):
+    """The trunk: ``wte``, the decoder layers, ``ln_f`` and ``lm_head`` — or one pipeline stage of
+    it: ``layer_range`` (global indices) of the layers, ``wte`` on the first stage
+    (``pre_process``), ``ln_f`` and ``lm_head`` on the last (``post_process``).
+
+    ``hidden_states(...)`` returns the last layer's output [s, b, h] (what the image head reads);
+    ``forward(...)`` returns this rank's vocab shard of the logits, batch-first [b, s, vocab / tp],
+    on the last stage and the stage's output activation [s, b, h] on the others. Every stage
+    takes the token ids (their length sets the RoPE tables).
+    """
+
+    def __init__(
+        self,
+        config: HunyuanImage3Config,
+        spec: HunyuanLayerSpec | None = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+        layer_range: tuple[int, int] | None = None,
+    ):
+        super().__init__(config)
+        spec = spec or get_hunyuan_layer_spec(num_experts=config.num_moe_experts)
+        self.pre_process, self.post_process = pre_process, post_process
+        start, end = layer_range if layer_range is not None else (0, config.num_layers)
+        self.layer_range = (start, end)
+        self.input_tensor = None
+        # Read by megatron's schedules and finalize_model_grads (embeddings are not tied).
+        self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = False
+        dtype = config.params_dtype
+        if pre_process:
+            # With sequence parallel the embedding reduce-scatters to sequence chunks [s/tp, b, h].
+            self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
+                config.vocab_size, config.hidden_size, init_method=config.init_method, config=config,
+                reduce_scatter_embeddings=config.sequence_parallel,
+            )
+        self.layers = torch.nn.ModuleList(
+            DecoderLayer(config, spec, layer_number=i + 1) for i in range(start, end)
+        )
+        if post_process:
+            self.final_layernorm = RMSNorm(
+                config.hidden_size, config.layernorm_epsilon, dtype, config.sequence_parallel
+            )
+            self.output_layer = spec.column_parallel_linear(
+                config.hidden_size, config.vocab_size, config=config, init_method=config.init_method,
+                bias=False, gather_output=False,
+            )
+
+    def set_input_tensor(self, input_tensor):
+        """Called by megatron's schedules with the previous stage's output (a list of one)."""
+        self.input_tensor = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
+
+    def hidden_states(self, input_ids, rope_positions=None, attention_mask=None):
+        """input_ids [b, s] -> this stage's last layer's output [s, b, h] (before ``ln_f``); this
+        rank's sequence chunk [s/tp, b, h] under sequence parallel.
+
+        ``rope_positions``: (y, x) positions [s] (default: text positions 0 .. s-1);
+        ``attention_mask``: None for causal, or a boolean mask (True = attend).
+        """
+        config = self.config
+        if self.pre_process:
+            x = self.word_embeddings(input_ids)
+            if not config.sequence_parallel:
+                x = x.transpose(0, 1).contiguous()  # [s, b, h]
+        else:
+            if self.input_tensor is None:
+                raise RuntimeError("a non-first pipeline stage needs set_input_tensor() first")
+            x = self.input_tensor
+        if rope_positions is None:
+            rope_positions = text_rope_positions(input_ids.shape[1], x.device)
+        rope = rope_tables(*rope_positions, config.kv_channels, config.rope_theta)
+        for layer in self.layers:
+            x = layer(x, rope, attention_mask)
+        return x
+
+    def forward(self, input_ids, rope_positions=None, attention_mask=None):
+        """Logits [b, s, vocab / tp] (the output layer gathers the sequence under SP) on the last
+        stage; the stage activation on the others."""
+        x = self.hidden_states(input_ids, rope_positions, attention_mask)
+        if not self.post_process:
+            return x
+        logits, _ = self.output_layer.forward_jvp(self.final_layernorm(x))
+        return logits.transpose(0, 1)
+
+    # -- distributed checkpointing ----------------------------------------------------------
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """This rank's parameters for megatron ``dist_checkpointing``, layout-independent.
+
+        megatron's default would treat the ``layers`` ModuleList as one plain module (its
+        state_dict, replicated): every rank would save its *local* experts under local names, so a
+        checkpoint saved at EP > 1 would hold only ``E/ep`` experts, and TP-split weights would be
+        saved as if whole. So each layer gives its own sharded state dict: megatron's
+        ``SequentialMLP`` places local expert ``i`` at global index ``ep_rank * E/ep + i`` of an
+        expert axis, its ``MLP`` stores SwiGLU ``fc1`` gate and up halves TP-independently, the TP
+        linears are split along their partition dim, and the norms are replicated.
+        """
+        from megatron.core import parallel_state
+        from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            sharded_state_dict_default,
+        )
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        sharded = {}
+        for name, module in self.named_children():
+            if name == "layers":
+                for index, layer in enumerate(module, start=self.layer_range[0]):
+                    # Dict keys stay this stage's module names (for load_state_dict); checkpoint
+                    # keys use the global layer index, the same at every pipeline layout.
+                    local = f"{prefix}layers.{index - self.layer_range[0]}."
+                    layer_sharded = layer.sharded_state_dict(local, sharded_offsets, metadata)
+                    replace_prefix_for_sharding(layer_sharded, local, f"{prefix}layers.{index}.")
+                    sharded.update(layer_sharded)
+            else:
+                sharded.update(
+                    sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=tp_group)
+                )
+        return sharded
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def parameter_counts(model: HunyuanImage3Model) -> dict[str, int]:
+    """Parameter counts read off the built modules (a meta-device build works).
+
+    ``activated_per_token_layers``: parameters one token passes through in the decoder layers —
+    everything in a layer except the routed experts, plus ``topk`` routed experts' worth.
+    """
+    def count(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    layers = sum(count(layer) for layer in model.layers)
+    activated = 0
+    for layer in model.layers:
+        experts = layer.mlp.experts
+        routed = count(experts)
+        one_expert = count(experts.local_experts[0])
+        activated += count(layer) - routed + model.config.moe_router_topk * one_expert
+    return {
+        "total": count(model),
+        "layers": layers,
+        "word_embeddings": count(model.word_embeddings),
+        "output_layer": count(model.output_layer),
+        "final_layernorm": count(model.final_layernorm),
+        "activated_per_token_layers": activated,
+    }
+
+
+__all__ = [
+    "HunyuanImage3Model",
+    "DecoderLayer",
+    "SelfAttention",
+    "RMSNorm",
+    "rope_tables",
+    "text_rope_positions",
+    "apply_rope",
+    "parameter_counts",
+]
