@@ -49,9 +49,9 @@ def expected_forwards(config, regime: str, moving_fraction: float) -> dict[str, 
     else:
         counts["student"] += 4.0  # forward with its tangent, backward
     if regime.endswith("alignment"):
-        rollout = len(config.alignment.config.time_grid or []) - 1 if config.alignment.config.time_grid else (
-            config.alignment.config.num_rollout_steps)
-        counts["student"] += rollout + 3.0  # the rollout's jumps (no grad), the generator pass
+        grid = config.alignment.config.time_grid
+        segments = len(grid) - 1 if grid else config.alignment.config.num_rollout_steps
+        counts["student"] += segments + 3.0  # the rollout's jumps (no grad), the generator pass
         counts["teacher"] += 1.0
         counts["fake"] += 1.0 + 3.0 * config.alignment.fake_updates_per_step
     return counts
@@ -81,6 +81,7 @@ def _count(trainer, steps: int) -> tuple[dict[str, float], float]:
             stats = trainer.train_step()
             batch = trainer.config.data.micro_batch_size * trainer.config.parallel.num_microbatches
             samples += batch
+            # Code before this stat existed set r < t on exactly round(0.25 B) samples: 0.25 for B = 4.
             moving += stats.get("time_r_below_t_fraction", 0.25) * batch
     finally:
         NetworkRunner._evaluate, NetworkRunner.run_pass = evaluate, run_pass
