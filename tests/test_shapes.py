@@ -116,3 +116,43 @@ def test_sample_distance_pairs_and_distributions(drawn):
     assert other["mmd"] > 1e-3 and other["paired_rmse"] > 0.2
     dimmed = sample_distance(first * 0.5, first)
     assert dimmed["mmd"] > other["mmd"]
+
+
+def test_build_shapes_data_writes_scorable_shards_prompts_and_a_tokenizer(tmp_path, capsys):
+    import io
+    import itertools
+
+    from PIL import Image
+
+    from mfmegatron.data.images.reader import ImageShardReader
+    from mfmegatron.data.reader import PromptShardReader
+    from mfmegatron.data.tokenizers import SentencePieceTokenizer
+    from tools.build_shapes_data import main
+
+    out = tmp_path / "shapes"
+    assert main(["--out", str(out), "--images", "300", "--prompts", "200", "--samples-per-shard", "128"]) == 0
+    assert "wrote 300 images, 200 distillation prompts" in capsys.readouterr().out
+
+    samples = list(itertools.islice(ImageShardReader(out / "images", shuffle=False, epochs=1), 300))
+    assert len(samples) == 300
+    images = [np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB")) for s in samples]
+    prompts = [parse_caption(s.prompt) for s in samples]
+    assert score_images(prompts, images)["overall"] >= 0.995
+
+    held_out = set((out / "heldout.txt").read_text().split("\n")) - {""}
+    assert len(held_out) == sum(is_held_out(p) for p in all_prompts())
+    distill = [s.prompt for s in itertools.islice(PromptShardReader(out / "prompts", shuffle=False, epochs=1), 200)]
+    assert len(distill) == 200 and not held_out & set(distill)
+
+    tokenizer = SentencePieceTokenizer(out / "tokenizer.model", max_length=16, padding="longest")
+    captions = [p.caption for p in all_prompts()]
+    ids = tokenizer.encode(captions)
+    assert all(2 not in row for row in ids)  # no unknown words
+    assert [tokenizer.decode(row) for row in ids] == captions
+    assert max(map(len, ids)) <= 10
+
+    # Same arguments, same bytes.
+    again = tmp_path / "again"
+    main(["--out", str(again), "--images", "300", "--prompts", "200", "--samples-per-shard", "128"])
+    for path in sorted((out / "images").glob("*.tar")) + [out / "tokenizer.model"]:
+        assert path.read_bytes() == (again / path.relative_to(out)).read_bytes(), path
