@@ -213,7 +213,7 @@ class TrajectoryAlignment:
             loss = per_sample_mean((v - velocity_target[rows]).square()).mean()
             return loss, {"fake_loss": float(loss.detach())}
 
-        return TrainingPass(name="fake", network="fake", z=z_s, r=None, t=s, loss_fn=loss_fn)
+        return TrainingPass(name="fake", network="flow", z=z_s, r=None, t=s, loss_fn=loss_fn)
 
     def fake_loss(
         self,

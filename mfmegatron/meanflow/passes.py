@@ -23,15 +23,16 @@ LossFunction = Callable[[Tensor, Tensor | None, slice], tuple[Tensor, dict[str, 
 class TrainingPass:
     """One evaluation with gradient whose loss is a function of the network's output.
 
-    ``network`` is "student" (``u(z, r, t)``, or ``(u, du)`` with ``tangents``) or "fake" (the
-    alignment's fake flow network, ``v(z, t)``; ``r`` is ignored). ``loss_fn`` receives the output
+    ``network`` is "student" (``u(z, r, t)``, or ``(u, du)`` with ``tangents``) or "flow" (a flow
+    network ``v(z, t)``: the alignment's fake network, or a teacher trained by flow matching;
+    ``r`` is ignored). ``loss_fn`` receives the output
     for the batch rows ``rows`` — all of them when run directly, one micro-batch's under pipeline
     parallelism — and returns the *mean* loss over those rows, so that averaging equal
     micro-batches gives the batch loss. ``weight`` multiplies the loss in the total.
     """
 
     name: str
-    network: Literal["student", "fake"]
+    network: Literal["student", "flow"]
     z: Tensor
     r: Tensor | None
     t: Tensor
@@ -41,10 +42,11 @@ class TrainingPass:
 
 
 def run_pass(training_pass: TrainingPass, network: Any, cond: Any) -> tuple[Tensor, dict[str, float]]:
-    """Evaluate ``network`` (a MeanFlowStudent, or a FlowTeacher-like fake) on the whole batch."""
+    """Evaluate ``network`` (a MeanFlowStudent, or a FlowTeacher-like flow network) on the whole
+    batch."""
     p = training_pass
     rows = slice(0, p.z.shape[0])
-    if p.network == "fake":
+    if p.network == "flow":
         return p.loss_fn(network.velocity(p.z, p.t, cond), None, rows)
     if p.tangents is None:
         return p.loss_fn(network.mean_velocity(p.z, p.r, p.t, cond), None, rows)

@@ -27,7 +27,12 @@ class ModelSection:
     (smoke tests and benchmarks only)."""
     dtype: Literal["bf16", "fp32"] = "bf16"
     image_size: int = 1024
-    """Pixels per side; FLUX's latent tokens are (image_size / 16) ** 2."""
+    """Pixels per side; FLUX's latent tokens are (image_size / 16) ** 2 (``latent_space=vae``)."""
+    latent_space: Literal["vae", "pixels"] = "vae"
+    """What the networks denoise: the VAE's latents (FLUX: 16 latent channels, 8x down, 2x2
+    patches, 16 pixels per token), or the RGB pixels themselves in [-1, 1] in 2x2 patches
+    (``in_channels`` 12, (image_size / 2) ** 2 tokens, no VAE): for small worlds such as the
+    shapes world (``tools/build_shapes_data.py``)."""
     text_tokens: int = 512
     guidance: float = 3.5
     """Guidance-embedding value given to guidance-distilled teachers and students (FLUX.1-dev)."""
@@ -70,6 +75,10 @@ class DataSection:
     """Where embeddings come from: the shards, a deterministic dummy encoder (tests), or the HF
     T5/CLIP encoders at ``text_encoder_path`` (a FLUX pipeline folder)."""
     text_encoder_path: str | None = None
+    text_tokenizer: str | None = None
+    """``text_encoder=dummy``: a sentencepiece ``.model`` whose ids the dummy encoder embeds
+    (token row + position row, fixed pseudo-random) instead of hashed words — e.g. the shapes
+    world's word tokenizer (``tools/build_shapes_data.py``)."""
     image_backend: Literal["auto", "pil", "dali"] = "auto"
     """``z_source=data``: image decoding with NVIDIA DALI (GPU decoding on CUDA machines), Pillow,
     or DALI when it is installed (``mfmegatron.data.images.build_image_loader``)."""
@@ -144,6 +153,11 @@ class TrainSection:
     sample_interval: int = 0
     """Write a grid of student samples every N steps (0: never)."""
     sample_steps: tuple[int, ...] = (1, 2, 4)
+    objective: Literal["meanflow_distillation", "flow_matching"] = "meanflow_distillation"
+    """``flow_matching`` trains the teacher architecture itself from image shards
+    (``meanflow.z_source=data``; ``model.teacher_checkpoint`` optional, to fine-tune) with the
+    FLUX loss ``||v(z_t, t) - (ε - x)||²`` and ``meanflow.time_sampling``'s t: how the shapes
+    world's teacher is made. Sample grids then show ``sample_steps``-step Euler samples."""
     export_at_end: bool = True
     """Write the final EMA student as a diffusers folder (+ interval embedding) into output_dir."""
 

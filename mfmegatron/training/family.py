@@ -20,17 +20,23 @@ FAMILIES = {
 
 @dataclass
 class Networks:
-    """This rank's pipeline stage of each network, on its device (not yet wrapped in DDP)."""
+    """This rank's pipeline stage of each network, on its device (not yet wrapped in DDP).
+    Flow-matching training has no teacher: ``student`` is the flow network being trained."""
 
-    teacher: torch.nn.Module
+    teacher: torch.nn.Module | None
     student: torch.nn.Module
-    fake: torch.nn.Module | None
+    fake: torch.nn.Module | None = None
 
 
 class ModelFamily(Protocol):
     """A backbone as the trainer sees it. ``cond`` is the family's own conditioning object."""
 
     def build_networks(self, config, device: torch.device, with_fake: bool) -> Networks: ...
+
+    def build_flow_network(self, config, device: torch.device) -> torch.nn.Module:
+        """The teacher architecture, trainable, for ``train.objective=flow_matching`` (from
+        ``model.teacher_checkpoint`` when set, else freshly initialised)."""
+        ...
 
     def latent_shape(self, config) -> tuple[int, ...]:
         """Per-sample shape of the latents the networks map (noise is drawn with it)."""

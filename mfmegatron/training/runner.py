@@ -181,7 +181,7 @@ class NetworkRunner:
             stats.append(pass_stats)
             return value * p.weight
 
-        r = None if p.network == "fake" else p.r
+        r = None if p.network == "flow" else p.r
         batch_size = p.z.shape[0]
         self._schedule(p.z, r, p.t, cond, p.tangents, loss, forward_only=False, slices=self._row_slices(batch_size))
         self.sample_forwards += batch_size * (3.0 if p.tangents is None else 4.0)

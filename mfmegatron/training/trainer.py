@@ -37,6 +37,7 @@ from mfmegatron.data import (
     DummyTextEncoder,
     PromptBatchLoader,
     PromptShardReader,
+    SentencePieceTokenizer,
     build_text_encoder,
     data_parallel_rank_and_size,
     ensure_embeddings,
@@ -57,7 +58,8 @@ from mfmegatron.sampling import sample_student
 from mfmegatron.training import checkpoint as ckpt
 from mfmegatron.training.config import TrainConfig
 from mfmegatron.training.ema import ParameterEMA, resolve_sharding
-from mfmegatron.training.family import get_family
+from mfmegatron.training.family import Networks, get_family
+from mfmegatron.training.flow_matching import FLOW_MATCHING, FlowMatchingTraining
 from mfmegatron.training.logger import TrainingLogger
 from mfmegatron.training.runner import NetworkRunner
 from mfmegatron.training.torch_adam import make_torch_adam_checkpointable
@@ -114,9 +116,21 @@ class Trainer:
         self.image_encoder = self._image_encoder()
         self.latent_stats: dict[str, float] = {}
 
-        with_fake = config.alignment.enabled
-        networks = self.family.build_networks(config, self.device, with_fake)
-        self.teacher = networks.teacher.eval()
+        # Flow-matching training trains the teacher architecture itself; it takes the student's
+        # place (optimizer, EMA, checkpoints, export) and there is no teacher to distil from.
+        self.flow_matching = config.train.objective == FLOW_MATCHING
+        if self.flow_matching:
+            if config.meanflow.z_source != "data" or config.alignment.enabled:
+                raise ValueError(
+                    "train.objective=flow_matching trains on images: it needs meanflow.z_source=data "
+                    "and alignment.enabled=false"
+                )
+            with_fake = False
+            networks = Networks(teacher=None, student=self.family.build_flow_network(config, self.device))
+        else:
+            with_fake = config.alignment.enabled
+            networks = self.family.build_networks(config, self.device, with_fake)
+        self.teacher = networks.teacher.eval() if networks.teacher is not None else None
         self.student, self.optimizer = self._trained(networks.student, config.optim.lr)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
@@ -136,7 +150,7 @@ class Trainer:
             override_opt_param_scheduler=True,
         )
         self.ema = self._ema(networks.student)
-        self.teacher_runner = self._runner(self.teacher)
+        self.teacher_runner = self._runner(self.teacher) if self.teacher is not None else None
         self.student_runner = self._runner(self.student)
         self.fake, self.fake_optimizer, self.fake_runner, alignment = None, None, None, None
         if with_fake:
@@ -146,15 +160,18 @@ class Trainer:
         meanflow = config.meanflow
         if with_fake and meanflow.align_weight <= 0:
             raise ValueError("alignment.enabled needs meanflow.align_weight > 0")
-        self.objective = MeanFlowDistillation(
-            self.teacher_runner,
-            self.student_runner,
-            meanflow,
-            self._warmup(),
-            alignment if meanflow.align_weight > 0 else None,
-            reduce_gap=self._average_gap_over_data_parallel,
-            select_condition=self._select_condition,
-        )
+        if self.flow_matching:
+            self.objective = FlowMatchingTraining()
+        else:
+            self.objective = MeanFlowDistillation(
+                self.teacher_runner,
+                self.student_runner,
+                meanflow,
+                self._warmup(),
+                alignment if meanflow.align_weight > 0 else None,
+                reduce_gap=self._average_gap_over_data_parallel,
+                select_condition=self._select_condition,
+            )
 
         self.text_encoder = self._text_encoder()
         self.counters = {"skipped_steps": 0, "skipped_fake_steps": 0}
@@ -278,12 +295,12 @@ class Trainer:
                     f"model.image_size is {model.image_size}"
                 )
             return LatentBatchLoader(data.shards, batch_size, **options)
-        if model.vae_path is None:
+        if model.latent_space == "vae" and model.vae_path is None:
             raise ValueError(
                 "meanflow.z_source=data needs model.vae_path: the teacher's VAE (a diffusers "
                 "AutoencoderKL folder, e.g. FLUX.1-dev's vae/)"
             )
-        if not Path(model.vae_path).is_dir():
+        if model.latent_space == "vae" and not Path(model.vae_path).is_dir():
             raise FileNotFoundError(f"model.vae_path directory {model.vae_path} does not exist")
         return build_image_loader(
             data.shards, batch_size, size=model.image_size, backend=data.image_backend,
@@ -306,7 +323,11 @@ class Trainer:
         if data.text_encoder == "precomputed":
             return None
         if data.text_encoder == "dummy":
-            return DummyTextEncoder(t5_dim=width, pooled_dim=pooled, max_length=self.config.model.text_tokens)
+            length = self.config.model.text_tokens
+            tokenizer = None
+            if data.text_tokenizer is not None:
+                tokenizer = SentencePieceTokenizer(data.text_tokenizer, max_length=length)
+            return DummyTextEncoder(t5_dim=width, pooled_dim=pooled, max_length=length, tokenizer=tokenizer)
         return build_text_encoder(
             "hf", flux_path=data.text_encoder_path, device=str(self.device), dtype=self.dtype,
             max_length=self.config.model.text_tokens,
@@ -469,7 +490,9 @@ class Trainer:
             handle.write(json.dumps({"step": self.step, "keys": keys}) + "\n")
 
     def _runners(self) -> dict[str, NetworkRunner]:
-        runners = {"teacher": self.teacher_runner, "student": self.student_runner}
+        runners = {"student": self.student_runner}
+        if self.teacher_runner is not None:
+            runners["teacher"] = self.teacher_runner
         if self.fake_runner is not None:
             runners["fake"] = self.fake_runner
         return runners

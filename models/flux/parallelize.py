@@ -277,16 +277,24 @@ def flux_config_from_checkpoint(directory, **overrides) -> FluxConfig:
     return flux_config_from_diffusers(record["diffusers_config"], **settings)
 
 
+def weights_prefix(directory) -> str:
+    """The key prefix of a checkpoint's FLUX weights: "" for a converted checkpoint, the first of
+    ``weight_prefixes`` (the EMA's when it has one) for a training checkpoint."""
+    return (read_checkpoint_info(directory).get("weight_prefixes") or [""])[0]
+
+
 def check_dist_checkpoint(model: FluxModel, directory) -> dict:
     """Compares a checkpoint's tensor keys and global shapes with this stage's; returns its metadata.
 
     Missing keys (this stage needs them) and keys no stage of this config has are errors that list
-    the keys; a shape difference names the key and both shapes.
+    the keys; a shape difference names the key and both shapes. A training checkpoint is compared
+    on its ``weights_prefix`` weights (its other networks and optimizer state are not ours).
     """
     from megatron.core import dist_checkpointing
 
+    prefix = weights_prefix(directory)
     metadata = dist_checkpointing.load_tensors_metadata(str(directory))
-    found = {k: tuple(v.global_shape) for k, v in metadata.items()}
+    found = {k.removeprefix(prefix): tuple(v.global_shape) for k, v in metadata.items() if k.startswith(prefix)}
     ours = _sharded_tensors(model.sharded_state_dict())
     hint = f" (checkpoint {directory}; model config {_describe(model.config)})"
     missing = set(ours) - set(found)
@@ -297,9 +305,24 @@ def check_dist_checkpoint(model: FluxModel, directory) -> dict:
 
 
 def load_dist_checkpoint(model: FluxModel, directory) -> None:
-    """Loads a checkpoint saved at any layout into this stage's shards (every rank calls it)."""
+    """Loads a checkpoint saved at any layout into this stage's shards (every rank calls it): a
+    converted one, or a training checkpoint's EMA (else its trained network), e.g. a teacher
+    trained with ``train.objective=flow_matching``."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 
     check_dist_checkpoint(model, directory)
-    loaded = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
-    model.load_state_dict(loaded, strict=True)
+    prefix = weights_prefix(directory)
+    sharded = model.sharded_state_dict()
+    if prefix:
+        # A training checkpoint's EMA holds the parameters only (no layers' extra state).
+        parameters = dict(model.named_parameters())
+        sharded = {name: entry for name, entry in sharded.items() if name in parameters}
+        replace_prefix_for_sharding(sharded, "", prefix)
+    loaded = dist_checkpointing.load(sharded, str(directory))
+    # A training checkpoint's common state (step, optimizer settings) comes back too.
+    loaded = {name: value for name, value in loaded.items() if name in sharded}
+    missing, unexpected = model.load_state_dict(loaded, strict=False)
+    left_out = [name for name in missing if not (prefix and name.endswith("_extra_state"))]
+    if left_out or unexpected:
+        raise CheckpointMismatchError(f"checkpoint {directory}: missing {left_out[:3]}, unexpected {unexpected[:3]}")

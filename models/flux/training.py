@@ -21,7 +21,7 @@ from models.flux.parallelize import (
     pipeline_seq_length,
 )
 from models.flux.state_dict_adapter import megatron_block_key_to_global
-from models.flux.vae import PATCH, FluxImageEncoder, pack_latents
+from models.flux.vae import PATCH, FluxImageEncoder, PixelImageEncoder, pack_latents, unpack_latents
 
 # FLUX's VAE downsamples by 8 and the transformer packs 2x2 latent patches: 16 pixels per token.
 PIXELS_PER_TOKEN = 16
@@ -81,12 +81,24 @@ class FluxFamily:
                         target.copy_(source)
         return Networks(teacher=teacher, student=student, fake=fake)
 
+    def build_flow_network(self, config, device: torch.device) -> FluxModel:
+        """The teacher architecture, trainable (``train.objective=flow_matching``)."""
+        network = build_flux_model(self.model_config(config, student=False)).to(device)
+        if config.model.teacher_checkpoint is not None:
+            load_dist_checkpoint(network, config.model.teacher_checkpoint)
+        return network
+
     # -- shapes and conditioning ---------------------------------------------------------------
 
+    @staticmethod
+    def _pixels_per_token(config) -> int:
+        return PATCH if config.model.latent_space == "pixels" else PIXELS_PER_TOKEN
+
     def _latent_grid(self, config) -> int:
-        side, remainder = divmod(config.model.image_size, PIXELS_PER_TOKEN)
+        per_token = self._pixels_per_token(config)
+        side, remainder = divmod(config.model.image_size, per_token)
         if remainder:
-            raise ValueError(f"model.image_size must be a multiple of {PIXELS_PER_TOKEN}, got {config.model.image_size}")
+            raise ValueError(f"model.image_size must be a multiple of {per_token}, got {config.model.image_size}")
         return side
 
     def teacher_config(self, config) -> FluxConfig:
@@ -139,6 +151,8 @@ class FluxFamily:
         """FLUX's VAE at ``model.vae_path`` for ``meanflow.z_source=data``: images -> the packed
         latents the networks map (checked against the transformer's latent channels)."""
         flux = self.teacher_config(config)
+        if config.model.latent_space == "pixels":
+            return PixelImageEncoder(in_channels=flux.in_channels)
         return FluxImageEncoder.from_pretrained(
             config.model.vae_path, device, dtype, config.model.vae_latent,
             latent_channels=flux.in_channels // PATCH**2, downsample=PIXELS_PER_TOKEN // PATCH,
@@ -290,21 +304,22 @@ class FluxFamily:
     # -- outputs for people --------------------------------------------------------------------
 
     def save_sample_grid(self, samples: dict[int, torch.Tensor], path, config) -> None:
-        """Rows: number of student steps; columns: samples. Without a VAE this shows the first
-        three latent channels (unpacked to the latent grid), each normalised per image."""
+        """Rows: number of student steps; columns: samples. Pixel-space networks show their
+        images; VAE-latent ones the first three latent channels (unpacked to the latent grid),
+        each normalised per image (no VAE decode)."""
         from PIL import Image
 
         side = self._latent_grid(config)
         rows = []
         for steps in sorted(samples):
-            latents = samples[steps].float().cpu()  # [n, side*side, 4c]
-            n, _, packed = latents.shape
-            channels = packed // 4
-            grid = latents.view(n, side, side, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
-            grid = grid.reshape(n, channels, 2 * side, 2 * side)[:, :3]
-            low = grid.amin(dim=(1, 2, 3), keepdim=True)
-            high = grid.amax(dim=(1, 2, 3), keepdim=True)
-            rows.append(torch.cat(list((grid - low) / (high - low + 1e-8)), dim=2))
+            grid = unpack_latents(samples[steps].float().cpu(), side, side)[:, :3]
+            if config.model.latent_space == "pixels":
+                grid = (grid + 1) / 2
+            else:
+                low = grid.amin(dim=(1, 2, 3), keepdim=True)
+                high = grid.amax(dim=(1, 2, 3), keepdim=True)
+                grid = (grid - low) / (high - low + 1e-8)
+            rows.append(torch.cat(list(grid), dim=2))
         picture = torch.cat(rows, dim=1)  # [3, rows*H, n*W]
         scale = max(1, 256 // (2 * side))
         picture = picture.repeat_interleave(scale, 1).repeat_interleave(scale, 2)

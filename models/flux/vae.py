@@ -36,6 +36,30 @@ def pack_latents(latents: Tensor) -> Tensor:
     return patches.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // PATCH) * (w // PATCH), c * PATCH * PATCH)
 
 
+def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
+    """``pack_latents`` undone: ``[b, height * width, 4c] -> [b, c, 2 height, 2 width]`` (height,
+    width: the token grid)."""
+    b, _, packed = tokens.shape
+    c = packed // (PATCH * PATCH)
+    patches = tokens.reshape(b, height, width, c, PATCH, PATCH).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(b, c, height * PATCH, width * PATCH)
+
+
+class PixelImageEncoder:
+    """``model.latent_space=pixels``: the images themselves, in [-1, 1], are the networks' x,
+    packed in 2x2 patches like latents (``in_channels`` = 3 x 4 = 12)."""
+
+    def __init__(self, in_channels: int):
+        if in_channels != 3 * PATCH * PATCH:
+            raise ValueError(
+                f"model.latent_space=pixels needs in_channels {3 * PATCH * PATCH} (RGB in {PATCH}x{PATCH} "
+                f"patches); the network has {in_channels} (set model.overrides.in_channels)"
+            )
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return pack_latents(images.float())
+
+
 class FluxImageEncoder:
     """FLUX's VAE as the trainer's image encoder: ``encoder(images, generator) -> x``.
 

@@ -1,0 +1,127 @@
+"""Training the shapes world's teacher with the project's own trainer (flow matching on pixels),
+and distilling from the trained teacher's checkpoint."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+TEACHER_OVERRIDES = [
+    # A smaller network than the recipe's, same structure (pixels in 2x2 patches, no guidance).
+    "model.overrides.hidden_size=64",
+    "model.overrides.kv_channels=16",
+    "model.overrides.axes_dims_rope=[4,6,6]",
+    "model.overrides.ffn_hidden_size=256",
+    "data.micro_batch_size=8",
+    "optim.lr_warmup_steps=0",
+    "optim.ema_decay=0.5",
+    "train.steps=12",
+    "train.save_interval=12",
+    "train.sample_interval=12",
+    "train.sample_steps=[4]",
+    "logging.log_interval=1",
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+]
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory) -> Path:
+    from tools.build_shapes_data import build
+
+    root = tmp_path_factory.mktemp("shapes") / "data"
+    build(root, images=96, prompts=64, size=32, seed=0, samples_per_shard=32)
+    return root
+
+
+def test_flow_matching_plan_interpolates_and_targets_noise_minus_data():
+    from mfmegatron.training.flow_matching import FlowMatchingTraining
+
+    generator = torch.Generator().manual_seed(0)
+    x, noise = torch.randn(4, 6, 12, generator=generator), torch.randn(4, 6, 12, generator=generator)
+    t = torch.tensor([0.1, 0.4, 0.7, 1.0])
+    plan = FlowMatchingTraining().plan(0, noise, x=x, times=(t, torch.zeros(4)))
+    (training_pass,) = plan.passes
+    assert training_pass.network == "flow" and training_pass.r is None
+    torch.testing.assert_close(training_pass.z, (1 - t[:, None, None]) * x + t[:, None, None] * noise)
+    rows = slice(0, 4)
+    assert float(training_pass.loss_fn(noise - x, None, rows)[0]) == 0.0
+    v = torch.randn(4, 6, 12, generator=generator)
+    expected = ((v - (noise - x)) ** 2).mean()
+    torch.testing.assert_close(training_pass.loss_fn(v, None, rows)[0], expected)
+    with pytest.raises(ValueError, match="z_source=data"):
+        FlowMatchingTraining().plan(0, noise, times=(t, t))
+
+
+def _train_teacher_then_distil(data: str, output: str) -> dict:
+    """One rank: flow-matching training of a pixel-space FLUX on the shapes images, then a
+    distillation trainer whose teacher is that run's last checkpoint."""
+    from mfmegatron.config import load_config
+    from mfmegatron.training.config import TrainConfig
+    from mfmegatron.training.trainer import Trainer
+    from models.flux.vae import unpack_latents
+
+    teacher_run = Path(output) / "teacher"
+    config = load_config(TrainConfig, REPO / "recipes" / "shapes_teacher_cpu.yaml", [
+        *TEACHER_OVERRIDES, f"data.shards={data}/images", f"data.text_tokenizer={data}/tokenizer.model",
+        f"train.output_dir={teacher_run}",
+    ])  # fmt: skip
+    trainer = Trainer(config)
+    seen = {}
+    plan = trainer.objective.plan
+
+    def recording_plan(step, noise, cond=None, x=None, generator=None, times=None):
+        seen.setdefault("x", x.clone())
+        seen.setdefault("ids", trainer.text_encoder.tokenize(["a red circle above a blue square"]).input_ids)
+        return plan(step, noise, cond, x, generator, times)
+
+    trainer.objective.plan = recording_plan
+    last = trainer.train()
+    losses = [float(line.split('"loss": ')[1].split(",")[0])
+              for line in (teacher_run / "log.jsonl").read_text().splitlines()]  # fmt: skip
+    ema = {name: tensor.clone() for name, tensor in trainer.ema.shadow.items()}
+    pixels = unpack_latents(seen["x"], 16, 16)
+
+    student_run = Path(output) / "student"
+    distil = load_config(TrainConfig, REPO / "recipes" / "flux_tiny_cpu.yaml", [
+        f"model.teacher_checkpoint={teacher_run}/checkpoints/step_00000012", "model.latent_space=pixels",
+        "model.image_size=32", "model.text_tokens=12", "data.micro_batch_size=2", "data.text_encoder=dummy",
+        f"data.text_tokenizer={data}/tokenizer.model", f"data.shards={data}/prompts",
+        "parallel.tensor_parallel_size=1", "alignment.enabled=false", "meanflow.align_weight=0",
+        "train.steps=1", f"train.output_dir={student_run}", "train.export_at_end=false",
+        "logging.progress_bar=false", "logging.tensorboard=false",
+    ])  # fmt: skip
+    student_trainer = Trainer(distil)
+    teacher = dict(student_trainer.teacher.named_parameters())
+    same = all(torch.equal(teacher[name].detach(), ema[name]) for name in ema)
+    student_stats = student_trainer.train_step()
+    return {
+        "losses": losses, "last": last, "pixels": pixels, "ids": seen["ids"], "teacher_is_the_ema": same,
+        "num_ema": len(ema), "student_loss": student_stats["loss"],
+        "files": sorted(str(p.relative_to(teacher_run)) for p in teacher_run.rglob("*") if p.is_file()),
+    }
+
+
+def test_the_trainer_trains_a_pixel_teacher_by_flow_matching_and_distils_from_it(shapes_data, tmp_path):
+    from mfmegatron.parallel import run_on_ranks
+
+    result = run_on_ranks(_train_teacher_then_distil, 1, str(shapes_data), str(tmp_path))[0]
+    # The data are the images themselves in [-1, 1]: black background at -1, colours at +-1.
+    pixels = result["pixels"]
+    assert pixels.shape[1:] == (3, 32, 32)
+    assert float((pixels == -1).float().mean()) > 0.5 and float(pixels.max()) == 1.0
+    # The shapes tokenizer, not hashed words: 7 word ids and EOS (1), then padding (0).
+    ids = result["ids"][0].tolist()
+    assert ids[7] == 1 and ids[8:] == [0] * 4 and 2 not in ids[:7]
+    losses = result["losses"]
+    assert len(losses) == 12 and result["last"]["phase"] == "flow_matching"
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    assert "samples/step_00000012.png" in result["files"] and "student/config.json" in result["files"]
+    # The distillation trainer's teacher is the flow-matching run's EMA, every tensor of it.
+    assert result["num_ema"] > 20 and result["teacher_is_the_ema"]
+    assert math.isfinite(result["student_loss"])
