@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.shapes.scorer import ATTRIBUTES, detect, sample_distance, score_images
+from mfmegatron.training.evaluation import sample_distance
+from models.shapes.scorer import ATTRIBUTES, detect, score_images
 from models.shapes.world import (
     COLOURS,
     RELATIONS,

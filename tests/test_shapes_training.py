@@ -3,6 +3,8 @@ and distilling from the trained teacher's checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 from pathlib import Path
 
@@ -24,6 +26,10 @@ TEACHER_OVERRIDES = [
     "train.save_interval=12",
     "train.sample_interval=12",
     "train.sample_steps=[4]",
+    "train.eval_interval=6",
+    "train.eval_num_prompts=8",
+    "train.eval_teacher_steps=[4,2]",
+    "train.eval_scorer=shapes",
     "logging.log_interval=1",
     "logging.progress_bar=false",
     "logging.tensorboard=false",
@@ -69,6 +75,7 @@ def _train_teacher_then_distil(data: str, output: str) -> dict:
     teacher_run = Path(output) / "teacher"
     config = load_config(TrainConfig, REPO / "recipes" / "shapes_teacher_cpu.yaml", [
         *TEACHER_OVERRIDES, f"data.shards={data}/images", f"data.text_tokenizer={data}/tokenizer.model",
+        f"train.eval_prompts={data}/heldout.txt",
         f"train.output_dir={teacher_run}",
     ])  # fmt: skip
     trainer = Trainer(config)
@@ -82,8 +89,7 @@ def _train_teacher_then_distil(data: str, output: str) -> dict:
 
     trainer.objective.plan = recording_plan
     last = trainer.train()
-    losses = [float(line.split('"loss": ')[1].split(",")[0])
-              for line in (teacher_run / "log.jsonl").read_text().splitlines()]  # fmt: skip
+    losses = [json.loads(line)["loss"] for line in (teacher_run / "log.jsonl").read_text().splitlines()]
     ema = {name: tensor.clone() for name, tensor in trainer.ema.shadow.items()}
     pixels = unpack_latents(seen["x"], 16, 16)
 
@@ -93,17 +99,33 @@ def _train_teacher_then_distil(data: str, output: str) -> dict:
         "model.image_size=32", "model.text_tokens=12", "data.micro_batch_size=2", "data.text_encoder=dummy",
         f"data.text_tokenizer={data}/tokenizer.model", f"data.shards={data}/prompts",
         "parallel.tensor_parallel_size=1", "alignment.enabled=false", "meanflow.align_weight=0",
-        "train.steps=1", f"train.output_dir={student_run}", "train.export_at_end=false",
-        "logging.progress_bar=false", "logging.tensorboard=false",
+        "optim.ema_decay=0.5", "train.steps=2", f"train.output_dir={student_run}", "train.export_at_end=false",
+        "train.eval_interval=1", f"train.eval_prompts={data}/heldout.txt", "train.eval_num_prompts=4",
+        "train.eval_student_steps=[1,2]", "train.eval_teacher_steps=[4,2]", "train.eval_scorer=shapes",
+        "train.sample_interval=0", "logging.progress_bar=false", "logging.tensorboard=false",
     ])  # fmt: skip
     student_trainer = Trainer(distil)
     teacher = dict(student_trainer.teacher.named_parameters())
     same = all(torch.equal(teacher[name].detach(), ema[name]) for name in ema)
-    student_stats = student_trainer.train_step()
+    student_trainer.train()
+    distil_log = [json.loads(line) for line in (student_run / "log.jsonl").read_text().splitlines()]
+
+    # The evaluation samples the EMA student, not the live one.
+    from mfmegatron.sampling import sample_student
+    from mfmegatron.training.evaluation import sample_distance
+
+    evaluator = student_trainer.evaluator
+    reference = evaluator._teacher_samples()["teacher_4"]
+    distances = {}
+    for which, context in (("ema", student_trainer.ema.applied()), ("live", contextlib.nullcontext())):
+        with context:
+            latents = sample_student(student_trainer.student_runner, evaluator.noise, evaluator.cond, 1)
+        distances[which] = sample_distance(evaluator._decode(latents), reference)["paired_rmse"]
     return {
         "losses": losses, "last": last, "pixels": pixels, "ids": seen["ids"], "teacher_is_the_ema": same,
-        "num_ema": len(ema), "student_loss": student_stats["loss"],
-        "files": sorted(str(p.relative_to(teacher_run)) for p in teacher_run.rglob("*") if p.is_file()),
+        "num_ema": len(ema), "distil_log": distil_log, "distances": distances,
+        "teacher_log": [json.loads(line) for line in (teacher_run / "log.jsonl").read_text().splitlines()],
+        "files": sorted(str(p.relative_to(output)) for p in Path(output).rglob("*") if p.is_file()),
     }
 
 
@@ -121,7 +143,31 @@ def test_the_trainer_trains_a_pixel_teacher_by_flow_matching_and_distils_from_it
     losses = result["losses"]
     assert len(losses) == 12 and result["last"]["phase"] == "flow_matching"
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
-    assert "samples/step_00000012.png" in result["files"] and "student/config.json" in result["files"]
+    files = result["files"]
+    assert "teacher/samples/step_00000012.png" in files and "teacher/student/config.json" in files
+    # Flow-matching runs evaluate their own EMA as the teacher, at the teacher step counts.
+    evaluated = {r["step"]: r for r in result["teacher_log"] if "eval_teacher_2_overall" in r}
+    assert sorted(evaluated) == [6, 12] and "teacher/eval/step_00000012.png" in files
+    assert 0.0 <= evaluated[12]["eval_teacher_2_overall"] <= 1.0 and evaluated[12]["eval_teacher_2_mmd"] >= 0
     # The distillation trainer's teacher is the flow-matching run's EMA, every tensor of it.
     assert result["num_ema"] > 20 and result["teacher_is_the_ema"]
-    assert math.isfinite(result["student_loss"])
+    log = {r["step"]: r for r in result["distil_log"]}
+    for step in (1, 2):
+        for sampler in ("student_1", "student_2", "teacher_2"):
+            assert math.isfinite(log[step][f"eval_{sampler}_paired_rmse"]), (step, sampler)
+            assert log[step][f"eval_{sampler}_num_prompts"] == 4
+        assert "eval_teacher_4_paired_rmse" not in log[step]  # the reference itself
+    assert "student/eval/step_00000002.png" in files
+    distances = result["distances"]
+    assert log[2]["eval_student_1_paired_rmse"] == distances["ema"] != distances["live"]
+
+
+def test_the_score_table_lists_every_sampler():
+    from mfmegatron.training.evaluation import format_score_table
+
+    stats = {"eval_teacher_2_overall": 0.5, "eval_teacher_2_paired_rmse": 0.1, "eval_student_1_overall": 0.25,
+             "eval_student_4_overall": 0.75, "eval_teacher_50_overall": 1.0}
+    table = format_score_table(stats, scorer=True).splitlines()
+    assert [line.split()[0] + line.split()[1] for line in table[2:]] == [
+        "teacher50", "teacher2", "student4", "student1"]
+    assert table[3].split()[3] == "0.500" and table[3].split()[-2] == "0.100"

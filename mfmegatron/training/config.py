@@ -158,6 +158,20 @@ class TrainSection:
     (``meanflow.z_source=data``; ``model.teacher_checkpoint`` optional, to fine-tune) with the
     FLUX loss ``||v(z_t, t) - (ε - x)||²`` and ``meanflow.time_sampling``'s t: how the shapes
     world's teacher is made. Sample grids then show ``sample_steps``-step Euler samples."""
+    eval_interval: int = 0
+    """Evaluate the EMA student every N steps and after the last step (0: never), on
+    ``eval_prompts`` (see ``mfmegatron/training/evaluation.py``): distances to the teacher's
+    samples from the same noise, the ``eval_scorer``'s scores, a labelled grid in
+    ``output_dir/eval/``; logged as ``eval_*`` to the JSONL log and TensorBoard."""
+    eval_prompts: str | None = None
+    """A text file of held-out prompts, one per line (the shapes world's ``heldout.txt``)."""
+    eval_num_prompts: int = 32
+    """The first N of ``eval_prompts`` (each sampler runs them as one batch)."""
+    eval_student_steps: tuple[int, ...] = (1, 2, 4)
+    eval_teacher_steps: tuple[int, ...] = (50, 2, 4)
+    """Euler steps of the teacher's samplers; the most-step one is the reference of the distances."""
+    eval_scorer: str = "none"
+    """``shapes``: the shapes world's GenEval-style scorer (``models/shapes/scorer.py``)."""
     export_at_end: bool = True
     """Write the final EMA student as a diffusers folder (+ interval embedding) into output_dir."""
 

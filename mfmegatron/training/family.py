@@ -72,6 +72,10 @@ class ModelFamily(Protocol):
     def text_encoder_dims(self, config) -> tuple[int, int]:
         """(token-embedding width, pooled width) the networks expect."""
 
+    def decode_images(self, latents: torch.Tensor, config) -> torch.Tensor | None:
+        """Networks' latents -> images [n, 3, H, W] in [0, 1] for evaluation; None when the
+        family cannot decode (evaluation then compares latents)."""
+
     def save_sample_grid(self, samples: dict[int, torch.Tensor], path, config) -> None:
         """Write a picture of student samples ``{num_steps: latents [n, ...]}``."""
 

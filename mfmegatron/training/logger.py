@@ -37,7 +37,8 @@ class TrainingLogger:
             return
         if self.bar is not None:
             self.bar.update(1)
-        if step % self.interval:
+        # Evaluation steps are always recorded, whatever the logging interval.
+        if step % self.interval and not any(key.startswith("eval_") for key in stats):
             return
         record = {"step": step, "time": time.time(), **stats}
         self.jsonl.write(json.dumps(record) + "\n")

@@ -58,6 +58,7 @@ from mfmegatron.sampling import sample_student
 from mfmegatron.training import checkpoint as ckpt
 from mfmegatron.training.config import TrainConfig
 from mfmegatron.training.ema import ParameterEMA, resolve_sharding
+from mfmegatron.training.evaluation import Evaluator, format_score_table
 from mfmegatron.training.family import Networks, get_family
 from mfmegatron.training.flow_matching import FLOW_MATCHING, FlowMatchingTraining
 from mfmegatron.training.logger import TrainingLogger
@@ -174,6 +175,11 @@ class Trainer:
             )
 
         self.text_encoder = self._text_encoder()
+        self.evaluator = None
+        if config.train.eval_interval > 0:
+            if config.train.eval_prompts is None:
+                raise ValueError("train.eval_interval needs train.eval_prompts: a file of held-out prompts")
+            self.evaluator = Evaluator(self)
         self.counters = {"skipped_steps": 0, "skipped_fake_steps": 0}
         self.step = 0
         self.sample_inputs = None
@@ -618,6 +624,9 @@ class Trainer:
                 stats.update({f"data_{k}": v for k, v in self.loader.counters.items()})
                 stats.update(self.latent_stats)
                 stats.update(self.counters)
+                interval = config.train.eval_interval
+                if self.evaluator is not None and (self.step % interval == 0 or self.step == config.train.steps):
+                    stats.update(self.evaluator.evaluate(self.step))
                 last = stats
                 logger.log(self.step, stats)
                 if config.train.sample_interval and self.step % config.train.sample_interval == 0:
@@ -626,6 +635,9 @@ class Trainer:
                     self.save()
         finally:
             logger.close()
+        if self.evaluator is not None and self.rank == 0 and any(k.startswith("eval_") for k in last):
+            print(f"evaluation at step {self.step} on {len(self.evaluator.prompts)} held-out prompts:", flush=True)
+            print(format_score_table(last, self.evaluator.scorer is not None), flush=True)
         if config.train.export_at_end and self.step == config.train.steps:
             self.export(self.output_dir / "student")
         return last

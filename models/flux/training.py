@@ -301,6 +301,26 @@ class FluxFamily:
             formula = f"{in_flight} x {blocks:g} blocks + 1 block of tangents"
         return total, f"{formula}; {s} tokens, micro-batch {b}"
 
+    def decode_images(self, latents: torch.Tensor, config) -> torch.Tensor | None:
+        """Networks' latents -> images [n, 3, H, W] in [0, 1]: pixel-space networks' own pixels,
+        or FLUX's VAE at ``model.vae_path`` (diffusers' ``AutoencoderKL``, loaded once); None
+        without a VAE."""
+        side = self._latent_grid(config)
+        grid = unpack_latents(latents.float(), side, side)
+        if config.model.latent_space == "pixels":
+            return ((grid + 1) / 2).clamp(0, 1)
+        if config.model.vae_path is None:
+            return None
+        vae = getattr(self, "_decoder", None)
+        if vae is None:
+            from diffusers import AutoencoderKL
+
+            vae = self._decoder = AutoencoderKL.from_pretrained(config.model.vae_path).to(latents.device).eval()
+        shift, scale = float(vae.config.shift_factor or 0.0), float(vae.config.scaling_factor)
+        with torch.no_grad():
+            images = vae.decode(grid.to(vae.dtype) / scale + shift).sample
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
     # -- outputs for people --------------------------------------------------------------------
 
     def save_sample_grid(self, samples: dict[int, torch.Tensor], path, config) -> None:

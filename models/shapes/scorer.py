@@ -20,8 +20,8 @@ Per prompt, each attribute passes when it holds for every group it applies to:
   relation to some object matching the second;
 - ``overall``: all of the above that apply.
 
-``score_images`` returns the fraction of prompts passing each. ``sample_distance`` compares two
-sets of images made from the same prompts and noise (student against teacher).
+``score_images`` returns the fraction of prompts passing each (``score_captions`` for caption
+strings: the trainer's ``train.eval_scorer=shapes``).
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from models.shapes.world import COLOURS, SHAPES, Prompt, relation_holds, shape_mask
-from models.toy.metrics import mmd_rbf
+from models.shapes.world import COLOURS, SHAPES, Prompt, parse_caption, relation_holds, shape_mask
 
 ATTRIBUTES = ("colour", "shape", "count", "position", "overall")
 # Top-third / bottom-third mean row width below which a component is a triangle: a drawn triangle
@@ -177,24 +176,10 @@ def score_images(prompts: Sequence[Prompt], images) -> dict[str, float]:
     return scores
 
 
-def sample_distance(images, reference, pool: int = 4) -> dict[str, float]:
-    """How far ``images`` are from ``reference`` made from the same prompts and noise, both float
-    [n, 3, H, W] in [0, 1]:
-
-    - ``paired_rmse``: root mean squared pixel difference between paired images;
-    - ``mmd``: squared MMD (Gaussian kernels at 0.5, 1 and 2 times the median pairwise distance of
-      the reference) between the two sets of ``pool`` x ``pool`` average-pooled images: a
-      distribution distance that does not need the pairing.
-    """
-    images, reference = images.double(), reference.double()
-    if images.shape != reference.shape:
-        raise ValueError(f"shapes differ: {tuple(images.shape)} and {tuple(reference.shape)}")
-    paired = float((images - reference).square().mean().sqrt())
-    a = torch.nn.functional.avg_pool2d(images, pool).flatten(1)
-    b = torch.nn.functional.avg_pool2d(reference, pool).flatten(1)
-    median = float(torch.cdist(b, b).median().clamp_min(1e-6))
-    return {"paired_rmse": paired, "mmd": mmd_rbf(a, b, bandwidths=(0.5 * median, median, 2 * median))}
+def score_captions(captions: Sequence[str], images) -> dict[str, float]:
+    """``score_images`` for captions (the trainer's evaluation scorer, ``train.eval_scorer=shapes``)."""
+    return score_images([parse_caption(c) for c in captions], list(images))
 
 
 __all__ = ["ATTRIBUTES", "Detected", "detect", "check", "classify_shape", "colour_labels",
-           "score_images", "sample_distance", "to_uint8_image"]
+           "score_images", "score_captions", "to_uint8_image"]
