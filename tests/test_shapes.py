@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mfmegatron.training.evaluation import sample_distance
+from mfmegatron.metrics import sample_distance
 from models.shapes.scorer import ATTRIBUTES, detect, score_images
 from models.shapes.world import (
     COLOURS,

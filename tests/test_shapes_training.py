@@ -112,7 +112,7 @@ def _train_teacher_then_distil(data: str, output: str) -> dict:
 
     # The evaluation samples the EMA student, not the live one.
     from mfmegatron.sampling import sample_student
-    from mfmegatron.training.evaluation import sample_distance
+    from mfmegatron.metrics import sample_distance
 
     evaluator = student_trainer.evaluator
     reference = evaluator._teacher_samples()["teacher_4"]

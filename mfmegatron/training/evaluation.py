@@ -28,7 +28,7 @@ import torch
 from mfmegatron.data import PromptBatch, ensure_embeddings
 from mfmegatron.sampling import sample_student
 from mfmegatron.sampling.ode import sample_teacher
-from models.toy.metrics import mmd_rbf
+from mfmegatron.metrics import sample_distance
 
 # name -> "module:function"; function(prompts: list[str], images [n, 3, H, W] in [0, 1]) -> scores
 SCORERS = {"shapes": "models.shapes.scorer:score_captions"}
@@ -39,27 +39,6 @@ def get_scorer(name: str):
         raise ValueError(f"unknown train.eval_scorer {name!r}; known: none, {', '.join(SCORERS)}")
     module, function = SCORERS[name].split(":")
     return getattr(importlib.import_module(module), function)
-
-
-def sample_distance(images, reference, pool: int = 4) -> dict[str, float]:
-    """How far ``images`` are from ``reference`` made from the same prompts and noise: both float
-    images [n, 3, H, W] in [0, 1], or both latents [n, ...] (a family without a decoder):
-
-    - ``paired_rmse``: root mean squared difference between paired samples;
-    - ``mmd``: squared MMD (Gaussian kernels at 0.5, 1 and 2 times the median pairwise distance of
-      the reference) between the two sets of ``pool`` x ``pool`` average-pooled images (latents
-      as they are): a distribution distance that does not need the pairing.
-    """
-    images, reference = images.double(), reference.double()
-    if images.shape != reference.shape:
-        raise ValueError(f"shapes differ: {tuple(images.shape)} and {tuple(reference.shape)}")
-    paired = float((images - reference).square().mean().sqrt())
-    def features(x):
-        return torch.nn.functional.avg_pool2d(x, pool).flatten(1) if x.dim() == 4 else x.flatten(1)
-
-    a, b = features(images), features(reference)
-    median = float(torch.cdist(b, b).median().clamp_min(1e-6))
-    return {"paired_rmse": paired, "mmd": mmd_rbf(a, b, bandwidths=(0.5 * median, median, 2 * median))}
 
 
 def read_prompts(path: str | Path, count: int) -> list[str]:
@@ -179,4 +158,4 @@ def format_score_table(stats: dict[str, float], scorer: bool) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["Evaluator", "sample_distance", "SCORERS", "get_scorer", "save_labelled_grid", "format_score_table"]
+__all__ = ["Evaluator", "SCORERS", "get_scorer", "save_labelled_grid", "format_score_table"]
