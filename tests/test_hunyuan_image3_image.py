@@ -241,3 +241,248 @@ def test_causal_attention_jvp_matches_torch_func_jvp(tangent_pass, q_len):
         out, tangent = attention_jvp(*args, block_size=8, query_block_size=4, tangent_pass=tangent_pass, causal=True)
         torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
         torch.testing.assert_close(tangent.double(), expected_tangent, rtol=tol, atol=tol)
+
+
+# --------------------------------------------------------------------------- sequences, positions
+
+TOKENS = dict(bos=1, pad=0, boi=2, eoi=3, img=4, timestep=5, size=6, ratio=7)
+
+
+def _tokens():
+    from models.hunyuan_image3.sequence import ImageTokens
+
+    return ImageTokens(**TOKENS)
+
+
+def test_sequences_follow_the_official_template_positions_and_padding():
+    from models.hunyuan_image3.sequence import build_image_sequences
+
+    seq = build_image_sequences([[10, 11, 12], [13, 14, 15, 16, 17]], (2, 3), _tokens())
+    assert seq.input_ids.tolist() == [
+        [1, 10, 11, 12, 2, 6, 7, 5, 4, 4, 4, 4, 4, 4, 3, 0, 0],
+        [1, 13, 14, 15, 16, 17, 2, 6, 7, 5, 4, 4, 4, 4, 4, 4, 3],
+    ]
+    assert seq.image_spans == [(8, 14), (10, 16)] and seq.timestep_positions == [7, 9]
+    assert seq.lengths == [15, 17]
+    for sample, (start, _) in enumerate(seq.image_spans):
+        y, x = image_rope_positions_independent(17, start, 2, 3)
+        assert torch.equal(seq.positions_y[sample], y) and torch.equal(seq.positions_x[sample], x)
+    # (hw − h)/2 = 2, (hw − w)/2 = 1.5 -> truncated to 1: the image of sample 0 starts at (10, 9).
+    assert seq.positions_y[0, 8:14].tolist() == [10, 10, 10, 11, 11, 11]
+    assert seq.positions_x[0, 8:14].tolist() == [9, 10, 11, 9, 10, 11]
+    assert seq.positions_y[0, 14:].tolist() == [14, 15, 16]  # <eoi> and pads continue at L + hw
+
+
+def test_rope_tables_interleave_axes_by_frequency_parity_with_cos_sin_halves():
+    """The official ``build_2d_rope``: θ reshaped [d/4, 2] times (y, x), i.e. even frequencies take
+    y, odd take x; the table is [φ, φ]. Half-split axes (y on the first d/4) would differ."""
+    from models.hunyuan_image3.model import rope_tables
+
+    d = HEAD_DIM
+    y, x = torch.tensor([3, 7]), torch.tensor([5, 2])
+    cos, sin = rope_tables(y, x, d, 10000.0)
+    theta = 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))
+    official = (torch.stack([y, x], dim=1)[:, None, :] * theta.reshape(1, d // 4, 2)).reshape(2, d // 2).repeat(1, 2)
+    torch.testing.assert_close(cos, official.cos(), rtol=0, atol=0)
+    torch.testing.assert_close(sin, official.sin(), rtol=0, atol=0)
+    halves = torch.cat([y[:, None] * theta[: d // 4], x[:, None] * theta[d // 4:]], dim=1).repeat(1, 2)
+    assert (halves.cos() - cos).abs().max() > 0.1
+
+
+# --------------------------------------------------------------------------- JVP rules
+
+
+def _check_rule(rule, primal_fn, inputs, tangents, **kwargs):
+    y, ty = rule(*[v for pair in zip(inputs, tangents) for v in pair], **kwargs)
+    expected, expected_tangent = torch.func.jvp(primal_fn, tuple(inputs), tuple(tangents))
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ty, expected_tangent, rtol=1e-11, atol=1e-11)
+
+
+def test_image_path_jvp_rules_match_torch_func_jvp():
+    """float64: group norm (with affine), exact GELU, conv2d, RMSNorm in the official order."""
+    from mfmegatron.jvp import functional as jf
+
+    g = torch.Generator().manual_seed(11)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    x, tx = randn(2, 8, 3, 5), randn(2, 8, 3, 5)
+    weight, bias = randn(8), randn(8)
+    y, ty = jf.group_norm(x, tx, 4, weight, bias, 1e-5)
+    expected, expected_tangent = torch.func.jvp(lambda a: F.group_norm(a, 4, weight, bias, 1e-5), (x,), (tx,))
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ty, expected_tangent, rtol=1e-11, atol=1e-11)
+
+    y, ty = jf.gelu(x, tx)
+    expected, expected_tangent = torch.func.jvp(F.gelu, (x,), (tx,))
+    torch.testing.assert_close(ty, expected_tangent, rtol=1e-12, atol=1e-12)
+
+    conv_w, conv_b = randn(6, 8, 3, 3), randn(6)
+    y, ty = jf.conv2d(x, tx, conv_w, conv_b, padding=1)
+    expected, expected_tangent = torch.func.jvp(lambda a: F.conv2d(a, conv_w, conv_b, padding=1), (x,), (tx,))
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ty, expected_tangent, rtol=1e-11, atol=1e-11)
+
+    h, th, scale = randn(5, 16), randn(5, 16), randn(16)
+    y, ty = jf.rms_norm_float32(h, th, scale, 1e-5)
+    expected, expected_tangent = torch.func.jvp(
+        lambda a: scale * (a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-5)), (h,), (th,)
+    )
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ty, expected_tangent, rtol=1e-11, atol=1e-11)
+
+
+def _reference_timestep_embedder(module, sigma):
+    """The official TimestepEmbedder at σ: [cos, sin] sinusoid of 1000·σ, Linear, exact GELU, Linear."""
+    dim = module.frequency_dim
+    half = dim // 2
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0, dtype=sigma.dtype)) * torch.arange(half, dtype=sigma.dtype) / half)
+    args = (1000 * sigma)[:, None] * freqs[None]
+    emb = torch.cat([args.cos(), args.sin()], dim=-1)
+    return module.mlp[2](F.gelu(module.mlp[0](emb)))
+
+
+def _reference_resblock(block, x, emb, groups):
+    """The official ResBlock.forward (no up/down): in_layers, AdaGN, out_layers, skip."""
+    h = block.in_layers[2](F.silu(F.group_norm(x, groups, block.in_layers[0].weight, block.in_layers[0].bias, 1e-5)))
+    scale, shift = block.emb_layers[1](F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+    norm = block.out_layers[0]
+    h = F.group_norm(h, groups, norm.weight, norm.bias, 1e-5) * (1 + scale) + shift
+    h = block.out_layers[3](F.silu(h))
+    return block.skip_connection(x) + h
+
+
+def test_image_path_modules_forward_jvp_match_torch_func_jvp_of_the_official_order():
+    """float64, tangents in the latents / tokens and in σ: patch_embed with time_embed, final_layer
+    with time_embed_2, timestep_emb; primal and tangent against ``torch.func.jvp`` of the
+    official order written out."""
+    from models.hunyuan_image3.model import FinalLayer, PatchEmbed, TimestepEmbedder
+
+    config = _tiny_config(params_dtype=torch.float64)
+    groups = config.image_norm_groups
+    torch.manual_seed(0)
+    embedder, patch_embed, final_layer = TimestepEmbedder(config), PatchEmbed(config), FinalLayer(config)
+    for i, module in enumerate((embedder, patch_embed, final_layer)):
+        _randomise(module, 20 + i)
+    g = torch.Generator().manual_seed(12)
+    latents = torch.randn(2, config.latent_channels, 2, 3, generator=g, dtype=torch.float64)
+    tlatents = torch.randn_like(latents)
+    tokens = torch.randn(2, 6, HIDDEN, generator=g, dtype=torch.float64)
+    ttokens = torch.randn_like(tokens)
+    sigma, tsigma = torch.tensor([0.3, 0.9], dtype=torch.float64), torch.tensor([1.0, -0.5], dtype=torch.float64)
+
+    def patch_reference(lat, s):
+        x = patch_embed.model[0](lat)
+        x = _reference_resblock(patch_embed.model[1], x, _reference_timestep_embedder(embedder, s), groups)
+        return x.flatten(2).transpose(1, 2)  # b c h w -> b (h w) c
+
+    def final_reference(tok, s):
+        x = tok.transpose(1, 2).unflatten(2, (2, 3))
+        x = _reference_resblock(final_layer.model[0], x, _reference_timestep_embedder(embedder, s), groups)
+        out = final_layer.model[1]
+        return out[2](F.silu(F.group_norm(x, groups, out[0].weight, out[0].bias, 1e-5)))
+
+    with torch.no_grad():
+        expected, expected_tangent = torch.func.jvp(patch_reference, (latents, sigma), (tlatents, tsigma))
+        emb, temb = embedder.forward_jvp(sigma, tsigma)
+        y, ty = patch_embed.forward_jvp(latents, tlatents, emb, temb)
+        torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ty, expected_tangent, rtol=1e-9, atol=1e-9)
+        expected, expected_tangent = torch.func.jvp(final_reference, (tokens, sigma), (ttokens, tsigma))
+        y, ty = final_layer.forward_jvp(tokens, ttokens, (2, 3), emb, temb)
+        torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ty, expected_tangent, rtol=1e-9, atol=1e-9)
+    # The sinusoid is [cos, sin]: [sin, cos] would give another embedding.
+    from models.hunyuan_image3.model import timestep_sinusoid
+
+    sinusoid, _ = timestep_sinusoid(1000 * sigma, None, config.timestep_embedding_dim)
+    half = config.timestep_embedding_dim // 2
+    torch.testing.assert_close(sinusoid[:, 0], torch.cos(1000 * sigma))  # frequency 1: cos first
+    torch.testing.assert_close(sinusoid[:, half], torch.sin(1000 * sigma))
+    assert not torch.allclose(sinusoid, torch.cat([sinusoid[:, half:], sinusoid[:, :half]], dim=1))
+
+
+# --------------------------------------------------------------------------- the whole image forward
+
+PROMPTS = [[10, 11, 12], [13, 14, 15, 16, 17]]  # different lengths: sample 0 is padded
+LATENT_HW = (2, 3)
+
+
+def _image_batch(config, seed=30, dtype=torch.float32, prompts=PROMPTS, length=None):
+    from models.hunyuan_image3.sequence import build_image_sequences
+
+    g = torch.Generator().manual_seed(seed)
+    sequence = build_image_sequences(prompts, LATENT_HW, _tokens(), length=length)
+    latents = torch.randn(len(prompts), config.latent_channels, *LATENT_HW, generator=g, dtype=torch.float64).to(dtype)
+    sigma = torch.rand(len(prompts), generator=g, dtype=torch.float64).to(dtype)
+    return sequence, latents, sigma
+
+
+def _nemo_reference():
+    """NeMo Automodel 0.7.0's ``hunyuan_image3`` (an independent port) at the tiny sizes, float32.
+    It hard-codes 32 GroupNorm groups and a 256-wide sinusoid."""
+    nemo_model = pytest.importorskip("nemo_automodel.components.models.hunyuan_image3.model")
+    from nemo_automodel.components.models.common import BackendConfig
+    from nemo_automodel.components.models.hunyuan_image3.config import HunyuanImage3Config as NemoConfig
+
+    config = NemoConfig(
+        vocab_size=128, hidden_size=HIDDEN, intermediate_size=32, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=HEADS, num_key_value_heads=GROUPS, attention_head_dim=HEAD_DIM, num_experts=8,
+        moe_topk=3, patch_embed_hidden_dim=32, image_token_id=TOKENS["img"], timestep_token_id=TOKENS["timestep"],
+        vae={"latent_channels": 4}, torch_dtype="float32", pad_token_id=TOKENS["pad"], bos_token_id=TOKENS["bos"],
+        eos_token_id=TOKENS["eoi"],
+    )
+    backend = BackendConfig(attn="sdpa", linear="torch", rms_norm="torch_fp32", rope="torch", experts="torch",
+                            dispatcher="torch", enable_hf_state_dict_adapter=True)
+    model = nemo_model.HunyuanImage3ForCausalMM(config, backend=backend)
+    generator = torch.Generator().manual_seed(31)
+    with torch.no_grad():
+        for param in model.parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            fan_in = param[0].numel() if param.ndim > 1 else 1
+            param.copy_(1 + 0.2 * noise if param.ndim == 1 else min(0.3, 2 / fan_in ** 0.5) * noise)
+    return model
+
+
+def _to_ours(released: dict, config) -> dict:
+    """Released keys -> our full names: the trunk through ``state_dict_adapter``, the image path
+    by identity."""
+    from models.hunyuan_image3.model import IMAGE_PATH_MODULES
+    from models.hunyuan_image3.state_dict_adapter import to_megatron
+
+    ours, rest = to_megatron(released, config)
+    image = {k: v for k, v in rest.items() if k.split(".")[0] in IMAGE_PATH_MODULES}
+    assert set(rest) == set(image), set(rest) - set(image)
+    return {**ours, **image}
+
+
+def test_image_forward_and_every_gradient_match_nemo_automodel():
+    """The whole image forward (sequence, 2-D RoPE, mask, three embedders, image path, no ln_f)
+    against NeMo Automodel's port, fp32, two prompts of different lengths; and every parameter's
+    gradient. NeMo's weights go through its own HF export, then our conversion."""
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights
+
+    nemo = _nemo_reference()
+    config = _tiny_config(image_norm_groups=32, timestep_embedding_dim=256)
+    sequence, latents, sigma = _image_batch(config)
+    expected = nemo(sequence.input_ids, latents, 1000 * sigma, valid_lengths=torch.tensor(sequence.lengths))[0]
+    loss_weights = torch.linspace(-1, 1, expected.numel()).view(expected.shape)
+    (expected * loss_weights).sum().backward()
+    released = {k: v.detach().clone() for k, v in nemo.state_dict_adapter.to_hf(nemo.state_dict()).items()}
+    released_grads = nemo.state_dict_adapter.to_hf({n: p.grad for n, p in nemo.named_parameters()})
+    with parallel_context():
+        model = build_hunyuan_model(config)
+        load_full_weights(model, _to_ours(released, config))
+        velocity = model.velocity(sequence, latents, sigma)
+        (velocity * loss_weights).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(velocity, expected.detach(), rtol=2e-5, atol=2e-5)
+    expected_grads = _to_ours({k: v for k, v in released_grads.items()}, config)
+    # ln_f and lm_head are not on the image path: no gradient in either model.
+    assert set(expected_grads) - set(grads) == {"final_layernorm.weight", "output_layer.weight"}
+    for name, grad in grads.items():
+        want = expected_grads[name]
+        atol = 2e-5 * max(1.0, want.abs().max().item())
+        torch.testing.assert_close(grad, want, rtol=2e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}")

@@ -42,6 +42,8 @@ another branch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
@@ -50,6 +52,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 
 from mfmegatron.jvp import functional as jf
+from mfmegatron.parallel import collectives
 from mfmegatron.jvp.attention import attention, attention_jvp
 from models.hunyuan_image3.config import HunyuanImage3Config
 from models.hunyuan_image3.layer_specs import HunyuanLayerSpec, get_hunyuan_layer_spec
@@ -77,7 +80,7 @@ class RMSNorm(torch.nn.Module):
 
 
 def rope_tables(positions_y: torch.Tensor, positions_x: torch.Tensor, head_dim: int, theta: float):
-    """cos, sin [s, head_dim] in float32 for per-token (y, x) positions [s].
+    """cos, sin [..., head_dim] in float32 for per-token (y, x) positions [...] ([s] or [b, s]).
 
     Frequency m (m = 0 .. head_dim/2 - 1) is ``theta^(-2m/head_dim)``; its angle uses y for even m
     and x for odd m; the table is laid out ``[angles, angles]`` (pairs m, m + head_dim/2, applied
@@ -86,8 +89,8 @@ def rope_tables(positions_y: torch.Tensor, positions_x: torch.Tensor, head_dim: 
     device = positions_y.device
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     even = (torch.arange(head_dim // 2, device=device) % 2) == 0
-    positions = torch.where(even[None, :], positions_y.float()[:, None], positions_x.float()[:, None])
-    angles = positions * inv_freq[None, :]
+    positions = torch.where(even, positions_y.float()[..., None], positions_x.float()[..., None])
+    angles = positions * inv_freq
     table = torch.cat([angles, angles], dim=-1)
     return table.cos(), table.sin()
 
@@ -273,18 +276,216 @@ class DecoderLayer(MegatronModule):
         return x + moe_out
 
 
+# --------------------------------------------------------------------------- image path
+#
+# Modules named as the released checkpoint's top-level parameters (``timestep_emb``, ``time_embed``,
+# ``time_embed_2``, ``patch_embed``, ``final_layer``), so their conversion is the identity. Read in
+# the official ``hunyuan_image_3/hunyuan.py``: ``timestep_embedding`` (the sinusoid),
+# ``TimestepEmbedder``, ``ResBlock``, ``UNetDown``, ``UNetUp``, ``normalization`` (GroupNorm with 32
+# groups, eps 1e-5) and ``HunyuanImage3ForCausalMM.__init__`` (sizes, ``out_norm=True``), ``forward``
+# / ``instantiate_*`` / ``ragged_final_layer`` (what conditions what).
+#
+# Replicated over tensor parallel: they are ~0.4% of the model's parameters and see the whole
+# latent grid; every TP rank computes them on the same inputs and receives the same gradients
+# (see ``HunyuanImage3Model._embed`` / ``_image_head`` for how the sequence-parallel collectives
+# keep that true). Nothing here is marked ``sequence_parallel``: no TP reduction of their grads.
+
+
+def timestep_sinusoid(t, tt, dim: int, max_period: float = 10000.0):
+    """[cos(t f), sin(t f)] with f_i = max_period^(−i / (dim/2)), in float32 (float64 stays
+    float64), as the official ``timestep_embedding`` (cos first). t [b] -> [b, dim]."""
+    wide = torch.promote_types(t.dtype, torch.float32)
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=wide, device=t.device) / half)
+    angles = t.to(wide)[:, None] * freqs[None]
+    y = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    if tt is None:
+        return y, None
+    with torch.no_grad():
+        rate = tt.to(wide)[:, None] * freqs[None]
+        return y, torch.cat([-angles.sin() * rate, angles.cos() * rate], dim=-1)
+
+
+def _linear(layer, x, tx):
+    return jf.linear(x, tx, layer.weight, layer.bias)
+
+
+def _conv(layer, x, tx):
+    return jf.conv2d(x, tx, layer.weight, layer.bias, padding=layer.padding[0])
+
+
+def _group_norm(layer, x, tx):
+    return jf.group_norm(x, tx, layer.num_groups, layer.weight, layer.bias, layer.eps)
+
+
+class TimestepEmbedder(torch.nn.Module):
+    """σ [b] -> sinusoid of 1000·σ (``timestep_embedding_dim`` wide, float32) -> ``mlp.0`` Linear
+    -> exact GELU -> ``mlp.2`` Linear -> [b, hidden]. The sinusoid is cast to the weights' dtype
+    (official: ``.type(self.mlp[0].weight.dtype)``)."""
+
+    def __init__(self, config: HunyuanImage3Config):
+        super().__init__()
+        dim, hidden, dtype = config.timestep_embedding_dim, config.hidden_size, config.params_dtype
+        self.frequency_dim = dim
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(dim, hidden, dtype=dtype), torch.nn.GELU(), torch.nn.Linear(hidden, hidden, dtype=dtype)
+        )
+
+    def forward_jvp(self, sigma, tsigma=None):
+        # The model's input is 1000·σ, kept at least float32 (bf16 moves in steps of 4 near 1000).
+        wide = torch.promote_types(sigma.dtype, torch.float32)
+        emb, temb = timestep_sinusoid(
+            sigma.to(wide) * 1000, None if tsigma is None else tsigma.to(wide) * 1000, self.frequency_dim
+        )
+        dtype = self.mlp[0].weight.dtype
+        emb, temb = emb.to(dtype), (None if temb is None else temb.to(dtype))
+        h, th = jf.gelu(*_linear(self.mlp[0], emb, temb))
+        return _linear(self.mlp[2], h, th)
+
+    def forward(self, sigma):
+        return self.forward_jvp(sigma)[0]
+
+
+class ResBlock(torch.nn.Module):
+    """The UNet residual block with adaptive GroupNorm, no up/down sampling:
+
+        h = conv3x3(SiLU(GN(x)))                                   in_layers.{0, 2}
+        scale, shift = chunk(Linear(SiLU(emb)), 2)                 emb_layers.1
+        h = conv3x3(SiLU(GN(h) · (1 + scale) + shift))             out_layers.{0, 3} (AdaGN)
+        out = skip_connection(x) + h                               1x1 conv (channels change)
+    """
+
+    def __init__(self, config: HunyuanImage3Config, in_channels: int, out_channels: int):
+        super().__init__()
+        groups, dtype = config.image_norm_groups, config.params_dtype
+        eps = 1e-5  # torch's GroupNorm default, as the official ``normalization``
+        self.in_layers = torch.nn.Sequential(
+            torch.nn.GroupNorm(groups, in_channels, eps=eps, dtype=dtype),
+            torch.nn.SiLU(),
+            torch.nn.Conv2d(in_channels, out_channels, 3, padding=1, dtype=dtype),
+        )
+        self.emb_layers = torch.nn.Sequential(
+            torch.nn.SiLU(), torch.nn.Linear(config.hidden_size, 2 * out_channels, dtype=dtype)
+        )
+        self.out_layers = torch.nn.Sequential(
+            torch.nn.GroupNorm(groups, out_channels, eps=eps, dtype=dtype),
+            torch.nn.SiLU(),
+            torch.nn.Identity(),  # the official dropout (p = 0) sits here: the conv is index 3
+            torch.nn.Conv2d(out_channels, out_channels, 3, padding=1, dtype=dtype),
+        )
+        if in_channels == out_channels:
+            self.skip_connection = torch.nn.Identity()
+        else:
+            self.skip_connection = torch.nn.Conv2d(in_channels, out_channels, 1, dtype=dtype)
+
+    def forward_jvp(self, x, tx, emb, temb):
+        h, th = jf.silu(*_group_norm(self.in_layers[0], x, tx))
+        h, th = _conv(self.in_layers[2], h, th)
+        modulation, tmodulation = _linear(self.emb_layers[1], *jf.silu(emb, temb))
+        scale, shift = (m[:, :, None, None] for m in modulation.chunk(2, dim=1))
+        tscale, tshift = (None, None) if tmodulation is None else (m[:, :, None, None] for m in tmodulation.chunk(2, dim=1))
+        h, th = jf.modulate(*_group_norm(self.out_layers[0], h, th), shift, tshift, scale, tscale)
+        h, th = _conv(self.out_layers[3], *jf.silu(h, th))
+        if isinstance(self.skip_connection, torch.nn.Identity):
+            skip, tskip = x, tx
+        else:
+            skip, tskip = _conv(self.skip_connection, x, tx)
+        return jf.add(skip, tskip, h, th)
+
+
+class PatchEmbed(torch.nn.Module):
+    """The official ``UNetDown`` at patch size 1: latents [b, C, h, w] -> ``model.0`` conv3x3 to
+    ``patch_embed_hidden_dim`` -> ``model.1`` ResBlock to hidden (conditioned on ``time_embed``)
+    -> tokens [b, h·w, hidden], row-major (``b c h w -> b (h w) c``)."""
+
+    def __init__(self, config: HunyuanImage3Config):
+        super().__init__()
+        width = config.patch_embed_hidden_dim
+        self.model = torch.nn.ModuleList([
+            torch.nn.Conv2d(config.latent_channels, width, 3, padding=1, dtype=config.params_dtype),
+            ResBlock(config, width, config.hidden_size),
+        ])
+
+    def forward_jvp(self, latents, tlatents, emb, temb):
+        x, tx = self.model[1].forward_jvp(*_conv(self.model[0], latents, tlatents), emb, temb)
+        return _grid_to_tokens(x), _grid_to_tokens(tx)
+
+
+class FinalLayer(torch.nn.Module):
+    """The official ``UNetUp`` at patch size 1 with ``out_norm``: image tokens [b, h·w, hidden] ->
+    [b, hidden, h, w] -> ``model.0`` ResBlock to ``patch_embed_hidden_dim`` (conditioned on
+    ``time_embed_2``) -> ``model.1``: GroupNorm, SiLU, conv3x3 to the latent channels."""
+
+    def __init__(self, config: HunyuanImage3Config):
+        super().__init__()
+        width, dtype = config.patch_embed_hidden_dim, config.params_dtype
+        self.model = torch.nn.ModuleList([
+            ResBlock(config, config.hidden_size, width),
+            torch.nn.Sequential(
+                torch.nn.GroupNorm(config.image_norm_groups, width, eps=1e-5, dtype=dtype),
+                torch.nn.SiLU(),
+                torch.nn.Conv2d(width, config.latent_channels, 3, padding=1, dtype=dtype),
+            ),
+        ])
+
+    def forward_jvp(self, tokens, ttokens, latent_hw, emb, temb):
+        x, tx = _tokens_to_grid(tokens, latent_hw), _tokens_to_grid(ttokens, latent_hw)
+        x, tx = self.model[0].forward_jvp(x, tx, emb, temb)
+        out = self.model[1]
+        x, tx = jf.silu(*_group_norm(out[0], x, tx))
+        return _conv(out[2], x, tx)
+
+
+def _grid_to_tokens(x):
+    return None if x is None else x.flatten(2).transpose(1, 2)
+
+
+def _tokens_to_grid(x, latent_hw):
+    return None if x is None else x.transpose(1, 2).unflatten(2, latent_hw)
+
+
 # --------------------------------------------------------------------------- the model
 
 
-class HunyuanImage3Model(MegatronModule):
-    """The trunk: ``wte``, the decoder layers, ``ln_f`` and ``lm_head`` — or one pipeline stage of
-    it: ``layer_range`` (global indices) of the layers, ``wte`` on the first stage
-    (``pre_process``), ``ln_f`` and ``lm_head`` on the last (``post_process``).
+# The image-path modules, their attribute names = the released checkpoint's top-level names.
+IMAGE_PATH_MODULES = ("timestep_emb", "time_embed", "patch_embed", "time_embed_2", "final_layer")
 
-    ``hidden_states(...)`` returns the last layer's output [s, b, h] (what the image head reads);
-    ``forward(...)`` returns this rank's vocab shard of the logits, batch-first [b, s, vocab / tp],
-    on the last stage and the stage's output activation [s, b, h] on the others. Every stage
-    takes the token ids (their length sets the RoPE tables).
+
+def image_path_keys(config: HunyuanImage3Config) -> list[str]:
+    """The image-path parameter names (ours = released), from a meta-device build."""
+    with torch.device("meta"):
+        modules = {
+            "timestep_emb": TimestepEmbedder(config), "time_embed": TimestepEmbedder(config),
+            "patch_embed": PatchEmbed(config), "time_embed_2": TimestepEmbedder(config),
+            "final_layer": FinalLayer(config),
+        }
+    return [f"{name}.{key}" for name in IMAGE_PATH_MODULES for key, _ in modules[name].named_parameters()]
+
+
+def _put_image_tokens(x, image_tokens, timestep_token, sequence):
+    """x [s, b, h] with sample i's ``<timestep>`` row replaced by timestep_token [b, h] and its
+    ``<img>`` rows by image_tokens [b, h·w, h] (out of place; autograd flows to all three)."""
+    rows = []
+    for i, ((start, end), position) in enumerate(zip(sequence.image_spans, sequence.timestep_positions)):
+        if position != start - 1:
+            raise ValueError(f"<timestep> must come right before the image: at {position}, image at {start}")
+        rows.append(torch.cat([x[:position, i], timestep_token[i:i + 1], image_tokens[i], x[end:, i]]))
+    return torch.stack(rows, dim=1)
+
+
+class HunyuanImage3Model(MegatronModule):
+    """The model — or one pipeline stage of it: ``layer_range`` (global indices) of the layers;
+    on the first stage (``pre_process``) ``wte`` and the image input path (``timestep_emb``,
+    ``time_embed``, ``patch_embed``); on the last (``post_process``) ``ln_f`` and ``lm_head`` (text)
+    and the image head (``time_embed_2``, ``final_layer``). Only the [s, b, h] activation crosses
+    stages: every stage gets the batch (token ids, spans, positions, σ), so the last stage's
+    ``time_embed_2(σ)`` needs nothing from the first.
+
+    ``velocity(sequence, latents, sigma)``: the diffusion forward (image generation), the
+    predicted velocity [b, C, h, w] on the last stage. ``hidden_states(...)`` returns the last
+    layer's output [s, b, h] (text); ``forward(...)`` returns this rank's vocab shard of the
+    logits, batch-first [b, s, vocab / tp], on the last stage. Non-last stages return their output
+    activation [s, b, h] (sequence chunks [s/tp, b, h] under sequence parallel).
     """
 
     def __init__(
@@ -306,11 +507,15 @@ class HunyuanImage3Model(MegatronModule):
         self.share_embeddings_and_output_weights = False
         dtype = config.params_dtype
         if pre_process:
-            # With sequence parallel the embedding reduce-scatters to sequence chunks [s/tp, b, h].
+            # All-reduced to the whole sequence on every TP rank (not reduce-scattered): the image
+            # and <timestep> embeddings are put into it before the sequence-parallel split.
             self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
                 config.vocab_size, config.hidden_size, init_method=config.init_method, config=config,
-                reduce_scatter_embeddings=config.sequence_parallel,
+                reduce_scatter_embeddings=False,
             )
+            self.timestep_emb = TimestepEmbedder(config)  # replaces <timestep>'s embedding
+            self.time_embed = TimestepEmbedder(config)  # conditions patch_embed
+            self.patch_embed = PatchEmbed(config)
         self.layers = torch.nn.ModuleList(
             DecoderLayer(config, spec, layer_number=i + 1) for i in range(start, end)
         )
@@ -322,6 +527,8 @@ class HunyuanImage3Model(MegatronModule):
                 config.hidden_size, config.vocab_size, config=config, init_method=config.init_method,
                 bias=False, gather_output=False,
             )
+            self.time_embed_2 = TimestepEmbedder(config)  # conditions final_layer
+            self.final_layer = FinalLayer(config)
 
     def set_input_tensor(self, input_tensor):
         """Called by megatron's schedules with the previous stage's output (a list of one)."""
@@ -335,20 +542,72 @@ class HunyuanImage3Model(MegatronModule):
         ``image_spans``: None for causal, or one ``(start, end)`` of ``<img>`` tokens per sample.
         """
         config = self.config
-        if self.pre_process:
-            x = self.word_embeddings(input_ids)
-            if not config.sequence_parallel:
-                x = x.transpose(0, 1).contiguous()  # [s, b, h]
-        else:
-            if self.input_tensor is None:
-                raise RuntimeError("a non-first pipeline stage needs set_input_tensor() first")
-            x = self.input_tensor
+        x = self._split_sequence(self._text_embeddings(input_ids)) if self.pre_process else self._stage_input()
         if rope_positions is None:
-            rope_positions = text_rope_positions(input_ids.shape[1], x.device)
-        rope = rope_tables(*rope_positions, config.kv_channels, config.rope_theta)
+            rope_positions = text_rope_positions(input_ids.shape[1], input_ids.device)
+        rope = self._rope(*rope_positions)
         for layer in self.layers:
             x = layer(x, rope, image_spans)
         return x
+
+    def velocity(self, sequence, latents, sigma):
+        """The diffusion forward: ``sequence`` (``sequence.ImageSequence``: ids, image spans,
+        positions), latents [b, C, h, w] (the noisy ``x_σ``), σ [b] in [0, 1] (the model sees
+        1000·σ) -> the predicted velocity ``ε − x0`` [b, C, h, w] on the last stage (the
+        ``mfmegatron.flow_matching`` convention); the stage activation on the others.
+
+        First stage: ``wte(ids)`` with ``<timestep>`` replaced by ``timestep_emb(σ)`` and the
+        ``<img>`` slots by ``patch_embed(latents, time_embed(σ))``. Last stage: the ``<img>``
+        slots' hidden states of the last layer, *without* ``ln_f``, through
+        ``final_layer(·, time_embed_2(σ))``.
+        """
+        if tuple(latents.shape[2:]) != tuple(sequence.latent_hw):
+            raise ValueError(f"latents {tuple(latents.shape)} do not match the sequence's grid {sequence.latent_hw}")
+        if self.pre_process:
+            tokens, _ = self.patch_embed.forward_jvp(latents, None, self.time_embed(sigma), None)
+            x = self._split_sequence(
+                _put_image_tokens(self._text_embeddings(sequence.input_ids), tokens, self.timestep_emb(sigma), sequence)
+            )
+        else:
+            x = self._stage_input()
+        rope = self._rope(sequence.positions_y, sequence.positions_x)
+        for layer in self.layers:
+            x = layer(x, rope, sequence.image_spans)
+        if not self.post_process:
+            return x
+        return self._image_head(x, sequence, sigma)
+
+    # -- pieces of the forward ----------------------------------------------------------------
+
+    def _stage_input(self):
+        if self.input_tensor is None:
+            raise RuntimeError("a non-first pipeline stage needs set_input_tensor() first")
+        return self.input_tensor
+
+    def _text_embeddings(self, input_ids):
+        """[b, s] -> [s, b, h], the whole sequence, the same on every TP rank."""
+        return self.word_embeddings(input_ids).transpose(0, 1).contiguous()
+
+    def _split_sequence(self, x):
+        """Under sequence parallel, this rank's chunk [s/tp, b, h] (backward: all-gather, so the
+        replicated image-path modules get the whole sequence's gradient on every rank)."""
+        return collectives.scatter_sequence(x) if self.config.sequence_parallel else x
+
+    def _rope(self, positions_y, positions_x):
+        """cos, sin [s, d] for positions [s]; [s, b, d] for per-sample positions [b, s]."""
+        cos, sin = rope_tables(positions_y, positions_x, self.config.kv_channels, self.config.rope_theta)
+        if cos.dim() == 3:
+            cos, sin = cos.transpose(0, 1), sin.transpose(0, 1)
+        return cos, sin
+
+    def _image_head(self, x, sequence, sigma):
+        if self.config.sequence_parallel:
+            # Every rank runs the replicated head on the whole image: in backward each keeps its
+            # own chunk's gradient (a split, not a sum over ranks).
+            x, _ = collectives.gather_sequence(x, tensor_parallel_output_grad=False)
+        tokens = torch.stack([x[start:end, i] for i, (start, end) in enumerate(sequence.image_spans)])
+        out, _ = self.final_layer.forward_jvp(tokens, None, sequence.latent_hw, self.time_embed_2(sigma), None)
+        return out
 
     def forward(self, input_ids, rope_positions=None, image_spans=None):
         """Logits [b, s, vocab / tp] (the output layer gathers the sequence under SP) on the last
@@ -404,6 +663,8 @@ class HunyuanImage3Model(MegatronModule):
 def parameter_counts(model: HunyuanImage3Model) -> dict[str, int]:
     """Parameter counts read off the built modules (a meta-device build works).
 
+    ``total``: the language model (``wte``, layers, ``ln_f``, ``lm_head``); ``image_path``: the
+    image modules (``IMAGE_PATH_MODULES``), 340,402,208 at the released sizes.
     ``activated_per_token_layers``: parameters one token passes through in the decoder layers —
     everything in a layer except the routed experts, plus ``topk`` routed experts' worth.
     """
@@ -417,8 +678,11 @@ def parameter_counts(model: HunyuanImage3Model) -> dict[str, int]:
         routed = count(experts)
         one_expert = count(experts.local_experts[0])
         activated += count(layer) - routed + model.config.moe_router_topk * one_expert
+    image_path = {name: count(getattr(model, name)) for name in IMAGE_PATH_MODULES if hasattr(model, name)}
     return {
-        "total": count(model),
+        "total": count(model) - sum(image_path.values()),
+        "image_path": sum(image_path.values()),
+        **{f"image_path.{name}": n for name, n in image_path.items()},
         "layers": layers,
         "word_embeddings": count(model.word_embeddings),
         "output_layer": count(model.output_layer),
@@ -436,4 +700,13 @@ __all__ = [
     "text_rope_positions",
     "apply_rope",
     "parameter_counts",
+    "image_path_keys",
+    "IMAGE_PATH_MODULES",
+    "mixed_attention_jvp",
+    "apply_rope_jvp",
+    "TimestepEmbedder",
+    "ResBlock",
+    "PatchEmbed",
+    "FinalLayer",
+    "timestep_sinusoid",
 ]
