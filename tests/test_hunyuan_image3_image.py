@@ -486,3 +486,221 @@ def test_image_forward_and_every_gradient_match_nemo_automodel():
         want = expected_grads[name]
         atol = 2e-5 * max(1.0, want.abs().max().item())
         torch.testing.assert_close(grad, want, rtol=2e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_a_padded_sample_equals_the_sample_alone():
+    """Right padding after <eoi> changes nothing: each sample of a padded batch (per-sample spans,
+    two different spans in one batch) gives the velocity it gives alone."""
+    from models.hunyuan_image3.parallelize import build_hunyuan_model
+
+    config = _tiny_config()
+    sequence, latents, sigma = _image_batch(config, length=20)
+    assert sequence.input_ids.shape[1] == 20 and sequence.lengths == [15, 17]
+    with parallel_context():
+        torch.manual_seed(0)
+        model = build_hunyuan_model(config)
+        _randomise(model, 5, scale=0.2)
+        batch = model.velocity(sequence, latents, sigma)
+        for i in range(2):
+            alone = model.velocity(sequence.sample(i), latents[i:i + 1], sigma[i:i + 1])
+            torch.testing.assert_close(batch[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_image_head_reads_the_last_hidden_states_without_ln_f():
+    """ln_f (and lm_head) take no part in the velocity; the text logits do use ln_f."""
+    from models.hunyuan_image3.parallelize import build_hunyuan_model
+
+    config = _tiny_config()
+    sequence, latents, sigma = _image_batch(config)
+    with parallel_context():
+        torch.manual_seed(0)
+        model = build_hunyuan_model(config)
+        _randomise(model, 6, scale=0.2)
+        before = model.velocity(sequence, latents, sigma)
+        logits_before = model(sequence.input_ids)
+        with torch.no_grad():
+            model.final_layernorm.weight.mul_(3.0)
+        torch.testing.assert_close(model.velocity(sequence, latents, sigma), before, rtol=0, atol=0)
+        assert (model(sequence.input_ids) - logits_before).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------- multi-rank
+
+TP_LENGTH = 18  # the longest sample (17) padded to a multiple of TP
+PP_MICRO_BATCHES = 2
+
+
+def _loss_weights(shape):
+    return torch.linspace(-1, 1, torch.Size(shape).numel()).view(shape)
+
+
+def _multi_rank_checks(full_state: dict) -> dict:
+    """Every two-rank layout in one spawn (each rank pays megatron-core's import once)."""
+    return {"ep2": _ep_rank(full_state), "tp2_sp": _tp_rank(full_state), "pp2": _pp_rank(full_state)}
+
+
+def _ep_rank(full_state):
+    """EP=2: each rank its own batch; the velocity and this rank's gradients."""
+    from mfmegatron.parallel import initialize_parallel
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights, local_weights
+
+    initialize_parallel(expert_parallel_size=2)
+    config = _tiny_config(expert_model_parallel_size=2)
+    model = build_hunyuan_model(config)
+    load_full_weights(model, full_state)
+    velocity = model.velocity(*_image_batch(config, seed=40 + torch.distributed.get_rank()))
+    (velocity * _loss_weights(velocity.shape)).sum().backward()
+    grads = {name: p.grad.clone() for (name, _), p in zip(local_weights(model), model.parameters()) if p.grad is not None}
+    return {"velocity": velocity.detach(), "grads": grads}
+
+
+def _tp_rank(full_state):
+    """TP=2 with sequence parallel, the same batch on both ranks: the (replicated) velocity and
+    full gradients; the image path's replicated gradients as each rank has them."""
+    from mfmegatron.parallel import initialize_parallel
+    from models.hunyuan_image3.model import IMAGE_PATH_MODULES
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights
+    from tests.test_hunyuan_image3 import _full_grads
+
+    initialize_parallel(tensor_parallel_size=2)
+    config = _tiny_config(tensor_model_parallel_size=2, sequence_parallel=True)
+    model = build_hunyuan_model(config)
+    load_full_weights(model, full_state)
+    velocity = model.velocity(*_image_batch(config, seed=50, length=TP_LENGTH))
+    (velocity * _loss_weights(velocity.shape)).sum().backward()
+    local_image_grads = {n: p.grad.clone() for n, p in model.named_parameters() if n.split(".")[0] in IMAGE_PATH_MODULES}
+    for param in model.parameters():  # ln_f and lm_head are not on the image path
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    grads = _full_grads(model)
+    return {"velocity": velocity.detach(), "grads": grads, "local_image_grads": local_image_grads}
+
+
+def _pp_rank(full_state):
+    """PP=2 under megatron's 1F1B schedule, two micro-batches: the losses on the last stage and
+    this stage's gradients (full names)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from mfmegatron.parallel import initialize_parallel
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights, local_weights
+
+    initialize_parallel(pipeline_parallel_size=2)
+    config = _tiny_config(pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+    model = build_hunyuan_model(config)
+    load_full_weights(model, full_state)
+    batches = iter([_image_batch(config, seed=60 + mb) for mb in range(PP_MICRO_BATCHES)])
+
+    def forward_step(data_iterator, model):
+        out = model.velocity(*next(data_iterator))
+
+        def loss_func(output):
+            loss = (output * _loss_weights(output.shape)).sum()
+            return loss, {"loss": loss.detach().clone()}
+
+        return out, loss_func
+
+    sequence_length = _image_batch(config)[0].input_ids.shape[1]
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=batches, model=[model], num_microbatches=PP_MICRO_BATCHES,
+        seq_length=sequence_length, micro_batch_size=len(PROMPTS), forward_only=False,
+    )
+    grads = {name: p.grad.clone() for (name, _), p in zip(local_weights(model), model.parameters()) if p.grad is not None}
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    modules = {name for name, _ in model.named_children()}
+    return {"stage": stage, "losses": [d["loss"] for d in losses] if losses else None, "grads": grads,
+            "modules": modules}
+
+
+@pytest.fixture(scope="module")
+def multi_rank():
+    from mfmegatron.parallel import run_on_ranks
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, local_weights
+
+    config = _tiny_config()
+    with parallel_context():
+        torch.manual_seed(0)
+        model = build_hunyuan_model(config)
+        _randomise(model, 7, scale=0.2)
+        full = {name: t.clone() for name, t in local_weights(model)}
+    return {"full": full, "ranks": run_on_ranks(_multi_rank_checks, 2, full, timeout=300)}
+
+
+def _one_rank(full, batches, micro_batches=1):
+    """The one-rank model on each batch: velocities and gradients (summed over the batches, each
+    loss divided by ``micro_batches``)."""
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights
+
+    config = _tiny_config()
+    results = []
+    with parallel_context():
+        model = build_hunyuan_model(config)
+        load_full_weights(model, full)
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            velocity = model.velocity(*batch)
+            loss = (velocity * _loss_weights(velocity.shape)).sum()
+            (loss / micro_batches).backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results.append({"velocity": velocity.detach(), "loss": loss.detach(), "grads": grads})
+    return results
+
+
+def _assert_grad(got, want, what):
+    atol = 1e-5 * max(1.0, want.abs().max().item())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def test_expert_parallel_2_image_forward_matches_one_rank(multi_rank):
+    """Each rank's velocity and dense gradients equal the one-rank model's on that rank's batch;
+    an expert's gradient (tokens from both ranks) equals the sum over both batches."""
+    config = _tiny_config()
+    expected = _one_rank(multi_rank["full"], [_image_batch(config, seed=40 + r) for r in range(2)])
+    for rank, result in enumerate(r["ep2"] for r in multi_rank["ranks"]):
+        torch.testing.assert_close(result["velocity"], expected[rank]["velocity"], rtol=1e-5, atol=1e-5)
+        for name, grad in result["grads"].items():
+            if ".local_experts." in name:
+                want = sum(e["grads"].get(name, torch.zeros_like(grad)) for e in expected)
+            else:
+                want = expected[rank]["grads"][name]
+            _assert_grad(grad, want, f"rank {rank} {name}")
+        assert any(n.startswith("patch_embed.") for n in result["grads"])
+
+
+def test_tensor_parallel_2_with_sequence_parallel_image_forward_matches_one_rank(multi_rank):
+    """Velocity and every gradient; the replicated image path gets the same (full) gradient on
+    both ranks although each rank's layers see half the sequence."""
+    config = _tiny_config()
+    (expected,) = _one_rank(multi_rank["full"], [_image_batch(config, seed=50, length=TP_LENGTH)])
+    ranks = [r["tp2_sp"] for r in multi_rank["ranks"]]
+    for rank, result in enumerate(ranks):
+        torch.testing.assert_close(result["velocity"], expected["velocity"], rtol=1e-5, atol=1e-5)
+        assert set(result["grads"]) == set(expected["grads"]) | {"final_layernorm.weight", "output_layer.weight"}
+        for name, want in expected["grads"].items():
+            _assert_grad(result["grads"][name], want, f"rank {rank} {name}")
+    for name, grad in ranks[0]["local_image_grads"].items():
+        torch.testing.assert_close(ranks[1]["local_image_grads"][name], grad, rtol=0, atol=0)
+        _assert_grad(grad, expected["grads"][name], name)
+
+
+def test_pipeline_parallel_2_image_forward_matches_one_rank(multi_rank):
+    """The image input path on the first stage, the image head on the last; losses and every
+    gradient equal the one-rank model's (the schedule averages over micro-batches)."""
+    config = _tiny_config()
+    expected = _one_rank(multi_rank["full"], [_image_batch(config, seed=60 + mb) for mb in range(PP_MICRO_BATCHES)],
+                         micro_batches=PP_MICRO_BATCHES)
+    stages = {r["pp2"]["stage"]: r["pp2"] for r in multi_rank["ranks"]}
+    assert {"patch_embed", "time_embed", "timestep_emb", "word_embeddings"} <= stages[0]["modules"]
+    assert not {"final_layer", "time_embed_2"} & stages[0]["modules"]
+    assert {"final_layer", "time_embed_2"} <= stages[1]["modules"]
+    assert not {"patch_embed", "time_embed", "timestep_emb"} & stages[1]["modules"]
+    for got, want in zip(stages[1]["losses"], [e["loss"] for e in expected]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    summed = {n: expected[0]["grads"][n] + expected[1]["grads"][n] for n in expected[0]["grads"]}
+    seen = set()
+    for stage in stages.values():
+        for name, grad in stage["grads"].items():
+            if name in summed:
+                _assert_grad(grad, summed[name], f"stage {stage['stage']} {name}")
+                seen.add(name)
+    assert seen == set(summed)
