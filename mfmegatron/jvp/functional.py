@@ -107,6 +107,24 @@ def _rms_norm_tangent(tx, x, weight, eps: float):
     return weight * rstd * (tx - normed * (normed * tx).mean(-1, keepdim=True))
 
 
+def rms_norm_float32(x, tx, weight, eps: float):
+    """RMSNorm with the normalisation in (at least) float32 and the scale applied in x's dtype:
+    ``weight * (x / rms(x)).to(x.dtype)`` (HunyuanImage 3.0's norms, as its official code)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    x_wide = x.to(compute)
+    normed = x_wide * torch.rsqrt(x_wide.pow(2).mean(-1, keepdim=True) + eps)
+    y = weight * normed.to(x.dtype)
+    if tx is None:
+        return y, None
+    with torch.no_grad():
+        x_wide = x_wide.detach()
+        rstd = torch.rsqrt(x_wide.pow(2).mean(-1, keepdim=True) + eps)
+        normed, t_wide = x_wide * rstd, tx.to(compute)
+        tnormed = rstd * (t_wide - normed * (normed * t_wide).mean(-1, keepdim=True))
+        ty = weight.detach() * tnormed.to(tx.dtype)
+    return y, ty
+
+
 def gelu_tanh(x, tx, overwrite_tangent: bool = False):
     """``overwrite_tangent``: the caller no longer needs ``tx``, and the tangent is written into it
     (the MLP's hidden is the widest activation: this saves a copy of it at the step's peak)."""
@@ -146,6 +164,25 @@ def silu(x, tx):
         sigmoid = torch.sigmoid(x.detach())
         ty = sigmoid * (1 + x.detach() * (1 - sigmoid)) * tx
     return y, ty
+
+
+def swiglu(x, tx):
+    """``silu(gate) * up`` with ``x = [gate; up]`` along the last dim (megatron's GLU order)."""
+    gate, up = torch.chunk(x, 2, dim=-1)
+    y = F.silu(gate) * up
+    if tx is None:
+        return y, None
+    with torch.no_grad():
+        ty = _swiglu_tangent(tx, gate.detach(), up.detach())
+    return y, ty
+
+
+@fused_on_cuda
+def _swiglu_tangent(tx, gate, up):
+    tgate, tup = torch.chunk(tx, 2, dim=-1)
+    sigmoid = torch.sigmoid(gate)
+    silu_slope = sigmoid * (1 + gate * (1 - sigmoid))
+    return silu_slope * tgate * up + gate * sigmoid * tup
 
 
 def modulate(x, tx, shift, tshift, scale, tscale):

@@ -31,9 +31,15 @@ training): activations between layers are sequence chunks ``[s/tp, b, h]``; expe
 over expert parallel (and expert tensor parallel); pipeline stages hold a contiguous range of
 layers and pass the [s, b, h] activation. See ``parallelize.py``.
 
+Forward mode: ``DecoderLayer.forward_jvp`` and ``HunyuanImage3Model.decoder_forward_jvp`` carry
+a tangent next to the activations (FLUX's convention: primal with autograd, tangent without a
+graph; ``forward`` is ``forward_jvp`` without tangents). The MoE's JVP is
+``mfmegatron.jvp.moe.moe_forward_jvp`` (tangents travel with their tokens through the same
+dispatch). With ``recompute_granularity="full"`` each layer recomputes only its primal in backward.
+
 Not in this slice: the image path (patch embedding, final layer, timestep embedders), the 2-D
 positions of image tokens and the mixed causal / full mask (``attention_mask`` takes any boolean
-mask already), and ``forward_jvp``.
+mask already).
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ from megatron.core.enums import ModelType
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 
+from mfmegatron.jvp import functional as jf
+from mfmegatron.jvp.moe import moe_forward_jvp
+from mfmegatron.jvp.recompute import checkpoint_primal
 from models.hunyuan_image3.config import HunyuanImage3Config
 from models.hunyuan_image3.layer_specs import HunyuanLayerSpec, get_hunyuan_layer_spec
 
@@ -63,9 +72,10 @@ class RMSNorm(torch.nn.Module):
         self.weight.sequence_parallel = sequence_parallel
 
     def forward(self, x):
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return self.forward_jvp(x)[0]
+
+    def forward_jvp(self, x, tx=None):
+        return jf.rms_norm_float32(x, tx, self.weight, self.eps)
 
 
 def rope_tables(positions_y: torch.Tensor, positions_x: torch.Tensor, head_dim: int, theta: float):
@@ -173,13 +183,24 @@ class DecoderLayer(MegatronModule):
         )
         # The released router weight is float32 and used in float32; megatron stores it in
         # params_dtype (bf16 would round the released weights and move routing decisions).
+        # A float64 trunk (tests) keeps it in float64.
         router = self.mlp.router
-        router.weight.data = router.weight.data.float()
+        router.weight.data = router.weight.data.to(torch.promote_types(dtype, torch.float32))
 
     def forward(self, x, rope, attention_mask=None):
-        x = x + self.self_attention(self.input_layernorm(x), rope, attention_mask)
-        moe_out, _ = self.mlp(self.pre_mlp_layernorm(x))  # routed + shared expert
-        return x + moe_out
+        return self.forward_jvp(x, None, rope, attention_mask)[0]
+
+    def forward_jvp(self, x, tx, rope, attention_mask=None):
+        """(x, tx) [s, b, h] -> (y, ty); ``tx=None``: the primal only."""
+        h, th = self.input_layernorm.forward_jvp(x, tx)
+        if th is None:
+            a, ta = self.self_attention(h, rope, attention_mask), None
+        else:
+            a, ta = self.self_attention.forward_jvp(h, th, rope, attention_mask)
+        x, tx = jf.add(x, tx, a, ta)
+        h, th = self.pre_mlp_layernorm.forward_jvp(x, tx)
+        m, tm = moe_forward_jvp(self.mlp, h, th)  # routed + shared expert
+        return jf.add(x, tx, m, tm)
 
 
 # --------------------------------------------------------------------------- the model
@@ -255,9 +276,35 @@ class HunyuanImage3Model(MegatronModule):
         if rope_positions is None:
             rope_positions = text_rope_positions(input_ids.shape[1], x.device)
         rope = rope_tables(*rope_positions, config.kv_channels, config.rope_theta)
-        for layer in self.layers:
-            x = layer(x, rope, attention_mask)
-        return x
+        return self.decoder_forward_jvp(x, None, rope, attention_mask)[0]
+
+    def decoder_forward_jvp(self, x, tx, rope, attention_mask=None):
+        """This stage's decoder layers on (x, tx) [s, b, h] (sequence chunks under SP): the
+        hidden-states JVP. ``rope``: ``rope_tables(...)``; ``tx=None``: the primal only.
+
+        With ``recompute_granularity="full"`` (``recompute_method`` "uniform": every layer,
+        "block": the first ``recompute_num_layers``) a layer keeps no activations and backward
+        recomputes its primal only (``mfmegatron.jvp.recompute``)."""
+        for index, layer in enumerate(self.layers):
+            if not self._recomputes(index):
+                x, tx = layer.forward_jvp(x, tx, rope, attention_mask)
+                continue
+
+            def run(primals, tangents, layer=layer):
+                y, ty = layer.forward_jvp(primals[0], tangents[0] if tangents else None, rope, attention_mask)
+                return (y,), ((ty,) if ty is not None else None)
+
+            (x,), t = checkpoint_primal(run, (x,), (tx,) if tx is not None else None)
+            tx = t[0] if t is not None else None
+        return x, tx
+
+    def _recomputes(self, stage_layer_index: int) -> bool:
+        config = self.config
+        if config.recompute_granularity != "full":
+            return False
+        if config.recompute_method == "block":
+            return stage_layer_index < config.recompute_num_layers
+        return True
 
     def forward(self, input_ids, rope_positions=None, attention_mask=None):
         """Logits [b, s, vocab / tp] (the output layer gathers the sequence under SP) on the last
