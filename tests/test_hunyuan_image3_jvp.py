@@ -73,6 +73,16 @@ def _hf_moe_jvp(hf, layer: int, x, tx):
     return y.transpose(0, 1), ty.transpose(0, 1)
 
 
+def _hf_trunk_jvp(hf, x, tx):
+    """torch.func.jvp of transformers' decoder layers and final norm on input embeddings."""
+
+    def trunk(embeds):
+        return hf.model(inputs_embeds=embeds).last_hidden_state
+
+    y, ty = torch.func.jvp(trunk, (x.transpose(0, 1).contiguous(),), (tx.transpose(0, 1).contiguous(),))
+    return y.transpose(0, 1), ty.transpose(0, 1)
+
+
 # --------------------------------------------------------------------------- one rank
 
 
@@ -149,52 +159,13 @@ def test_nothing_tangent_related_is_saved_for_backward(reference):
 # --------------------------------------------------------------------------- decoder layers
 
 
-def _attention_jvp_for_tests(attention):
-    """A stand-in SelfAttention.forward_jvp for one rank until the real one (branch hy-image) is
-    merged: the tangent by torch.func.jvp of the attention's math written with plain ops."""
-    import torch.nn.functional as F
-
-    from models.hunyuan_image3.model import apply_rope
-
-    def plain(h, rope, attention_mask):
-        s, b = h.shape[:2]
-        n, d = attention.heads_per_group, attention.head_dim
-        qkv = F.linear(h, attention.linear_qkv.weight).view(s, b, -1, n + 2, d)
-        q, k, v = qkv[:, :, :, :n].flatten(2, 3), qkv[:, :, :, n], qkv[:, :, :, n + 1]
-        cos, sin = rope
-        q = attention.q_layernorm(apply_rope(q, cos, sin)).to(v.dtype)
-        k = attention.k_layernorm(apply_rope(k, cos, sin)).to(v.dtype)
-        # Written out (SDPA's CPU kernel has no forward AD): query head i reads KV group i // n.
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
-        k, v = k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1)
-        scores = q @ k.transpose(-1, -2) / d**0.5
-        if attention_mask is None:
-            attention_mask = torch.ones(s, s, dtype=torch.bool).tril()
-        out = scores.masked_fill(~attention_mask, float("-inf")).softmax(-1) @ v
-        return F.linear(out.permute(2, 0, 1, 3).flatten(2), attention.linear_proj.weight)
-
-    def forward_jvp(h, th, rope, attention_mask=None):
-        y = attention(h, rope, attention_mask)
-        with torch.no_grad():
-            _, ty = torch.func.jvp(lambda z: plain(z, rope, attention_mask), (h.detach(),), (th,))
-        return y, ty
-
-    return forward_jvp
-
-
-def _with_test_attention(model):
-    for layer in model.layers:
-        if not hasattr(type(layer.self_attention), "forward_jvp"):
-            layer.self_attention.forward_jvp = _attention_jvp_for_tests(layer.self_attention)
-    return model
-
-
-def _decoder_jvp(model, x, tx):
-    """Both decoder layers then ln_f on input embeddings [s, b, h] (text positions, causal)."""
+def _decoder_jvp(model, x, tx, length=None):
+    """Both decoder layers then ln_f on input embeddings [s, b, h] (text positions, causal);
+    ``length``: the whole sequence's when x is a sequence-parallel chunk."""
     from models.hunyuan_image3.model import rope_tables, text_rope_positions
 
     config = model.config
-    rope = rope_tables(*text_rope_positions(x.shape[0]), config.kv_channels, config.rope_theta)
+    rope = rope_tables(*text_rope_positions(length or x.shape[0]), config.kv_channels, config.rope_theta)
     h, th = model.decoder_forward_jvp(x, tx, rope)
     return model.final_layernorm.forward_jvp(h, th)
 
@@ -204,17 +175,12 @@ def test_decoder_layers_jvp_matches_torch_func_jvp_of_the_trunk(reference):
     through both decoder layers and ln_f equal torch.func.jvp of transformers' trunk."""
     x, tx = _pair(4, length=12)
     with parallel_context():
-        model = _with_test_attention(_build(_config(), reference["ours"]))
+        model = (_build(_config(), reference["ours"]))
         y, ty = _decoder_jvp(model, x, tx)
 
-    def trunk(embeds):
-        return reference["hf"].model(inputs_embeds=embeds).last_hidden_state
-
-    want_y, want_ty = torch.func.jvp(trunk, (x.transpose(0, 1).contiguous(),), (tx.transpose(0, 1).contiguous(),))
-    # RoPE runs in float32 in our trunk (the official code's casts): 1e-6 of the scale.
-    scale = want_ty.abs().max().item()
-    torch.testing.assert_close(y, want_y.transpose(0, 1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ty, want_ty.transpose(0, 1), rtol=1e-5, atol=1e-5 * scale)
+    want_y, want_ty = _hf_trunk_jvp(reference["hf"], x, tx)
+    _close(y, want_y, "primal")
+    _close(ty, want_ty, "tangent")
 
 
 def test_recompute_rebuilds_the_graph_from_the_primal_only(reference, monkeypatch):
@@ -236,7 +202,7 @@ def test_recompute_rebuilds_the_graph_from_the_primal_only(reference, monkeypatc
     with parallel_context():
         for recompute in (False, True):
             settings = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-            model = _with_test_attention(_build(_config(**(settings if recompute else {})), reference["ours"]))
+            model = (_build(_config(**(settings if recompute else {})), reference["ours"]))
             y, ty = _decoder_jvp(model, x, tx)
             before = dict(calls)
             (y * _loss_weights(y.shape)).sum().backward()
@@ -288,6 +254,7 @@ def _two_rank_checks(full_state) -> dict:
     model = _build(_config(expert_model_parallel_size=2), full_state)
     x, tx = _pair(20 + rank)
     results["ep2"] = _moe_rank(model, x, tx, _loss_weights(x.shape, 30 + rank))
+    results["ep2"]["decoder"] = tuple(t.detach() for t in _decoder_jvp(model, x, tx))
     # TP=2 + SP: the same tokens on both ranks, each holding its sequence chunk; every expert
     # and the shared expert split in half over the ranks.
     initialize_parallel(tensor_parallel_size=2)
@@ -295,6 +262,7 @@ def _two_rank_checks(full_state) -> dict:
     x, tx = _pair(40)
     chunk = slice(rank * TOKENS // 2, (rank + 1) * TOKENS // 2)
     results["tp2_sp"] = _moe_rank(model, x[chunk], tx[chunk], _loss_weights(x.shape, 50)[chunk])
+    results["tp2_sp"]["decoder"] = tuple(t.detach() for t in _decoder_jvp(model, x[chunk], tx[chunk], TOKENS))
     results["tp2_sp"]["fc1_shape"] = tuple(model.layers[0].mlp.experts.local_experts[0].linear_fc1.weight.shape)
     return results
 
@@ -313,7 +281,8 @@ def _check_megatron_agreement(result, what):
 
 def test_expert_parallel_2_forward_jvp_matches_torch_func_jvp(reference, rank_results):
     """Each rank's tokens go to experts on both ranks (primal and tangent in one all-to-all);
-    outputs and tangents equal the one-rank reference; gradients equal megatron's own MoE's."""
+    the MoE's and both decoder layers' outputs and tangents equal the one-rank reference; the MoE's
+    gradients equal megatron's own MoE's."""
     for rank, result in enumerate(r["ep2"] for r in rank_results):
         assert result["local_experts"] == TINY["experts"] // 2
         # Tokens of this rank reach experts held by both ranks.
@@ -324,11 +293,15 @@ def test_expert_parallel_2_forward_jvp_matches_torch_func_jvp(reference, rank_re
         _close(result["y"], want_y, f"rank {rank} primal")
         _close(result["ty"], want_ty, f"rank {rank} tangent")
         _check_megatron_agreement(result, f"ep2 rank {rank}")
+        want_y, want_ty = _hf_trunk_jvp(reference["hf"], x, tx)
+        _close(result["decoder"][0], want_y, f"rank {rank} decoder primal")
+        _close(result["decoder"][1], want_ty, f"rank {rank} decoder tangent")
 
 
 def test_tensor_parallel_2_with_sequence_parallel_forward_jvp_matches_torch_func_jvp(reference, rank_results):
     """Sequence chunks per rank, experts split over TP (the dispatcher's all-gather and
-    reduce-scatter carry primal and tangent together): the chunks concatenate to the reference."""
+    reduce-scatter carry primal and tangent together): the MoE's and the decoder layers' chunks
+    concatenate to the reference."""
     results = [r["tp2_sp"] for r in rank_results]
     assert results[0]["fc1_shape"] == (TINY["width"], TINY["hidden"])  # [gate_r; up_r], half each
     x, tx = _pair(40)
@@ -337,3 +310,6 @@ def test_tensor_parallel_2_with_sequence_parallel_forward_jvp_matches_torch_func
     _close(torch.cat([r["ty"] for r in results]), want_ty, "tangent")
     for rank, result in enumerate(results):
         _check_megatron_agreement(result, f"tp2 rank {rank}")
+    want_y, want_ty = _hf_trunk_jvp(reference["hf"], x, tx)
+    _close(torch.cat([r["decoder"][0] for r in results]), want_y, "decoder primal")
+    _close(torch.cat([r["decoder"][1] for r in results]), want_ty, "decoder tangent")

@@ -31,15 +31,16 @@ training): activations between layers are sequence chunks ``[s/tp, b, h]``; expe
 over expert parallel (and expert tensor parallel); pipeline stages hold a contiguous range of
 layers and pass the [s, b, h] activation. See ``parallelize.py``.
 
-Forward mode: ``DecoderLayer.forward_jvp`` and ``HunyuanImage3Model.decoder_forward_jvp`` carry
-a tangent next to the activations (FLUX's convention: primal with autograd, tangent without a
-graph; ``forward`` is ``forward_jvp`` without tangents). The MoE's JVP is
-``mfmegatron.jvp.moe.moe_forward_jvp`` (tangents travel with their tokens through the same
-dispatch). With ``recompute_granularity="full"`` each layer recomputes only its primal in backward.
+Attention mask: causal for text; with ``image_spans`` (one ``(start, end)`` of ``<img>`` tokens
+per sample) the image block is bidirectional, run as a causal call, an unmasked call and a short
+causal tail per sample (``mixed_attention_jvp``), never an S×S mask.
 
-Not in this slice: the image path (patch embedding, final layer, timestep embedders), the 2-D
-positions of image tokens and the mixed causal / full mask (``attention_mask`` takes any boolean
-mask already).
+``forward_jvp(x, tx, ...) -> (y, ty)``: ``SelfAttention`` and ``RMSNorm`` have it (tangent without
+autograd graph; ``tx=None`` is the primal alone). ``DecoderLayer.forward_jvp`` and
+``HunyuanImage3Model.decoder_forward_jvp`` carry the tangent through the layers; the MoE's is ``mfmegatron.jvp.moe.moe_forward_jvp`` (the primal routes; the
+tangents travel with their tokens through the same dispatch, primal and tangent in one
+all-to-all). With ``recompute_granularity="full"`` each layer recomputes only its primal in
+backward.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 
 from mfmegatron.jvp import functional as jf
+from mfmegatron.jvp.attention import attention, attention_jvp
 from mfmegatron.jvp.moe import moe_forward_jvp
 from mfmegatron.jvp.recompute import checkpoint_primal
 from models.hunyuan_image3.config import HunyuanImage3Config
@@ -61,7 +63,8 @@ from models.hunyuan_image3.layer_specs import HunyuanLayerSpec, get_hunyuan_laye
 
 
 class RMSNorm(torch.nn.Module):
-    """``weight * (x / rms(x))`` with the normalisation in float32 and the scale in x's dtype."""
+    """``weight * (x / rms(x))`` with the normalisation in float32 (float64 inputs stay float64)
+    and the scale applied after the cast back to x's dtype (``jvp.functional.rms_norm_float32``)."""
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, sequence_parallel: bool = False):
         super().__init__()
@@ -71,11 +74,11 @@ class RMSNorm(torch.nn.Module):
         # then sums the weight's gradient over TP.
         self.weight.sequence_parallel = sequence_parallel
 
-    def forward(self, x):
-        return self.forward_jvp(x)[0]
-
     def forward_jvp(self, x, tx=None):
         return jf.rms_norm_float32(x, tx, self.weight, self.eps)
+
+    def forward(self, x):
+        return self.forward_jvp(x)[0]
 
 
 def rope_tables(positions_y: torch.Tensor, positions_x: torch.Tensor, head_dim: int, theta: float):
@@ -101,23 +104,91 @@ def text_rope_positions(length: int, device=None):
 
 
 def apply_rope(x, cos, sin):
-    """x [s, b, heads, d]; rotate_half RoPE, returned in float32 (the official code keeps the
-    rotated q and k in float32 through their RMSNorm and casts after it)."""
-    x32 = x.float()
-    half = x32.shape[-1] // 2
-    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
-    cos, sin = cos[:, None, None, :], sin[:, None, None, :]
-    return x32 * cos + rotated * sin
+    """x [s, b, heads, d]; cos, sin [s, d] (one table for the batch) or [s, b, d] (per sample);
+    rotate_half RoPE, returned in float32 (float64 stays float64): the official code keeps the
+    rotated q and k in float32 through their RMSNorm and casts after it. Linear in x: the
+    tangent is the same rotation (``apply_rope_jvp``)."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    half = wide.shape[-1] // 2
+    rotated = torch.cat([-wide[..., half:], wide[..., :half]], dim=-1)
+    if cos.dim() == 2:
+        cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+    else:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return wide * cos + rotated * sin
+
+
+def apply_rope_jvp(x, tx, cos, sin):
+    y = apply_rope(x, cos, sin)
+    if tx is None:
+        return y, None
+    with torch.no_grad():
+        return y, apply_rope(tx, cos, sin)
 
 
 # --------------------------------------------------------------------------- attention
 
 
+def mixed_attention_jvp(q, k, v, tq=None, tk=None, tv=None, image_spans=None):
+    """HunyuanImage 3.0's attention and its JVP, without an S×S mask.
+
+    q [b, heads, s, d]; k, v [b, heads, s, d] (KV heads already repeated per query head);
+    tangents alike or None. ``image_spans``: None (every sample causal) or one ``(start, end)``
+    per sample, the ``<img>`` tokens ``[start, end)``. The official mask
+    (``_prepare_attention_mask_for_generation``) is causal plus full attention within the image
+    block: image queries see keys ``[0, end)``, the others are causal. Per run of samples with the
+    same span that is three attention calls, each of which fused kernels serve:
+
+    - queries ``[0, start)`` (the prefix up to ``<timestep>``): causal over keys ``[0, start)``;
+    - queries ``[start, end)`` (the image): unmasked over keys ``[0, end)``;
+    - queries ``[end, s)`` (``<eoi>`` and right padding, a few tokens): causal over all keys,
+      aligned to the last key (``jvp.attention``'s ``causal``).
+
+    Returns (o, to) [b, heads, s, d]; ``to`` is None without tangents (the primal alone).
+    """
+    def attend(rows, keys_end, causal, batch):
+        args = [x[batch, :, rows] if i == 0 else x[batch, :, :keys_end] for i, x in enumerate((q, k, v))]
+        if tq is None:
+            return attention(*args, causal=causal), None
+        targs = [x[batch, :, rows] if i == 0 else x[batch, :, :keys_end] for i, x in enumerate((tq, tk, tv))]
+        return attention_jvp(*args, *targs, causal=causal)
+
+    s = q.shape[2]
+    if image_spans is None:
+        return attend(slice(None), s, True, slice(None))
+    if len(image_spans) != q.shape[0]:
+        raise ValueError(f"{len(image_spans)} image spans for a batch of {q.shape[0]}")
+    samples_by_span = {}
+    for sample, span in enumerate(image_spans):
+        samples_by_span.setdefault((int(span[0]), int(span[1])), []).append(sample)
+    outs, touts, order = [], [], []
+    for (start, end), samples in samples_by_span.items():
+        if not 0 < start < end <= s:
+            raise ValueError(f"image span [{start}, {end}) does not fit a sequence of {s} after a prefix")
+        batch = slice(None) if len(samples) == q.shape[0] else torch.tensor(samples, device=q.device)
+        pieces = [attend(slice(0, start), start, True, batch), attend(slice(start, end), end, False, batch)]
+        if end < s:
+            pieces.append(attend(slice(end, s), s, True, batch))
+        outs.append(torch.cat([o for o, _ in pieces], dim=2))
+        touts.append(None if tq is None else torch.cat([t for _, t in pieces], dim=2))
+        order += samples
+    if len(outs) == 1:
+        return outs[0], touts[0]
+    inverse = torch.argsort(torch.tensor(order, device=q.device))
+    o = torch.cat(outs)[inverse]
+    return o, (None if tq is None else torch.cat(touts)[inverse])
+
+
 class SelfAttention(MegatronModule):
-    """GQA self-attention: fused per-group QKV -> RoPE -> q/k RMSNorm -> SDPA -> output projection.
+    """GQA self-attention: fused per-group QKV -> RoPE -> q/k RMSNorm -> attention with the
+    mixed causal / image mask (``mixed_attention_jvp``) -> output projection.
 
     Each tensor-parallel rank holds whole KV groups (and their query heads). Under sequence
     parallel the QKV projection gathers the sequence and the output projection reduce-scatters it.
+
+    ``forward_jvp(x, tx, rope, image_spans) -> (y, ty)``: x, tx [s, b, h] (sequence chunks under
+    SP), rope = (cos, sin) [s, d] or [s, b, d], image_spans as ``mixed_attention_jvp``; ``tx=None``
+    is the primal alone (``ty`` None). The tangent carries no autograd graph.
     """
 
     def __init__(self, config: HunyuanImage3Config, spec: HunyuanLayerSpec):
@@ -139,30 +210,45 @@ class SelfAttention(MegatronModule):
             skip_bias_add=False,
         )
 
-    def forward(self, x, rope, attention_mask=None):
-        """x [s, b, h]; rope = (cos, sin) [s, head_dim]; attention_mask: None (causal) or a
-        boolean mask broadcastable to [b, heads, s, s], True where a query may attend."""
-        qkv, _ = self.linear_qkv.forward_jvp(x)
-        s, b = qkv.shape[:2]
+    def _split_heads(self, qkv):
+        """[s, b, local groups * (n + 2) * d] -> q [s, b, local heads, d] (heads group-major),
+        k, v [s, b, local groups, d]."""
+        if qkv is None:
+            return None, None, None
         n = self.heads_per_group
-        qkv = qkv.view(s, b, -1, n + 2, self.head_dim)  # [s, b, local groups, n q + k + v, d]
-        q = qkv[:, :, :, :n].flatten(2, 3)  # [s, b, local heads, d], heads group-major
-        k, v = qkv[:, :, :, n], qkv[:, :, :, n + 1]  # [s, b, local groups, d]
+        qkv = qkv.view(*qkv.shape[:2], -1, n + 2, self.head_dim)
+        return qkv[:, :, :, :n].flatten(2, 3), qkv[:, :, :, n], qkv[:, :, :, n + 1]
+
+    def forward_jvp(self, x, tx, rope, image_spans=None):
+        qkv, tqkv = self.linear_qkv.forward_jvp(x, tx)
+        (q, k, v), (tq, tk, tv) = self._split_heads(qkv), self._split_heads(tqkv)
         cos, sin = rope
         # RoPE and the q/k RMSNorm in float32 (the norm's scale too), then cast: the official order.
-        q = self.q_layernorm(apply_rope(q, cos, sin)).to(v.dtype)
-        k = self.k_layernorm(apply_rope(k, cos, sin)).to(v.dtype)
+        q, tq = self.q_layernorm.forward_jvp(*apply_rope_jvp(q, tq, cos, sin))
+        k, tk = self.k_layernorm.forward_jvp(*apply_rope_jvp(k, tk, cos, sin))
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        if tq is not None:
+            tq, tk = tq.to(v.dtype), tk.to(v.dtype)
 
-        def to_bhsd(t):
-            return t.permute(1, 2, 0, 3)
+        def to_bhsd(t, repeat=1):
+            # Query head i reads KV group i // n (the fused layout's order): repeat each group n times.
+            return None if t is None else t.permute(1, 2, 0, 3).repeat_interleave(repeat, dim=1)
 
-        out = F.scaled_dot_product_attention(
-            to_bhsd(q), to_bhsd(k), to_bhsd(v),
-            attn_mask=attention_mask, is_causal=attention_mask is None, enable_gqa=True,
-        )  # query head i reads KV group i // n, as the fused layout orders them
-        out = out.permute(2, 0, 1, 3).flatten(2)  # [s, b, local heads * d]
-        y, _ = self.linear_proj.forward_jvp(out)
-        return y
+        n = self.heads_per_group
+        out, tout = mixed_attention_jvp(
+            to_bhsd(q), to_bhsd(k, n), to_bhsd(v, n), to_bhsd(tq), to_bhsd(tk, n), to_bhsd(tv, n),
+            image_spans,
+        )
+
+        def to_sbh(t):
+            return None if t is None else t.permute(2, 0, 1, 3).flatten(2)  # [s, b, local heads * d]
+
+        return self.linear_proj.forward_jvp(to_sbh(out), to_sbh(tout))
+
+    def forward(self, x, rope, image_spans=None):
+        """x [s, b, h]; rope = (cos, sin) [s, d] or [s, b, d]; image_spans: None (causal) or one
+        ``(start, end)`` of ``<img>`` tokens per sample."""
+        return self.forward_jvp(x, None, rope, image_spans)[0]
 
 
 # --------------------------------------------------------------------------- decoder layer
@@ -187,16 +273,13 @@ class DecoderLayer(MegatronModule):
         router = self.mlp.router
         router.weight.data = router.weight.data.to(torch.promote_types(dtype, torch.float32))
 
-    def forward(self, x, rope, attention_mask=None):
-        return self.forward_jvp(x, None, rope, attention_mask)[0]
+    def forward(self, x, rope, image_spans=None):
+        return self.forward_jvp(x, None, rope, image_spans)[0]
 
-    def forward_jvp(self, x, tx, rope, attention_mask=None):
-        """(x, tx) [s, b, h] -> (y, ty); ``tx=None``: the primal only."""
+    def forward_jvp(self, x, tx, rope, image_spans=None):
+        """(x, tx) [s, b, h] -> (y, ty); ``tx=None``: the primal only (``ty`` None)."""
         h, th = self.input_layernorm.forward_jvp(x, tx)
-        if th is None:
-            a, ta = self.self_attention(h, rope, attention_mask), None
-        else:
-            a, ta = self.self_attention.forward_jvp(h, th, rope, attention_mask)
+        a, ta = self.self_attention.forward_jvp(h, th, rope, image_spans)
         x, tx = jf.add(x, tx, a, ta)
         h, th = self.pre_mlp_layernorm.forward_jvp(x, tx)
         m, tm = moe_forward_jvp(self.mlp, h, th)  # routed + shared expert
@@ -257,12 +340,12 @@ class HunyuanImage3Model(MegatronModule):
         """Called by megatron's schedules with the previous stage's output (a list of one)."""
         self.input_tensor = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
 
-    def hidden_states(self, input_ids, rope_positions=None, attention_mask=None):
+    def hidden_states(self, input_ids, rope_positions=None, image_spans=None):
         """input_ids [b, s] -> this stage's last layer's output [s, b, h] (before ``ln_f``); this
         rank's sequence chunk [s/tp, b, h] under sequence parallel.
 
         ``rope_positions``: (y, x) positions [s] (default: text positions 0 .. s-1);
-        ``attention_mask``: None for causal, or a boolean mask (True = attend).
+        ``image_spans``: None for causal, or one ``(start, end)`` of ``<img>`` tokens per sample.
         """
         config = self.config
         if self.pre_process:
@@ -276,9 +359,9 @@ class HunyuanImage3Model(MegatronModule):
         if rope_positions is None:
             rope_positions = text_rope_positions(input_ids.shape[1], x.device)
         rope = rope_tables(*rope_positions, config.kv_channels, config.rope_theta)
-        return self.decoder_forward_jvp(x, None, rope, attention_mask)[0]
+        return self.decoder_forward_jvp(x, None, rope, image_spans)[0]
 
-    def decoder_forward_jvp(self, x, tx, rope, attention_mask=None):
+    def decoder_forward_jvp(self, x, tx, rope, image_spans=None):
         """This stage's decoder layers on (x, tx) [s, b, h] (sequence chunks under SP): the
         hidden-states JVP. ``rope``: ``rope_tables(...)``; ``tx=None``: the primal only.
 
@@ -287,11 +370,11 @@ class HunyuanImage3Model(MegatronModule):
         recomputes its primal only (``mfmegatron.jvp.recompute``)."""
         for index, layer in enumerate(self.layers):
             if not self._recomputes(index):
-                x, tx = layer.forward_jvp(x, tx, rope, attention_mask)
+                x, tx = layer.forward_jvp(x, tx, rope, image_spans)
                 continue
 
             def run(primals, tangents, layer=layer):
-                y, ty = layer.forward_jvp(primals[0], tangents[0] if tangents else None, rope, attention_mask)
+                y, ty = layer.forward_jvp(primals[0], tangents[0] if tangents else None, rope, image_spans)
                 return (y,), ((ty,) if ty is not None else None)
 
             (x,), t = checkpoint_primal(run, (x,), (tx,) if tx is not None else None)
@@ -306,10 +389,10 @@ class HunyuanImage3Model(MegatronModule):
             return stage_layer_index < config.recompute_num_layers
         return True
 
-    def forward(self, input_ids, rope_positions=None, attention_mask=None):
+    def forward(self, input_ids, rope_positions=None, image_spans=None):
         """Logits [b, s, vocab / tp] (the output layer gathers the sequence under SP) on the last
         stage; the stage activation on the others."""
-        x = self.hidden_states(input_ids, rope_positions, attention_mask)
+        x = self.hidden_states(input_ids, rope_positions, image_spans)
         if not self.post_process:
             return x
         logits, _ = self.output_layer.forward_jvp(self.final_layernorm(x))
