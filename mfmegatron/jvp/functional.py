@@ -221,6 +221,25 @@ def silu(x, tx):
     return y, ty
 
 
+def swiglu(x, tx):
+    """``silu(gate) * up`` with ``x = [gate; up]`` along the last dim (megatron's GLU order)."""
+    gate, up = torch.chunk(x, 2, dim=-1)
+    y = F.silu(gate) * up
+    if tx is None:
+        return y, None
+    with torch.no_grad():
+        ty = _swiglu_tangent(tx, gate.detach(), up.detach())
+    return y, ty
+
+
+@fused_on_cuda
+def _swiglu_tangent(tx, gate, up):
+    tgate, tup = torch.chunk(tx, 2, dim=-1)
+    sigmoid = torch.sigmoid(gate)
+    silu_slope = sigmoid * (1 + gate * (1 - sigmoid))
+    return silu_slope * tgate * up + gate * sigmoid * tup
+
+
 def modulate(x, tx, shift, tshift, scale, tscale):
     """adaLN: ``x * (1 + scale) + shift`` (shift/scale already broadcastable to x)."""
     y = x * (1 + scale) + shift

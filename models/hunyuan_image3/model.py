@@ -36,8 +36,11 @@ per sample) the image block is bidirectional, run as a causal call, an unmasked 
 causal tail per sample (``mixed_attention_jvp``), never an S×S mask.
 
 ``forward_jvp(x, tx, ...) -> (y, ty)``: ``SelfAttention`` and ``RMSNorm`` have it (tangent without
-autograd graph; ``tx=None`` is the primal alone); the decoder layer's and MoE's are written on
-another branch.
+autograd graph; ``tx=None`` is the primal alone). ``DecoderLayer.forward_jvp`` and
+``HunyuanImage3Model.decoder_forward_jvp`` carry the tangent through the layers; the MoE's is ``mfmegatron.jvp.moe.moe_forward_jvp`` (the primal routes; the
+tangents travel with their tokens through the same dispatch, primal and tangent in one
+all-to-all). With ``recompute_granularity="full"`` each layer recomputes only its primal in
+backward.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ from megatron.core.transformer.module import MegatronModule
 from mfmegatron.jvp import functional as jf
 from mfmegatron.parallel import collectives
 from mfmegatron.jvp.attention import attention, attention_jvp
+from mfmegatron.jvp.moe import moe_forward_jvp
+from mfmegatron.jvp.recompute import checkpoint_primal
 from models.hunyuan_image3.config import HunyuanImage3Config
 from models.hunyuan_image3.layer_specs import HunyuanLayerSpec, get_hunyuan_layer_spec
 
@@ -267,13 +272,21 @@ class DecoderLayer(MegatronModule):
         )
         # The released router weight is float32 and used in float32; megatron stores it in
         # params_dtype (bf16 would round the released weights and move routing decisions).
+        # A float64 trunk (tests) keeps it in float64.
         router = self.mlp.router
-        router.weight.data = router.weight.data.float()
+        router.weight.data = router.weight.data.to(torch.promote_types(dtype, torch.float32))
 
     def forward(self, x, rope, image_spans=None):
-        x = x + self.self_attention(self.input_layernorm(x), rope, image_spans)
-        moe_out, _ = self.mlp(self.pre_mlp_layernorm(x))  # routed + shared expert
-        return x + moe_out
+        return self.forward_jvp(x, None, rope, image_spans)[0]
+
+    def forward_jvp(self, x, tx, rope, image_spans=None):
+        """(x, tx) [s, b, h] -> (y, ty); ``tx=None``: the primal only (``ty`` None)."""
+        h, th = self.input_layernorm.forward_jvp(x, tx)
+        a, ta = self.self_attention.forward_jvp(h, th, rope, image_spans)
+        x, tx = jf.add(x, tx, a, ta)
+        h, th = self.pre_mlp_layernorm.forward_jvp(x, tx)
+        m, tm = moe_forward_jvp(self.mlp, h, th)  # routed + shared expert
+        return jf.add(x, tx, m, tm)
 
 
 # --------------------------------------------------------------------------- image path
@@ -541,14 +554,39 @@ class HunyuanImage3Model(MegatronModule):
         ``rope_positions``: (y, x) positions [s] (default: text positions 0 .. s-1);
         ``image_spans``: None for causal, or one ``(start, end)`` of ``<img>`` tokens per sample.
         """
-        config = self.config
         x = self._split_sequence(self._text_embeddings(input_ids)) if self.pre_process else self._stage_input()
         if rope_positions is None:
             rope_positions = text_rope_positions(input_ids.shape[1], input_ids.device)
         rope = self._rope(*rope_positions)
-        for layer in self.layers:
-            x = layer(x, rope, image_spans)
-        return x
+        return self.decoder_forward_jvp(x, None, rope, image_spans)[0]
+
+    def decoder_forward_jvp(self, x, tx, rope, image_spans=None):
+        """This stage's decoder layers on (x, tx) [s, b, h] (sequence chunks under SP): the
+        hidden-states JVP. ``rope``: ``rope_tables(...)``; ``tx=None``: the primal only.
+
+        With ``recompute_granularity="full"`` (``recompute_method`` "uniform": every layer,
+        "block": the first ``recompute_num_layers``) a layer keeps no activations and backward
+        recomputes its primal only (``mfmegatron.jvp.recompute``)."""
+        for index, layer in enumerate(self.layers):
+            if not self._recomputes(index):
+                x, tx = layer.forward_jvp(x, tx, rope, image_spans)
+                continue
+
+            def run(primals, tangents, layer=layer):
+                y, ty = layer.forward_jvp(primals[0], tangents[0] if tangents else None, rope, image_spans)
+                return (y,), ((ty,) if ty is not None else None)
+
+            (x,), t = checkpoint_primal(run, (x,), (tx,) if tx is not None else None)
+            tx = t[0] if t is not None else None
+        return x, tx
+
+    def _recomputes(self, stage_layer_index: int) -> bool:
+        config = self.config
+        if config.recompute_granularity != "full":
+            return False
+        if config.recompute_method == "block":
+            return stage_layer_index < config.recompute_num_layers
+        return True
 
     def velocity(self, sequence, latents, sigma):
         """The diffusion forward: ``sequence`` (``sequence.ImageSequence``: ids, image spans,
@@ -561,21 +599,31 @@ class HunyuanImage3Model(MegatronModule):
         slots' hidden states of the last layer, *without* ``ln_f``, through
         ``final_layer(·, time_embed_2(σ))``.
         """
+        return self.velocity_jvp(sequence, latents, sigma)[0]
+
+    def velocity_jvp(self, sequence, latents, sigma, tlatents=None, tsigma=None):
+        """``velocity`` and its JVP along (tlatents, tsigma) (either may be None = zero; both None:
+        the primal only, tangent None). Returns (v, tv) [b, C, h, w] on the last stage; on the
+        others the stage activation, with the tangent's rows after the primal's ([2s, b, h], as
+        FLUX's stages) when there are tangents. The tangent carries no autograd graph."""
         if tuple(latents.shape[2:]) != tuple(sequence.latent_hw):
             raise ValueError(f"latents {tuple(latents.shape)} do not match the sequence's grid {sequence.latent_hw}")
+        with_tangent = tlatents is not None or tsigma is not None
+        if with_tangent:
+            tlatents = torch.zeros_like(latents) if tlatents is None else tlatents
+            tsigma = torch.zeros_like(sigma) if tsigma is None else tsigma
         if self.pre_process:
-            tokens, _ = self.patch_embed.forward_jvp(latents, None, self.time_embed(sigma), None)
-            x = self._split_sequence(
-                _put_image_tokens(self._text_embeddings(sequence.input_ids), tokens, self.timestep_emb(sigma), sequence)
-            )
+            x, tx = self._embed(sequence, latents, sigma, tlatents, tsigma)
         else:
-            x = self._stage_input()
+            x, tx = self._stage_input(), None
+            if with_tangent:
+                x, tx = x.chunk(2, dim=0)
+                tx = tx.detach()  # no graph: backward sends zeros for it
         rope = self._rope(sequence.positions_y, sequence.positions_x)
-        for layer in self.layers:
-            x = layer(x, rope, sequence.image_spans)
+        x, tx = self.decoder_forward_jvp(x, tx, rope, sequence.image_spans)
         if not self.post_process:
-            return x
-        return self._image_head(x, sequence, sigma)
+            return (torch.cat([x, tx], dim=0) if with_tangent else x), None
+        return self._image_head(x, tx, sequence, sigma, tsigma)
 
     # -- pieces of the forward ----------------------------------------------------------------
 
@@ -600,14 +648,34 @@ class HunyuanImage3Model(MegatronModule):
             cos, sin = cos.transpose(0, 1), sin.transpose(0, 1)
         return cos, sin
 
-    def _image_head(self, x, sequence, sigma):
+    def _embed(self, sequence, latents, sigma, tlatents, tsigma):
+        """The first stage's input rows (and tangent): token embeddings with the ``<timestep>`` and
+        ``<img>`` rows replaced; this rank's sequence chunk under SP. The token embeddings' tangent
+        is zero (the ids do not vary)."""
+        temb, ttemb = self.time_embed.forward_jvp(sigma, tsigma)
+        tokens, ttokens = self.patch_embed.forward_jvp(latents, tlatents, temb, ttemb)
+        step, tstep = self.timestep_emb.forward_jvp(sigma, tsigma)
+        text = self._text_embeddings(sequence.input_ids)
+        x = self._split_sequence(_put_image_tokens(text, tokens, step, sequence))
+        if ttokens is None:
+            return x, None
+        with torch.no_grad():
+            tx = self._split_sequence(_put_image_tokens(torch.zeros_like(text), ttokens, tstep, sequence))
+        return x, tx
+
+    def _image_head(self, x, tx, sequence, sigma, tsigma):
         if self.config.sequence_parallel:
             # Every rank runs the replicated head on the whole image: in backward each keeps its
             # own chunk's gradient (a split, not a sum over ranks).
-            x, _ = collectives.gather_sequence(x, tensor_parallel_output_grad=False)
-        tokens = torch.stack([x[start:end, i] for i, (start, end) in enumerate(sequence.image_spans)])
-        out, _ = self.final_layer.forward_jvp(tokens, None, sequence.latent_hw, self.time_embed_2(sigma), None)
-        return out
+            x, tx = collectives.gather_sequence(x, tx, tensor_parallel_output_grad=False)
+
+        def image_rows(rows):
+            if rows is None:
+                return None
+            return torch.stack([rows[start:end, i] for i, (start, end) in enumerate(sequence.image_spans)])
+
+        emb, temb = self.time_embed_2.forward_jvp(sigma, tsigma)
+        return self.final_layer.forward_jvp(image_rows(x), image_rows(tx), sequence.latent_hw, emb, temb)
 
     def forward(self, input_ids, rope_positions=None, image_spans=None):
         """Logits [b, s, vocab / tp] (the output layer gathers the sequence under SP) on the last
