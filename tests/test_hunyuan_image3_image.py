@@ -22,7 +22,7 @@ HEADS, GROUPS, HEAD_DIM, HIDDEN = 4, 2, 16, 64
 def _tiny_config(**overrides):
     from models.hunyuan_image3.config import tiny_hunyuan_image3_config
 
-    return tiny_hunyuan_image3_config(**overrides)
+    return tiny_hunyuan_image3_config(**{"image_path": True, **overrides})
 
 
 def _randomise(module, seed, scale=0.3):

@@ -37,6 +37,8 @@ class HunyuanImage3Config(TransformerConfig):
     # Image path: VAE latent channels, patch embedding width, the timestep sinusoid width, the
     # GroupNorm group count of the UNet blocks, the patch size on the latent grid (only 1, the
     # released model's, is built), the VAE scale.
+    # Build the image path (False: the text trunk alone, e.g. to compare with a text-only LLM).
+    image_path: bool = True
     latent_channels: int = 32
     patch_embed_hidden_dim: int = 1024
     timestep_embedding_dim: int = 256
@@ -118,8 +120,9 @@ def hunyuan_image3_config(**overrides) -> HunyuanImage3Config:
 
 
 def tiny_hunyuan_image3_config(**overrides) -> HunyuanImage3Config:
-    """A small model for tests: 2 layers, width 64, 4 heads of 16 in 2 KV groups, 8 experts top-3;
-    image path with 4 latent channels, patch embedding width 32, sinusoid 32, GroupNorm 4 groups."""
+    """A small model for tests: 2 layers, width 64, 4 heads of 16 in 2 KV groups, 8 experts top-3.
+    The text trunk alone unless ``image_path=True``: then 4 latent channels, patch embedding width
+    32, sinusoid 32, GroupNorm 4 groups."""
     settings = dict(
         num_layers=2,
         hidden_size=64,
@@ -132,6 +135,7 @@ def tiny_hunyuan_image3_config(**overrides) -> HunyuanImage3Config:
         moe_router_topk=3,
         moe_ffn_hidden_size=32,
         moe_shared_expert_intermediate_size=32,
+        image_path=False,
         latent_channels=4,
         patch_embed_hidden_dim=32,
         timestep_embedding_dim=32,

@@ -526,6 +526,7 @@ class HunyuanImage3Model(MegatronModule):
                 config.vocab_size, config.hidden_size, init_method=config.init_method, config=config,
                 reduce_scatter_embeddings=False,
             )
+        if pre_process and config.image_path:
             self.timestep_emb = TimestepEmbedder(config)  # replaces <timestep>'s embedding
             self.time_embed = TimestepEmbedder(config)  # conditions patch_embed
             self.patch_embed = PatchEmbed(config)
@@ -540,6 +541,7 @@ class HunyuanImage3Model(MegatronModule):
                 config.hidden_size, config.vocab_size, config=config, init_method=config.init_method,
                 bias=False, gather_output=False,
             )
+        if post_process and config.image_path:
             self.time_embed_2 = TimestepEmbedder(config)  # conditions final_layer
             self.final_layer = FinalLayer(config)
 
@@ -606,6 +608,8 @@ class HunyuanImage3Model(MegatronModule):
         the primal only, tangent None). Returns (v, tv) [b, C, h, w] on the last stage; on the
         others the stage activation, with the tangent's rows after the primal's ([2s, b, h], as
         FLUX's stages) when there are tangents. The tangent carries no autograd graph."""
+        if not self.config.image_path:
+            raise RuntimeError("this model was built without the image path (config.image_path=False)")
         if tuple(latents.shape[2:]) != tuple(sequence.latent_hw):
             raise ValueError(f"latents {tuple(latents.shape)} do not match the sequence's grid {sequence.latent_hw}")
         with_tangent = tlatents is not None or tsigma is not None

@@ -161,4 +161,4 @@ def _full_names(config: HunyuanImage3Config) -> list[str]:
     from models.hunyuan_image3.model import image_path_keys
     from models.hunyuan_image3.state_dict_adapter import megatron_keys
 
-    return megatron_keys(config) + image_path_keys(config)
+    return megatron_keys(config) + (image_path_keys(config) if config.image_path else [])
