@@ -707,3 +707,174 @@ def test_pipeline_parallel_2_image_forward_matches_one_rank(multi_rank):
                 _assert_grad(grad, summed[name], f"stage {stage['stage']} {name}")
                 seen.add(name)
     assert seen == set(summed)
+
+
+# --------------------------------------------------------------------------- dense reference, traps
+
+WRONG_WAYS = {
+    "qkv_blocks": "the fused qkv_proj read as [all q; all k; all v], not per KV group",
+    "norm_before_rope": "q/k RMSNorm before RoPE (megatron's order), not after",
+    "glu_halves": "gate_and_up_proj read as [gate; up], not [up; gate]",
+    "rope_halves": "2-D RoPE axes split by halves of the frequencies, not by parity",
+    "rope_uncentred": "the image grid at (L, L), not centred in its span",
+    "sin_cos": "the timestep sinusoid as [sin, cos], not [cos, sin]",
+    "ln_f": "ln_f applied to the image hidden states",
+    "causal_image": "a causal image block, not a bidirectional one",
+}
+
+
+def _released_weights(full: dict, config) -> dict:
+    """Our full names -> the released keys: the trunk through ``state_dict_adapter``, the image
+    path by identity."""
+    from models.hunyuan_image3.model import IMAGE_PATH_MODULES
+    from models.hunyuan_image3.state_dict_adapter import from_megatron
+
+    image = {k: v for k, v in full.items() if k.split(".")[0] in IMAGE_PATH_MODULES}
+    return {**from_megatron({k: v for k, v in full.items() if k not in image}, config), **image}
+
+
+def reference_velocity(w: dict, config, sequence, latents, sigma, wrong: str | None = None):
+    """A dense, single-process rewrite of the official ``gen_image`` forward (``hunyuan.py``) on the
+    released weight names, batch-first, in the inputs' dtype; ``wrong`` does one documented trap
+    the other way (``WRONG_WAYS``)."""
+    b, s = sequence.input_ids.shape
+    h_lat, w_lat = sequence.latent_hw
+    eps, groups, d = config.layernorm_epsilon, config.image_norm_groups, HEAD_DIM
+
+    def linear(x, name, bias=True):
+        return F.linear(x, w[name + ".weight"], w.get(name + ".bias") if bias else None)
+
+    def embedder(prefix):
+        half = config.timestep_embedding_dim // 2
+        freqs = torch.exp(-torch.log(torch.tensor(10000.0, dtype=sigma.dtype)) * torch.arange(half, dtype=sigma.dtype) / half)
+        args = (1000 * sigma)[:, None] * freqs[None]
+        parts = [args.sin(), args.cos()] if wrong == "sin_cos" else [args.cos(), args.sin()]
+        return linear(F.gelu(linear(torch.cat(parts, dim=-1), prefix + ".mlp.0")), prefix + ".mlp.2")
+
+    def conv(x, name, padding):
+        return F.conv2d(x, w[name + ".weight"], w[name + ".bias"], padding=padding)
+
+    def group_norm(x, name):
+        return F.group_norm(x, groups, w[name + ".weight"], w[name + ".bias"], 1e-5)
+
+    def resblock(x, prefix, emb):
+        h = conv(F.silu(group_norm(x, prefix + ".in_layers.0")), prefix + ".in_layers.2", 1)
+        scale, shift = linear(F.silu(emb), prefix + ".emb_layers.1")[:, :, None, None].chunk(2, dim=1)
+        h = group_norm(h, prefix + ".out_layers.0") * (1 + scale) + shift
+        h = conv(F.silu(h), prefix + ".out_layers.3", 1)
+        skip = prefix + ".skip_connection"
+        return (conv(x, skip, 0) if skip + ".weight" in w else x) + h
+
+    def rms(x, weight):
+        return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+    def swiglu(x, prefix):
+        first, second = linear(x, prefix + ".gate_and_up_proj", False).chunk(2, dim=-1)
+        up, gate = (second, first) if wrong == "glu_halves" else (first, second)
+        return linear(up * F.silu(gate), prefix + ".down_proj", False)
+
+    # Input: wte, <timestep> and <img> rows replaced.
+    x = w["model.wte.weight"][sequence.input_ids].clone()
+    image = resblock(conv(latents, "patch_embed.model.0", 1), "patch_embed.model.1", embedder("time_embed"))
+    image = image.flatten(2).transpose(1, 2)
+    step = embedder("timestep_emb")
+    for i, (start, end) in enumerate(sequence.image_spans):
+        x[i, start - 1] = step[i]
+        x[i, start:end] = image[i]
+
+    # 2-D RoPE, the official build_2d_rope: theta [d/4, 2] times (y, x) per token.
+    theta = 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))
+    cos, sin = [], []
+    for start, _ in sequence.image_spans:
+        if wrong == "rope_uncentred":
+            y, xx = image_rope_positions_independent(s, start, 1, 1)  # text positions ...
+            rows = torch.arange(h_lat).repeat_interleave(w_lat)
+            cols = torch.arange(w_lat).repeat(h_lat)
+            y, xx = y.clone(), xx.clone()
+            y[start:start + h_lat * w_lat], xx[start:start + h_lat * w_lat] = start + rows, start + cols
+        else:
+            y, xx = image_rope_positions_independent(s, start, h_lat, w_lat)
+        if wrong == "rope_halves":
+            angles = torch.cat([y[:, None] * theta[: d // 4], xx[:, None] * theta[d // 4:]], dim=1)
+        else:
+            angles = (torch.stack([y, xx], dim=1)[:, None, :] * theta.reshape(1, d // 4, 2)).reshape(s, d // 2)
+        angles = angles.repeat(1, 2)
+        cos.append(angles.cos())
+        sin.append(angles.sin())
+    cos, sin = torch.stack(cos).to(x.dtype), torch.stack(sin).to(x.dtype)
+    spans = [(start, start) for start, _ in sequence.image_spans] if wrong == "causal_image" else sequence.image_spans
+    mask = official_dense_mask(s, spans)
+
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        attn_weights = [w[p + f"self_attn.{n}.weight"] for n in ("qkv_proj", "query_layernorm", "key_layernorm", "o_proj")]
+        attn_wrong = wrong if wrong in ("qkv_blocks", "norm_before_rope") else None
+        x = x + reference_attention(rms(x, w[p + "input_layernorm.weight"]), *attn_weights, cos, sin, mask, eps, attn_wrong)
+        h = rms(x, w[p + "post_attention_layernorm.weight"])
+        probs = torch.softmax(F.linear(h, w[p + "mlp.gate.wg.weight"]), dim=-1)
+        top, chosen = probs.topk(config.moe_router_topk, dim=-1)
+        top = top / top.sum(-1, keepdim=True)
+        moe = swiglu(h, p + "mlp.shared_mlp")
+        for e in range(config.num_moe_experts):
+            weight = (top * (chosen == e)).sum(-1, keepdim=True)
+            moe = moe + weight * swiglu(h, p + f"mlp.experts.{e}")
+        x = x + moe
+
+    if wrong == "ln_f":
+        x = rms(x, w["model.ln_f.weight"])
+    tokens = torch.stack([x[i, start:end] for i, (start, end) in enumerate(sequence.image_spans)])
+    grid = tokens.transpose(1, 2).unflatten(2, (h_lat, w_lat))
+    out = resblock(grid, "final_layer.model.0", embedder("time_embed_2"))
+    return conv(F.silu(group_norm(out, "final_layer.model.1.0")), "final_layer.model.1.2", 1)
+
+
+@pytest.fixture(scope="module")
+def float64_model_run():
+    """The float64 model (router too) on a padded batch: weights, velocity and its JVP along
+    tangents in the latents and σ."""
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, local_weights
+
+    config = _tiny_config(params_dtype=torch.float64, moe_router_dtype="fp64")
+    sequence, latents, sigma = _image_batch(config, seed=70, dtype=torch.float64)
+    g = torch.Generator().manual_seed(71)
+    tlatents = torch.randn(latents.shape, generator=g, dtype=torch.float64)
+    tsigma = torch.randn(sigma.shape, generator=g, dtype=torch.float64)
+    with parallel_context():
+        torch.manual_seed(0)
+        model = build_hunyuan_model(config)
+        _randomise(model, 8, scale=0.2)
+        full = {name: t.clone() for name, t in local_weights(model)}
+        velocity, tangent = model.velocity_jvp(sequence, latents, sigma, tlatents, tsigma)
+        plain = model.velocity(sequence, latents, sigma)
+    return dict(config=config, sequence=sequence, latents=latents, sigma=sigma, tlatents=tlatents, tsigma=tsigma,
+                released=_released_weights(full, config), velocity=velocity, tangent=tangent, plain=plain)
+
+
+def test_whole_image_forward_jvp_matches_torch_func_jvp_of_the_dense_official_order(float64_model_run):
+    """float64, tangents in the latents and in σ: the velocity equals the dense rewrite of the
+    official forward, and ``velocity_jvp``'s tangent equals ``torch.func.jvp`` of it."""
+    run = float64_model_run
+    with sdpa_kernel(SDPBackend.MATH):
+        expected, expected_tangent = torch.func.jvp(
+            lambda lat, sig: reference_velocity(run["released"], run["config"], run["sequence"], lat, sig),
+            (run["latents"], run["sigma"]), (run["tlatents"], run["tsigma"]),
+        )
+    assert expected.abs().max() > 0.1 and expected_tangent.abs().max() > 0.1
+    # megatron's router takes the softmax over the chosen logits in float32 whatever the dtype
+    # (moe_utils.topk_routing_with_score_function), as the official code: agreement is to ~1e-8
+    # of the output scale, not float64 round-off.
+    for got, want in ((run["velocity"], expected), (run["tangent"], expected_tangent)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7 * want.abs().max().item())
+    torch.testing.assert_close(run["plain"], run["velocity"], rtol=0, atol=0)
+    assert run["velocity"].requires_grad and not run["tangent"].requires_grad
+
+
+@pytest.mark.parametrize("wrong", sorted(WRONG_WAYS))
+def test_each_documented_trap_done_the_other_way_changes_the_velocity(float64_model_run, wrong):
+    """The model equals the official order (previous test); each trap done the other way gives a
+    clearly different velocity, so that test pins it."""
+    run = float64_model_run
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        other = reference_velocity(run["released"], run["config"], run["sequence"], run["latents"], run["sigma"], wrong)
+    difference = (other - run["velocity"]).abs().max() / run["velocity"].abs().max()
+    assert difference > 1e-3, f"{WRONG_WAYS[wrong]}: relative difference only {difference:.2e}"
