@@ -537,6 +537,13 @@ def _loss_weights(shape):
     return torch.linspace(-1, 1, torch.Size(shape).numel()).view(shape)
 
 
+def _tangents(batch, seed):
+    """Tangents in the latents and σ for ``velocity_jvp``."""
+    _, latents, sigma = batch
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(latents.shape, generator=g), torch.randn(sigma.shape, generator=g)
+
+
 def _multi_rank_checks(full_state: dict) -> dict:
     """Every two-rank layout in one spawn (each rank pays megatron-core's import once)."""
     return {"ep2": _ep_rank(full_state), "tp2_sp": _tp_rank(full_state), "pp2": _pp_rank(full_state)}
@@ -551,10 +558,12 @@ def _ep_rank(full_state):
     config = _tiny_config(expert_model_parallel_size=2)
     model = build_hunyuan_model(config)
     load_full_weights(model, full_state)
-    velocity = model.velocity(*_image_batch(config, seed=40 + torch.distributed.get_rank()))
+    batch = _image_batch(config, seed=40 + torch.distributed.get_rank())
+    velocity = model.velocity(*batch)
     (velocity * _loss_weights(velocity.shape)).sum().backward()
     grads = {name: p.grad.clone() for (name, _), p in zip(local_weights(model), model.parameters()) if p.grad is not None}
-    return {"velocity": velocity.detach(), "grads": grads}
+    _, tangent = model.velocity_jvp(*batch, *_tangents(batch, 41))
+    return {"velocity": velocity.detach(), "grads": grads, "tangent": tangent}
 
 
 def _tp_rank(full_state):
@@ -569,14 +578,16 @@ def _tp_rank(full_state):
     config = _tiny_config(tensor_model_parallel_size=2, sequence_parallel=True)
     model = build_hunyuan_model(config)
     load_full_weights(model, full_state)
-    velocity = model.velocity(*_image_batch(config, seed=50, length=TP_LENGTH))
+    batch = _image_batch(config, seed=50, length=TP_LENGTH)
+    velocity = model.velocity(*batch)
     (velocity * _loss_weights(velocity.shape)).sum().backward()
+    _, tangent = model.velocity_jvp(*batch, *_tangents(batch, 51))
     local_image_grads = {n: p.grad.clone() for n, p in model.named_parameters() if n.split(".")[0] in IMAGE_PATH_MODULES}
     for param in model.parameters():  # ln_f and lm_head are not on the image path
         if param.grad is None:
             param.grad = torch.zeros_like(param)
     grads = _full_grads(model)
-    return {"velocity": velocity.detach(), "grads": grads, "local_image_grads": local_image_grads}
+    return {"velocity": velocity.detach(), "grads": grads, "local_image_grads": local_image_grads, "tangent": tangent}
 
 
 def _pp_rank(full_state):
@@ -609,10 +620,28 @@ def _pp_rank(full_state):
         seq_length=sequence_length, micro_batch_size=len(PROMPTS), forward_only=False,
     )
     grads = {name: p.grad.clone() for (name, _), p in zip(local_weights(model), model.parameters()) if p.grad is not None}
+    # Forward-only JVP through the schedule: the stage activation carries the tangent's rows after
+    # the primal's ([2s, b, h]).
+    batch = _image_batch(config, seed=60)
+    tangents = []
+
+    def jvp_step(data_iterator, model):
+        velocity, tangent = model.velocity_jvp(*batch, *_tangents(batch, 61))
+
+        def keep(output):
+            tangents.append(tangent)
+            return output.sum(), {}
+
+        return velocity, keep
+
+    get_forward_backward_func()(
+        forward_step_func=jvp_step, data_iterator=None, model=[model], num_microbatches=1,
+        seq_length=2 * sequence_length, micro_batch_size=len(PROMPTS), forward_only=True,
+    )
     stage = parallel_state.get_pipeline_model_parallel_rank()
     modules = {name for name, _ in model.named_children()}
     return {"stage": stage, "losses": [d["loss"] for d in losses] if losses else None, "grads": grads,
-            "modules": modules}
+            "modules": modules, "tangent": tangents[0] if tangents else None}
 
 
 @pytest.fixture(scope="module")
@@ -629,7 +658,7 @@ def multi_rank():
     return {"full": full, "ranks": run_on_ranks(_multi_rank_checks, 2, full, timeout=300)}
 
 
-def _one_rank(full, batches, micro_batches=1):
+def _one_rank(full, batches, micro_batches=1, tangent_seeds=None):
     """The one-rank model on each batch: velocities and gradients (summed over the batches, each
     loss divided by ``micro_batches``)."""
     from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights
@@ -646,6 +675,8 @@ def _one_rank(full, batches, micro_batches=1):
             (loss / micro_batches).backward()
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
             results.append({"velocity": velocity.detach(), "loss": loss.detach(), "grads": grads})
+        for result, batch, seed in zip(results, batches, tangent_seeds or []):
+            result["tangent"] = model.velocity_jvp(*batch, *_tangents(batch, seed))[1]
     return results
 
 
@@ -655,12 +686,13 @@ def _assert_grad(got, want, what):
 
 
 def test_expert_parallel_2_image_forward_matches_one_rank(multi_rank):
-    """Each rank's velocity and dense gradients equal the one-rank model's on that rank's batch;
+    """Each rank's velocity, its JVP and dense gradients equal the one-rank model's on that rank's batch;
     an expert's gradient (tokens from both ranks) equals the sum over both batches."""
     config = _tiny_config()
-    expected = _one_rank(multi_rank["full"], [_image_batch(config, seed=40 + r) for r in range(2)])
+    expected = _one_rank(multi_rank["full"], [_image_batch(config, seed=40 + r) for r in range(2)], tangent_seeds=[41, 41])
     for rank, result in enumerate(r["ep2"] for r in multi_rank["ranks"]):
         torch.testing.assert_close(result["velocity"], expected[rank]["velocity"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result["tangent"], expected[rank]["tangent"], rtol=1e-5, atol=1e-5)
         for name, grad in result["grads"].items():
             if ".local_experts." in name:
                 want = sum(e["grads"].get(name, torch.zeros_like(grad)) for e in expected)
@@ -671,13 +703,14 @@ def test_expert_parallel_2_image_forward_matches_one_rank(multi_rank):
 
 
 def test_tensor_parallel_2_with_sequence_parallel_image_forward_matches_one_rank(multi_rank):
-    """Velocity and every gradient; the replicated image path gets the same (full) gradient on
+    """Velocity, its JVP and every gradient; the replicated image path gets the same (full) gradient on
     both ranks although each rank's layers see half the sequence."""
     config = _tiny_config()
-    (expected,) = _one_rank(multi_rank["full"], [_image_batch(config, seed=50, length=TP_LENGTH)])
+    (expected,) = _one_rank(multi_rank["full"], [_image_batch(config, seed=50, length=TP_LENGTH)], tangent_seeds=[51])
     ranks = [r["tp2_sp"] for r in multi_rank["ranks"]]
     for rank, result in enumerate(ranks):
         torch.testing.assert_close(result["velocity"], expected["velocity"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result["tangent"], expected["tangent"], rtol=1e-5, atol=1e-5)
         assert set(result["grads"]) == set(expected["grads"]) | {"final_layernorm.weight", "output_layer.weight"}
         for name, want in expected["grads"].items():
             _assert_grad(result["grads"][name], want, f"rank {rank} {name}")
@@ -688,7 +721,8 @@ def test_tensor_parallel_2_with_sequence_parallel_image_forward_matches_one_rank
 
 def test_pipeline_parallel_2_image_forward_matches_one_rank(multi_rank):
     """The image input path on the first stage, the image head on the last; losses and every
-    gradient equal the one-rank model's (the schedule averages over micro-batches)."""
+    gradient equal the one-rank model's (the schedule averages over micro-batches); a
+    forward-only JVP through the schedule (primal and tangent rows in one stage activation)."""
     config = _tiny_config()
     expected = _one_rank(multi_rank["full"], [_image_batch(config, seed=60 + mb) for mb in range(PP_MICRO_BATCHES)],
                          micro_batches=PP_MICRO_BATCHES)
@@ -699,6 +733,8 @@ def test_pipeline_parallel_2_image_forward_matches_one_rank(multi_rank):
     assert not {"patch_embed", "time_embed", "timestep_emb"} & stages[1]["modules"]
     for got, want in zip(stages[1]["losses"], [e["loss"] for e in expected]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    (jvp,) = _one_rank(multi_rank["full"], [_image_batch(config, seed=60)], tangent_seeds=[61])
+    torch.testing.assert_close(stages[1]["tangent"], jvp["tangent"], rtol=1e-5, atol=1e-5)
     summed = {n: expected[0]["grads"][n] + expected[1]["grads"][n] for n in expected[0]["grads"]}
     seen = set()
     for stage in stages.values():
