@@ -914,3 +914,25 @@ def test_each_documented_trap_done_the_other_way_changes_the_velocity(float64_mo
         other = reference_velocity(run["released"], run["config"], run["sequence"], run["latents"], run["sigma"], wrong)
     difference = (other - run["velocity"]).abs().max() / run["velocity"].abs().max()
     assert difference > 1e-3, f"{WRONG_WAYS[wrong]}: relative difference only {difference:.2e}"
+
+
+def test_bf16_image_forward_stays_near_fp32():
+    """bf16 weights and activations (sinusoid, RoPE, norms, router in float32 or wider as the
+    official code): the velocity is close to the fp32 model's and gradients flow in bf16."""
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights, local_weights
+
+    config = _tiny_config()
+    sequence, latents, sigma = _image_batch(config)
+    with parallel_context():
+        torch.manual_seed(0)
+        model = build_hunyuan_model(config)
+        _randomise(model, 9, scale=0.2)
+        full = {name: t.clone() for name, t in local_weights(model)}
+        expected = model.velocity(sequence, latents, sigma).detach()
+        bf16 = build_hunyuan_model(_tiny_config(bf16=True, params_dtype=torch.bfloat16))
+        load_full_weights(bf16, full)
+        velocity = bf16.velocity(sequence, latents.bfloat16(), sigma)
+        velocity.float().sum().backward()
+        assert bf16.patch_embed.model[0].weight.grad.dtype == torch.bfloat16
+    assert velocity.dtype == torch.bfloat16
+    assert (velocity.float() - expected).abs().max() < 0.05 * expected.abs().max()

@@ -147,13 +147,16 @@ def _gelu_tangent(tx, x):
 
 
 def group_norm(x, tx, num_groups: int, weight, bias, eps: float):
-    """GroupNorm over [b, c, *spatial] with a per-channel affine (the UNet blocks' norms)."""
-    y = F.group_norm(x, num_groups, weight, bias, eps)
+    """GroupNorm over [b, c, *spatial] with a per-channel affine (the UNet blocks' norms), computed
+    in float32 or wider and returned in x's dtype (HunyuanImage 3.0's sampler runs its model under
+    bf16 autocast, which runs group_norm in float32)."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    y = F.group_norm(x.to(wide), num_groups, weight.to(wide), bias.to(wide), eps).to(x.dtype)
     if tx is None:
         return y, None
     with torch.no_grad():
-        ty = _group_norm_tangent(tx, x.detach(), num_groups, weight.detach(), eps)
-    return y, ty
+        ty = _group_norm_tangent(tx.to(wide), x.detach().to(wide), num_groups, weight.detach().to(wide), eps)
+    return y, ty.to(tx.dtype)
 
 
 @fused_on_cuda
