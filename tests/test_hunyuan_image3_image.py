@@ -944,3 +944,51 @@ def test_bf16_image_forward_stays_near_fp32():
         assert bf16.patch_embed.model[0].weight.grad.dtype == torch.bfloat16
     assert velocity.dtype == torch.bfloat16
     assert (velocity.float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_image_forward_jvp_saves_nothing_tangent_related_and_recompute_matches():
+    """The whole image forward with tangents saves exactly what the primal alone saves for
+    backward; with activation recompute (every layer) the velocity, its tangent and every
+    gradient are unchanged."""
+    import collections
+
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights, local_weights
+
+    config = _tiny_config()
+    batch = _image_batch(config)
+    tangents = _tangents(batch, 81)
+
+    def saved_for_backward(run):
+        saved = collections.Counter()
+
+        def pack(tensor):
+            saved[(tuple(tensor.shape), tensor.dtype)] += 1
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = run()
+        return saved, out
+
+    results = {}
+    with parallel_context():
+        torch.manual_seed(0)
+        model = build_hunyuan_model(config)
+        _randomise(model, 10, scale=0.2)
+        full = {name: t.clone() for name, t in local_weights(model)}
+        primal_only, _ = saved_for_backward(lambda: model.velocity(*batch))
+        with_tangent, _ = saved_for_backward(lambda: model.velocity_jvp(*batch, *tangents))
+        assert with_tangent == primal_only and sum(primal_only.values()) > 0
+        recompute = build_hunyuan_model(_tiny_config(recompute_granularity="full", recompute_method="uniform",
+                                                     recompute_num_layers=1))
+        load_full_weights(recompute, full)
+        for name, run in (("plain", model), ("recompute", recompute)):
+            velocity, tangent = run.velocity_jvp(*batch, *tangents)
+            (velocity * _loss_weights(velocity.shape)).sum().backward()
+            grads = {n: p.grad.clone() for n, p in run.named_parameters() if p.grad is not None}
+            results[name] = (velocity.detach(), tangent, grads)
+    (v, t, g), (rv, rt, rg) = results["plain"], results["recompute"]
+    torch.testing.assert_close(rv, v, rtol=0, atol=0)
+    torch.testing.assert_close(rt, t, rtol=0, atol=0)
+    assert rg.keys() == g.keys()
+    for name in g:
+        torch.testing.assert_close(rg[name], g[name], rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")

@@ -149,12 +149,15 @@ def mixed_attention_jvp(q, k, v, tq=None, tk=None, tv=None, image_spans=None):
 
     Returns (o, to) [b, heads, s, d]; ``to`` is None without tangents (the primal alone).
     """
-    def attend(rows, keys_end, causal, batch):
-        args = [x[batch, :, rows] if i == 0 else x[batch, :, :keys_end] for i, x in enumerate((q, k, v))]
+    def attend(queries, keys_end, causal, batch):
+        """Queries ``queries`` (a slice of positions) of samples ``batch`` over keys [0, keys_end)."""
+        def pick(query, key, value):
+            keys = slice(0, keys_end)
+            return query[batch, :, queries], key[batch, :, keys], value[batch, :, keys]
+
         if tq is None:
-            return attention(*args, causal=causal), None
-        targs = [x[batch, :, rows] if i == 0 else x[batch, :, :keys_end] for i, x in enumerate((tq, tk, tv))]
-        return attention_jvp(*args, *targs, causal=causal)
+            return attention(*pick(q, k, v), causal=causal), None
+        return attention_jvp(*pick(q, k, v), *pick(tq, tk, tv), causal=causal)
 
     s = q.shape[2]
     if image_spans is None:
