@@ -25,7 +25,7 @@ def _config(**overrides):
     from models.hunyuan_image3.config import tiny_hunyuan_image3_config
 
     # float64 throughout, the router too (its default is float32, the released model's).
-    return tiny_hunyuan_image3_config(params_dtype=F64, moe_router_dtype="fp64", **overrides)
+    return tiny_hunyuan_image3_config(**{"params_dtype": F64, "moe_router_dtype": "fp64", **overrides})
 
 
 def _pair(seed: int, length: int = TOKENS):
@@ -313,3 +313,21 @@ def test_tensor_parallel_2_with_sequence_parallel_forward_jvp_matches_torch_func
     want_y, want_ty = _hf_trunk_jvp(reference["hf"], x, tx)
     _close(torch.cat([r["decoder"][0] for r in results]), want_y, "decoder primal")
     _close(torch.cat([r["decoder"][1] for r in results]), want_ty, "decoder tangent")
+
+
+def test_bf16_moe_forward_jvp_is_close_to_the_float64_reference(reference):
+    """The production dtype: bf16 activations and weights, router and probabilities in float32.
+    Outputs and tangents are bf16 and near the float64 reference (bf16 rounding)."""
+    from mfmegatron.jvp.moe import moe_forward_jvp
+
+    x, tx = _pair(6)
+    with parallel_context():
+        config = _config(params_dtype=torch.bfloat16, bf16=True, moe_router_dtype="fp32")
+        moe = _build(config, reference["ours"]).layers[1].mlp
+        assert moe.router.weight.dtype == torch.float32
+        y, ty = moe_forward_jvp(moe, x.bfloat16(), tx.bfloat16())
+    assert y.dtype == ty.dtype == torch.bfloat16
+    want_y, want_ty = _hf_moe_jvp(reference["hf"], 1, x, tx)
+    for got, want in ((y, want_y), (ty, want_ty)):
+        relative = ((got.double() - want).norm() / want.norm()).item()
+        assert relative < 0.02, relative

@@ -103,11 +103,13 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
         """Sum partial outputs over TP (reduce-scatter to sequence chunks with SP), add the bias.
         An expert's partial outputs stay partial (the token dispatcher reduces them)."""
         if self.explicit_expert_comm:
-            pass
+            reduce = None
         elif self.sequence_parallel:
-            y, ty = collectives.reduce_scatter_sequence(y, ty, group=self.tp_group)
+            reduce = collectives.reduce_scatter_sequence
         else:
-            y, ty = collectives.all_reduce(y, ty, group=self.tp_group)
+            reduce = collectives.all_reduce
+        if reduce is not None:
+            y, ty = reduce(y, ty, group=self.tp_group)
         if self.bias is not None and not self.skip_bias_add:
             y = y + self.bias
         return y, ty
