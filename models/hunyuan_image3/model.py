@@ -1,15 +1,17 @@
-"""HunyuanImage 3.0's language-model trunk on megatron-core (the text path; this slice).
+"""HunyuanImage 3.0 on megatron-core: the language-model trunk and the text-to-image path.
 
 Reads top to bottom as the architecture:
 
     wte(token ids)                                         -> hidden [s, b, h]
+      image generation: <timestep> row <- timestep_emb(σ),
+      <img> rows <- patch_embed(latents, time_embed(σ))     (sequence.py builds the sequence)
     32 decoder layers, pre-norm:
-        x += o_proj(attention(input_layernorm(x)))          GQA, fused per-group QKV,
-                                                            RoPE then q/k RMSNorm, causal SDPA
+        x += o_proj(attention(input_layernorm(x)))          GQA, fused per-group QKV, 2-D RoPE
+                                                            then q/k RMSNorm; causal, the image
+                                                            block bidirectional
         x += shared_expert(h) + moe(h),  h = post_attention_layernorm(x)
-    ln_f, lm_head                                          -> logits (text output only)
-
-The image head reads the last layer's hidden states *without* ``ln_f`` (``hidden_states``).
+    text:  ln_f, lm_head                                   -> logits
+    image: <img> rows, *without* ln_f, final_layer(·, time_embed_2(σ)) -> velocity [b, C, h, w]
 
 megatron-core pieces: the attention projections are megatron's Column/RowParallelLinear
 (``mfmegatron.jvp.linear``), the MoE is megatron's ``MoELayer`` (router, token dispatcher,
@@ -29,15 +31,18 @@ softmax in float32; results cast back to the activation dtype.
 Parallelism: tensor parallel needs sequence parallel (megatron's MoELayer requires it when
 training): activations between layers are sequence chunks ``[s/tp, b, h]``; experts are split
 over expert parallel (and expert tensor parallel); pipeline stages hold a contiguous range of
-layers and pass the [s, b, h] activation. See ``parallelize.py``.
+layers and pass the [s, b, h] activation. The image-path modules are replicated over TP. See
+``parallelize.py``.
 
 Attention mask: causal for text; with ``image_spans`` (one ``(start, end)`` of ``<img>`` tokens
 per sample) the image block is bidirectional, run as a causal call, an unmasked call and a short
 causal tail per sample (``mixed_attention_jvp``), never an S×S mask.
 
-``forward_jvp(x, tx, ...) -> (y, ty)``: ``SelfAttention`` and ``RMSNorm`` have it (tangent without
-autograd graph; ``tx=None`` is the primal alone). ``DecoderLayer.forward_jvp`` and
-``HunyuanImage3Model.decoder_forward_jvp`` carry the tangent through the layers; the MoE's is ``mfmegatron.jvp.moe.moe_forward_jvp`` (the primal routes; the
+``forward_jvp(x, tx, ...) -> (y, ty)`` on every module (tangent without autograd graph;
+``tx=None`` is the primal alone); ``HunyuanImage3Model.velocity_jvp`` is the whole image forward's
+(tangents in the latents and σ). ``DecoderLayer.forward_jvp`` and
+``HunyuanImage3Model.decoder_forward_jvp`` carry the tangent through the layers; the MoE's is
+``mfmegatron.jvp.moe.moe_forward_jvp`` (the primal routes; the
 tangents travel with their tokens through the same dispatch, primal and tangent in one
 all-to-all). With ``recompute_granularity="full"`` each layer recomputes only its primal in
 backward.
@@ -48,7 +53,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -398,8 +402,8 @@ class ResBlock(torch.nn.Module):
         h, th = jf.silu(*_group_norm(self.in_layers[0], x, tx))
         h, th = _conv(self.in_layers[2], h, th)
         modulation, tmodulation = _linear(self.emb_layers[1], *jf.silu(emb, temb))
-        scale, shift = (m[:, :, None, None] for m in modulation.chunk(2, dim=1))
-        tscale, tshift = (None, None) if tmodulation is None else (m[:, :, None, None] for m in tmodulation.chunk(2, dim=1))
+        scale, shift = _scale_shift(modulation)
+        tscale, tshift = _scale_shift(tmodulation)
         h, th = jf.modulate(*_group_norm(self.out_layers[0], h, th), shift, tshift, scale, tscale)
         h, th = _conv(self.out_layers[3], *jf.silu(h, th))
         if isinstance(self.skip_connection, torch.nn.Identity):
@@ -450,6 +454,14 @@ class FinalLayer(torch.nn.Module):
         out = self.model[1]
         x, tx = jf.silu(*_group_norm(out[0], x, tx))
         return _conv(out[2], x, tx)
+
+
+def _scale_shift(modulation):
+    """[b, 2c] -> scale, shift [b, c, 1, 1] (the official ``chunk(emb_out, 2, dim=1)``: scale first)."""
+    if modulation is None:
+        return None, None
+    scale, shift = modulation[:, :, None, None].chunk(2, dim=1)
+    return scale, shift
 
 
 def _grid_to_tokens(x):
@@ -646,7 +658,15 @@ class HunyuanImage3Model(MegatronModule):
     def _split_sequence(self, x):
         """Under sequence parallel, this rank's chunk [s/tp, b, h] (backward: all-gather, so the
         replicated image-path modules get the whole sequence's gradient on every rank)."""
-        return collectives.scatter_sequence(x) if self.config.sequence_parallel else x
+        if not self.config.sequence_parallel:
+            return x
+        tp = self.config.tensor_model_parallel_size
+        if x.shape[0] % tp:
+            raise ValueError(
+                f"sequence length {x.shape[0]} is not divisible by tensor_parallel_size {tp} (needed with "
+                "sequence_parallel): pad it (build_image_sequences(..., length=...))"
+            )
+        return collectives.scatter_sequence(x)
 
     def _rope(self, positions_y, positions_x):
         """cos, sin [s, d] for positions [s]; [s, b, d] for per-sample positions [b, s]."""
