@@ -625,28 +625,30 @@ def _pp_rank(full_state):
         seq_length=sequence_length, micro_batch_size=len(PROMPTS), forward_only=False,
     )
     grads = {name: p.grad.clone() for (name, _), p in zip(local_weights(model), model.parameters()) if p.grad is not None}
-    # Forward-only JVP through the schedule: the stage activation carries the tangent's rows after
-    # the primal's ([2s, b, h]).
+    # A JVP step through the schedule (the stage activation carries the tangent's rows after the
+    # primal's, [2s, b, h]), with backward through the primal only, as a MeanFlow step does.
     batch = _image_batch(config, seed=60)
     tangents = []
 
     def jvp_step(data_iterator, model):
         velocity, tangent = model.velocity_jvp(*batch, *_tangents(batch, 61))
 
-        def keep(output):
+        def loss_keeping_the_tangent(output):
             tangents.append(tangent)
-            return output.sum(), {}
+            return (output * _loss_weights(output.shape)).sum(), {}
 
-        return velocity, keep
+        return velocity, loss_keeping_the_tangent
 
+    model.zero_grad(set_to_none=True)
     get_forward_backward_func()(
         forward_step_func=jvp_step, data_iterator=None, model=[model], num_microbatches=1,
-        seq_length=2 * sequence_length, micro_batch_size=len(PROMPTS), forward_only=True,
+        seq_length=2 * sequence_length, micro_batch_size=len(PROMPTS), forward_only=False,
     )
+    jvp_grads = {name: p.grad.clone() for (name, _), p in zip(local_weights(model), model.parameters()) if p.grad is not None}
     stage = parallel_state.get_pipeline_model_parallel_rank()
     modules = {name for name, _ in model.named_children()}
     return {"stage": stage, "losses": [d["loss"] for d in losses] if losses else None, "grads": grads,
-            "modules": modules, "tangent": tangents[0] if tangents else None}
+            "modules": modules, "tangent": tangents[0] if tangents else None, "jvp_grads": jvp_grads}
 
 
 @pytest.fixture(scope="module")
@@ -664,8 +666,8 @@ def multi_rank():
 
 
 def _one_rank(full, batches, micro_batches=1, tangent_seeds=None):
-    """The one-rank model on each batch: velocities and gradients (summed over the batches, each
-    loss divided by ``micro_batches``)."""
+    """The one-rank model on each batch: velocity, loss and that batch's gradients (of the loss
+    divided by ``micro_batches``); with ``tangent_seeds`` also the velocity's JVP."""
     from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights
 
     config = _tiny_config()
@@ -729,8 +731,9 @@ def test_tensor_parallel_2_image_forward_matches_one_rank(multi_rank, layout):
 
 def test_pipeline_parallel_2_image_forward_matches_one_rank(multi_rank):
     """The image input path on the first stage, the image head on the last; losses and every
-    gradient equal the one-rank model's (the schedule averages over micro-batches); a
-    forward-only JVP through the schedule (primal and tangent rows in one stage activation)."""
+    gradient equal the one-rank model's (the schedule averages over micro-batches); and a JVP
+    step through the schedule (primal and tangent rows in one stage activation): the tangent and
+    the gradients of its primal loss."""
     config = _tiny_config()
     expected = _one_rank(multi_rank["full"], [_image_batch(config, seed=60 + mb) for mb in range(PP_MICRO_BATCHES)],
                          micro_batches=PP_MICRO_BATCHES)
@@ -743,6 +746,10 @@ def test_pipeline_parallel_2_image_forward_matches_one_rank(multi_rank):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     (jvp,) = _one_rank(multi_rank["full"], [_image_batch(config, seed=60)], tangent_seeds=[61])
     torch.testing.assert_close(stages[1]["tangent"], jvp["tangent"], rtol=1e-5, atol=1e-5)
+    jvp_grads = {**stages[0]["jvp_grads"], **stages[1]["jvp_grads"]}
+    assert set(jvp_grads) == set(jvp["grads"])
+    for name, grad in jvp_grads.items():
+        _assert_grad(grad, jvp["grads"][name], f"JVP step {name}")
     summed = {n: expected[0]["grads"][n] + expected[1]["grads"][n] for n in expected[0]["grads"]}
     seen = set()
     for stage in stages.values():
