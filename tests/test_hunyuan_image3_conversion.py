@@ -289,7 +289,7 @@ def test_layout_validation_messages():
 
 def _bad_layout_messages(folder: str, output: str) -> list[str]:
     """Bad layouts met on every rank: the CLI's and build_hunyuan_model's."""
-    from mfmegatron.parallel import destroy_parallel, initialize_parallel
+    from mfmegatron.parallel import initialize_parallel
     from models.hunyuan_image3.parallelize import LayoutError, build_hunyuan_model
     from tools.convert_hunyuan_image3 import run
 
@@ -304,8 +304,6 @@ def _bad_layout_messages(folder: str, output: str) -> list[str]:
         build_hunyuan_model(_tiny_config(tensor_model_parallel_size=2))  # no sequence parallel
     except LayoutError as error:
         messages.append(str(error))
-    finally:
-        destroy_parallel()
     return messages
 
 
@@ -315,31 +313,32 @@ def _ep2_tp2_rank(ours: dict) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from mfmegatron.parallel import destroy_parallel, initialize_parallel
+    from mfmegatron.parallel import initialize_parallel
     from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights
 
     initialize_parallel(tensor_parallel_size=2, expert_parallel_size=2)
-    try:
-        model = build_hunyuan_model(_tiny_config(tensor_model_parallel_size=2, expert_model_parallel_size=2,
-                                                 sequence_parallel=True))
-        load_full_weights(model, ours)
-        dp_rank = parallel_state.get_data_parallel_rank()
-        logits = model(_input_ids(50 + dp_rank, TP_SEQ))
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-        parts = [torch.empty_like(logits) for _ in range(2)]
-        dist.all_gather(parts, logits.detach().contiguous(), group=tp_group)
-        full_logits = torch.cat(parts, dim=-1)
-        weights = _loss_weights(full_logits.shape).chunk(2, dim=-1)[parallel_state.get_tensor_model_parallel_rank()]
-        (logits * weights).sum().backward()
-        return {"dp_rank": dp_rank, "logits": full_logits, "grads": _full_grads(model),
-                "local_experts": len(model.layers[0].mlp.experts.local_experts)}
-    finally:
-        destroy_parallel()
+    model = build_hunyuan_model(_tiny_config(tensor_model_parallel_size=2, expert_model_parallel_size=2,
+                                             sequence_parallel=True))
+    load_full_weights(model, ours)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    logits = model(_input_ids(50 + dp_rank, TP_SEQ))
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(logits) for _ in range(2)]
+    dist.all_gather(parts, logits.detach().contiguous(), group=tp_group)
+    full_logits = torch.cat(parts, dim=-1)
+    weights = _loss_weights(full_logits.shape).chunk(2, dim=-1)[parallel_state.get_tensor_model_parallel_rank()]
+    (logits * weights).sum().backward()
+    return {"dp_rank": dp_rank, "logits": full_logits, "grads": _full_grads(model),
+            "local_experts": len(model.layers[0].mlp.experts.local_experts)}
 
 
 def _four_rank_checks(folder: str, root: str, ours: dict) -> dict:
+    """One world of 4 gloo ranks for everything (as under torchrun): the tool reuses it and sets
+    its own layout's groups."""
+    from mfmegatron.parallel import initialize_parallel
     from tools.convert_hunyuan_image3 import run
 
+    initialize_parallel()
     messages = _bad_layout_messages(folder, f"{root}/never")
     for name, extra in RANK_LAYOUTS.items():
         run(["import", "--hf", folder, "--output", f"{root}/{name}", "--dtype", "fp32", "--quiet", *extra])

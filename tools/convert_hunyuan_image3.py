@@ -110,7 +110,8 @@ def _parse_stage_list(text: str | None) -> tuple[int, ...] | None:
 
 
 def _conversion_names(model_names, config) -> tuple[bool, dict[str, tuple[str, bool]]]:
-    """(image head present, our key -> (released key, swap GLU halves)) for a model's parameters."""
+    """(image head present, our key -> (released key, swap GLU halves)) for a model's parameters
+    (full names; a rank's part of the model is enough)."""
     from models.hunyuan_image3.state_dict_adapter import IMAGE_HEAD_PREFIXES, key_pairs
 
     image_head = any(name.startswith(IMAGE_HEAD_PREFIXES) for name in model_names)
@@ -147,13 +148,13 @@ def run_import(args) -> dict:
         full_shape,
         load_weights,
         local_weights,
-        meta_full_model,
         save_dist_checkpoint,
     )
     from models.hunyuan_image3.state_dict_adapter import (
         check_key_sets,
         check_shapes,
         is_known_unconverted_key,
+        released_shapes,
         swap_glu_halves,
     )
 
@@ -173,22 +174,18 @@ def run_import(args) -> dict:
             pipeline_layers=pipeline_layers,
         )
 
-    # Every source key and shape against the config before reading any data.
-    full_model = meta_full_model(config)
-    ours = {name: tuple(p.shape) for name, p in full_model.named_parameters()}
-    image_head, released_of = _conversion_names(ours, config)
-    expected = {released_of[name][0]: shape for name, shape in ours.items()}
+    with torch.device("meta"):  # this rank's part, for its parameter names
+        image_head, released_of = _conversion_names([key for key, _ in local_weights(build_hunyuan_model(config))],
+                                                    config)
+
+    # Every source key and shape against the architecture before reading any data.
+    expected = released_shapes(config, image_head)
     skipped = sorted(k for k in source.shapes if is_known_unconverted_key(k, image_head))
     found = {k: v for k, v in source.shapes.items() if k not in set(skipped)}
     what = f"HunyuanImage 3.0 checkpoint {args.hf}"
     check_key_sets(found, expected, what)
     check_shapes(found, expected, what)
 
-    if args.dry_run:
-        with torch.device("meta"):
-            model = build_hunyuan_model(config)
-    else:
-        model = build_hunyuan_model(config)
     skipped_by_module: dict[str, int] = {}
     for key in skipped:
         module = key.split(".")[0]
@@ -197,7 +194,7 @@ def run_import(args) -> dict:
         "tensors": len(found),
         "skipped": skipped_by_module,
         "source_bytes": sum(source.nbytes(k) for k in found),
-        "parameters": sum(_numel(s) for s in ours.values()),
+        "parameters": sum(_numel(s) for s in expected.values()),
         "layout": info.describe(),
         "image_head": image_head,
     }
@@ -213,7 +210,8 @@ def run_import(args) -> dict:
         log(f"dry run: keys, shapes and layout fit; nothing written (would write {output})", args.quiet)
         return summary
 
-    # This rank's parameters by full name: only these are read.
+    model = build_hunyuan_model(config)  # allocated, not initialised: filled below
+    # This rank's parameters by full name (its experts, its stage's layers): only these are read.
     mine = [(key, param) for (key, _), (_, param) in zip(local_weights(model), model.named_parameters())]
     total = sum(_numel(full_shape(key, param)) * source.dominant_itemsize() for key, param in mine)
     current_layer = [None]

@@ -37,6 +37,8 @@ VAE ``vae.*``, the vision tower ``vision_model.*`` and its ``vision_aligner.*``
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from models.flux.state_dict_adapter import CheckpointMismatchError, check_key_sets, check_shapes, describe_keys  # noqa: F401
@@ -50,6 +52,7 @@ __all__ = [
     "hf_config_from_config",
     "image_head_shapes",
     "key_pairs",
+    "released_shapes",
     "hf_trunk_keys",
     "megatron_keys",
     "to_megatron",
@@ -164,6 +167,46 @@ def _trunk_key_pairs(config: HunyuanImage3Config) -> list[tuple[str, str, bool]]
             pairs += [(hf_e + a, ours_e + b, True) for a, b in _EXPERT_GLU.items()]
     pairs += [("model.ln_f.weight", "final_layernorm.weight", False), ("lm_head.weight", "output_layer.weight", False)]
     return pairs
+
+
+def released_shapes(config: HunyuanImage3Config, image_head: bool = False) -> dict[str, tuple[int, ...]]:
+    """Released key -> shape of every converted tensor (``key_pairs`` order), from the config alone
+    (no model, no process group: every rank of any layout gets the same answer)."""
+    hidden, head_dim, heads = config.hidden_size, config.kv_channels, config.num_attention_heads
+    width, shared = config.moe_ffn_hidden_size, config.moe_shared_expert_intermediate_size
+    top = {
+        "model.wte.weight": (config.vocab_size, hidden),
+        "model.ln_f.weight": (hidden,),
+        "lm_head.weight": (config.vocab_size, hidden),
+    }
+    per_layer = {
+        "input_layernorm.weight": (hidden,),
+        "self_attn.qkv_proj.weight": ((heads + 2 * config.num_query_groups) * head_dim, hidden),
+        "self_attn.query_layernorm.weight": (head_dim,),
+        "self_attn.key_layernorm.weight": (head_dim,),
+        "self_attn.o_proj.weight": (hidden, heads * head_dim),
+        "post_attention_layernorm.weight": (hidden,),
+        "mlp.gate.wg.weight": (config.num_moe_experts, hidden),
+        "mlp.shared_mlp.gate_and_up_proj.weight": (2 * shared, hidden),
+        "mlp.shared_mlp.down_proj.weight": (hidden, shared),
+    }
+    per_expert = {"gate_and_up_proj.weight": (2 * width, hidden), "down_proj.weight": (hidden, width)}
+    head = image_head_shapes(config) if image_head else {}
+    shapes = {}
+    for released, _, _ in key_pairs(config, image_head):
+        expert = _RELEASED_EXPERT.match(released)
+        layer = _RELEASED_LAYER.match(released)
+        if expert:
+            shapes[released] = per_expert[released[expert.end():]]
+        elif layer:
+            shapes[released] = per_layer[released[layer.end():]]
+        else:
+            shapes[released] = top.get(released) or head[released]
+    return shapes
+
+
+_RELEASED_LAYER = re.compile(r"^model\.layers\.\d+\.")
+_RELEASED_EXPERT = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\d+\.")
 
 
 def hf_trunk_keys(config: HunyuanImage3Config) -> list[str]:
