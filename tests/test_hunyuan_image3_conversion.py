@@ -260,7 +260,24 @@ def test_image_head_keys_and_sizes():
     assert set(rest) == set(UNCONVERTED) | set(image_head_shapes(config))
 
 
+def test_released_shapes_from_the_config_equal_the_built_modules():
+    """The import checks a folder against ``released_shapes`` (the config alone: a rank's model
+    holds only its experts); they must be the full model's shapes, key for key."""
+    from models.hunyuan_image3.config import hunyuan_image3_config
+    from models.hunyuan_image3.parallelize import meta_full_model
+    from models.hunyuan_image3.state_dict_adapter import key_pairs, released_shapes
+
+    for config in (_tiny_config(), hunyuan_image3_config(num_layers=2)):
+        with parallel_context():
+            built = {name: tuple(p.shape) for name, p in meta_full_model(config).named_parameters()}
+        shapes = released_shapes(config)
+        assert len(shapes) == len(built)
+        for released, ours, _ in key_pairs(config):
+            assert shapes[released] == built[ours], released
+
+
 def test_layout_validation_messages():
+    from models.hunyuan_image3.config import hunyuan_image3_config
     from models.hunyuan_image3.parallelize import LayoutError, check_layout, pipeline_layer_range
 
     config = _tiny_config()
@@ -280,6 +297,9 @@ def test_layout_validation_messages():
     with pytest.raises(LayoutError, match="length 9 is not a multiple"):
         check_layout(config, tp=2, sequence_parallel=True, seq_length=9)
     check_layout(config, tp=2, ep=8, pp=3, sequence_parallel=True, seq_length=10)
+    check_layout(hunyuan_image3_config(), tp=2, ep=8, pp=4, sequence_parallel=True, pipeline_layers=(9, 8, 8, 7))
+    with pytest.raises(LayoutError, match="tensor parallel 16 does not divide the 8 KV groups"):
+        check_layout(hunyuan_image3_config(), tp=16, sequence_parallel=True)
     staged = _tiny_config(pipeline_model_parallel_size=2, pipeline_dtype=torch.float32, pipeline_layers=(2, 1))
     assert [pipeline_layer_range(staged, s) for s in range(2)] == [(0, 2), (2, 3)]
 
