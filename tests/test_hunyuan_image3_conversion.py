@@ -1,8 +1,8 @@
 """HunyuanImage 3.0 conversion (tools/convert_hunyuan_image3.py), layout validation, EP x TP.
 
-A tiny model in the released layout (3 layers, 8 experts, random weights) is written as a sharded
-Hugging Face folder with keys we do not convert (VAE, vision tower, aligner, the image head our
-trunk-only model lacks) and a tokenizer file. One 4-rank spawn imports it under torchrun-like
+A tiny model in the released layout (3 layers, 8 experts, the image head, random weights) is
+written as a sharded Hugging Face folder with keys we do not convert (VAE, vision tower, aligner)
+and a tokenizer file. One 4-rank spawn imports it under torchrun-like
 ranks at several layouts, checks that bad layouts fail the same way on every rank, and runs EP=2 x
 TP=2 (+SP) against the one-rank model.
 """
@@ -35,9 +35,14 @@ UNCONVERTED = {  # released keys outside what we convert, tiny shapes
 
 
 def _tiny_config(**overrides):
+    """The tiny model of the folder, with its image head (the sizes the released config.json does
+    not carry at their released values: sinusoid 256, 32 GroupNorm groups)."""
     from models.hunyuan_image3.config import tiny_hunyuan_image3_config
 
-    return tiny_hunyuan_image3_config(num_layers=LAYERS, patch_embed_hidden_dim=16, latent_channels=4, **overrides)
+    settings = dict(num_layers=LAYERS, image_path=True, patch_embed_hidden_dim=32, latent_channels=4,
+                    timestep_embedding_dim=256, image_norm_groups=32)
+    settings.update(overrides)
+    return tiny_hunyuan_image3_config(**settings)
 
 
 def _released_weights(config) -> dict:
@@ -55,8 +60,9 @@ def _released_weights(config) -> dict:
             ours[name] = 1 + 0.2 * torch.randn(shape, generator=generator)
         else:
             ours[name] = 0.3 * torch.randn(shape, generator=generator)
-    released = from_megatron(ours, config)
-    for key, shape in {**image_head_shapes(config), **UNCONVERTED}.items():
+    released = from_megatron(ours, config, image_head=True)
+    assert set(image_head_shapes(config)) < set(released)
+    for key, shape in UNCONVERTED.items():
         released[key] = torch.randn(shape, generator=generator)
     return released
 
@@ -94,7 +100,7 @@ def _convert(*argv: str) -> dict:
 
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
-    """The tiny released-layout folder, its tensors, and the converted (ours) weights."""
+    """The tiny released-layout folder, its tensors, and the trunk's weights under our names."""
     from models.hunyuan_image3.state_dict_adapter import hf_config_from_config, to_megatron
 
     config = _tiny_config()
@@ -102,7 +108,7 @@ def released(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hunyuan_hf") / "released"
     hf_config = hf_config_from_config(config)
     _write_hf_folder(folder, tensors, hf_config)
-    ours, _ = to_megatron(tensors, config)
+    ours, _ = to_megatron(tensors, _tiny_config(image_path=False))
     return {"folder": folder, "tensors": tensors, "hf_config": hf_config, "ours": ours, "root": folder.parent}
 
 
@@ -111,17 +117,16 @@ def released(tmp_path_factory):
 
 def test_import_export_round_trip_is_bit_exact_with_unconverted_keys_copied(released, capsys):
     """Import in one process, export with --copy-unconverted-from: every tensor of the released
-    folder comes back bit-exact (the trunk converted, the rest copied), in shards with an index,
-    with the same config.json and the tokenizer file."""
+    folder comes back bit-exact (trunk and image head converted, VAE / vision copied), in shards
+    with an index, with the same config.json and the tokenizer file."""
     root = released["root"]
     summary = _convert("import", "--hf", str(released["folder"]), "--output", str(root / "ck"), "--dtype", "fp32")
-    assert summary["skipped"] == {"patch_embed": 12 + 2, "time_embed": 4, "timestep_emb": 4, "final_layer": 16,
-                                  "time_embed_2": 4, "vae": 1, "vision_model": 1, "vision_aligner": 1}
+    assert summary["skipped"] == {"vae": 1, "vision_model": 1, "vision_aligner": 1} and summary["image_head"]
     assert (root / "ck" / "mfmegatron_hunyuan_image3.json").is_file()
     assert not (root / "ck.incomplete").exists()
     exported = _convert("export", "--checkpoint", str(root / "ck"), "--output", str(root / "hf_back"),
                         "--max-shard-size", "30KB", "--copy-unconverted-from", str(released["folder"]))
-    assert len(exported["shards"]) > 2 and exported["copied"] == 3 + 42
+    assert len(exported["shards"]) > 2 and exported["copied"] == 3
     back = _read_hf_folder(root / "hf_back")
     assert set(back) == set(released["tensors"])
     for key, value in released["tensors"].items():
@@ -129,10 +134,8 @@ def test_import_export_round_trip_is_bit_exact_with_unconverted_keys_copied(rele
     assert json.loads((root / "hf_back" / "config.json").read_text()) == released["hf_config"]
     assert (root / "hf_back" / "tokenizer.json").read_text() == '{"tiny": true}\n'
     # Without --copy-unconverted-from: exactly the converted keys.
-    _convert("export", "--checkpoint", str(root / "ck"), "--output", str(root / "trunk_only"))
-    from models.hunyuan_image3.state_dict_adapter import hf_trunk_keys
-
-    assert set(_read_hf_folder(root / "trunk_only")) == set(hf_trunk_keys(_tiny_config()))
+    _convert("export", "--checkpoint", str(root / "ck"), "--output", str(root / "converted_only"))
+    assert set(_read_hf_folder(root / "converted_only")) == set(released["tensors"]) - set(UNCONVERTED)
 
 
 def test_progress_and_summary_go_to_the_terminal(released, tmp_path, capsys):
@@ -141,8 +144,8 @@ def test_progress_and_summary_go_to_the_terminal(released, tmp_path, capsys):
     run(["import", "--hf", str(released["folder"]), "--output", str(tmp_path / "ck"), "--dry-run",
          "--expert-parallel-size", "4", "--tensor-parallel-size", "2"])
     err = capsys.readouterr().err
-    assert "mfmegatron-convert-hunyuan-image3 import:" in err and "(trunk only)" in err
-    assert "skipped 45 tensors not converted" in err and "vae.*: 1" in err and "dry run" in err
+    assert "mfmegatron-convert-hunyuan-image3 import:" in err
+    assert "skipped 3 tensors not converted" in err and "vae.*: 1" in err and "dry run" in err
     assert not (tmp_path / "ck").exists()
 
 
@@ -267,12 +270,12 @@ def test_released_shapes_from_the_config_equal_the_built_modules():
     from models.hunyuan_image3.parallelize import meta_full_model
     from models.hunyuan_image3.state_dict_adapter import key_pairs, released_shapes
 
-    for config in (_tiny_config(), hunyuan_image3_config(num_layers=2)):
+    for config in (_tiny_config(), _tiny_config(image_path=False), hunyuan_image3_config(num_layers=2)):
         with parallel_context():
             built = {name: tuple(p.shape) for name, p in meta_full_model(config).named_parameters()}
-        shapes = released_shapes(config)
+        shapes = released_shapes(config, config.image_path)
         assert len(shapes) == len(built)
-        for released, ours, _ in key_pairs(config):
+        for released, ours, _ in key_pairs(config, config.image_path):
             assert shapes[released] == built[ours], released
 
 
@@ -294,6 +297,7 @@ def test_layout_validation_messages():
         with pytest.raises(LayoutError) as caught:
             check_layout(config, **kwargs)
         assert message in str(caught.value) and "\n" not in str(caught.value), (kwargs, str(caught.value))
+    check_layout(config, tp=2, sequence_parallel=False, training=False)  # a frozen teacher in eval
     with pytest.raises(LayoutError, match="length 9 is not a multiple"):
         check_layout(config, tp=2, sequence_parallel=True, seq_length=9)
     check_layout(config, tp=2, ep=8, pp=3, sequence_parallel=True, seq_length=10)
@@ -319,9 +323,9 @@ def _bad_layout_messages(folder: str, output: str) -> list[str]:
             run(["import", "--hf", folder, "--output", output, "--quiet", *extra])
         except LayoutError as error:
             messages.append(str(error))
-    initialize_parallel(tensor_parallel_size=2)
+    initialize_parallel(expert_parallel_size=4)
     try:
-        build_hunyuan_model(_tiny_config(tensor_model_parallel_size=2))  # no sequence parallel
+        build_hunyuan_model(_tiny_config(num_moe_experts=6, expert_model_parallel_size=4))
     except LayoutError as error:
         messages.append(str(error))
     return messages
@@ -338,7 +342,7 @@ def _ep2_tp2_rank(ours: dict) -> dict:
 
     initialize_parallel(tensor_parallel_size=2, expert_parallel_size=2)
     model = build_hunyuan_model(_tiny_config(tensor_model_parallel_size=2, expert_model_parallel_size=2,
-                                             sequence_parallel=True))
+                                             sequence_parallel=True, image_path=False))
     load_full_weights(model, ours)
     dp_rank = parallel_state.get_data_parallel_rank()
     logits = model(_input_ids(50 + dp_rank, TP_SEQ))
@@ -376,24 +380,22 @@ def four_ranks(released):
 def test_bad_layouts_fail_on_every_rank_with_the_same_line(four_ranks):
     messages = [r["messages"] for r in four_ranks["results"]]
     assert len(messages[0]) == 3 and all(m == messages[0] for m in messages)
-    cli_pp, cli_tp, build_sp = messages[0]
+    cli_pp, cli_tp, build_ep = messages[0]
     assert "pipeline parallel 2 does not divide the 3 layers" in cli_pp
     assert "tensor parallel 4 does not divide the 2 KV groups" in cli_tp
-    assert "tensor parallel 2 needs sequence parallel" in build_sp
+    assert "expert parallel 4 does not divide the 6 experts" in build_ep
     assert not (four_ranks["root"] / "never").exists()
 
 
 @pytest.mark.parametrize("layout", sorted(RANK_LAYOUTS))
 def test_checkpoints_imported_at_any_layout_export_identically(released, four_ranks, layout, tmp_path):
     """Imported by 4 ranks at EP=2, TP=2 (+SP), PP=2 (stages 2, 1) or EP=2 x TP=2: the export is
-    the released trunk bit for bit, every expert of every layer present."""
-    from models.hunyuan_image3.state_dict_adapter import hf_trunk_keys
-
+    the released trunk and image head bit for bit, every expert of every layer present."""
     _convert("export", "--checkpoint", str(four_ranks["root"] / layout), "--output", str(tmp_path / "hf"),
              "--max-shard-size", "30KB")
     back = _read_hf_folder(tmp_path / "hf")
-    expected = hf_trunk_keys(_tiny_config())
-    assert set(back) == set(expected)
+    expected = set(released["tensors"]) - set(UNCONVERTED)
+    assert set(back) == expected and any(key.startswith("final_layer.") for key in back)
     experts = {k for k in back if ".mlp.experts." in k}
     assert len(experts) == LAYERS * 8 * 2
     for key in expected:
@@ -409,7 +411,7 @@ def test_expert_parallel_2_times_tensor_parallel_2_matches_one_rank(released, fo
     ours = released["ours"]
     expected = []
     with parallel_context():
-        model = build_hunyuan_model(_tiny_config())
+        model = build_hunyuan_model(_tiny_config(image_path=False))
         load_full_weights(model, ours)
         for dp_rank in range(2):
             model.zero_grad(set_to_none=True)

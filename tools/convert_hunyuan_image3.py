@@ -110,11 +110,11 @@ def _parse_stage_list(text: str | None) -> tuple[int, ...] | None:
 
 
 def _conversion_names(model_names, config) -> tuple[bool, dict[str, tuple[str, bool]]]:
-    """(image head present, our key -> (released key, swap GLU halves)) for a model's parameters
-    (full names; a rank's part of the model is enough)."""
-    from models.hunyuan_image3.state_dict_adapter import IMAGE_HEAD_PREFIXES, describe_keys, key_pairs
+    """(image head built, our key -> (released key, swap GLU halves)); every one of the model's
+    parameters (full names; a rank's part of the model is enough) must be mapped."""
+    from models.hunyuan_image3.state_dict_adapter import describe_keys, key_pairs
 
-    image_head = any(name.startswith(IMAGE_HEAD_PREFIXES) for name in model_names)
+    image_head = config.image_path
     released_of = {ours: (hf, swap) for hf, ours, swap in key_pairs(config, image_head)}
     unknown = set(model_names) - set(released_of)
     if unknown:

@@ -1,8 +1,16 @@
 """Attention and its forward-mode derivative (JVP).
 
-Layout is SDPA's: ``q``, ``k``, ``v`` are ``[batch, heads, seq, head_dim]``; no mask (FLUX attends
-bidirectionally over text + image tokens); the default scale is ``head_dim ** -0.5``. Keys and
-values may have their own sequence length (cross-attention); ``v`` may have its own head_dim.
+Layout is SDPA's: ``q``, ``k``, ``v`` are ``[batch, heads, seq, head_dim]``; no mask by default
+(FLUX attends bidirectionally over text + image tokens); the default scale is ``head_dim ** -0.5``.
+Keys and values may have their own sequence length (cross-attention); ``v`` may have its own
+head_dim.
+
+``causal=True`` (HunyuanImage 3.0's text tokens) masks with the causal mask aligned to the *last*
+key: query ``i`` of ``Lq`` sees keys ``0 .. i + Lk - Lq``. With ``Lq == Lk`` that is the usual
+causal mask; with fewer queries it is the mask of the last ``Lq`` rows of a causal ``Lk × Lk``
+attention (the tokens after an image block). The fused kernels' ``is_causal`` is aligned to the
+first key, so they serve the ``Lq == Lk`` case; the other case runs the online-softmax pass. The
+tile passes skip key tiles that lie wholly above the diagonal and mask the ones it crosses.
 
 The math, per (batch, head), with ``t`` marking a tangent::
 
@@ -65,7 +73,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention", "attention_jvp", "attention_jvp_reference", "default_block_sizes",
+__all__ = ["attention", "attention_jvp", "attention_jvp_reference", "causal_mask", "default_block_sizes",
            "explain_tangent_pass"]
 
 logger = logging.getLogger(__name__)
@@ -93,23 +101,36 @@ def default_block_sizes(device: torch.device) -> tuple[int, int | None]:
     return _DEFAULT_BLOCK_SIZES.get(torch.device(device).type, _DEFAULT_BLOCK_SIZES["cpu"])
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Primal attention, ``[batch, heads, seq, head_dim]``, no mask."""
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+              causal: bool = False) -> torch.Tensor:
+    """Primal attention, ``[batch, heads, seq, head_dim]``; no mask, or ``causal`` (see the module
+    docstring: aligned to the last key)."""
+    _check_causal(q, k, causal)
+    if not causal or q.shape[2] == k.shape[2]:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale, attn_mask=causal_mask(q.shape[2], k.shape[2], q.device))
 
 
-def attention_jvp_reference(q, k, v, tq, tk, tv, scale=None):
+def causal_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
+    """[q_len, k_len] boolean, True where query i may see key j: ``j <= i + k_len - q_len``."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
+
+
+def attention_jvp_reference(q, k, v, tq, tk, tv, scale=None, causal=False):
     """(o, to): the JVP written as the formulas, with L×L intermediates.
 
     ``o`` carries the autograd graph of q, k, v; ``to`` carries none. bf16 / fp16 are computed in
     float32 and returned in the input dtype.
     """
     _check_shapes(q, k, v, tq, tk, tv)
+    _check_causal(q, k, causal)
     scale = _default_scale(q, scale)
     input_dtype = q.dtype
     compute_dtype = torch.float32 if input_dtype in _LOW_PRECISION else input_dtype
     q, k, v = (x.to(compute_dtype) for x in (q, k, v))
     scores = q @ k.transpose(-1, -2) * scale
+    if causal:
+        scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     o = probs @ v
     with torch.no_grad():
@@ -121,7 +142,7 @@ def attention_jvp_reference(q, k, v, tq, tk, tv, scale=None):
 
 
 def attention_jvp(q, k, v, tq, tk, tv, scale=None, block_size=None, query_block_size=None,
-                  tangent_pass="auto", compile_tangent=False):
+                  tangent_pass="auto", compile_tangent=False, causal=False):
     """(o, to): attention and its JVP along (tq, tk, tv), without L×L intermediates.
 
     Args:
@@ -145,12 +166,15 @@ def attention_jvp(q, k, v, tq, tk, tv, scale=None, block_size=None, query_block_
             unrolled (small blocks on long sequences compile for minutes), and every new shape
             compiles again. With ``"auto"`` it keeps the PyTorch passes; with ``"triton"`` it is
             an error.
+        causal: mask causally, aligned to the last key (module docstring); needs ``Lq <= Lk``.
+            The Triton kernel has no mask: causal calls take the PyTorch passes.
 
     Returns:
         ``o`` with the autograd graph of q, k, v (the fused SDPA backward); ``to`` without any
         graph (computed under no_grad), both in the input dtype.
     """
     _check_shapes(q, k, v, tq, tk, tv)
+    _check_causal(q, k, causal)
     scale = _default_scale(q, scale)
     default_keys, default_queries = default_block_sizes(q.device)
     block_size = default_keys if block_size is None else block_size
@@ -158,21 +182,21 @@ def attention_jvp(q, k, v, tq, tk, tv, scale=None, block_size=None, query_block_
         query_block_size = default_queries or q.shape[2]
     if block_size < 1 or query_block_size < 1:
         raise ValueError(f"block sizes must be positive, got {block_size} and {query_block_size}")
-    chosen, why = explain_tangent_pass(q, k, v, tangent_pass, compile_tangent)
+    chosen, why = explain_tangent_pass(q, k, v, tangent_pass, compile_tangent, causal)
     _log_choice_once(tangent_pass, chosen, why)
 
     if chosen == "triton":
         o, lse = _fused_attention_with_logsumexp(q, k, v, scale)
         to = _triton_module().attention_tangent(q, k, v, tq, tk, tv, o.detach(), lse.detach(), scale)
     elif chosen == "logsumexp":
-        o, lse = _fused_attention_with_logsumexp(q, k, v, scale)
+        o, lse = _fused_attention_with_logsumexp(q, k, v, scale, causal=causal)
         tangent_fn = _compiled(_tangent_from_logsumexp) if compile_tangent else _tangent_from_logsumexp
         to = tangent_fn(q, k, v, tq, tk, tv, o.detach(), lse.detach(), scale, block_size,
-                        query_block_size)
+                        query_block_size, causal)
     else:
-        o = attention(q, k, v, scale)
+        o = attention(q, k, v, scale, causal)
         tangent_fn = _compiled(_tangent_online_softmax) if compile_tangent else _tangent_online_softmax
-        to = tangent_fn(q, k, v, tq, tk, tv, scale, block_size, query_block_size)
+        to = tangent_fn(q, k, v, tq, tk, tv, scale, block_size, query_block_size, causal)
     return o, to
 
 
@@ -181,7 +205,7 @@ def attention_jvp(q, k, v, tq, tk, tv, scale=None, block_size=None, query_block_
 TRITON_VERIFIED_ON_GPU = True
 
 
-def explain_tangent_pass(q, k, v, tangent_pass="auto", compile_tangent=False) -> tuple[str, str]:
+def explain_tangent_pass(q, k, v, tangent_pass="auto", compile_tangent=False, causal=False) -> tuple[str, str]:
     """(the tangent pass ``attention_jvp`` runs for these inputs, why), without computing anything.
 
     The pass is ``"triton"``, ``"logsumexp"`` or ``"online"``. Raises ValueError for an unknown
@@ -195,13 +219,20 @@ def explain_tangent_pass(q, k, v, tangent_pass="auto", compile_tangent=False) ->
     if tangent_pass == "triton" and compile_tangent:
         raise ValueError("compile_tangent=True compiles the PyTorch tangent passes; it does not "
                          "apply to tangent_pass='triton'")
-    lse_kernel = _logsumexp_kernel(q, k, v)
+    if tangent_pass == "triton" and causal:
+        raise RuntimeError("tangent_pass='triton' unavailable: the Triton kernel has no causal mask")
+    lse_kernel = _logsumexp_kernel(q, k, v, causal)
     if lse_kernel is None:
         no_lse = (f"no fused attention kernel returns the log-sum-exp for {q.dtype} on "
                   f"{q.device.type} with head_dim {q.shape[-1]} / {v.shape[-1]}")
+        if causal and q.shape[2] != k.shape[2]:
+            no_lse = (f"the fused kernels' causal mask is aligned to the first key; {q.shape[2]} "
+                      f"queries and {k.shape[2]} keys need it aligned to the last")
         if tangent_pass != "auto":
             raise RuntimeError(f"{no_lse}; use tangent_pass='online'")
         return "online", no_lse
+    if causal:
+        return "logsumexp", f"lse from {lse_kernel} (causal: the Triton kernel has no mask)"
     if tangent_pass == "triton":
         reason = _triton_unsupported_reason(q, k, v)
         if reason is not None:
@@ -260,25 +291,27 @@ def _triton_unsupported_reason(q, k, v):
 # Primal with log-sum-exp
 
 
-def _logsumexp_kernel(q, k, v):
+def _logsumexp_kernel(q, k, v, causal=False):
     """Name of the fused kernel that returns (o, lse) for these inputs, or None. Runs on every
     attention call: it checks only as far as the first kernel that applies."""
-    return next(_logsumexp_kernels(q, k, v), None)
+    return next(_logsumexp_kernels(q, k, v, causal), None)
 
 
-def logsumexp_kernels(q, k, v) -> list[str]:
+def logsumexp_kernels(q, k, v, causal=False) -> list[str]:
     """The fused kernels that return (o, lse) for these inputs, best first: SDPA's own kernels in
     SDPA's order of preference (on Hopper cuDNN's attention is about twice as fast as flash
     attention, forward and backward)."""
-    return list(_logsumexp_kernels(q, k, v))
+    return list(_logsumexp_kernels(q, k, v, causal))
 
 
-def _logsumexp_kernels(q, k, v):
+def _logsumexp_kernels(q, k, v, causal=False):
+    if causal and q.shape[2] != k.shape[2]:
+        return  # the kernels' is_causal is aligned to the first key, ours to the last
     if q.device.type == "cpu":
         if v.shape[-1] == q.shape[-1]:  # the CPU kernel needs equal head sizes
             yield "cpu flash attention"
     elif q.device.type == "cuda":
-        params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)
+        params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, causal, False)
         if q.dtype in _LOW_PRECISION and torch.backends.cuda.can_use_cudnn_attention(params):
             yield "cudnn attention"
         if q.dtype in _LOW_PRECISION and torch.backends.cuda.can_use_flash_attention(params):
@@ -287,25 +320,25 @@ def _logsumexp_kernels(q, k, v):
             yield "efficient attention"
 
 
-def _fused_attention_with_logsumexp(q, k, v, scale, kernel=None):
+def _fused_attention_with_logsumexp(q, k, v, scale, kernel=None, causal=False):
     """(o, lse) from a fused kernel (``kernel``: one of ``logsumexp_kernels``, default the best),
     ``o`` with autograd, ``lse`` float32/64 ``[b, h, Lq]`` (natural log of the scaled logits; may be
     a strided view); None where no kernel applies."""
-    kernel = kernel or _logsumexp_kernel(q, k, v)
+    kernel = kernel or _logsumexp_kernel(q, k, v, causal)
     if kernel == "cpu flash attention":
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, scale=scale)
+            q, k, v, 0.0, causal, scale=scale)
         return o, lse
     if kernel == "cudnn attention":
-        out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
         lse = out[1]
         return out[0], (lse[..., 0] if lse.dim() == 4 else lse)  # [b, h, Lq, 1] in torch 2.x
     if kernel == "flash attention":
-        out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+        out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
         return out[0], out[1]
     if kernel == "efficient attention":
         out = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, None, True, 0.0, False, scale=scale)
+            q, k, v, None, True, 0.0, causal, scale=scale)
         # The efficient kernel pads lse's sequence dimension (to a multiple of 32).
         return out[0], out[1][..., : q.shape[2]]
     return None
@@ -316,7 +349,7 @@ def _fused_attention_with_logsumexp(q, k, v, scale, kernel=None):
 
 
 @torch.no_grad()
-def _tangent_from_logsumexp(q, k, v, tq, tk, tv, o, lse, scale, block_size, query_block_size):
+def _tangent_from_logsumexp(q, k, v, tq, tk, tv, o, lse, scale, block_size, query_block_size, causal=False):
     """tO given the primal's O and lse: per tile P = exp(S − lse) exactly; 10N FLOPs."""
     batch, heads, q_len, _ = q.shape
     k_len, v_dim = k.shape[2], v.shape[-1]
@@ -334,9 +367,10 @@ def _tangent_from_logsumexp(q, k, v, tq, tk, tv, o, lse, scale, block_size, quer
         sum_p_ts_v = q.new_zeros(batch * heads, n_rows, v_dim, dtype=acc_dtype)
         sum_p_tv = torch.zeros_like(sum_p_ts_v)
         sum_p_ts = q.new_zeros(batch * heads, n_rows, 1, dtype=acc_dtype)
-        for k_start in range(0, k_len, block_size):
+        for k_start in range(0, _keys_seen(q_start, n_rows, q_len, k_len, causal), block_size):
             cols = slice(k_start, k_start + block_size)
-            p = _logits_minus(q_b[:, rows], k_t[:, :, cols], lse_b[:, rows], scale, acc_dtype).exp_()
+            logits = _logits_minus(q_b[:, rows], k_t[:, :, cols], lse_b[:, rows], scale, acc_dtype)
+            p = _mask_above_diagonal(logits, q_start, k_start, q_len, k_len, causal).exp_()
             p_ts = _matmul(tq_q[:, rows], k_tk_t[:, :, cols], acc_dtype).mul_(p)
             sum_p_ts += p_ts.sum(dim=-1, keepdim=True)
             _accumulate_matmul(sum_p_ts_v, p_ts.to(operand_dtype), v_b[:, cols])
@@ -347,7 +381,7 @@ def _tangent_from_logsumexp(q, k, v, tq, tk, tv, o, lse, scale, block_size, quer
 
 
 @torch.no_grad()
-def _tangent_online_softmax(q, k, v, tq, tk, tv, scale, block_size, query_block_size):
+def _tangent_online_softmax(q, k, v, tq, tk, tv, scale, block_size, query_block_size, causal=False):
     """tO by online softmax over key blocks (no lse needed); recomputes O itself; 12N FLOPs."""
     batch, heads, q_len, _ = q.shape
     k_len, v_dim = k.shape[2], v.shape[-1]
@@ -366,9 +400,11 @@ def _tangent_online_softmax(q, k, v, tq, tk, tv, scale, block_size, query_block_
         sum_e_v = q.new_zeros(batch * heads, n_rows, v_dim, dtype=acc_dtype)
         sum_e_ts_v = torch.zeros_like(sum_e_v)
         sum_e_tv = torch.zeros_like(sum_e_v)
-        for k_start in range(0, k_len, block_size):
+        # Causal: every row sees key 0, so the first tile gives each row a finite running max.
+        for k_start in range(0, _keys_seen(q_start, n_rows, q_len, k_len, causal), block_size):
             cols = slice(k_start, k_start + block_size)
             scores = _matmul(q_b[:, rows], k_t[:, :, cols], acc_dtype).mul_(scale)
+            scores = _mask_above_diagonal(scores, q_start, k_start, q_len, k_len, causal)
             new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
             # Rescale what was summed against the old max (exp(-inf) = 0 on the first block).
             rescale = torch.exp(running_max - new_max)
@@ -413,6 +449,29 @@ def _check_shapes(q, k, v, tq, tk, tv):
         if tx.shape != x.shape or tx.dtype != x.dtype:
             raise ValueError(f"t{name} must match {name}: {tuple(tx.shape)} {tx.dtype} vs "
                              f"{tuple(x.shape)} {x.dtype}")
+
+
+def _check_causal(q, k, causal):
+    if causal and q.shape[2] > k.shape[2]:
+        raise ValueError(f"causal attention needs no more queries than keys, got {q.shape[2]} and {k.shape[2]}")
+
+
+def _keys_seen(q_start, n_rows, q_len, k_len, causal):
+    """The end of the keys that queries [q_start, q_start + n_rows) see: all, or up to the
+    diagonal (the tiles past it are skipped)."""
+    return min(k_len, q_start + n_rows + k_len - q_len) if causal else k_len
+
+
+def _mask_above_diagonal(logits, q_start, k_start, q_len, k_len, causal):
+    """logits [b·h, rows, cols] of the tile at (q_start, k_start) with -inf where a key lies past
+    its query's diagonal (causal; in place); unchanged when the tile is wholly visible."""
+    rows, cols = logits.shape[1:]
+    offset = k_len - q_len
+    if not causal or k_start + cols - 1 <= q_start + offset:
+        return logits
+    query = torch.arange(q_start, q_start + rows, device=logits.device)[:, None]
+    key = torch.arange(k_start, k_start + cols, device=logits.device)[None, :]
+    return logits.masked_fill_(key > query + offset, float("-inf"))
 
 
 def _default_scale(q, scale):

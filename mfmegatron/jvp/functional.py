@@ -107,6 +107,82 @@ def _rms_norm_tangent(tx, x, weight, eps: float):
     return weight * rstd * (tx - normed * (normed * tx).mean(-1, keepdim=True))
 
 
+def rms_norm_float32(x, tx, weight, eps: float):
+    """RMSNorm in the LLaMA / HunyuanImage 3.0 order: normalise in float32 (or wider: float64 stays
+    float64), cast back to x's dtype, then multiply by the scale (``weight * normed`` promotes as
+    torch does, e.g. a bf16 scale on float32 q/k gives float32)."""
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    x_wide = x.to(compute_dtype)
+    rstd = torch.rsqrt(x_wide.pow(2).mean(-1, keepdim=True) + eps)
+    y = weight * (x_wide * rstd).to(x.dtype)
+    if tx is None:
+        return y, None
+    with torch.no_grad():
+        ty = weight.detach() * _rms_norm_float32_tangent(tx, x_wide.detach(), rstd.detach())
+    return y, ty
+
+
+@fused_on_cuda
+def _rms_norm_float32_tangent(tx, x_wide, rstd):
+    normed = x_wide * rstd
+    t_wide = tx.to(x_wide.dtype)
+    return (rstd * (t_wide - normed * (normed * t_wide).mean(-1, keepdim=True))).to(tx.dtype)
+
+
+def gelu(x, tx):
+    """Exact (erf) GELU: slope Φ(x) + x φ(x)."""
+    y = F.gelu(x)
+    if tx is None:
+        return y, None
+    with torch.no_grad():
+        ty = _gelu_tangent(tx, x.detach())
+    return y, ty
+
+
+@fused_on_cuda
+def _gelu_tangent(tx, x):
+    cdf = 0.5 * (1 + torch.erf(x * (0.5 ** 0.5)))
+    pdf = torch.exp(-0.5 * x.square()) * (0.5 / math.pi) ** 0.5
+    return (cdf + x * pdf) * tx
+
+
+def group_norm(x, tx, num_groups: int, weight, bias, eps: float):
+    """GroupNorm over [b, c, *spatial] with a per-channel affine (the UNet blocks' norms), computed
+    in float32 or wider and returned in x's dtype (HunyuanImage 3.0's sampler runs its model under
+    bf16 autocast, which runs group_norm in float32)."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    y = F.group_norm(x.to(wide), num_groups, weight.to(wide), bias.to(wide), eps).to(x.dtype)
+    if tx is None:
+        return y, None
+    with torch.no_grad():
+        ty = _group_norm_tangent(tx.to(wide), x.detach().to(wide), num_groups, weight.detach().to(wide), eps)
+    return y, ty.to(tx.dtype)
+
+
+@fused_on_cuda
+def _group_norm_tangent(tx, x, num_groups: int, weight, eps: float):
+    # Per (sample, group): the LayerNorm tangent rstd·(tc − n·mean(n·tc)), n = (x − mean) rstd.
+    shape = x.shape
+    x_g = x.reshape(shape[0], num_groups, -1)
+    t_g = tx.reshape(shape[0], num_groups, -1)
+    centred = x_g - x_g.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps)
+    normed = centred * rstd
+    t_centred = t_g - t_g.mean(-1, keepdim=True)
+    t_normed = rstd * (t_centred - normed * (normed * t_centred).mean(-1, keepdim=True))
+    channel_shape = (1, -1) + (1,) * (len(shape) - 2)
+    return t_normed.reshape(shape) * weight.reshape(channel_shape)
+
+
+def conv2d(x, tx, weight, bias=None, padding: int = 0):
+    """A 2-D convolution: linear in x, so the tangent is the same convolution without the bias."""
+    y = F.conv2d(x, weight, bias, padding=padding)
+    if tx is None:
+        return y, None
+    with torch.no_grad():
+        return y, F.conv2d(tx, weight, None, padding=padding)
+
+
 def gelu_tanh(x, tx, overwrite_tangent: bool = False):
     """``overwrite_tangent``: the caller no longer needs ``tx``, and the tangent is written into it
     (the MLP's hidden is the widest activation: this saves a copy of it at the step's peak)."""
@@ -146,6 +222,25 @@ def silu(x, tx):
         sigmoid = torch.sigmoid(x.detach())
         ty = sigmoid * (1 + x.detach() * (1 - sigmoid)) * tx
     return y, ty
+
+
+def swiglu(x, tx):
+    """``silu(gate) * up`` with ``x = [gate; up]`` along the last dim (megatron's GLU order)."""
+    gate, up = torch.chunk(x, 2, dim=-1)
+    y = F.silu(gate) * up
+    if tx is None:
+        return y, None
+    with torch.no_grad():
+        ty = _swiglu_tangent(tx, gate.detach(), up.detach())
+    return y, ty
+
+
+@fused_on_cuda
+def _swiglu_tangent(tx, gate, up):
+    tgate, tup = torch.chunk(tx, 2, dim=-1)
+    sigmoid = torch.sigmoid(gate)
+    silu_slope = sigmoid * (1 + gate * (1 - sigmoid))
+    return silu_slope * tgate * up + gate * sigmoid * tup
 
 
 def modulate(x, tx, shift, tshift, scale, tscale):

@@ -12,6 +12,10 @@ initialisation, TP attributes, ``sharded_state_dict``, gradient-accumulation fus
 ``forward_jvp(x, None)`` is the plain forward and matches megatron's ``forward`` exactly; models
 call ``forward_jvp`` everywhere so the math exists once.
 
+MoE experts (``is_expert``) under expert or tensor parallel have megatron's
+``explicit_expert_comm``: the layer does no TP communication (the token dispatcher gathers and
+reduce-scatters the tokens, ``mfmegatron/jvp/moe.py``), and so neither does ``forward_jvp``.
+
 A ``LoRA`` (``mfmegatron/jvp/lora.py``, attached with ``add_lora``) adds a trainable low-rank
 update ``scale · B A`` to a frozen layer as a side path: the weight is never merged, so nothing
 weight-sized is created or saved for backward. Its factors follow the layer's TP split.
@@ -43,7 +47,8 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
     def forward_jvp(self, x, tx=None, input_is_gathered: bool = False):
         """``input_is_gathered``: with SP, the caller already gathered the sequence (one gather
         shared by several column-parallel layers reading the same input)."""
-        if self.sequence_parallel and not input_is_gathered:
+        expert_comm = self.explicit_expert_comm
+        if self.sequence_parallel and not input_is_gathered and not expert_comm:
             x, tx = collectives.gather_sequence(x, tx, group=self.tp_group)
         # Without SP the input is replicated and megatron's GEMM all-reduces its gradient
         # (allreduce_dgrad); with SP the gather's backward reduce-scatters it instead.
@@ -52,7 +57,7 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
             weight=self.weight,
             bias=None if self.skip_bias_add else self.bias,
             gradient_accumulation_fusion=self.gradient_accumulation_fusion,
-            allreduce_dgrad=self.allreduce_dgrad,
+            allreduce_dgrad=self.allreduce_dgrad and not expert_comm,
             sequence_parallel=False,
             grad_output_buffer=None,
             tp_group=self.tp_group,
@@ -95,11 +100,16 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
         return y, ty
 
     def reduce_jvp(self, y, ty=None):
-        """Sum partial outputs over TP (reduce-scatter to sequence chunks with SP), add the bias."""
-        if self.sequence_parallel:
-            y, ty = collectives.reduce_scatter_sequence(y, ty, group=self.tp_group)
+        """Sum partial outputs over TP (reduce-scatter to sequence chunks with SP), add the bias.
+        An expert's partial outputs stay partial (the token dispatcher reduces them)."""
+        if self.explicit_expert_comm:
+            reduce = None
+        elif self.sequence_parallel:
+            reduce = collectives.reduce_scatter_sequence
         else:
-            y, ty = collectives.all_reduce(y, ty, group=self.tp_group)
+            reduce = collectives.all_reduce
+        if reduce is not None:
+            y, ty = reduce(y, ty, group=self.tp_group)
         if self.bias is not None and not self.skip_bias_add:
             y = y + self.bias
         return y, ty

@@ -183,3 +183,109 @@ def gather_last_dim(primal, tangent=None, group=None):
 def scatter_sequence(tensor, group=None):
     """Keep this rank's chunk of the full sequence (entering a sequence-parallel region)."""
     return tensor_parallel.scatter_to_sequence_parallel_region(tensor, group=_tp_group(group))
+
+
+# --------------------------------------------------------------------------- MoE token exchange
+#
+# An MoE layer moves a variable number of tokens per rank: the expert-parallel all-to-all and the
+# expert-tensor-parallel all-gather / reduce-scatter with per-rank split sizes along dim 0. Here a
+# primal [n, ...] and its tangent travel as one tensor [n, 2, ...] (interleaved per row, so the
+# split sizes along dim 0 stay those of the primal) through megatron's own communication
+# functions. The halves come back as separate contiguous tensors: the primal is saved for backward
+# by the expert GEMMs, and a view into the packed buffer would keep the tangent alive with it.
+# Backward moves only the primal's gradient, with megatron's primal-only function.
+
+
+def _pack_rows(primal, tangent):
+    return torch.stack([primal, tangent.to(primal.dtype)], dim=1)
+
+
+def _unpack_rows(packed):
+    return packed[:, 0].contiguous(), packed[:, 1].contiguous()
+
+
+class _AllToAllPrimalAndTangent(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, primal, tangent, group, output_splits, input_splits):
+        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
+        packed = tensor_parallel.all_to_all(group, _pack_rows(primal, tangent), output_splits, input_splits)
+        primal_out, tangent_out = _unpack_rows(packed)
+        ctx.mark_non_differentiable(tangent_out)
+        return primal_out, tangent_out
+
+    @staticmethod
+    def backward(ctx, grad_primal, grad_tangent):
+        grad = tensor_parallel.all_to_all(ctx.group, grad_primal, ctx.input_splits, ctx.output_splits)
+        return grad, None, None, None, None
+
+
+class _GatherTokensPrimalAndTangent(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, primal, tangent, group, split_sizes):
+        from megatron.core.tensor_parallel.mappings import _gather_along_first_dim
+
+        ctx.group, ctx.split_sizes = group, split_sizes
+        gathered = _gather_along_first_dim(_pack_rows(primal, tangent), group, split_sizes)
+        primal_out, tangent_out = _unpack_rows(gathered)
+        ctx.mark_non_differentiable(tangent_out)
+        return primal_out, tangent_out
+
+    @staticmethod
+    def backward(ctx, grad_primal, grad_tangent):
+        from megatron.core.tensor_parallel.mappings import _reduce_scatter_along_first_dim
+
+        return _reduce_scatter_along_first_dim(grad_primal.contiguous(), ctx.group, ctx.split_sizes), None, None, None
+
+
+class _ReduceScatterTokensPrimalAndTangent(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, primal, tangent, group, split_sizes):
+        from megatron.core.tensor_parallel.mappings import _reduce_scatter_along_first_dim
+
+        ctx.group, ctx.split_sizes = group, split_sizes
+        scattered = _reduce_scatter_along_first_dim(_pack_rows(primal, tangent), group, split_sizes)
+        primal_out, tangent_out = _unpack_rows(scattered)
+        ctx.mark_non_differentiable(tangent_out)
+        return primal_out, tangent_out
+
+    @staticmethod
+    def backward(ctx, grad_primal, grad_tangent):
+        from megatron.core.tensor_parallel.mappings import _gather_along_first_dim
+
+        return _gather_along_first_dim(grad_primal.contiguous(), ctx.group, ctx.split_sizes), None, None, None
+
+
+def all_to_all_tokens(primal, tangent, group, output_splits=None, input_splits=None):
+    """megatron's ``all_to_all`` (rows ``input_splits[r]`` to rank r, ``output_splits[r]`` from
+    it) for a primal and its tangent in one exchange."""
+    if tangent is None:
+        return tensor_parallel.all_to_all(group, primal, output_splits, input_splits), None
+    if _world(group) == 1:
+        return primal, tangent
+    return _AllToAllPrimalAndTangent.apply(primal, tangent, group, output_splits, input_splits)
+
+
+def gather_tokens(primal, tangent, group, split_sizes=None):
+    """All-gather along dim 0 with per-rank row counts ``split_sizes`` (megatron's
+    ``gather_from_sequence_parallel_region``; backward reduce-scatters the primal's gradient)."""
+    if tangent is None:
+        return (
+            tensor_parallel.gather_from_sequence_parallel_region(primal, group=group, output_split_sizes=split_sizes),
+            None,
+        )
+    if _world(group) == 1:
+        return primal, tangent
+    return _GatherTokensPrimalAndTangent.apply(primal, tangent, group, split_sizes)
+
+
+def reduce_scatter_tokens(primal, tangent, group, split_sizes=None):
+    """Sum over ranks and keep this rank's ``split_sizes[rank]`` rows (megatron's
+    ``reduce_scatter_to_sequence_parallel_region``; backward all-gathers the primal's gradient)."""
+    if tangent is None:
+        return (
+            tensor_parallel.reduce_scatter_to_sequence_parallel_region(primal, group=group, input_split_sizes=split_sizes),
+            None,
+        )
+    if _world(group) == 1:
+        return primal, tangent
+    return _ReduceScatterTokensPrimalAndTangent.apply(primal, tangent, group, split_sizes)

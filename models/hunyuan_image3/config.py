@@ -13,8 +13,10 @@ megatron fields below express that exactly:
 - ``moe_router_load_balancing_type="none"``, ``moe_aux_loss_coeff=0``: no auxiliary loss term.
 - ``moe_shared_expert_intermediate_size``: the shared expert, summed into the MoE output, no gate.
 
-Image-path sizes (patch embedding, final layer, timestep embedders) are recorded here for the
-later slices; this slice builds the trunk only.
+Image path (``model.py``): ``patch_embed`` (latent channels -> ``patch_embed_hidden_dim`` -> hidden),
+``final_layer`` (hidden -> ``patch_embed_hidden_dim`` -> latent channels), three timestep embedders
+(sinusoid of ``timestep_embedding_dim`` -> hidden -> hidden); their GroupNorms have
+``image_norm_groups`` groups (the official ``normalization`` helper: 32).
 """
 
 from __future__ import annotations
@@ -32,11 +34,15 @@ class HunyuanImage3Config(TransformerConfig):
 
     vocab_size: int = 133120
     rope_theta: float = 10000.0
-    # Image path (not built in this slice): VAE latent channels, patch embedding width, the
-    # timestep sinusoid width, the patch size on the latent grid, the VAE scale.
+    # Image path: VAE latent channels, patch embedding width, the timestep sinusoid width, the
+    # GroupNorm group count of the UNet blocks, the patch size on the latent grid (only 1, the
+    # released model's, is built), the VAE scale.
+    # Build the image path (False: the text trunk alone, e.g. to compare with a text-only LLM).
+    image_path: bool = True
     latent_channels: int = 32
     patch_embed_hidden_dim: int = 1024
     timestep_embedding_dim: int = 256
+    image_norm_groups: int = 32
     patch_size: int = 1
     vae_scaling_factor: float = 0.562679178327931
     # Layers per pipeline stage, e.g. (9, 8, 8, 7); None: an even split (the pipeline size must
@@ -54,6 +60,13 @@ class HunyuanImage3Config(TransformerConfig):
             )
         if self.kv_channels % 2:
             raise ValueError(f"the head dim {self.kv_channels} must be even (rotary pairs)")
+        if self.patch_size != 1:
+            raise ValueError(f"only patch_size 1 (the released model's) is built, got {self.patch_size}")
+        for name in ("patch_embed_hidden_dim", "hidden_size"):
+            if getattr(self, name) % self.image_norm_groups:
+                raise ValueError(
+                    f"{name} {getattr(self, name)} must be divisible by image_norm_groups {self.image_norm_groups}"
+                )
         if self.moe_expert_capacity_factor is not None:
             raise ValueError("HunyuanImage 3.0 routes without capacity: moe_expert_capacity_factor must be None")
 
@@ -110,7 +123,9 @@ def hunyuan_image3_config(**overrides) -> HunyuanImage3Config:
 
 
 def tiny_hunyuan_image3_config(**overrides) -> HunyuanImage3Config:
-    """A small trunk for tests: 2 layers, width 64, 4 heads of 16 in 2 KV groups, 8 experts top-3."""
+    """A small model for tests: 2 layers, width 64, 4 heads of 16 in 2 KV groups, 8 experts top-3.
+    The text trunk alone unless ``image_path=True``: then 4 latent channels, patch embedding width
+    32, sinusoid 32, GroupNorm 4 groups."""
     settings = dict(
         num_layers=2,
         hidden_size=64,
@@ -123,6 +138,11 @@ def tiny_hunyuan_image3_config(**overrides) -> HunyuanImage3Config:
         moe_router_topk=3,
         moe_ffn_hidden_size=32,
         moe_shared_expert_intermediate_size=32,
+        image_path=False,
+        latent_channels=4,
+        patch_embed_hidden_dim=32,
+        timestep_embedding_dim=32,
+        image_norm_groups=4,
         bf16=False,
         params_dtype=torch.float32,
         use_cpu_initialization=True,

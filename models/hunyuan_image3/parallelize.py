@@ -62,10 +62,12 @@ def check_layout(
     sequence_parallel: bool | None = None,
     pipeline_layers=None,
     seq_length: int | None = None,
+    training: bool = True,
 ) -> None:
     """Raises LayoutError (one line) if the model cannot be split this way. Sizes default to the
     config's; ``etp`` (expert tensor parallel) defaults to ``tp`` (megatron's default);
-    ``seq_length``: checked only when known.
+    ``seq_length``: checked only when known. ``training``: TP then needs sequence parallel
+    (megatron's MoELayer refuses TP without SP when training; a frozen teacher may run without).
 
     The rules: TP splits whole KV groups (TP divides the groups, hence TP <= groups) and the
     vocabulary rows; TP needs sequence parallel (megatron's MoELayer), and the sequence then
@@ -98,7 +100,7 @@ def check_layout(
         if config.moe_shared_expert_intermediate_size and config.moe_shared_expert_intermediate_size % tp:
             problems.append(f"tensor parallel {tp} does not divide the shared expert's width "
                             f"{config.moe_shared_expert_intermediate_size}")
-        if tp > 1 and not sequence_parallel:
+        if training and tp > 1 and not sequence_parallel:
             problems.append(f"tensor parallel {tp} needs sequence parallel (megatron's MoE layer requires it)")
         if tp > 1 and sequence_parallel and seq_length is not None and seq_length % tp:
             problems.append(f"sequence parallel splits the sequence in {tp}: length {seq_length} is not a multiple")
@@ -135,8 +137,9 @@ def pipeline_layer_range(config: HunyuanImage3Config, stage: int) -> tuple[int, 
 
 
 def build_hunyuan_model(config: HunyuanImage3Config) -> HunyuanImage3Model:
-    """This rank's trunk, or its pipeline stage of it."""
-    check_layout(config)
+    """This rank's model, or its pipeline stage of it. The layout is checked first (one line);
+    TP without SP is left to megatron's MoELayer, which refuses it only when training."""
+    check_layout(config, training=False)
     _check_supported_layout(config)
     stage = parallel_state.get_pipeline_model_parallel_rank()
     stages = parallel_state.get_pipeline_model_parallel_world_size()
@@ -263,9 +266,10 @@ def local_weights(model: HunyuanImage3Model) -> Iterable[tuple[str, torch.Tensor
 
 
 def _full_names(config: HunyuanImage3Config) -> list[str]:
+    from models.hunyuan_image3.model import image_path_keys
     from models.hunyuan_image3.state_dict_adapter import megatron_keys
 
-    return megatron_keys(config)
+    return megatron_keys(config) + (image_path_keys(config) if config.image_path else [])
 
 
 # --------------------------------------------------------------------------- dist checkpoints
