@@ -321,17 +321,18 @@ def run_export(args) -> dict:
     out_dtype = torch_dtype(args.dtype) if args.dtype else None
     planned = _planned_sizes(config, released_of, out_dtype)
 
-    extra = None  # the released folder's tensors that are not converted, copied through
+    extra, copied = None, []  # the released folder's tensors that are not converted, copied through
     if args.copy_unconverted_from:
         _, extra_files = hf_folder(Path(args.copy_unconverted_from))
         exported = {key for key, _ in planned}
-        extra = SafetensorsSource({k: f for k, f in extra_files.items() if k not in exported})
-        planned += [(key, extra.nbytes(key)) for key in sorted(extra.shapes, key=list(extra_files).index)]
+        copied = [key for key in extra_files if key not in exported]  # in the folder's index order
+        extra = SafetensorsSource({key: extra_files[key] for key in copied})
+        planned += [(key, extra.nbytes(key)) for key in copied]
     shards = plan_shards(planned, args.max_shard_size)
     names = shard_file_names(len(shards), HF_WEIGHTS)
     total = sum(nbytes for _, nbytes in planned)
     summary = {"tensors": len(planned), "bytes": total, "shards": names, "layout": info.describe(),
-               "image_head": image_head, "copied": len(extra.shapes) if extra else 0}
+               "image_head": image_head, "copied": len(copied)}
     log(
         f"{PROG} export: {checkpoint} -> {output}: {len(planned)} tensors, {format_bytes(total)} in "
         f"{len(names)} shard(s) of at most {format_bytes(args.max_shard_size)}"
@@ -344,9 +345,9 @@ def run_export(args) -> dict:
 
     def tensors():
         yield from _checkpoint_tensors(checkpoint, config, released_of, out_dtype)
+        for key in copied:
+            yield key, extra.get(key)
         if extra is not None:
-            for key in (key for key, _ in planned[len(planned) - len(extra.shapes):]):
-                yield key, extra.get(key)
             extra.release()
 
     progress = Progress(total, "export", args.quiet)
