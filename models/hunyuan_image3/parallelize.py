@@ -69,16 +69,18 @@ def check_layout(
     ``seq_length``: checked only when known. ``training``: TP then needs sequence parallel
     (megatron's MoELayer refuses TP without SP when training; a frozen teacher may run without).
 
-    The rules: TP splits whole KV groups (TP divides the groups, hence TP <= groups) and the
-    vocabulary rows; TP needs sequence parallel (megatron's MoELayer), and the sequence then
-    splits into TP chunks; EP divides the experts; expert TP splits each expert's gate and up
+    The rules: TP splits whole KV groups (TP divides the groups, hence TP <= groups), the heads,
+    the vocabulary rows and the shared expert; TP needs sequence parallel when training, and the
+    sequence then splits into TP chunks; EP divides the experts; expert TP splits each expert's gate and up
     halves; PP divides the layers unless ``pipeline_layers`` names each stage's count."""
     tp = config.tensor_model_parallel_size if tp is None else tp
     ep = config.expert_model_parallel_size if ep is None else ep
     pp = config.pipeline_model_parallel_size if pp is None else pp
     if etp is None:
-        etp = config.expert_tensor_parallel_size if tp == config.tensor_model_parallel_size else tp
-        etp = etp or tp
+        # The config's own expert TP when checking the config's TP; megatron's default (= TP) when
+        # asked about another TP.
+        same_tp = tp == config.tensor_model_parallel_size
+        etp = (config.expert_tensor_parallel_size if same_tp else None) or tp
     sequence_parallel = config.sequence_parallel if sequence_parallel is None else sequence_parallel
     if pipeline_layers is None:
         pipeline_layers = config.pipeline_layers
