@@ -38,6 +38,7 @@ setup(
         "console_scripts": [
             "mfmegatron-selfcheck=mfmegatron.selfcheck:main",
             "mfmegatron-convert-flux=tools.convert_flux:main",
+            "mfmegatron-convert-hunyuan-image3=tools.convert_hunyuan_image3:main",
             "mfmegatron-train=mfmegatron.train:main",
             "mfmegatron-build-prompt-shards=tools.build_prompt_shards:main",
             "mfmegatron-build-image-shards=tools.build_image_shards:main",

@@ -40,152 +40,29 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from mfmegatron.conversion import (  # shared with tools/convert_hunyuan_image3.py
+    DTYPES,
+    ConversionError,
+    Progress,
+    SafetensorsSource,
+    cli_main,
+    format_bytes,
+    hf_folder_files,
+    open_safetensors,
+    parse_size,
+    run_and_tear_down,
+    start_parallel,
+)
+from mfmegatron.conversion import log as _log
+from mfmegatron.conversion import require_empty_output as _require_empty_output
+from mfmegatron.conversion import torch_dtype as _torch_dtype
+
 PROG = "mfmegatron-convert-flux"
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                         "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 # Also in models/flux/export.py, which writes the folders (this module imports torch lazily).
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
 
-
-class ConversionError(RuntimeError):
-    """A problem with the command's inputs, reported as one line without a traceback."""
-
-
-# --------------------------------------------------------------------------- small helpers
-
-
-def parse_size(text: str) -> int:
-    """'5GB' -> 5e9 bytes (KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024, as diffusers)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, flags=re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB, 1000000)")
-    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(number * scale)
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, DTYPES.get(name, name))  # "bf16" or a stored name such as "bfloat16"
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-
-
-def _log(message: str, quiet: bool = False) -> None:
-    if not quiet and _rank() == 0:
-        print(message, file=sys.stderr, flush=True)
-
-
-def _require_empty_output(path: Path) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ConversionError(f"output {path} already exists and is not an empty directory")
-
-
-class Progress:
-    """Tensor count and bytes, as a tqdm bar on rank 0 (nothing with --quiet or on other ranks)."""
-
-    def __init__(self, total_bytes: int, description: str, quiet: bool):
-        self.tensors, self.bytes = 0, 0
-        self.bar = None
-        if not quiet and _rank() == 0:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_bytes, desc=description, unit="B", unit_scale=True,
-                            mininterval=1.0, file=sys.stderr, dynamic_ncols=True)
-
-    def update(self, nbytes: int) -> None:
-        self.tensors += 1
-        self.bytes += nbytes
-        if self.bar is not None:
-            self.bar.update(nbytes)
-            self.bar.set_postfix_str(f"{self.tensors} tensors", refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-# --------------------------------------------------------------------------- reading safetensors
-
-
-class SafetensorsSource:
-    """Tensors of one or more .safetensors files, read lazily: only headers until a tensor is
-    asked for, then just that tensor (or rows of it) through ``safe_open``."""
-
-    def __init__(self, files_by_key: dict[str, Path], strip_prefix: str = ""):
-        from safetensors import safe_open
-
-        self._files_by_key = files_by_key  # stored key -> file
-        self._prefix = strip_prefix
-        self._handles: dict[Path, object] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.dtypes: dict[str, str] = {}
-        for file in sorted(set(files_by_key.values())):
-            with safe_open(str(file), framework="pt") as handle:
-                for stored in handle.keys():
-                    if files_by_key.get(stored) != file:
-                        continue
-                    tensor_slice = handle.get_slice(stored)
-                    key = stored[len(strip_prefix):]
-                    self.shapes[key] = tuple(tensor_slice.get_shape())
-                    self.dtypes[key] = tensor_slice.get_dtype()
-        missing_in_files = {k for k in files_by_key if k[len(strip_prefix):] not in self.shapes}
-        if missing_in_files:
-            from models.flux.state_dict_adapter import describe_keys
-
-            raise ConversionError(
-                f"the index names tensors its files do not hold: {describe_keys(missing_in_files)}"
-            )
-
-    def _handle(self, key: str):
-        from safetensors import safe_open
-
-        file = self._files_by_key[self._prefix + key]
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt")
-        return self._handles[file]
-
-    def get(self, key: str):
-        return self._handle(key).get_tensor(self._prefix + key)
-
-    def read_rows(self, key: str, rows: tuple[int, int] | None):
-        if rows is None:
-            return self.get(key)
-        return self._handle(key).get_slice(self._prefix + key)[rows[0]:rows[1]]
-
-    def release(self) -> None:
-        """Closes the files (unmapping what was read) so resident memory stays one block's worth."""
-        self._handles.clear()
-
-    def nbytes(self, key: str) -> int:
-        numel = 1
-        for size in self.shapes[key]:
-            numel *= size
-        return numel * _SAFETENSORS_ITEMSIZE.get(self.dtypes[key], 4)
-
-    def dominant_itemsize(self) -> int:
-        counts: dict[str, int] = {}
-        for dtype in self.dtypes.values():
-            counts[dtype] = counts.get(dtype, 0) + 1
-        return _SAFETENSORS_ITEMSIZE.get(max(counts, key=counts.get), 4) if counts else 4
 
 
 def diffusers_folder_files(path: Path) -> tuple[dict, dict[str, Path], Path]:
@@ -204,25 +81,7 @@ def diffusers_folder_files(path: Path) -> tuple[dict, dict[str, Path], Path]:
             "FluxTransformer2DModel folder as written by save_pretrained, or a pipeline folder"
         )
     config = json.loads(config_path.read_text())
-    index_path = folder / DIFFUSERS_INDEX
-    if index_path.is_file():
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        files = {key: folder / name for key, name in weight_map.items()}
-        absent = sorted({str(f.name) for f in files.values() if not f.is_file()})
-        if absent:
-            raise ConversionError(f"{index_path} names shard files that do not exist: {', '.join(absent)}")
-        return config, files, folder
-    single = folder / DIFFUSERS_WEIGHTS
-    if not single.is_file():
-        present = sorted(p.name for p in folder.iterdir() if p.is_file())
-        raise ConversionError(
-            f"{folder}: neither {DIFFUSERS_INDEX} nor {DIFFUSERS_WEIGHTS} (found: {', '.join(present) or 'nothing'}); "
-            "only safetensors weights are supported"
-        )
-    from safetensors import safe_open
-
-    with safe_open(str(single), framework="pt") as handle:
-        return config, {key: single for key in handle.keys()}, folder
+    return config, hf_folder_files(folder, DIFFUSERS_WEIGHTS, "--diffusers"), folder
 
 
 def interval_embedder_source(folder: Path) -> SafetensorsSource | None:
@@ -239,9 +98,7 @@ def interval_embedder_source(folder: Path) -> SafetensorsSource | None:
     weights = folder / record.get("weights", interval_embedder.WEIGHTS_NAME)
     if not weights.is_file():
         raise ConversionError(f"{folder}: {interval_embedder.CONFIG_NAME} names {weights.name}, which does not exist")
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as handle:
+    with open_safetensors(weights) as handle:
         return SafetensorsSource({key: weights for key in handle.keys()})
 
 
@@ -252,11 +109,9 @@ def original_file_source(path: Path) -> tuple[SafetensorsSource, int]:
         raise ConversionError(f"--original {path}: no such file or directory")
     if not path.is_file():
         raise ConversionError(f"--original {path}: not a file (for a diffusers folder use --diffusers)")
-    from safetensors import safe_open
-
     from models.flux.state_dict_adapter import BFL_PREFIX
 
-    with safe_open(str(path), framework="pt") as handle:
+    with open_safetensors(path) as handle:
         keys = list(handle.keys())
     prefixed = [k for k in keys if k.startswith(BFL_PREFIX)]
     if prefixed:
@@ -288,17 +143,7 @@ def resolve_architecture(config_arg: str | None, source: SafetensorsSource) -> d
 
 
 def _start_parallel(tp: int, pp: int):
-    """torch.distributed + megatron groups: torchrun's world, or a world of one (gloo on CPU)."""
-    from mfmegatron.parallel import initialize_parallel
-    from mfmegatron.parallel.spawn import free_port
-
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return initialize_parallel()
-    return initialize_parallel(tensor_parallel_size=tp, pipeline_parallel_size=pp)
-
+    return start_parallel(tensor_parallel_size=tp, pipeline_parallel_size=pp)
 
 def _flux_config(diffusers_config: dict, dtype, tp: int = 1, pp: int = 1, student: bool = False):
     import torch
@@ -682,46 +527,11 @@ def run(argv: list[str] | None = None) -> dict:
     its own ranks keeps them; megatron's groups are then those of the command's layout).
     """
     args = build_parser().parse_args(argv)
-    import torch.distributed as dist
-
-    started_here = not dist.is_initialized()
-    try:
-        return run_import(args) if args.command == "import" else run_export(args)
-    finally:
-        if started_here and dist.is_initialized():
-            from mfmegatron.parallel import destroy_parallel
-
-            destroy_parallel()
-
-
-def _is_user_error(error: BaseException) -> bool:
-    """Errors about the inputs (paths, keys, shapes, layout): printed as one line, no traceback."""
-    kinds = [ConversionError, FileNotFoundError, FileExistsError]
-    for module, name in (("models.flux.state_dict_adapter", "CheckpointMismatchError"),
-                         ("mfmegatron.parallel.state", "ParallelConfigError")):
-        if module in sys.modules:  # if it was never imported, the error cannot be one of its kind
-            kinds.append(getattr(sys.modules[module], name))
-    return isinstance(error, tuple(kinds))
+    return run_and_tear_down(lambda: run_import(args) if args.command == "import" else run_export(args))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mfmegatron.warnings_filter import quiet_expected_warnings
-
-    # As the trainer: megatron's and torch's import-time warnings (no TE/apex/CUDA here) would
-    # bury the one line that matters.
-    quiet_expected_warnings()
-    # Under torchrun every rank meets the same error: rank 0 says it, once. From the environment:
-    # run() has torn the process group down by the time an error gets here.
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        run(argv)
-    except Exception as error:  # noqa: BLE001
-        if not _is_user_error(error):
-            raise
-        if rank == 0:
-            print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(PROG, run, argv)
 
 
 if __name__ == "__main__":

@@ -175,6 +175,37 @@ def _reporting_cuda_type_names(function):
 # --- applying the redirects -------------------------------------------------------------------
 
 
+def _gather_uneven_on_gloo(original):
+    """megatron's ``_gather_along_first_dim`` for gloo, whose all_gather needs equal sizes: with
+    ``output_split_sizes`` (the MoE dispatcher's token counts under expert TP) each rank's part is
+    padded to the largest, gathered, and the padding cut off."""
+
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        padded = input_.new_zeros((max(output_split_sizes), *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in output_split_sizes]
+        torch.distributed.all_gather(parts, padded, group=group)
+        return torch.cat([part[:size] for part, size in zip(parts, output_split_sizes)])
+
+    return gather
+
+
+def _reduce_scatter_uneven_on_gloo(original):
+    """megatron's ``_reduce_scatter_along_first_dim`` for gloo, which has no uneven reduce-scatter:
+    with ``input_split_sizes`` the whole tensor is all-reduced and this rank keeps its rows."""
+
+    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return original(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.clone()
+        torch.distributed.all_reduce(total, group=group)
+        return total.split(list(input_split_sizes))[group.rank()].contiguous()
+
+    return reduce_scatter
+
+
 def _replace(module_name: str, attribute: str, value: Any, why: str) -> None:
     module = importlib.import_module(module_name)
     if not hasattr(module, attribute):
@@ -261,6 +292,17 @@ def apply_cpu_platform_support() -> list[Redirect]:
         "maybe_move_tensor_to_cpu",
         _move_tensor_to_cpu_as_after_d2h,
         "the alltoall dispatcher's split sizes must be numpy arrays as after its D2H copy",
+    )
+    mappings = importlib.import_module("megatron.core.tensor_parallel.mappings")
+    _replace(
+        "megatron.core.tensor_parallel.mappings", "_gather_along_first_dim",
+        _gather_uneven_on_gloo(mappings._gather_along_first_dim),
+        "the MoE dispatcher gathers uneven token counts over expert TP; gloo's all_gather needs equal sizes",
+    )
+    _replace(
+        "megatron.core.tensor_parallel.mappings", "_reduce_scatter_along_first_dim",
+        _reduce_scatter_uneven_on_gloo(mappings._reduce_scatter_along_first_dim),
+        "its backward reduce-scatters uneven token counts; gloo has no uneven reduce-scatter",
     )
     for module, what in (
         ("megatron.core.pipeline_parallel.schedules", "the token counter"),

@@ -22,6 +22,8 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from mfmegatron import conversion
+from mfmegatron.conversion import plan_shards
 from models.flux import interval_embedder
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -29,24 +31,8 @@ DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 
 
-def plan_shards(sizes: list[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
-    """Keys in order, cut into shards of at most ``max_shard_size`` bytes (a bigger tensor alone)."""
-    shards: list[list[str]] = [[]]
-    used = 0
-    for key, nbytes in sizes:
-        if shards[-1] and used + nbytes > max_shard_size:
-            shards.append([])
-            used = 0
-        shards[-1].append(key)
-        used += nbytes
-    return shards
-
-
 def shard_file_names(count: int) -> list[str]:
-    if count == 1:
-        return [DIFFUSERS_WEIGHTS]
-    stem = DIFFUSERS_WEIGHTS.removesuffix(".safetensors")
-    return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    return conversion.shard_file_names(count, DIFFUSERS_WEIGHTS)
 
 
 def write_shards(
@@ -57,30 +43,8 @@ def write_shards(
     dtype: torch.dtype | None = None,
     on_tensor: Callable[[int], None] | None = None,
 ) -> None:
-    """Writes (diffusers key, tensor) pairs, arriving in ``planned`` order, as safetensors shards
-    (and the index when there is more than one); a shard is written as soon as it is complete."""
-    from safetensors.torch import save_file
-
-    names = shard_file_names(len(shards))
-    shard_of = {key: index for index, keys in enumerate(shards) for key in keys}
-    pending: dict = {}
-    for key, tensor in pairs:
-        if dtype is not None:
-            tensor = tensor.to(dtype)
-        tensor = tensor.to("cpu")
-        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
-            tensor = tensor.clone()  # a view (e.g. one head's QKV rows): safetensors wants its own storage
-        pending[key] = tensor.contiguous()
-        if on_tensor is not None:
-            on_tensor(tensor.numel() * tensor.element_size())
-        index = shard_of[key]
-        if len(pending) == len(shards[index]):
-            save_file(pending, str(output / names[index]), metadata={"format": "pt"})
-            pending = {}
-    if len(names) > 1:
-        total = sum(nbytes for _, nbytes in planned)
-        index = {"metadata": {"total_size": total}, "weight_map": {k: names[shard_of[k]] for k, _ in planned}}
-        (output / DIFFUSERS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    """``mfmegatron.conversion.write_shards`` with diffusers' file names."""
+    conversion.write_shards(output, pairs, planned, shards, DIFFUSERS_WEIGHTS, dtype, on_tensor)
 
 
 def write_config(output: Path, diffusers_config: dict) -> None:

@@ -45,6 +45,9 @@ class HunyuanImage3Config(TransformerConfig):
     image_norm_groups: int = 32
     patch_size: int = 1
     vae_scaling_factor: float = 0.562679178327931
+    # Layers per pipeline stage, e.g. (9, 8, 8, 7); None: an even split (the pipeline size must
+    # then divide num_layers). See parallelize.pipeline_layer_range / check_layout.
+    pipeline_layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.kv_channels is None and self.num_attention_heads:
