@@ -11,7 +11,7 @@ from mfmegatron.training.config import TrainConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 GPUS = {"flux_dev_8xh100.yaml": 8, "flux_dev_64xh100.yaml": 64, "flux_tiny_cpu.yaml": 2,
-        "shapes_teacher_cpu.yaml": 2}
+        "shapes_teacher_cpu.yaml": 2, "shapes_distill_cpu.yaml": 2}
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))

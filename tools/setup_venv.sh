@@ -46,4 +46,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[${EXTRAS:-test}]"
+case ",${EXTRAS:-test}," in
+  *,test,*)
+    # The independent HunyuanImage 3.0 reference of tests/test_hunyuan_image3_image.py: NeMo
+    # Automodel's pure-Python port. Without its dependencies (their pins would replace torch);
+    # what the port imports is already installed.
+    .venv/bin/python -m pip install --quiet --no-deps "nemo-automodel==0.7.0" ;;
+esac
 echo "ready: .venv ($(.venv/bin/python -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)' 2>/dev/null))"
