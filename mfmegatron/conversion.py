@@ -72,6 +72,21 @@ def require_empty_output(path: Path) -> None:
         raise ConversionError(f"output {path} already exists and is not an empty directory")
 
 
+def check_export_arguments(checkpoint: Path, output: Path, dry_run: bool) -> None:
+    """What every ``export`` command checks before reading anything: the checkpoint exists, the
+    output is free, and it runs in one process (it reads the checkpoint unsharded, whatever
+    layout wrote it)."""
+    if not checkpoint.exists():
+        raise ConversionError(f"--checkpoint {checkpoint}: no such file or directory")
+    if not dry_run:
+        require_empty_output(output)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConversionError(
+            "export runs in one process (it reads the checkpoint unsharded, whatever layout wrote it); "
+            "start it without torchrun"
+        )
+
+
 class Progress:
     """Tensor count and bytes, as a tqdm bar on rank 0 (nothing with --quiet or on other ranks)."""
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import re
 import sys
 import time
@@ -45,6 +44,7 @@ from mfmegatron.conversion import (  # shared with tools/convert_hunyuan_image3.
     ConversionError,
     Progress,
     SafetensorsSource,
+    check_export_arguments,
     cli_main,
     format_bytes,
     hf_folder_files,
@@ -377,15 +377,7 @@ def run_export(args) -> dict:
     """The ``export`` command; returns a summary (also used by the tests)."""
     started = time.perf_counter()
     checkpoint, output = Path(args.checkpoint), Path(args.output)
-    if not checkpoint.exists():
-        raise ConversionError(f"--checkpoint {checkpoint}: no such file or directory")
-    if not args.dry_run:
-        _require_empty_output(output)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConversionError(
-            "export runs in one process (it reads the checkpoint unsharded, whatever layout wrote "
-            "it); start it without torchrun"
-        )
+    check_export_arguments(checkpoint, output, args.dry_run)
 
     import torch
     from megatron.core import dist_checkpointing

@@ -47,6 +47,7 @@ from mfmegatron.conversion import (
     ConversionError,
     Progress,
     SafetensorsSource,
+    check_export_arguments,
     cli_main,
     format_bytes,
     hf_folder_files,
@@ -291,15 +292,7 @@ def run_export(args) -> dict:
     """The ``export`` command; returns a summary (also used by the tests)."""
     started = time.perf_counter()
     checkpoint, output = Path(args.checkpoint), Path(args.output)
-    if not checkpoint.exists():
-        raise ConversionError(f"--checkpoint {checkpoint}: no such file or directory")
-    if not args.dry_run:
-        require_empty_output(output)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConversionError(
-            "export runs in one process (it reads the checkpoint unsharded, whatever layout wrote it); "
-            "start it without torchrun"
-        )
+    check_export_arguments(checkpoint, output, args.dry_run)
     import torch
     from megatron.core import dist_checkpointing
 
