@@ -184,6 +184,9 @@ def test_full_config_parameter_counts_from_the_built_modules():
     assert counts["layers"] == 79_868_207_104
     assert counts["word_embeddings"] == counts["output_layer"] == 545_259_520
     assert counts["activated_per_token_layers"] == 381_952_256 * 32
+    assert counts["image_path"] == 340_402_208
+    assert counts["image_path.patch_embed"] == 226_819_072 and counts["image_path.final_layer"] == 60_081_184
+    assert counts["image_path.timestep_emb"] == counts["image_path.time_embed_2"] == 17_833_984
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     assert shapes["layers.0.self_attention.linear_qkv.weight"] == (6144, 4096)
     assert shapes["layers.31.mlp.experts.local_experts.63.linear_fc1.weight"] == (6144, 4096)
@@ -197,6 +200,7 @@ def test_sizes_tool_prints_the_counts(capsys):
     assert main(["--preset", "hunyuan-image3"]) == 0
     printed = capsys.readouterr().out
     assert "80,958,730,240" in printed and "12,222,472,192" in printed and "381,952,256" in printed
+    assert "image head" in printed and "340,402,208" in printed
 
 
 def test_conversion_round_trip_is_exact_and_names_what_does_not_fit(reference):

@@ -1,11 +1,11 @@
-"""HunyuanImage 3.0's trunk parameter counts, read off the modules built on the meta device.
+"""HunyuanImage 3.0's parameter counts, read off the modules built on the meta device.
 
     python -m tools.hunyuan_image3_sizes [--preset hunyuan-image3|tiny]
 
-Builds the whole trunk (every layer and expert, no memory) in a world of one and prints the
-language model's total, its parts, and the parameters one token passes through in the decoder
-layers (attention, router, norms, the shared expert and top-k routed experts). The image head
-(patch embedding, final layer, timestep embedders) is not built yet and not counted.
+Builds the whole model (every layer and expert, no memory) in a world of one and prints the
+language model's total, its parts, the parameters one token passes through in the decoder layers
+(attention, router, norms, the shared expert and top-k routed experts), and the image head
+(patch embedding, final layer, the three timestep embedders) when the config builds it.
 """
 
 from __future__ import annotations
@@ -43,10 +43,15 @@ def main(argv=None) -> int:
         ("activated per token in the layers", counts["activated_per_token_layers"]),
         ("  of which per layer", counts["activated_per_token_layers"] // layers),
     ]
+    if counts.get("image_path"):
+        rows.append(("image head", counts["image_path"]))
+        rows += [(f"  {name[len('image_path.'):]}", value) for name, value in counts.items()
+                 if name.startswith("image_path.")]  # fmt: skip
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value:>16,}  ({value / 1e9:.2f}B)")
-    print("image head: not built yet (not counted)")
+    if not counts.get("image_path"):
+        print("image head: not built by this config (config.image_path=False)")
     return 0
 
 
