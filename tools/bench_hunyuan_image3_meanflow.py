@@ -2,6 +2,7 @@
 
     python -m tools.bench_hunyuan_image3_meanflow            # CPU: 64 experts top-8, small width
     python -m tools.bench_hunyuan_image3_meanflow --recompute
+    OMP_NUM_THREADS=1 python -m tools.bench_hunyuan_image3_meanflow --repeats 15  # cores shared
 
 The network is the real model, ``models.hunyuan_image3.model.HunyuanImage3Model`` with its image
 path, at a width 2 CPU cores can run and with the released structure: pre-norm GQA attention (4
