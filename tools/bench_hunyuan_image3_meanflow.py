@@ -1,19 +1,27 @@
-"""Cost of a differential MeanFlow step against a flow-matching step on HunyuanImage 3.0's trunk.
+"""Cost of a differential MeanFlow step against a flow-matching step on HunyuanImage 3.0.
 
     python -m tools.bench_hunyuan_image3_meanflow            # CPU: 64 experts top-8, small width
     python -m tools.bench_hunyuan_image3_meanflow --recompute
+    OMP_NUM_THREADS=1 python -m tools.bench_hunyuan_image3_meanflow --repeats 15  # cores shared
 
-The network is the HunyuanImage 3.0 decoder trunk at a small width with the released structure
-(pre-norm GQA attention with q/k RMSNorm after RoPE, 64 routed SwiGLU experts top-8 through
-megatron's alltoall dispatcher, a shared expert, ``ln_f``) between a stand-in image head written
-here: latents -> linear -> tokens, plus a sinusoidal embedding of t (teacher) or of t and t - r
-(student); ``ln_f`` -> linear -> velocity. The released image path (patch embedding, timestep
-embedders, final layer) is not in it. Measured side by side, same model, same batch:
+The network is the real model, ``models.hunyuan_image3.model.HunyuanImage3Model`` with its image
+path, at a width 2 CPU cores can run and with the released structure: pre-norm GQA attention (4
+query heads per KV group, q/k RMSNorm after 2-D RoPE, causal text and a bidirectional image block),
+64 routed SwiGLU experts top-8 through megatron's alltoall dispatcher plus a shared expert, and the
+image path (``patch_embed``, the three timestep embedders, ``final_layer``) with GroupNorm(32).
+Each sample is the generation sequence of ``models.hunyuan_image3.sequence``: ``<bos>``, the
+prompt tokens, ``<boi> <img_size> <img_ratio> <timestep>``, the latent grid's ``<img>`` tokens,
+``<eoi>``. Measured side by side, same batch:
 
-- ``flow_matching``: teacher velocity (no grad), student forward at r = t, MSE, backward.
-- ``meanflow_differential``: teacher velocity, the student's primal (with graph) and tangent along
-  (v_T, 0, 1) in one forward-mode pass (``decoder_forward_jvp``, the MoE's ``moe_forward_jvp``),
-  the MeanFlow target, adaptive loss, backward.
+- ``flow_matching``: teacher velocity (no grad), student ``velocity`` with grad, MSE, backward.
+- ``meanflow_differential``: teacher velocity (no grad); the student's primal (with graph) and its
+  tangent along (v_teacher in the latents, 1 in σ) in one forward-mode pass (``velocity_jvp``:
+  ``decoder_forward_jvp``, the MoE's ``moe_forward_jvp``); the target ``u_tgt = v − (t − r)·du``
+  with r < t; adaptive loss; backward.
+
+Teacher and student are the same architecture: the MeanFlow student's r (interval) embedding does
+not exist for this model yet. Its tangent would be zero (the tangent of r is 0), so the step's cost
+is the same to within one timestep embedder on [b] inputs.
 
 Reported as in ``tools.bench_flux_meanflow``: median step time, bytes autograd saves for backward,
 and peak memory above the step's start (CPU: from the profiler's allocation events), with ratios
@@ -24,183 +32,177 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 import torch
 
-from mfmegatron.jvp import functional as jf
 from mfmegatron.warnings_filter import quiet_expected_warnings
 from tools.bench_attention_jvp import peak_bytes
 from tools.bench_flux_meanflow import measure
 
 PRESETS = {
     # The released structure (64 experts top-8, 4 query heads per KV group, expert width 3/4 of
-    # the model width, a shared expert) at a width 2 CPU cores can run.
+    # the model width, a shared expert, 32 latent channels, GroupNorm(32) in the image path) at a
+    # width 2 CPU cores can run; a 16x16 latent grid (256 image tokens).
     "cpu": dict(hidden=128, heads=8, groups=2, layers=2, experts=64, topk=8, expert_width=96,
-                image_tokens=256, text_tokens=32, batch=1, latent_channels=32),
+                latent_side=16, prompt_tokens=32, batch=1, latent_channels=32, patch_width=64,
+                timestep_dim=256, norm_groups=32),
 }
 
-_TIME_FREQUENCIES = 32
+# Special token ids of the sequences; the prompt tokens are drawn from the ids above them.
+TOKENS = dict(bos=1, pad=0, boi=2, eoi=3, img=4, timestep=5, size=6, ratio=7)
+VOCAB = 256
 
-
-def _time_features(t, tt):
-    """[sin ωt, cos ωt] per sample [B, 2F] and its tangent along tt [B] (None: primal only)."""
-    omega = torch.exp(-math.log(1000.0) * torch.arange(_TIME_FREQUENCIES, dtype=t.dtype, device=t.device) / _TIME_FREQUENCIES) * 1000.0
-    angle = t[:, None] * omega
-    features = torch.cat([angle.sin(), angle.cos()], dim=-1)
-    if tt is None:
-        return features, None
-    slope = torch.cat([angle.cos() * omega, -angle.sin() * omega], dim=-1)
-    return features, slope * tt[:, None]
-
-
-class ImageHeadTrunk(torch.nn.Module):
-    """latents [B, N, C] -> tokens; + time embeddings; [text; image] through the trunk; -> [B, N, C]."""
-
-    def __init__(self, trunk, latent_channels: int, text_tokens: int, intervals: bool):
-        super().__init__()
-        hidden = trunk.config.hidden_size
-        dtype = trunk.config.params_dtype
-        self.trunk = trunk
-        self.text = torch.nn.Parameter(torch.randn(text_tokens, hidden, dtype=dtype) * 0.5)
-        self.latent_in = torch.nn.Linear(latent_channels, hidden, dtype=dtype)
-        self.time_in = torch.nn.Linear(2 * _TIME_FREQUENCIES, hidden, dtype=dtype)
-        self.interval_in = torch.nn.Linear(2 * _TIME_FREQUENCIES, hidden, dtype=dtype) if intervals else None
-        self.latent_out = torch.nn.Linear(hidden, latent_channels, dtype=dtype)
-
-    def forward_jvp(self, z, tz, t, tt, interval=None, tinterval=None):
-        from models.hunyuan_image3.model import rope_tables, text_rope_positions
-
-        x, tx = jf.linear(z, tz, self.latent_in.weight, self.latent_in.bias)
-        emb, temb = jf.linear(*_time_features(t, tt), self.time_in.weight, self.time_in.bias)
-        if self.interval_in is not None:
-            iemb, tiemb = jf.linear(*_time_features(interval, tinterval), self.interval_in.weight, self.interval_in.bias)
-            emb, temb = jf.add(emb, temb, iemb, tiemb)
-        x, tx = jf.add(x, tx, emb[:, None], temb[:, None] if temb is not None else None)
-        text = self.text.expand(x.shape[0], -1, -1)
-        x = torch.cat([text, x], dim=1).transpose(0, 1)  # [s, b, h], text first
-        if tx is not None:
-            tx = torch.cat([torch.zeros_like(text), tx], dim=1).transpose(0, 1)
-        config = self.trunk.config
-        rope = rope_tables(*text_rope_positions(x.shape[0], x.device), config.kv_channels, config.rope_theta)
-        h, th = self.trunk.decoder_forward_jvp(x, tx, rope)
-        h, th = self.trunk.final_layernorm.forward_jvp(h, th)
-        text_tokens = text.shape[1]
-        h = h[text_tokens:].transpose(0, 1)
-        th = th[text_tokens:].transpose(0, 1) if th is not None else None
-        return jf.linear(h, th, self.latent_out.weight, self.latent_out.bias)
+NO_INTERVAL_EMBEDDING = (
+    "teacher and student: the same architecture (the MeanFlow student's r-embedding does not exist "
+    "for this model yet; its tangent would be zero, so the cost is the same to within one embedder)"
+)
 
 
 class Teacher:
-    def __init__(self, network):
-        self.network = network
+    """``mfmegatron.meanflow``'s teacher protocol over ``HunyuanImage3Model.velocity``."""
 
-    def velocity(self, z, t, cond):
-        return self.network.forward_jvp(z, None, t, None)[0]
+    def __init__(self, model):
+        self.model = model
+
+    def velocity(self, z, t, sequence):
+        return self.model.velocity(sequence, z, t)
 
 
 class Student:
-    def __init__(self, network):
-        self.network = network
+    """The student protocol; r is not an input of the model (no r-embedding yet, see the module
+    docstring), so its tangent is dropped: it is zero in the MeanFlow tangents."""
 
-    def mean_velocity(self, z, r, t, cond):
-        return self.network.forward_jvp(z, None, t, None, t - r, None)[0]
+    def __init__(self, model):
+        self.model = model
 
-    def mean_velocity_jvp(self, z, r, t, cond, tangents):
-        tz, tr, tt = tangents
-        return self.network.forward_jvp(z, tz, t, tt, t - r, tt - tr)
+    def mean_velocity(self, z, r, t, sequence):
+        return self.model.velocity(sequence, z, t)
+
+    def mean_velocity_jvp(self, z, r, t, sequence, tangents):
+        tz, _, tt = tangents
+        return self.model.velocity_jvp(sequence, z, t, tz, tt)
 
 
 def _config(args, recompute: bool):
     from models.hunyuan_image3.config import tiny_hunyuan_image3_config
 
-    head_dim = args.hidden // args.heads
     settings = dict(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-        num_query_groups=args.groups, kv_channels=head_dim, ffn_hidden_size=args.expert_width,
+        num_query_groups=args.groups, kv_channels=args.hidden // args.heads, ffn_hidden_size=args.expert_width,
         num_moe_experts=args.experts, moe_router_topk=args.topk, moe_ffn_hidden_size=args.expert_width,
-        moe_shared_expert_intermediate_size=args.expert_width, vocab_size=128,
+        moe_shared_expert_intermediate_size=args.expert_width, vocab_size=VOCAB, image_path=True,
+        latent_channels=args.latent_channels, patch_embed_hidden_dim=args.patch_width,
+        timestep_embedding_dim=args.timestep_dim, image_norm_groups=args.norm_groups,
     )
     if recompute:
         settings.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     return tiny_hunyuan_image3_config(**settings)
 
 
-def _build(args):
+def _randomise(model, generator):
+    """Weights large enough that routing, the norms and the image path all matter (megatron's
+    init is 0.02): norm scales near 1, biases small, matrices and kernels ~ 1/sqrt(fan-in)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if param.ndim > 1:
+                param.copy_(noise / param[0].numel() ** 0.5)
+            elif name.endswith("bias"):
+                param.copy_(0.1 * noise)
+            else:
+                param.copy_(1 + 0.1 * noise)
+
+
+def build(args):
+    """(teacher, student, the student's module): two models of one architecture, different weights."""
     from mfmegatron.parallel import initialize_parallel
     from models.hunyuan_image3.parallelize import build_hunyuan_model
 
     initialize_parallel()
-    teacher = ImageHeadTrunk(build_hunyuan_model(_config(args, False)), args.latent_channels, args.text_tokens, False)
-    student = ImageHeadTrunk(build_hunyuan_model(_config(args, args.recompute)), args.latent_channels, args.text_tokens, True)
-    # Weights large enough that routing and the norms matter (megatron's init is 0.02).
+    teacher = build_hunyuan_model(_config(args, False))
+    student = build_hunyuan_model(_config(args, args.recompute))
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in list(teacher.parameters()) + list(student.parameters()):
-            if param.ndim == 1:
-                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) / param.shape[-1] ** 0.5)
+    _randomise(teacher, generator)
+    _randomise(student, generator)
     teacher.requires_grad_(False)
     return Teacher(teacher), Student(student), student
 
 
-def _batch(args):
+def batch(args):
+    """(z_t [b, C, h, w], r, t, sequence): ``args.batch`` random prompts of equal length."""
+    from models.hunyuan_image3.sequence import ImageTokens, build_image_sequences
+
     generator = torch.Generator().manual_seed(1)
-    z_t = torch.randn(args.batch, args.image_tokens, args.latent_channels, generator=generator)
+    prompts = torch.randint(len(TOKENS), VOCAB, (args.batch, args.prompt_tokens), generator=generator)
+    side = args.latent_side
+    sequence = build_image_sequences(prompts.tolist(), (side, side), ImageTokens(**TOKENS))
+    z_t = torch.randn(args.batch, args.latent_channels, side, side, generator=generator)
     t = torch.full((args.batch,), 0.8)
     r = torch.full((args.batch,), 0.3)
-    return z_t, r, t, None
+    return z_t, r, t, sequence
 
 
-def _steps(teacher, student):
+def steps(teacher, student):
     from mfmegatron.meanflow import AdaptiveLossConfig, adaptive_weighted_loss, differential_target
 
     loss_config = AdaptiveLossConfig()
 
-    def flow_matching(z_t, r, t, cond):
+    def flow_matching(z_t, r, t, sequence):
         with torch.no_grad():
-            v = teacher.velocity(z_t, t, cond)
-        u = student.mean_velocity(z_t, t, t, cond)
+            v = teacher.velocity(z_t, t, sequence)
+        u = student.mean_velocity(z_t, t, t, sequence)
         (u - v).square().mean().backward()
 
-    def meanflow_differential(z_t, r, t, cond):
-        target = differential_target(teacher, student, z_t, r, t, cond)
+    def meanflow_differential(z_t, r, t, sequence):
+        target = differential_target(teacher, student, z_t, r, t, sequence)
         adaptive_weighted_loss(target.student_mean_velocity, target.target, loss_config).loss.backward()
 
     return [flow_matching, meanflow_differential]
 
 
-def main(argv=None) -> int:
+def describe(args, sequence) -> str:
+    side = args.latent_side
+    return (
+        f"HunyuanImage 3.0, scaled: width {args.hidden}, {args.heads} heads in {args.groups} KV groups "
+        f"({args.heads // args.groups} query heads per group), {args.layers} layers, {args.experts} experts "
+        f"top-{args.topk} of width {args.expert_width} + a shared expert; image path: "
+        f"{args.latent_channels} latent channels, patch embedding width {args.patch_width}, "
+        f"GroupNorm({args.norm_groups}), timestep sinusoid {args.timestep_dim}; "
+        f"sequence: {args.prompt_tokens} prompt tokens + <timestep> + {side}x{side} latent tokens "
+        f"({sequence.input_ids.shape[1]} tokens with the special ones), batch {args.batch}, float32, "
+        f"cpu{', recompute' if args.recompute else ''}\n{NO_INTERVAL_EMBEDDING}"
+    )
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tools.bench_hunyuan_image3_meanflow", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    for name in ("hidden", "heads", "groups", "layers", "experts", "topk", "expert-width", "image-tokens",
-                 "text-tokens", "batch", "latent-channels"):
+    for name in ("hidden", "heads", "groups", "layers", "experts", "topk", "expert-width", "latent-side",
+                 "prompt-tokens", "batch", "latent-channels", "patch-width", "timestep-dim", "norm-groups"):
         parser.add_argument(f"--{name}", type=int, default=None, help="override the preset")
     parser.add_argument("--recompute", action="store_true", help="activation recompute of every student layer")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
-    quiet_expected_warnings()
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    return args
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    quiet_expected_warnings()
     device = torch.device("cpu")
     torch.manual_seed(0)
-    teacher, student, student_module = _build(args)
-    inputs = _batch(args)
-    print(
-        f"HunyuanImage 3.0 trunk, scaled: width {args.hidden}, {args.heads} heads in {args.groups} KV "
-        f"groups, {args.layers} layers, {args.experts} experts top-{args.topk} of width "
-        f"{args.expert_width} + a shared expert; {args.image_tokens} image + {args.text_tokens} text "
-        f"tokens, batch {args.batch}, float32, cpu{', recompute' if args.recompute else ''}; "
-        f"stand-in image head (not the released image path)"
-    )
-    steps = _steps(teacher, student)
-    results = [measure(step, inputs, student_module, device, args.warmup, args.repeats) for step in steps]
-    for step, result in zip(steps, results):
+    teacher, student, student_module = build(args)
+    inputs = batch(args)
+    print(describe(args, inputs[3]))
+    step_fns = steps(teacher, student)
+    results = [measure(step, inputs, student_module, device, args.warmup, args.repeats) for step in step_fns]
+    # The profiler's allocation events, in untimed calls after every timing (as bench_flux_meanflow).
+    for step, result in zip(step_fns, results):
         result.peak_bytes = peak_bytes(lambda: step(*inputs), device)
         student_module.zero_grad(set_to_none=True)
     base = results[0]

@@ -65,6 +65,7 @@ from mfmegatron.jvp.moe import moe_forward_jvp
 from mfmegatron.jvp.recompute import checkpoint_primal
 from models.hunyuan_image3.config import HunyuanImage3Config
 from models.hunyuan_image3.layer_specs import HunyuanLayerSpec, get_hunyuan_layer_spec
+from models.hunyuan_image3.state_dict_adapter import IMAGE_HEAD_PREFIXES
 
 # --------------------------------------------------------------------------- norms, rotary
 
@@ -475,19 +476,10 @@ def _tokens_to_grid(x, latent_hw):
 # --------------------------------------------------------------------------- the model
 
 
-# The image-path modules, their attribute names = the released checkpoint's top-level names.
-IMAGE_PATH_MODULES = ("timestep_emb", "time_embed", "patch_embed", "time_embed_2", "final_layer")
-
-
-def image_path_keys(config: HunyuanImage3Config) -> list[str]:
-    """The image-path parameter names (ours = released), from a meta-device build."""
-    with torch.device("meta"):
-        modules = {
-            "timestep_emb": TimestepEmbedder(config), "time_embed": TimestepEmbedder(config),
-            "patch_embed": PatchEmbed(config), "time_embed_2": TimestepEmbedder(config),
-            "final_layer": FinalLayer(config),
-        }
-    return [f"{name}.{key}" for name in IMAGE_PATH_MODULES for key, _ in modules[name].named_parameters()]
+# The image-path modules: their attribute names are the released checkpoint's top-level names,
+# which the conversion lists (``state_dict_adapter.IMAGE_HEAD_PREFIXES``, with every tensor's
+# shape from the config in ``image_head_shapes``).
+IMAGE_PATH_MODULES = tuple(prefix.rstrip(".") for prefix in IMAGE_HEAD_PREFIXES)
 
 
 def _put_image_tokens(x, image_tokens, timestep_token, sequence):
@@ -795,7 +787,6 @@ __all__ = [
     "text_rope_positions",
     "apply_rope",
     "parameter_counts",
-    "image_path_keys",
     "IMAGE_PATH_MODULES",
     "mixed_attention_jvp",
     "apply_rope_jvp",

@@ -268,10 +268,9 @@ def local_weights(model: HunyuanImage3Model) -> Iterable[tuple[str, torch.Tensor
 
 
 def _full_names(config: HunyuanImage3Config) -> list[str]:
-    from models.hunyuan_image3.model import image_path_keys
     from models.hunyuan_image3.state_dict_adapter import megatron_keys
 
-    return megatron_keys(config) + (image_path_keys(config) if config.image_path else [])
+    return megatron_keys(config, image_head=config.image_path)
 
 
 # --------------------------------------------------------------------------- dist checkpoints
