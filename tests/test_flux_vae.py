@@ -108,3 +108,27 @@ def test_latents_stored_by_the_builder_are_read_in_the_image_loaders_order(tmp_p
     resumed = LatentBatchLoader(out, 4, **options)
     resumed.load_state_dict(pixels.state_dict())
     assert next(resumed).keys == next(pixels).keys
+
+
+def test_evaluation_decodes_latents_as_diffusers_flux_pipeline_does(vae_folder, images):
+    """``FluxFamily.decode_images`` (the trainer's evaluation) against diffusers' own FLUX
+    unpacking and VAE decoding: unscale and unshift, decode, map [-1, 1] to [0, 1]."""
+    from diffusers import AutoencoderKL, FluxPipeline
+
+    family = FluxFamily()
+    config = _config(vae_folder, "mean")
+    tokens = family.image_encoder(config, torch.device("cpu"), torch.float32)(images)
+    decoded = family.decode_images(tokens, config)
+
+    vae = AutoencoderKL.from_pretrained(vae_folder).eval()
+    latents = FluxPipeline._unpack_latents(tokens, IMAGE_SIZE, IMAGE_SIZE, vae_scale_factor=8)
+    with torch.no_grad():
+        expected = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
+    expected = (expected / 2 + 0.5).clamp(0, 1)  # diffusers' VaeImageProcessor.postprocess("pt")
+    assert decoded.shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    torch.testing.assert_close(decoded, expected, rtol=0, atol=1e-6)
+    # Pixel-space networks decode to their own pixels.
+    config.model.latent_space, config.model.overrides = "pixels", {"in_channels": 12}
+    family = FluxFamily()
+    pixels = family.image_encoder(config, torch.device("cpu"), torch.float32)(images)
+    torch.testing.assert_close(family.decode_images(pixels, config), (images / 2 + 0.5).clamp(0, 1))
