@@ -957,24 +957,12 @@ def test_image_forward_jvp_saves_nothing_tangent_related_and_recompute_matches()
     """The whole image forward with tangents saves exactly what the primal alone saves for
     backward; with activation recompute (every layer) the velocity, its tangent and every
     gradient are unchanged."""
-    import collections
-
     from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights, local_weights
+    from tests.test_hunyuan_image3_jvp import saved_for_backward
 
     config = _tiny_config()
     batch = _image_batch(config)
     tangents = _tangents(batch, 81)
-
-    def saved_for_backward(run):
-        saved = collections.Counter()
-
-        def pack(tensor):
-            saved[(tuple(tensor.shape), tensor.dtype)] += 1
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            out = run()
-        return saved, out
 
     results = {}
     with parallel_context():

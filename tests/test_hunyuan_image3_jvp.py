@@ -129,8 +129,9 @@ def test_the_gate_probability_tangent_is_engaged(reference, monkeypatch):
     assert error > 0.05 * want_ty.abs().max().item(), error
 
 
-def _saved_for_backward(run) -> collections.Counter:
-    """(shape, dtype) of every tensor autograd saves while ``run()`` executes."""
+def saved_for_backward(run) -> tuple[collections.Counter, object]:
+    """(shape, dtype) counts of every tensor autograd saves while ``run()`` executes, and its
+    result (shared with the image path's test)."""
     saved = collections.Counter()
 
     def pack(tensor):
@@ -150,8 +151,8 @@ def test_nothing_tangent_related_is_saved_for_backward(reference):
     x, tx = _pair(3)
     with parallel_context():
         moe = _build(_config(), reference["ours"]).layers[0].mlp
-        primal_only, _ = _saved_for_backward(lambda: moe_forward_jvp(moe, x.requires_grad_(), None))
-        with_tangent, (y, ty) = _saved_for_backward(lambda: moe_forward_jvp(moe, x, tx))
+        primal_only, _ = saved_for_backward(lambda: moe_forward_jvp(moe, x.requires_grad_(), None))
+        with_tangent, (y, ty) = saved_for_backward(lambda: moe_forward_jvp(moe, x, tx))
     assert with_tangent == primal_only and sum(primal_only.values()) > 0
     assert y.requires_grad and ty.grad_fn is None and not ty.requires_grad
 
