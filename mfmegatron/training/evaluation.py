@@ -11,7 +11,8 @@ Every ``train.eval_interval`` steps (and after the last step) the trainer calls
 - every sample set is compared with the teacher's most-step samples (``sample_distance``: paired
   RMSE and a pooled-image MMD, on decoded images when the family decodes, else on latents), and
   scored by ``train.eval_scorer`` when one is set (the shapes world's GenEval-style scorer);
-- a labelled grid (a column per prompt, a row per sampler) goes to ``output_dir/eval/``.
+- a labelled grid (a column per prompt, a row per sampler) goes to ``output_dir/eval/`` when the
+  family decodes its latents to images.
 
 Every model-parallel rank runs the samplers (the networks are split over them); every
 data-parallel replica evaluates the same prompts (small sets: a few dozen), rank 0 writes.
@@ -102,7 +103,8 @@ class Evaluator:
             if self.scorer is not None and images.dim() == 4 and images.shape[1] == 3:
                 for metric, value in self.scorer(self.prompts, images).items():
                     stats[f"eval_{name}_{metric}"] = float(value)
-        if trainer.rank == 0:
+        # Latents without a decoder have no picture here (the family's sample grids show them).
+        if trainer.rank == 0 and reference.dim() == 4 and reference.shape[1] == 3:
             save_labelled_grid(samples, self.prompts, trainer.output_dir / "eval" / f"step_{step:08d}.png")
         return stats
 
@@ -110,13 +112,11 @@ class Evaluator:
 def save_labelled_grid(samples: dict[str, torch.Tensor], prompts: list[str], path: Path,
                        columns: int = 8) -> None:
     """A row per sampler (its name on the left), a column per prompt (its text on top), for the
-    first ``columns`` prompts. Images [n, 3, H, W] in [0, 1]; other tensors (latents without a
-    decoder) show their first three channels, normalised per image."""
+    first ``columns`` prompts; images [n, 3, H, W] in [0, 1]."""
     from PIL import Image, ImageDraw
 
     n = min(columns, len(prompts))
     cell, label_width, label_height = 96, 96, 36
-    first = next(iter(samples.values()))
     canvas = Image.new("RGB", (label_width + n * cell, label_height + len(samples) * cell), "white")
     draw = ImageDraw.Draw(canvas)
     for column, prompt in enumerate(prompts[:n]):
@@ -128,12 +128,8 @@ def save_labelled_grid(samples: dict[str, torch.Tensor], prompts: list[str], pat
         draw.text((label_width + column * cell + 2, 1), "\n".join(lines[:3]), fill="black")
     for row, (name, images) in enumerate(samples.items()):
         draw.text((2, label_height + row * cell + cell // 2 - 6), name.replace("_", " ") + " steps", fill="black")
-        if images.dim() != 4 or images.shape[1] != 3:
-            images = first if first.dim() == 4 else images
         for column in range(n):
             image = images[column].float()
-            if image.min() < 0 or image.max() > 1:
-                image = (image - image.min()) / (image.max() - image.min() + 1e-8)
             array = (image.clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
             tile = Image.fromarray(array).resize((cell - 4, cell - 4), Image.NEAREST)
             canvas.paste(tile, (label_width + column * cell + 2, label_height + row * cell + 2))

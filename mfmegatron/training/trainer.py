@@ -326,6 +326,8 @@ class Trainer:
     def _text_encoder(self):
         data = self.config.data
         width, pooled = self.family.text_encoder_dims(self.config)
+        if data.text_tokenizer is not None and data.text_encoder != "dummy":
+            raise ValueError("data.text_tokenizer is the dummy encoder's; set data.text_encoder=dummy or drop it")
         if data.text_encoder == "precomputed":
             return None
         if data.text_encoder == "dummy":
