@@ -51,6 +51,11 @@ class ParallelSection:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     sequence_parallel: bool = False
+    expert_parallel_size: int = 1
+    """Mixture-of-experts families: ranks the routed experts are split over (each holds E / EP of
+    every layer's experts; tokens travel to them by all-to-all)."""
+    expert_tensor_parallel_size: int | None = None
+    """Tensor-parallel size of each expert (None: ``tensor_parallel_size``, megatron's default)."""
     num_microbatches: int = 1
     """Micro-batches per step and data-parallel rank (pipeline parallel needs > 1 to overlap)."""
     use_distributed_optimizer: bool = False

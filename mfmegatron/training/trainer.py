@@ -101,6 +101,8 @@ class Trainer:
             ParallelConfig(
                 tensor_parallel_size=parallel.tensor_parallel_size,
                 pipeline_parallel_size=parallel.pipeline_parallel_size,
+                expert_parallel_size=parallel.expert_parallel_size,
+                expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
                 seed=config.train.seed,
             )
         )
