@@ -23,6 +23,7 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
+from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
 
 def resolve_sharding(setting: str, use_distributed_optimizer: bool) -> str:
@@ -116,8 +117,16 @@ class ParameterEMA:
         for name, entry in module_sharded_state_dict.items():
             if name not in self.shadow or not hasattr(entry, "key"):
                 continue
-            fields = dict(key=key_prefix + entry.key, data=self.shadow[name], dtype=torch.float32)
             rows = self.rows[name]
+            if isinstance(entry, ShardedTensorFactory):
+                # A tensor stored in pieces (a SwiGLU weight's gate and up halves): the factory
+                # builds them from the data, in its dtype.
+                if rows is not None:
+                    raise ValueError(f"{entry.key}: a weight stored in pieces cannot be sharded by rows; "
+                                     "set optim.ema_sharding=replicated")
+                sharded[name] = dataclasses.replace(entry, key=key_prefix + entry.key, data=self.shadow[name])
+                continue
+            fields = dict(key=key_prefix + entry.key, data=self.shadow[name], dtype=torch.float32)
             if rows is not None:
                 if entry.flattened_range is not None:
                     raise ValueError(f"{entry.key}: a flattened ShardedTensor cannot be sharded by rows")

@@ -109,6 +109,7 @@ class Trainer:
         self.checkpoint_root = self.output_dir / "checkpoints"
         self.family = get_family(config.model.family)
         self.dp_rank, self.dp_size = data_parallel_rank_and_size()
+        self.expert_parallel = parallel.expert_parallel_size > 1
         # The text conditioning, the data (and, for z_source=data, the VAE) first: a recipe that
         # lacks what its prompts or its data source need fails in one line before any network
         # is built or loaded.
@@ -171,7 +172,12 @@ class Trainer:
                 self._warmup(),
                 alignment if meanflow.align_weight > 0 else None,
                 reduce_gap=self._average_gap_over_data_parallel,
-                select_condition=self._select_condition,
+                # Expert-parallel ranks belong to different data-parallel replicas and exchange
+                # tokens inside every forward, so their network calls must match one for one:
+                # the discrete target is solved on the whole batch (not only its r < t rows)
+                # and the batch-dependent decisions are agreed over the job.
+                select_condition=None if self.expert_parallel else self._select_condition,
+                agree_max=self._max_over_job if self.expert_parallel else None,
             )
 
         self.evaluator = None
@@ -236,11 +242,6 @@ class Trainer:
         if optim.ema_decay <= 0:
             return None
         sharding = resolve_sharding(optim.ema_sharding, self.config.parallel.use_distributed_optimizer)
-        if sharding == "data_parallel" and self.config.parallel.expert_parallel_size > 1:
-            # Expert-parallel ranks hold different experts, so the data-parallel group's rows of
-            # an expert weight would belong to different tensors.
-            raise ValueError("optim.ema_sharding=data_parallel cannot shard expert-parallel weights; set "
-                             "optim.ema_sharding=replicated (parallel.expert_parallel_size > 1)")
         group = parallel_state.get_data_parallel_group() if sharding == "data_parallel" else None
         return ParameterEMA(student, optim.ema_decay, group=group)
 
@@ -255,6 +256,11 @@ class Trainer:
         values = torch.tensor([gap if finite else 0.0, 1.0 if finite else 0.0], dtype=torch.float64, device=self.device)
         dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
         return float(values[0] / values[1]) if values[1] > 0 else float("nan")
+
+    def _max_over_job(self, value: int) -> int:
+        values = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return int(values.item())
 
     def _data_loader(self) -> PromptBatchLoader:
         data = self.config.data
@@ -367,7 +373,9 @@ class Trainer:
     def _optimizers_with_state(self) -> set[str]:
         names = set()
         for name, optimizer in (("optimizer", self.optimizer), ("fake_optimizer", self.fake_optimizer)):
-            if optimizer is not None and any(optimizer.optimizer.state.values()):
+            # A mixture-of-experts model's is chained (dense and expert parameters apart).
+            inner = [] if optimizer is None else getattr(optimizer, "chained_optimizers", [optimizer])
+            if any(any(part.optimizer.state.values()) for part in inner):
                 names.add(name)
         return names
 
