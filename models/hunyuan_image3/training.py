@@ -175,7 +175,16 @@ class HunyuanImage3Family:
 
         architecture = self.model_config(config, student)
         check_layout(architecture, seq_length=self.sequence_length(config))
-        return build_hunyuan_model(architecture).to(device)
+        model = build_hunyuan_model(architecture).to(device)
+        for name, param in model.named_parameters():
+            if ".mlp.experts." in name:
+                # Routed experts always get megatron's expert treatment (own gradient buckets
+                # and optimizer, reduced over the expert-data-parallel group), which megatron
+                # gives them only under expert parallelism: the optimizer is then chained (dense,
+                # experts) at every layout, so its checkpoint resumes at another EP size. At EP=1
+                # the expert-data-parallel group is the data-parallel group: the same reduction.
+                param.allreduce = False
+        return model
 
     def build_networks(self, config, device: torch.device, with_fake: bool):
         from mfmegatron.jvp.lora import add_lora, share_parameters
