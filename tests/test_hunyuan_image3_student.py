@@ -325,20 +325,34 @@ def test_bad_inputs_raise_one_clear_line():
             assert expected in _one_line(error), (expected, str(error.value))
 
 
-def test_meanflow_only_and_cfg_only_students_build_and_run():
-    """Each flag alone: the model has just its embedder and needs just its input."""
+@pytest.mark.parametrize("conditioning", VARIANTS)
+def test_meanflow_only_and_cfg_only_students_build_and_run(conditioning):
+    """Each flag alone: the model has just its embedder and needs just its input; a "tokens"
+    student's sequence has just its token (right before the image)."""
     from models.hunyuan_image3.parallelize import build_hunyuan_model
+    from models.hunyuan_image3.sequence import build_image_sequences
 
+    tokens = conditioning == "tokens"
     with parallel_context():
         torch.manual_seed(0)
-        meanflow = build_hunyuan_model(_tiny_config(use_meanflow=True, student_conditioning="embedding"))
-        guided = build_hunyuan_model(_tiny_config(cfg_distilled=True, student_conditioning="embedding"))
+        meanflow = build_hunyuan_model(_tiny_config(use_meanflow=True, student_conditioning=conditioning))
+        guided = build_hunyuan_model(_tiny_config(cfg_distilled=True, student_conditioning=conditioning))
         assert hasattr(meanflow, "timestep_r_emb") and not hasattr(meanflow, "guidance_emb")
         assert hasattr(guided, "guidance_emb") and not hasattr(guided, "timestep_r_emb")
-        sequence, latents, sigma, sigma_r, guidance = _inputs(_tiny_config(), 102)
-        assert meanflow.velocity(sequence, latents, sigma, sigma_r=sigma_r).shape == latents.shape
-        assert guided.velocity(sequence, latents, sigma, guidance=guidance).shape == latents.shape
+        _, latents, sigma, sigma_r, guidance = _inputs(_tiny_config(), 102)
+        r_only = build_image_sequences(PROMPTS, LATENT_HW, _tokens(), student_tokens=("timestep_r",) if tokens else False)
+        g_only = build_image_sequences(PROMPTS, LATENT_HW, _tokens(guidance=None if not tokens else 9),
+                                       student_tokens="guidance" if tokens else False)
+        if tokens:
+            assert r_only.timestep_r_positions == [8, 10] and r_only.guidance_positions is None
+            assert r_only.image_spans == [(9, 15), (11, 17)] and r_only.input_ids[0, 7:10].tolist() == [5, 20, 4]
+            assert g_only.guidance_positions == [8, 10] and g_only.timestep_r_positions is None
+        assert meanflow.velocity(r_only, latents, sigma, sigma_r=sigma_r).shape == latents.shape
+        assert guided.velocity(g_only, latents, sigma, guidance=guidance).shape == latents.shape
         assert dataclasses.replace(meanflow.config).use_meanflow
+        with pytest.raises(ValueError) as error:
+            build_image_sequences(PROMPTS, LATENT_HW, _tokens(), student_tokens=("cfg",))
+        assert "student_tokens must be True, False or names" in _one_line(error)
 
 
 # --------------------------------------------------------------------------- two ranks

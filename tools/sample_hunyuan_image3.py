@@ -122,10 +122,9 @@ def run(argv: list[str] | None = None) -> dict:
     if missing:
         raise SampleError(f"special token ids missing: {', '.join(missing)} (give --special-tokens JSON or a --tokenizer "
                           "that names them)")
-    if student_tokens and not (config.cfg_distilled and config.use_meanflow):
-        raise SampleError("a 'tokens' student with only one of cfg_distilled / use_meanflow is not supported by this CLI")
     tokens = ImageTokens(**{f: ids.get(f) for f in TOKEN_FIELDS})
-    sequence = build_image_sequences([prompt] * args.batch, hw, tokens, student_tokens=student_tokens)
+    names = [n for n, on in (("guidance", config.cfg_distilled), ("timestep_r", config.use_meanflow)) if on]
+    sequence = build_image_sequences([prompt] * args.batch, hw, tokens, student_tokens=names if student_tokens else False)
     generator = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.batch, config.latent_channels, *hw, generator=generator)
 
