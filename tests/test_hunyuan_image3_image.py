@@ -544,10 +544,13 @@ def _tangents(batch, seed):
     return torch.randn(latents.shape, generator=g), torch.randn(sigma.shape, generator=g)
 
 
-def _multi_rank_checks(full_state: dict) -> dict:
-    """Every two-rank layout in one spawn (each rank pays megatron-core's import once)."""
+def _multi_rank_checks(full_state: dict, student_state: dict) -> dict:
+    """Every two-rank layout in one spawn (each rank pays megatron-core's import once); also the
+    few-step student's PP=2 and TP=2 + SP checks (``tests/test_hunyuan_image3_student.py``)."""
+    from tests.test_hunyuan_image3_student import _two_rank_student_checks
+
     return {"ep2": _ep_rank(full_state), "tp2_sp": _tp_rank(full_state), "tp2": _tp_rank(full_state, False),
-            "pp2": _pp_rank(full_state)}
+            "pp2": _pp_rank(full_state), "student": _two_rank_student_checks(student_state)}
 
 
 def _ep_rank(full_state):
@@ -662,7 +665,11 @@ def multi_rank():
         model = build_hunyuan_model(config)
         _randomise(model, 7, scale=0.2)
         full = {name: t.clone() for name, t in local_weights(model)}
-    return {"full": full, "ranks": run_on_ranks(_multi_rank_checks, 2, full, timeout=300)}
+    from tests.test_hunyuan_image3_student import student_weights
+
+    student = student_weights()
+    return {"full": full, "student": student,
+            "ranks": run_on_ranks(_multi_rank_checks, 2, full, student, timeout=300)}
 
 
 def _one_rank(full, batches, micro_batches=1, tangent_seeds=None):
@@ -760,6 +767,15 @@ def test_pipeline_parallel_2_image_forward_matches_one_rank(multi_rank):
     assert seen == set(summed)
 
 
+def test_few_step_student_under_pipeline_and_tensor_parallel_2_matches_one_rank(multi_rank):
+    """The "tokens" student (tangents in the latents, σ and σ_r): PP=2, a JVP step through the
+    schedule (guidance_emb / timestep_r_emb on the first stage only; the last gets σ_r and w but only
+    the activation), tangent and every gradient; TP=2 + SP, velocity and tangent."""
+    from tests.test_hunyuan_image3_student import check_two_rank_student
+
+    check_two_rank_student(multi_rank["student"], [r["student"] for r in multi_rank["ranks"]])
+
+
 # --------------------------------------------------------------------------- dense reference, traps
 
 WRONG_WAYS = {
@@ -784,10 +800,14 @@ def _released_weights(full: dict, config) -> dict:
     return {**from_megatron({k: v for k, v in full.items() if k not in image}, config), **image}
 
 
-def reference_velocity(w: dict, config, sequence, latents, sigma, wrong: str | None = None):
+def reference_velocity(w: dict, config, sequence, latents, sigma, wrong: str | None = None, sigma_r=None,
+                       guidance=None):
     """A dense, single-process rewrite of the official ``gen_image`` forward (``hunyuan.py``) on the
     released weight names, batch-first, in the inputs' dtype; ``wrong`` does one documented trap
-    the other way (``WRONG_WAYS``)."""
+    the other way (``WRONG_WAYS``). A few-step student (``config.cfg_distilled`` /
+    ``use_meanflow``): ``guidance_emb(guidance)`` and ``timestep_r_emb(sigma_r)`` go into the
+    ``<guidance>`` / ``<timestep_r>`` rows ("tokens") or are added to ``<timestep>``'s
+    ("embedding")."""
     b, s = sequence.input_ids.shape
     h_lat, w_lat = sequence.latent_hw
     eps, groups, d = config.layernorm_epsilon, config.image_norm_groups, HEAD_DIM
@@ -795,10 +815,11 @@ def reference_velocity(w: dict, config, sequence, latents, sigma, wrong: str | N
     def linear(x, name, bias=True):
         return F.linear(x, w[name + ".weight"], w.get(name + ".bias") if bias else None)
 
-    def embedder(prefix):
+    def embedder(prefix, value=None):
+        value = sigma if value is None else value
         half = config.timestep_embedding_dim // 2
-        freqs = torch.exp(-torch.log(torch.tensor(10000.0, dtype=sigma.dtype)) * torch.arange(half, dtype=sigma.dtype) / half)
-        args = (1000 * sigma)[:, None] * freqs[None]
+        freqs = torch.exp(-torch.log(torch.tensor(10000.0, dtype=value.dtype)) * torch.arange(half, dtype=value.dtype) / half)
+        args = (1000 * value)[:, None] * freqs[None]
         parts = [args.sin(), args.cos()] if wrong == "sin_cos" else [args.cos(), args.sin()]
         return linear(F.gelu(linear(torch.cat(parts, dim=-1), prefix + ".mlp.0")), prefix + ".mlp.2")
 
@@ -829,8 +850,19 @@ def reference_velocity(w: dict, config, sequence, latents, sigma, wrong: str | N
     image = resblock(conv(latents, "patch_embed.model.0", 1), "patch_embed.model.1", embedder("time_embed"))
     image = image.flatten(2).transpose(1, 2)
     step = embedder("timestep_emb")
+    student_rows = []
+    if config.cfg_distilled:
+        student_rows.append((sequence.guidance_positions, embedder("guidance_emb", guidance)))
+    if config.use_meanflow:
+        student_rows.append((sequence.timestep_r_positions, embedder("timestep_r_emb", sigma_r)))
+    if config.student_conditioning == "embedding":
+        for _, rows in student_rows:
+            step = step + rows
     for i, (start, end) in enumerate(sequence.image_spans):
-        x[i, start - 1] = step[i]
+        x[i, sequence.timestep_positions[i]] = step[i]
+        if config.student_conditioning == "tokens":
+            for positions, rows in student_rows:
+                x[i, positions[i]] = rows[i]
         x[i, start:end] = image[i]
 
     # 2-D RoPE, the official build_2d_rope: theta [d/4, 2] times (y, x) per token.

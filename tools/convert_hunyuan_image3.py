@@ -7,7 +7,8 @@
 
 What is converted: the language-model trunk (``model.*``, ``lm_head``) and, when our model has it,
 the image head (``patch_embed``, ``final_layer``, ``timestep_emb``, ``time_embed``,
-``time_embed_2``); see models/hunyuan_image3/state_dict_adapter.py. Not converted: the VAE
+``time_embed_2``, and a few-step student's ``guidance_emb`` / ``timestep_r_emb``, as config.json's
+``cfg_distilled`` / ``use_meanflow`` say); see models/hunyuan_image3/state_dict_adapter.py. Not converted: the VAE
 (``vae.*``), the vision tower (``vision_model.*``) and its aligner (``vision_aligner.*``), which
 import skips by name (with a count). ``export --copy-unconverted-from <released folder>`` copies
 those tensors (and the folder's other files: tokenizer, code, generation config) into the output,
@@ -311,6 +312,11 @@ def run_export(args) -> dict:
     image_head, released_of = _conversion_names(
         [name for name, _ in meta_full_model(config).named_parameters()], config)
 
+    if config.is_student and config.student_conditioning != "tokens":
+        # One line, also under --quiet: the folder is valid for mfmegatron only.
+        print(f"{PROG} export: warning: this student adds its guidance / interval embeddings to <timestep>'s "
+              f"row (student_conditioning={config.student_conditioning!r}); the official HunyuanImage 3.0 code "
+              "cannot load it (it expects <guidance> / <timestep_r> tokens)", file=sys.stderr, flush=True)
     out_dtype = torch_dtype(args.dtype) if args.dtype else None
     planned = _planned_sizes(config, released_of, out_dtype)
 

@@ -28,6 +28,9 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
+STUDENT_CONDITIONINGS = ("tokens", "embedding")
+
+
 @dataclass
 class HunyuanImage3Config(TransformerConfig):
     """Field names follow the released ``config.json`` where megatron has no own name."""
@@ -48,6 +51,17 @@ class HunyuanImage3Config(TransformerConfig):
     # Layers per pipeline stage, e.g. (9, 8, 8, 7); None: an even split (the pipeline size must
     # then divide num_layers). See parallelize.pipeline_layer_range / check_layout.
     pipeline_layers: tuple[int, ...] | None = None
+    # The few-step student (official names, HunyuanImage-3.0-Instruct-Distil): ``cfg_distilled``
+    # builds ``guidance_emb`` (a TimestepEmbedder fed 1000·w, w the CFG scale it was distilled
+    # from), ``use_meanflow`` builds ``timestep_r_emb`` (fed 1000·σ_r, σ_r ≤ σ the end of the
+    # interval the average velocity spans). Both on the first pipeline stage, like timestep_emb.
+    cfg_distilled: bool = False
+    use_meanflow: bool = False
+    # Where those embeddings enter (STUDENT_CONDITIONINGS): "tokens" = the official layout,
+    # ``<guidance>`` and ``<timestep_r>`` tokens right after ``<timestep>`` whose input rows are the
+    # embeddings; "embedding" = no extra tokens, the embeddings added to ``<timestep>``'s row (ours:
+    # not loadable by the official code).
+    student_conditioning: str = "tokens"
 
     def __post_init__(self):
         if self.kv_channels is None and self.num_attention_heads:
@@ -69,6 +83,16 @@ class HunyuanImage3Config(TransformerConfig):
                 )
         if self.moe_expert_capacity_factor is not None:
             raise ValueError("HunyuanImage 3.0 routes without capacity: moe_expert_capacity_factor must be None")
+        if self.student_conditioning not in STUDENT_CONDITIONINGS:
+            raise ValueError(
+                f"student_conditioning must be one of {', '.join(map(repr, STUDENT_CONDITIONINGS))}, "
+                f"not {self.student_conditioning!r}"
+            )
+
+    @property
+    def is_student(self) -> bool:
+        """Built with ``guidance_emb`` or ``timestep_r_emb``."""
+        return self.cfg_distilled or self.use_meanflow
 
     @property
     def query_heads_per_group(self) -> int:
@@ -155,6 +179,7 @@ HUNYUAN_IMAGE3_CONFIGS = {"hunyuan-image3": hunyuan_image3_config, "tiny": tiny_
 
 __all__ = [
     "HunyuanImage3Config",
+    "STUDENT_CONDITIONINGS",
     "hunyuan_image3_config",
     "tiny_hunyuan_image3_config",
     "HUNYUAN_IMAGE3_CONFIGS",

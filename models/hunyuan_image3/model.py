@@ -38,6 +38,11 @@ Attention mask: causal for text; with ``image_spans`` (one ``(start, end)`` of `
 per sample) the image block is bidirectional, run as a causal call, an unmasked call and a short
 causal tail per sample (``mixed_attention_jvp``), never an S×S mask.
 
+Few-step student (``config.cfg_distilled`` / ``use_meanflow``, the Instruct-Distil names):
+``guidance_emb(1000·w)`` and ``timestep_r_emb(1000·σ_r)`` on the first stage, as the
+``<guidance>`` / ``<timestep_r>`` rows after ``<timestep>`` (``student_conditioning="tokens"``)
+or added to ``<timestep>``'s row (``"embedding"``); their last linear is zero at init.
+
 ``forward_jvp(x, tx, ...) -> (y, ty)`` on every module (tangent without autograd graph;
 ``tx=None`` is the primal alone); ``HunyuanImage3Model.velocity_jvp`` is the whole image forward's
 (tangents in the latents and σ). ``DecoderLayer.forward_jvp`` and
@@ -367,6 +372,15 @@ class TimestepEmbedder(torch.nn.Module):
         return self.forward_jvp(sigma)[0]
 
 
+def _zero_last_linear(embedder: TimestepEmbedder) -> TimestepEmbedder:
+    """The student's new embedders: the last linear's weight and bias zero, so the embedding is
+    exactly zero at init (``meanflow.init_student_from_teacher`` keeps it)."""
+    with torch.no_grad():
+        embedder.mlp[2].weight.zero_()
+        embedder.mlp[2].bias.zero_()
+    return embedder
+
+
 class ResBlock(torch.nn.Module):
     """The UNet residual block with adaptive GroupNorm, no up/down sampling:
 
@@ -482,15 +496,25 @@ def _tokens_to_grid(x, latent_hw):
 IMAGE_PATH_MODULES = tuple(prefix.rstrip(".") for prefix in IMAGE_HEAD_PREFIXES)
 
 
-def _put_image_tokens(x, image_tokens, timestep_token, sequence):
-    """x [s, b, h] with sample i's ``<timestep>`` row replaced by timestep_token [b, h] and its
-    ``<img>`` rows by image_tokens [b, h·w, h] (out of place; autograd flows to all three)."""
-    rows = []
-    for i, ((start, end), position) in enumerate(zip(sequence.image_spans, sequence.timestep_positions)):
-        if position != start - 1:
-            raise ValueError(f"<timestep> must come right before the image: at {position}, image at {start}")
-        rows.append(torch.cat([x[:position, i], timestep_token[i:i + 1], image_tokens[i], x[end:, i]]))
-    return torch.stack(rows, dim=1)
+def _put_image_tokens(x, image_tokens, timestep_token, sequence, extra_rows=()):
+    """x [s, b, h] with sample i's ``<timestep>`` row replaced by timestep_token [b, h], its
+    ``<img>`` rows by image_tokens [b, h·w, h] and, for each ``(positions, rows)`` of
+    ``extra_rows`` (the student's ``<guidance>`` / ``<timestep_r>``: per-sample indices, rows
+    [b, h]), that row (out of place; autograd flows to all of them). The replaced rows must be
+    contiguous and end right before the image."""
+    out = []
+    for i, (start, end) in enumerate(sequence.image_spans):
+        rows = {sequence.timestep_positions[i]: timestep_token[i:i + 1]}
+        for positions, values in extra_rows:
+            rows[positions[i]] = values[i:i + 1]
+        first = start - len(rows)
+        if sorted(rows) != list(range(first, start)):
+            raise ValueError(
+                f"<timestep> and the student's tokens must come right before the image: at {sorted(rows)}, "
+                f"image at {start}"
+            )
+        out.append(torch.cat([x[:first, i], *(rows[p] for p in range(first, start)), image_tokens[i], x[end:, i]]))
+    return torch.stack(out, dim=1)
 
 
 class HunyuanImage3Model(MegatronModule):
@@ -535,6 +559,13 @@ class HunyuanImage3Model(MegatronModule):
             )
         if pre_process and config.image_path:
             self.timestep_emb = TimestepEmbedder(config)  # replaces <timestep>'s embedding
+            # The few-step student's (official names): guidance_emb(1000·w) and
+            # timestep_r_emb(1000·σ_r), <guidance> / <timestep_r>'s rows ("tokens") or added to
+            # <timestep>'s ("embedding"). Their last linear is zero: both are zero at init.
+            if config.cfg_distilled:
+                self.guidance_emb = _zero_last_linear(TimestepEmbedder(config))
+            if config.use_meanflow:
+                self.timestep_r_emb = _zero_last_linear(TimestepEmbedder(config))
             self.time_embed = TimestepEmbedder(config)  # conditions patch_embed
             self.patch_embed = PatchEmbed(config)
         self.layers = torch.nn.ModuleList(
@@ -597,7 +628,7 @@ class HunyuanImage3Model(MegatronModule):
             return stage_layer_index < config.recompute_num_layers
         return True
 
-    def velocity(self, sequence, latents, sigma):
+    def velocity(self, sequence, latents, sigma, sigma_r=None, guidance=None):
         """The diffusion forward: ``sequence`` (``sequence.ImageSequence``: ids, image spans,
         positions), latents [b, C, h, w] (the noisy ``x_σ``), σ [b] in [0, 1] (the model sees
         1000·σ) -> the predicted velocity ``ε − x0`` [b, C, h, w] on the last stage (the
@@ -607,24 +638,33 @@ class HunyuanImage3Model(MegatronModule):
         ``<img>`` slots by ``patch_embed(latents, time_embed(σ))``. Last stage: the ``<img>``
         slots' hidden states of the last layer, *without* ``ln_f``, through
         ``final_layer(·, time_embed_2(σ))``.
-        """
-        return self.velocity_jvp(sequence, latents, sigma)[0]
 
-    def velocity_jvp(self, sequence, latents, sigma, tlatents=None, tsigma=None):
-        """``velocity`` and its JVP along (tlatents, tsigma) (either may be None = zero; both None:
-        the primal only, tangent None). Returns (v, tv) [b, C, h, w] on the last stage; on the
-        others the stage activation, with the tangent's rows after the primal's ([2s, b, h], as
-        FLUX's stages) when there are tangents. The tangent carries no autograd graph."""
+        The few-step student (``config.use_meanflow`` / ``cfg_distilled``) also takes σ_r [b]
+        (the interval's end, σ_r ≤ σ: the output is then the average velocity over [σ_r, σ]) and
+        the guidance scale w [b]; each is required exactly when the model has its embedding.
+        """
+        return self.velocity_jvp(sequence, latents, sigma, sigma_r=sigma_r, guidance=guidance)[0]
+
+    def velocity_jvp(self, sequence, latents, sigma, tlatents=None, tsigma=None, sigma_r=None, tsigma_r=None,
+                     guidance=None):
+        """``velocity`` and its JVP along (tlatents, tsigma, tsigma_r) (any may be None = zero; all
+        None: the primal only, tangent None; the guidance scale has no tangent). Returns (v, tv)
+        [b, C, h, w] on the last stage; on the others the stage activation, with the tangent's rows
+        after the primal's ([2s, b, h], as FLUX's stages) when there are tangents. The tangent
+        carries no autograd graph."""
         if not self.config.image_path:
             raise RuntimeError("this model was built without the image path (config.image_path=False)")
         if tuple(latents.shape[2:]) != tuple(sequence.latent_hw):
             raise ValueError(f"latents {tuple(latents.shape)} do not match the sequence's grid {sequence.latent_hw}")
-        with_tangent = tlatents is not None or tsigma is not None
+        self._check_student_inputs(sequence, sigma_r, tsigma_r, guidance)
+        with_tangent = tlatents is not None or tsigma is not None or tsigma_r is not None
         if with_tangent:
             tlatents = torch.zeros_like(latents) if tlatents is None else tlatents
             tsigma = torch.zeros_like(sigma) if tsigma is None else tsigma
+            if sigma_r is not None and tsigma_r is None:
+                tsigma_r = torch.zeros_like(sigma_r)
         if self.pre_process:
-            x, tx = self._embed(sequence, latents, sigma, tlatents, tsigma)
+            x, tx = self._embed(sequence, latents, sigma, tlatents, tsigma, sigma_r, tsigma_r, guidance)
         else:
             x, tx = self._stage_input(), None
             if with_tangent:
@@ -635,6 +675,30 @@ class HunyuanImage3Model(MegatronModule):
         if not self.post_process:
             return (torch.cat([x, tx], dim=0) if with_tangent else x), None
         return self._image_head(x, tx, sequence, sigma, tsigma)
+
+    def _check_student_inputs(self, sequence, sigma_r, tsigma_r, guidance) -> None:
+        """σ_r and w are given exactly when the model has their embeddings; a "tokens" student's
+        sequence has the tokens of its embeddings, an "embedding" student's and a teacher's none.
+        The same answer on every stage (every stage gets the batch)."""
+        config = self.config
+        for name, value, built, flag in (("sigma_r", sigma_r, config.use_meanflow, "use_meanflow"),
+                                          ("guidance", guidance, config.cfg_distilled, "cfg_distilled")):
+            if built and value is None:
+                raise ValueError(f"this model is built with {flag}=True: velocity needs {name} [b]")
+            if not built and value is not None:
+                raise ValueError(f"{name} given, but this model is built without {flag} (it has no {name} embedding)")
+        if tsigma_r is not None and sigma_r is None:
+            raise ValueError("tsigma_r given without sigma_r")
+        tokens = config.student_conditioning == "tokens" and config.is_student
+        for name, positions, built in (("<guidance>", sequence.guidance_positions, config.cfg_distilled),
+                                       ("<timestep_r>", sequence.timestep_r_positions, config.use_meanflow)):
+            if tokens and built and positions is None:
+                raise ValueError(f"this student takes {name} as a token (student_conditioning='tokens'): build the "
+                                 "sequence with build_image_sequences(..., student_tokens=True)")
+            if positions is not None and not (tokens and built):
+                raise ValueError(f"the sequence has {name} tokens, but this model has no {name} token embedding "
+                                 f"(cfg_distilled={config.cfg_distilled}, use_meanflow={config.use_meanflow}, "
+                                 f"student_conditioning={config.student_conditioning!r})")
 
     # -- pieces of the forward ----------------------------------------------------------------
 
@@ -667,19 +731,35 @@ class HunyuanImage3Model(MegatronModule):
             cos, sin = cos.transpose(0, 1), sin.transpose(0, 1)
         return cos, sin
 
-    def _embed(self, sequence, latents, sigma, tlatents, tsigma):
-        """The first stage's input rows (and tangent): token embeddings with the ``<timestep>`` and
-        ``<img>`` rows replaced; this rank's sequence chunk under SP. The token embeddings' tangent
-        is zero (the ids do not vary)."""
+    def _embed(self, sequence, latents, sigma, tlatents, tsigma, sigma_r=None, tsigma_r=None, guidance=None):
+        """The first stage's input rows (and tangent): token embeddings with the ``<timestep>``
+        (and the student's ``<guidance>`` / ``<timestep_r>``) and ``<img>`` rows replaced; this
+        rank's sequence chunk under SP. The token embeddings' tangent is zero (the ids do not
+        vary), and so is the guidance row's (w has no tangent)."""
         temb, ttemb = self.time_embed.forward_jvp(sigma, tsigma)
         tokens, ttokens = self.patch_embed.forward_jvp(latents, tlatents, temb, ttemb)
         step, tstep = self.timestep_emb.forward_jvp(sigma, tsigma)
+        extra, textra = [], []  # (positions, rows) of the "tokens" student
+        if self.config.is_student:
+            conditions = []
+            if self.config.cfg_distilled:
+                g, _ = self.guidance_emb.forward_jvp(guidance)
+                conditions.append((sequence.guidance_positions, g, None if tstep is None else torch.zeros_like(tstep)))
+            if self.config.use_meanflow:
+                r, tr = self.timestep_r_emb.forward_jvp(sigma_r, tsigma_r)
+                conditions.append((sequence.timestep_r_positions, r, tr))
+            if self.config.student_conditioning == "tokens":
+                extra = [(positions, rows) for positions, rows, _ in conditions]
+                textra = [(positions, trows) for positions, _, trows in conditions]
+            else:  # "embedding": added to <timestep>'s row
+                for _, rows, trows in conditions:
+                    step, tstep = jf.add(step, tstep, rows, trows)
         text = self._text_embeddings(sequence.input_ids)
-        x = self._split_sequence(_put_image_tokens(text, tokens, step, sequence))
+        x = self._split_sequence(_put_image_tokens(text, tokens, step, sequence, extra))
         if ttokens is None:
             return x, None
         with torch.no_grad():
-            tx = self._split_sequence(_put_image_tokens(torch.zeros_like(text), ttokens, tstep, sequence))
+            tx = self._split_sequence(_put_image_tokens(torch.zeros_like(text), ttokens, tstep, sequence, textra))
         return x, tx
 
     def _image_head(self, x, tx, sequence, sigma, tsigma):

@@ -27,7 +27,8 @@ Both directions are pure re-layouts (export after import is bit-exact).
 
 Image head (top-level attributes of the official ``HunyuanImage3ForCausalMM``, the same names in
 our model): ``patch_embed.*``, ``final_layer.*``, ``timestep_emb.*``, ``time_embed.*``,
-``time_embed_2.*``, converted as identity renames when the model has them (``image_head=True``);
+``time_embed_2.*`` and, for the few-step student, ``guidance_emb.*`` (``cfg_distilled``) and
+``timestep_r_emb.*`` (``use_meanflow``), converted as identity renames when the model has them (``image_head=True``);
 ``image_head_shapes`` lists them. The released checkpoint also holds modules we do not train: the
 VAE ``vae.*``, the vision tower ``vision_model.*`` and its ``vision_aligner.*``
 (``UNCONVERTED_PREFIXES``): never converted, returned untouched as ``rest``.
@@ -49,6 +50,8 @@ __all__ = [
     "IMAGE_HEAD_PREFIXES",
     "UNCONVERTED_PREFIXES",
     "config_from_hf",
+    "STUDENT_CONDITIONING_FIELD",
+    "student_hf_fields",
     "hf_config_from_config",
     "image_head_shapes",
     "key_pairs",
@@ -79,7 +82,7 @@ _EXPERT_GLU = {"gate_and_up_proj.weight": "linear_fc1.weight"}
 _TRUNK_PREFIXES = ("model.wte.", "model.ln_f.", "model.layers.", "lm_head.")
 # The image head's modules: before the trunk (patch embedding and its timestep embedders) and
 # after it (final layer and its embedder), as the model runs them.
-_IMAGE_HEAD_BEFORE_TRUNK = ("patch_embed.", "time_embed.", "timestep_emb.")
+_IMAGE_HEAD_BEFORE_TRUNK = ("patch_embed.", "time_embed.", "timestep_emb.", "guidance_emb.", "timestep_r_emb.")
 _IMAGE_HEAD_AFTER_TRUNK = ("final_layer.", "time_embed_2.")
 IMAGE_HEAD_PREFIXES = _IMAGE_HEAD_BEFORE_TRUNK + _IMAGE_HEAD_AFTER_TRUNK
 # In the released checkpoint, not trained here: the VAE, the SigLIP2 vision tower and its aligner.
@@ -129,6 +132,11 @@ def image_head_shapes(config: HunyuanImage3Config) -> dict[str, tuple[int, ...]]
     shapes.update(_res_block_shapes("patch_embed.model.1.", width, hidden, hidden))
     shapes.update(_timestep_embedder_shapes("time_embed.", frequencies, hidden))
     shapes.update(_timestep_embedder_shapes("timestep_emb.", frequencies, hidden))
+    # The few-step student's (Instruct-Distil): the same embedder form, first stage.
+    if config.cfg_distilled:
+        shapes.update(_timestep_embedder_shapes("guidance_emb.", frequencies, hidden))
+    if config.use_meanflow:
+        shapes.update(_timestep_embedder_shapes("timestep_r_emb.", frequencies, hidden))
     shapes.update(_res_block_shapes("final_layer.model.0.", hidden, width, hidden))
     shapes.update({
         "final_layer.model.1.0.weight": (width,),
@@ -292,6 +300,9 @@ def config_from_hf(hf_config: dict, **overrides) -> HunyuanImage3Config:
         latent_channels=vae.get("latent_channels", 32),
         patch_embed_hidden_dim=hf_config.get("patch_embed_hidden_dim", 1024),
         patch_size=hf_config.get("patch_size", 1),
+        cfg_distilled=bool(hf_config.get("cfg_distilled", False)),
+        use_meanflow=bool(hf_config.get("use_meanflow", False)),
+        student_conditioning=hf_config.get(STUDENT_CONDITIONING_FIELD, "tokens"),
     )
     settings.update(overrides)
     return hunyuan_image3_config(**settings)
@@ -325,4 +336,19 @@ def hf_config_from_config(config: HunyuanImage3Config) -> dict:
         "patch_size": config.patch_size,
         "patch_embed_hidden_dim": config.patch_embed_hidden_dim,
         "vae": {"latent_channels": config.latent_channels, "scaling_factor": config.vae_scaling_factor},
+        **student_hf_fields(config),
     }
+
+
+# The project's own config.json field: where a student's guidance / interval embeddings enter. The
+# official code knows only the "tokens" layout; "embedding" students load only here.
+STUDENT_CONDITIONING_FIELD = "mfmegatron_student_conditioning"
+
+
+def student_hf_fields(config: HunyuanImage3Config) -> dict:
+    """The student's config.json fields (official ``cfg_distilled`` / ``use_meanflow``, and ours
+    for the variant); none for a teacher, so its config.json stays the released one."""
+    if not config.is_student:
+        return {}
+    return {"cfg_distilled": config.cfg_distilled, "use_meanflow": config.use_meanflow,
+            STUDENT_CONDITIONING_FIELD: config.student_conditioning}
