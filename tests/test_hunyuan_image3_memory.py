@@ -194,6 +194,42 @@ def test_activations_hold_the_moe_dispatch_buffers():
     assert extra == 2 * (2 * sent) * 64 * (2 + 4) + 2 * 2 * sent * 4
 
 
+def test_a_layers_saved_activations_are_what_the_estimate_says():
+    """One decoder layer in bf16 at one rank (width 256, 8 heads in 2 KV groups, 16 experts top-4
+    of width 192 and a shared expert, 512 tokens with an image block): the bytes autograd saves
+    for backward, each storage once and the weights left out, against ``layer_saved_bytes``."""
+    import torch
+
+    from mfmegatron.parallel import parallel_context
+    from models.hunyuan_image3.layer_specs import get_hunyuan_layer_spec
+    from models.hunyuan_image3.memory import layer_saved_bytes
+    from models.hunyuan_image3.model import DecoderLayer, rope_tables, text_rope_positions
+
+    architecture = _tiny(
+        hidden_size=256, num_attention_heads=8, num_query_groups=2, kv_channels=32, num_moe_experts=16,
+        moe_router_topk=4, moe_ffn_hidden_size=192, moe_shared_expert_intermediate_size=192,
+        params_dtype=torch.bfloat16, bf16=True,
+    )
+    tokens = 512
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with parallel_context():
+        layer = DecoderLayer(architecture, get_hunyuan_layer_spec(), layer_number=1)
+        x = torch.randn(tokens, 1, 256, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0),
+                        requires_grad=True)
+        rope = rope_tables(*text_rope_positions(tokens), 32, architecture.rope_theta)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            layer.forward_jvp(x, None, rope, [(8, tokens - 1)])
+        weights = {param.untyped_storage().data_ptr() for param in layer.parameters()}
+    measured = sum(size for pointer, size in storages.items() if pointer not in weights)
+    estimate = layer_saved_bytes(architecture, _train_config(overrides=["model.dtype=bf16"]), tokens)
+    assert 0.85 * measured < estimate < 1.15 * measured, (estimate, measured)
+
+
 def _planning_family():
     """The registered family once ``models/hunyuan_image3/training.py`` exists; until then these
     functions, as it is to call them (architecture from the recipe's preset)."""

@@ -205,9 +205,10 @@ def layer_saved_bytes(architecture: HunyuanImage3Config, config, tokens: float) 
     batch), primal only. Sequence-parallel chunks are tokens/TP; a column-parallel linear saves
     its gathered input (the whole sequence). e: the element size.
 
-    attention: norm input, gathered QKV input, QKV output, RoPE'd q and k (float32) and their
-    normed copies, k and v repeated to the query heads, the attention output;
-    MoE: norm input and output, float32 router logits and probabilities, the shared expert's
+    attention: norm input (and its float32 copy: the norms compute in float32), gathered QKV
+    input, QKV output, RoPE'd q and k (two float32 tensors each) and their normed copies, k and v
+    repeated to the query heads, the attention output;
+    MoE: norm input (and float32 copy) and output, float32 router logits and probabilities, the shared expert's
     gathered input, fc1 output and SwiGLU output; the routed experts' rows (each token k times,
     times ETP after the expert-TP gather): fc1 input, fc1 output, SwiGLU output and its
     probability-scaled copy, float32 probabilities. Balanced routing assumed (every EP rank gets
@@ -220,9 +221,9 @@ def layer_saved_bytes(architecture: HunyuanImage3Config, config, tokens: float) 
     h, d = a.hidden_size, a.kv_channels
     q_width, kv_width = a.num_attention_heads * d, a.num_query_groups * d
     attention = (
-        local * h * e + tokens * h * e
+        local * h * (e + 4) + tokens * h * e
         + tokens / tp * (q_width + 2 * kv_width) * e
-        + tokens / tp * (q_width + kv_width) * (4 + e)
+        + tokens / tp * (q_width + kv_width) * (2 * 4 + e)
         + tokens / tp * 2 * q_width * e
         + tokens / tp * q_width * e
     )
@@ -230,7 +231,7 @@ def layer_saved_bytes(architecture: HunyuanImage3Config, config, tokens: float) 
     rows = local * a.moe_router_topk * layout.etp
     expert_width = a.moe_ffn_hidden_size / layout.etp
     moe = (
-        2 * local * h * e + 2 * local * a.num_moe_experts * 4
+        local * h * (2 * e + 4) + 2 * local * a.num_moe_experts * 4
         + (tokens * h * e + tokens / tp * 3 * shared * e if shared else 0)
         + rows * (h * e + 4 * expert_width * e + 4)
     )
