@@ -7,8 +7,9 @@ the fake network of the alignment loss (a full copy: everything the student has 
 LoRA: the same for its factors only); and the activations of a training pass (the model family's
 formula, or a no-grad evaluation's when larger). A mixture-of-experts family's routed experts
 keep their fp32 state and sharded EMA over expert-data-parallel ranks (world / (expert TP x EP x
-PP)) instead of data-parallel ones (world / (TP x PP)). Recipes quote its figures (``python -m tools.memory_plan RECIPE``) and
-``tests/test_memory.py`` fails when a recipe's comment and this count disagree.
+PP)) instead of data-parallel ones (world / (TP x PP)). Recipes quote its figures
+(``python -m tools.memory_plan RECIPE``) and ``tests/test_memory.py`` fails when a recipe's
+comment and this count disagree.
 
 Left out: the CUDA context and library workspaces (cuBLAS, cuDNN: about 0.5-1 GB), NCCL's
 communication buffers, megatron's bucket padding, the caching allocator's fragmentation and the text
