@@ -105,6 +105,35 @@ def _worker(directory: str) -> dict:
         torch.equal(entry.data, stored[0][entry.key][entry.global_slice()])
         for entry in ema_tp2_state.values()
     )
+
+    # Expert parallel (EP=2, data-parallel size 2, expert data-parallel size 1): the two ranks hold
+    # different experts, so the experts' EMA must not be sharded over the data-parallel group.
+    from models.hunyuan_image3.config import tiny_hunyuan_image3_config
+    from models.hunyuan_image3.parallelize import build_hunyuan_model
+
+    initialize_parallel(expert_parallel_size=2)
+    moe = build_hunyuan_model(tiny_hunyuan_image3_config(image_path=True, expert_model_parallel_size=2))
+    experts = {name for name, param in moe.named_parameters() if not getattr(param, "allreduce", True)}
+    for name, param in moe.named_parameters():
+        if name not in experts:
+            dist.broadcast(param.data, src=0)
+    replicated = ParameterEMA(moe, DECAY)
+    sharded = ParameterEMA(moe, DECAY, group=parallel_state.get_data_parallel_group(),
+                           expert_group=parallel_state.get_expert_data_parallel_group())
+    for step in range(3):
+        _perturb(moe, step)
+        replicated.update()
+        sharded.update()
+    whole = _whole(sharded, moe)
+    result["moe_experts"] = len(experts)
+    result["moe_experts_whole"] = all(sharded.rows[name] is None for name in experts)
+    result["moe_dense_sharded"] = sum(sharded.rows[name] is not None for name in whole if name not in experts)
+    result["moe_applied_equal"] = all(torch.equal(whole[name], replicated.shadow[name]) for name in whole)
+    _save(sharded, moe, f"{directory}/moe_sharded")
+    _save(replicated, moe, f"{directory}/moe_replicated")
+    stored = [load_plain_tensors(f"{directory}/moe_{kind}") for kind in ("sharded", "replicated")]
+    result["moe_stored_equal"] = stored[0].keys() == stored[1].keys() and all(
+        torch.equal(stored[0][key], stored[1][key]) for key in stored[0])
     return result
 
 
@@ -118,3 +147,7 @@ def test_sharded_ema_equals_the_replicated_one_and_checkpoints_alike(tmp_path):
         assert result["stored_keys_equal"] and result["stored_equal"] and result["stored_is_ema"]
         assert result["sharded_into_replicated"] and result["replicated_into_sharded"]
         assert result["tp2_matches"]
+        # Expert parallel: the experts' EMA stays whole (expert data-parallel size 1), the dense
+        # parameters are sharded, and the gathered EMA and the checkpoint equal the replicated one.
+        assert result["moe_experts"] > 0 and result["moe_experts_whole"] and result["moe_dense_sharded"] > 0
+        assert result["moe_applied_equal"] and result["moe_stored_equal"]

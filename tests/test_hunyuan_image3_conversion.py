@@ -1,6 +1,7 @@
 """HunyuanImage 3.0 conversion (tools/convert_hunyuan_image3.py), layout validation, EP x TP.
 
-A tiny model in the released layout (3 layers, 8 experts, the image head, random weights) is
+A tiny model in the released layout (3 layers, 8 experts, the image head with the few-step
+student's ``guidance_emb`` / ``timestep_r_emb`` (official Instruct-Distil names), random weights) is
 written as a sharded Hugging Face folder with keys we do not convert (VAE, vision tower, aligner)
 and a tokenizer file. One 4-rank spawn imports it under torchrun-like
 ranks at several layouts, checks that bad layouts fail the same way on every rank, and runs EP=2 x
@@ -103,10 +104,12 @@ def released(tmp_path_factory):
     """The tiny released-layout folder, its tensors, and the trunk's weights under our names."""
     from models.hunyuan_image3.state_dict_adapter import hf_config_from_config, to_megatron
 
-    config = _tiny_config()
+    config = _tiny_config(cfg_distilled=True, use_meanflow=True)  # a "tokens" student: the official layout
     tensors = _released_weights(config)
+    assert {"guidance_emb.mlp.2.bias", "timestep_r_emb.mlp.0.weight"} < set(tensors)
     folder = tmp_path_factory.mktemp("hunyuan_hf") / "released"
     hf_config = hf_config_from_config(config)
+    assert hf_config["cfg_distilled"] and hf_config["use_meanflow"]
     _write_hf_folder(folder, tensors, hf_config)
     ours, _ = to_megatron(tensors, _tiny_config(image_path=False))
     return {"folder": folder, "tensors": tensors, "hf_config": hf_config, "ours": ours, "root": folder.parent}
@@ -133,9 +136,36 @@ def test_import_export_round_trip_is_bit_exact_with_unconverted_keys_copied(rele
         assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
     assert json.loads((root / "hf_back" / "config.json").read_text()) == released["hf_config"]
     assert (root / "hf_back" / "tokenizer.json").read_text() == '{"tiny": true}\n'
+    assert "export: warning" not in capsys.readouterr().err  # the official ("tokens") student layout
     # Without --copy-unconverted-from: exactly the converted keys.
     _convert("export", "--checkpoint", str(root / "ck"), "--output", str(root / "converted_only"))
     assert set(_read_hf_folder(root / "converted_only")) == set(released["tensors"]) - set(UNCONVERTED)
+
+
+def test_embedding_student_round_trips_with_its_config_and_export_warns_once(tmp_path, capsys):
+    """The "embedding" student (ours, not loadable by the official code): its config.json fields
+    (official ``cfg_distilled`` / ``use_meanflow``, our ``mfmegatron_student_conditioning``)
+    and every tensor come back bit for bit; export says once, in one line, that the official code
+    cannot load it (even with --quiet). A teacher's config.json has no student fields."""
+    from models.hunyuan_image3.state_dict_adapter import config_from_hf, hf_config_from_config
+
+    assert not {"cfg_distilled", "use_meanflow", "mfmegatron_student_conditioning"} & set(
+        hf_config_from_config(_tiny_config()))
+    config = _tiny_config(cfg_distilled=True, use_meanflow=True, student_conditioning="embedding")
+    tensors = {k: v for k, v in _released_weights(config).items() if k not in UNCONVERTED}
+    hf_config = hf_config_from_config(config)
+    assert hf_config["mfmegatron_student_conditioning"] == "embedding"
+    back_config = config_from_hf(hf_config)
+    assert (back_config.cfg_distilled, back_config.use_meanflow, back_config.student_conditioning) == (
+        True, True, "embedding")
+    _write_hf_folder(tmp_path / "hf", tensors, hf_config)
+    _convert("import", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ck"), "--dtype", "fp32")
+    _convert("export", "--checkpoint", str(tmp_path / "ck"), "--output", str(tmp_path / "back"))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "official HunyuanImage 3.0 code cannot load it" in warnings[0]
+    back = _read_hf_folder(tmp_path / "back")
+    assert set(back) == set(tensors) and all(torch.equal(back[k], v) for k, v in tensors.items())
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == hf_config
 
 
 def test_progress_and_summary_go_to_the_terminal(released, tmp_path, capsys):
@@ -248,6 +278,11 @@ def test_image_head_keys_and_sizes():
 
     assert count("patch_embed.") == 226_819_072 and count("final_layer.") == 60_081_184
     assert count("timestep_emb.") == count("time_embed.") == count("time_embed_2.") == 17_833_984
+    assert not any(k.startswith(("guidance_emb.", "timestep_r_emb.")) for k in shapes)
+    student = image_head_shapes(hunyuan_image3_config(cfg_distilled=True, use_meanflow=True))
+    assert set(student) - set(shapes) == {f"{m}.mlp.{i}.{p}" for m in ("guidance_emb", "timestep_r_emb")
+                                          for i in (0, 2) for p in ("weight", "bias")}
+    assert sum(torch.Size(s).numel() for s in student.values()) == 340_402_208 + 2 * 17_833_984
     assert sum(torch.Size(s).numel() for s in shapes.values()) == 340_402_208
     assert shapes["patch_embed.model.1.in_layers.2.weight"] == (4096, 1024, 3, 3)
     assert shapes["final_layer.model.1.2.weight"] == (32, 1024, 3, 3)
@@ -270,7 +305,9 @@ def test_released_shapes_from_the_config_equal_the_built_modules():
     from models.hunyuan_image3.parallelize import meta_full_model
     from models.hunyuan_image3.state_dict_adapter import key_pairs, released_shapes
 
-    for config in (_tiny_config(), _tiny_config(image_path=False), hunyuan_image3_config(num_layers=2)):
+    for config in (_tiny_config(), _tiny_config(image_path=False), hunyuan_image3_config(num_layers=2),
+                   _tiny_config(cfg_distilled=True, use_meanflow=True),
+                   _tiny_config(use_meanflow=True, student_conditioning="embedding")):
         with parallel_context():
             built = {name: tuple(p.shape) for name, p in meta_full_model(config).named_parameters()}
         shapes = released_shapes(config, config.image_path)
@@ -396,6 +433,7 @@ def test_checkpoints_imported_at_any_layout_export_identically(released, four_ra
     back = _read_hf_folder(tmp_path / "hf")
     expected = set(released["tensors"]) - set(UNCONVERTED)
     assert set(back) == expected and any(key.startswith("final_layer.") for key in back)
+    assert any(key.startswith("guidance_emb.") for key in back) and any(key.startswith("timestep_r_emb.") for key in back)
     experts = {k for k in back if ".mlp.experts." in k}
     assert len(experts) == LAYERS * 8 * 2
     for key in expected:

@@ -544,10 +544,13 @@ def _tangents(batch, seed):
     return torch.randn(latents.shape, generator=g), torch.randn(sigma.shape, generator=g)
 
 
-def _multi_rank_checks(full_state: dict) -> dict:
-    """Every two-rank layout in one spawn (each rank pays megatron-core's import once)."""
+def _multi_rank_checks(full_state: dict, student_state: dict) -> dict:
+    """Every two-rank layout in one spawn (each rank pays megatron-core's import once); also the
+    few-step student's PP=2 and TP=2 + SP checks (``tests/test_hunyuan_image3_student.py``)."""
+    from tests.test_hunyuan_image3_student import _two_rank_student_checks
+
     return {"ep2": _ep_rank(full_state), "tp2_sp": _tp_rank(full_state), "tp2": _tp_rank(full_state, False),
-            "pp2": _pp_rank(full_state)}
+            "pp2": _pp_rank(full_state), "student": _two_rank_student_checks(student_state)}
 
 
 def _ep_rank(full_state):
@@ -662,7 +665,11 @@ def multi_rank():
         model = build_hunyuan_model(config)
         _randomise(model, 7, scale=0.2)
         full = {name: t.clone() for name, t in local_weights(model)}
-    return {"full": full, "ranks": run_on_ranks(_multi_rank_checks, 2, full, timeout=300)}
+    from tests.test_hunyuan_image3_student import student_weights
+
+    student = student_weights()
+    return {"full": full, "student": student,
+            "ranks": run_on_ranks(_multi_rank_checks, 2, full, student, timeout=300)}
 
 
 def _one_rank(full, batches, micro_batches=1, tangent_seeds=None):
@@ -758,6 +765,15 @@ def test_pipeline_parallel_2_image_forward_matches_one_rank(multi_rank):
                 _assert_grad(grad, summed[name], f"stage {stage['stage']} {name}")
                 seen.add(name)
     assert seen == set(summed)
+
+
+def test_few_step_student_under_pipeline_and_tensor_parallel_2_matches_one_rank(multi_rank):
+    """The "tokens" student (tangents in the latents, σ and σ_r): PP=2, a JVP step through the
+    schedule (guidance_emb / timestep_r_emb on the first stage only; the last gets σ_r and w but only
+    the activation), tangent and every gradient; TP=2 + SP, velocity and tangent."""
+    from tests.test_hunyuan_image3_student import check_two_rank_student
+
+    check_two_rank_student(multi_rank["student"], [r["student"] for r in multi_rank["ranks"]])
 
 
 # --------------------------------------------------------------------------- dense reference, traps

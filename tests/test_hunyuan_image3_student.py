@@ -325,17 +325,131 @@ def test_bad_inputs_raise_one_clear_line():
             assert expected in _one_line(error), (expected, str(error.value))
 
 
-def test_meanflow_only_and_cfg_only_students_build_and_run():
-    """Each flag alone: the model has just its embedder and needs just its input."""
+@pytest.mark.parametrize("conditioning", VARIANTS)
+def test_meanflow_only_and_cfg_only_students_build_and_run(conditioning):
+    """Each flag alone: the model has just its embedder and needs just its input; a "tokens"
+    student's sequence has just its token (right before the image)."""
     from models.hunyuan_image3.parallelize import build_hunyuan_model
+    from models.hunyuan_image3.sequence import build_image_sequences
+
+    tokens = conditioning == "tokens"
+    with parallel_context():
+        torch.manual_seed(0)
+        meanflow = build_hunyuan_model(_tiny_config(use_meanflow=True, student_conditioning=conditioning))
+        guided = build_hunyuan_model(_tiny_config(cfg_distilled=True, student_conditioning=conditioning))
+        assert hasattr(meanflow, "timestep_r_emb") and not hasattr(meanflow, "guidance_emb")
+        assert hasattr(guided, "guidance_emb") and not hasattr(guided, "timestep_r_emb")
+        _, latents, sigma, sigma_r, guidance = _inputs(_tiny_config(), 102)
+        r_only = build_image_sequences(PROMPTS, LATENT_HW, _tokens(), student_tokens=("timestep_r",) if tokens else False)
+        g_only = build_image_sequences(PROMPTS, LATENT_HW, _tokens(guidance=None if not tokens else 9),
+                                       student_tokens="guidance" if tokens else False)
+        if tokens:
+            assert r_only.timestep_r_positions == [8, 10] and r_only.guidance_positions is None
+            assert r_only.image_spans == [(9, 15), (11, 17)] and r_only.input_ids[0, 7:10].tolist() == [5, 20, 4]
+            assert g_only.guidance_positions == [8, 10] and g_only.timestep_r_positions is None
+        assert meanflow.velocity(r_only, latents, sigma, sigma_r=sigma_r).shape == latents.shape
+        assert guided.velocity(g_only, latents, sigma, guidance=guidance).shape == latents.shape
+        assert dataclasses.replace(meanflow.config).use_meanflow
+        with pytest.raises(ValueError) as error:
+            build_image_sequences(PROMPTS, LATENT_HW, _tokens(), student_tokens=("cfg",))
+        assert "student_tokens must be True, False or names" in _one_line(error)
+
+
+# --------------------------------------------------------------------------- two ranks
+
+TP_LENGTH = 20  # the longest student sample (19) padded to a multiple of TP
+
+
+def _student_batch(config, seed, length=None):
+    from models.hunyuan_image3.sequence import build_image_sequences
+
+    sequence, latents, sigma, sigma_r, guidance = _inputs(config, seed, student_tokens=True)
+    if length is not None:
+        sequence = build_image_sequences(PROMPTS, LATENT_HW, _tokens(), length=length, student_tokens=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    tangents = [torch.randn(t.shape, generator=g) for t in (latents, sigma, sigma_r)]
+    return sequence, latents, sigma, sigma_r, guidance, tangents
+
+
+def _student_jvp(model, batch):
+    sequence, latents, sigma, sigma_r, guidance, (tl, ts, tr) = batch
+    return model.velocity_jvp(sequence, latents, sigma, tl, ts, sigma_r=sigma_r, tsigma_r=tr, guidance=guidance)
+
+
+def _two_rank_student_checks(full: dict) -> dict:
+    """PP=2 (a JVP step through megatron's schedule: the last stage gets σ_r and w but only the
+    activation from the first) and TP=2 + SP, the "tokens" student."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from mfmegatron.parallel import initialize_parallel
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights, local_weights
+
+    result = {}
+    initialize_parallel(pipeline_parallel_size=2)
+    model = build_hunyuan_model(_student_config("tokens", pipeline_model_parallel_size=2, pipeline_dtype=torch.float32))
+    load_full_weights(model, full)
+    batch = _student_batch(model.config, 110)
+    tangents = []
+
+    def jvp_step(data_iterator, model):
+        velocity, tangent = _student_jvp(model, batch)
+
+        def loss(output):
+            tangents.append(tangent)
+            return (output * torch.linspace(-1, 1, output.numel()).view(output.shape)).sum(), {}
+
+        return velocity, loss
+
+    get_forward_backward_func()(
+        forward_step_func=jvp_step, data_iterator=None, model=[model], num_microbatches=1,
+        seq_length=2 * batch[0].input_ids.shape[1], micro_batch_size=len(PROMPTS), forward_only=False,
+    )
+    result["pp_tangent"] = tangents[0] if tangents else None
+    result["pp_grads"] = {n: p.grad.clone() for (n, _), p in zip(local_weights(model), model.parameters())
+                          if p.grad is not None}
+    result["pp_modules"] = {name for name, _ in model.named_children()}
+    initialize_parallel(tensor_parallel_size=2)
+    model = build_hunyuan_model(_student_config("tokens", tensor_model_parallel_size=2, sequence_parallel=True))
+    load_full_weights(model, full)
+    velocity, tangent = _student_jvp(model, _student_batch(model.config, 120, length=TP_LENGTH))
+    result["tp_velocity"], result["tp_tangent"] = velocity.detach(), tangent
+    return result
+
+
+def student_weights() -> dict:
+    """A randomised "tokens" student's full weights (for the two-rank checks, which share the
+    image-path tests' spawn: ``tests/test_hunyuan_image3_image.py``)."""
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, local_weights
 
     with parallel_context():
         torch.manual_seed(0)
-        meanflow = build_hunyuan_model(_tiny_config(use_meanflow=True, student_conditioning="embedding"))
-        guided = build_hunyuan_model(_tiny_config(cfg_distilled=True, student_conditioning="embedding"))
-        assert hasattr(meanflow, "timestep_r_emb") and not hasattr(meanflow, "guidance_emb")
-        assert hasattr(guided, "guidance_emb") and not hasattr(guided, "timestep_r_emb")
-        sequence, latents, sigma, sigma_r, guidance = _inputs(_tiny_config(), 102)
-        assert meanflow.velocity(sequence, latents, sigma, sigma_r=sigma_r).shape == latents.shape
-        assert guided.velocity(sequence, latents, sigma, guidance=guidance).shape == latents.shape
-        assert dataclasses.replace(meanflow.config).use_meanflow
+        model = build_hunyuan_model(_student_config("tokens"))
+        _randomise(model, 17, scale=0.2)
+        return {name: t.clone() for name, t in local_weights(model)}
+
+
+def check_two_rank_student(full: dict, ranks: list[dict]) -> None:
+    """The ranks' ``_two_rank_student_checks`` results against the one-rank student."""
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights
+
+    config = _student_config("tokens")
+    with parallel_context():
+        model = build_hunyuan_model(config)
+        load_full_weights(model, full)
+        u, pp_tangent = _student_jvp(model, _student_batch(config, 110))
+        (u * torch.linspace(-1, 1, u.numel()).view(u.shape)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        tp_velocity, tp_tangent = _student_jvp(model, _student_batch(config, 120, length=TP_LENGTH))
+    first, last = ranks[0], ranks[1]
+    assert {"guidance_emb", "timestep_r_emb", "timestep_emb"} <= first["pp_modules"]
+    assert not {"guidance_emb", "timestep_r_emb"} & last["pp_modules"] and first["pp_tangent"] is None
+    torch.testing.assert_close(last["pp_tangent"], pp_tangent, rtol=1e-5, atol=1e-5)
+    pp_grads = {**first["pp_grads"], **last["pp_grads"]}
+    assert set(pp_grads) == set(grads) and any(n.startswith("timestep_r_emb.") for n in pp_grads)
+    for name, grad in pp_grads.items():
+        torch.testing.assert_close(grad, grads[name], rtol=1e-4, atol=1e-5 * max(1.0, grads[name].abs().max().item()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    for rank in ranks:
+        torch.testing.assert_close(rank["tp_velocity"], tp_velocity.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rank["tp_tangent"], tp_tangent, rtol=1e-5, atol=1e-5)

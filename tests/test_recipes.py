@@ -11,7 +11,8 @@ from mfmegatron.training.config import TrainConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 GPUS = {"flux_dev_8xh100.yaml": 8, "flux_dev_64xh100.yaml": 64, "flux_tiny_cpu.yaml": 2,
-        "shapes_teacher_cpu.yaml": 2, "shapes_distill_cpu.yaml": 2}
+        "shapes_teacher_cpu.yaml": 2, "shapes_distill_cpu.yaml": 2, "hunyuan_image3_64xh100.yaml": 64,
+        "hunyuan_image3_256xh100.yaml": 256, "hunyuan_image3_64xh200.yaml": 64}
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
@@ -21,6 +22,8 @@ def test_recipe_loads_and_fits_its_world(recipe):
     layout = ParallelConfig(
         tensor_parallel_size=parallel.tensor_parallel_size,
         pipeline_parallel_size=parallel.pipeline_parallel_size,
+        expert_parallel_size=parallel.expert_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
     )
     assert validate_parallel_sizes(layout, GPUS[recipe]) >= 1
 

@@ -58,10 +58,10 @@ def special_tokens(args, tokenizer) -> dict:
     if tokenizer is not None:
         names = {"bos": args.bos_token, "pad": args.pad_token, "boi": "<boi>", "eoi": "<eoi>", "img": "<img>",
                  "timestep": "<timestep>", "size": f"<img_size_{args.base_size}>",
-                 "ratio": f"<img_ratio_{args.ratio_index}>", "cfg": "<cfg>", "guidance": "<guidance>",
-                 "timestep_r": "<timestep_r>"}
+                 "ratio": None if args.ratio_index is None else f"<img_ratio_{args.ratio_index}>", "cfg": "<cfg>",
+                 "guidance": "<guidance>", "timestep_r": "<timestep_r>"}
         for field, name in names.items():
-            token = tokenizer.token_to_id(name)
+            token = None if name is None else tokenizer.token_to_id(name)
             if token is not None:
                 ids[field] = token
     if args.special_tokens:
@@ -122,10 +122,9 @@ def run(argv: list[str] | None = None) -> dict:
     if missing:
         raise SampleError(f"special token ids missing: {', '.join(missing)} (give --special-tokens JSON or a --tokenizer "
                           "that names them)")
-    if student_tokens and not (config.cfg_distilled and config.use_meanflow):
-        raise SampleError("a 'tokens' student with only one of cfg_distilled / use_meanflow is not supported by this CLI")
     tokens = ImageTokens(**{f: ids.get(f) for f in TOKEN_FIELDS})
-    sequence = build_image_sequences([prompt] * args.batch, hw, tokens, student_tokens=student_tokens)
+    names = [n for n, on in (("guidance", config.cfg_distilled), ("timestep_r", config.use_meanflow)) if on]
+    sequence = build_image_sequences([prompt] * args.batch, hw, tokens, student_tokens=names if student_tokens else False)
     generator = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.batch, config.latent_channels, *hw, generator=generator)
 
@@ -156,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bos-token", default="<|startoftext|>", help="the <bos> token's name in --tokenizer")
     parser.add_argument("--pad-token", default="<pad>", help="the pad token's name in --tokenizer")
     parser.add_argument("--base-size", type=int, default=1024, help="<img_size_N> token (default 1024)")
-    parser.add_argument("--ratio-index", type=int, default=0, help="<img_ratio_K> token index (default 0)")
+    parser.add_argument("--ratio-index", type=int, default=None,
+                        help="<img_ratio_K>: K, the official aspect-ratio bucket of the image size (no default: "
+                             "give it, or 'ratio' in --special-tokens)")
     parser.add_argument("--latent-hw", default="64x64", metavar="HxW", help="latent grid (default 64x64: 1024²)")
     parser.add_argument("--steps", type=int, default=4, help="network evaluations (default 4)")
     parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale w for a cfg_distilled student (default 5)")

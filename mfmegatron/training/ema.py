@@ -14,6 +14,11 @@ an ordinary megatron ``ShardedTensor`` (one more fragmentation of the first axis
 writes only its own rows, nothing is gathered at save, and the stored tensor is the whole EMA
 under the same ``ema.*`` key as a replicated EMA's, loadable at any TP / PP / DP layout and with
 either kind of EMA.
+
+Routed MoE experts under expert parallelism (megatron marks their parameters ``allreduce=False``)
+are replicated only over the *expert* data-parallel group (world / (ETP·EP·PP)): the ranks of the
+dense data-parallel group hold different experts. Their rows are sharded over that group, as
+megatron's distributed optimizer shards their state.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ def resolve_sharding(setting: str, use_distributed_optimizer: bool) -> str:
     return setting
 
 
+def _factory_entries(module: torch.nn.Module) -> set[str]:
+    return {name for name, entry in module.sharded_state_dict().items() if isinstance(entry, ShardedTensorFactory)}
+
+
 def row_block(rows: int, shards: int, index: int) -> slice | None:
     """The rows data-parallel rank ``index`` of ``shards`` owns, or None when the rows do not
     split evenly (the tensor then stays whole on every rank)."""
@@ -47,24 +56,32 @@ class ParameterEMA:
     when sharded, else the whole local tensor).
 
     ``group``: the data-parallel process group to shard over; None keeps a replicated EMA.
+    ``expert_group``: the expert data-parallel group, which expert parameters shard over when
+    ``group`` is set (None: the same as ``group``, right without expert parallelism).
     """
 
-    def __init__(self, module: torch.nn.Module, decay: float, group=None):
+    def __init__(self, module: torch.nn.Module, decay: float, group=None, expert_group=None):
         self.module = module
         self.decay = decay
-        self.group = group
-        self.shards = 1 if group is None else dist.get_world_size(group)
-        self.shard_index = 0 if group is None else dist.get_rank(group)
         self.rows: dict[str, slice | None] = {}
+        self.groups: dict[str, object] = {}  # name -> the group its rows are sharded over
         self.shadow: dict[str, torch.Tensor] = {}
+        # Parameters the checkpoint stores through a factory (megatron's SwiGLU fc1, saved as its
+        # gate and up halves) are built from the whole tensor: they stay whole on every rank.
+        factories = set() if group is None else _factory_entries(module)
         for name, param in module.named_parameters():
-            rows = row_block(param.shape[0], self.shards, self.shard_index) if param.dim() else None
+            is_expert = not getattr(param, "allreduce", True)
+            param_group = expert_group if is_expert and group is not None and expert_group is not None else group
+            shards = 1 if param_group is None else dist.get_world_size(param_group)
+            index = 0 if param_group is None else dist.get_rank(param_group)
+            rows = row_block(param.shape[0], shards, index) if param.dim() and name not in factories else None
             self.rows[name] = rows
+            self.groups[name] = param_group if rows is not None else None
             self.shadow[name] = self._local_part(name, param).float().clone()
 
     @property
     def sharded(self) -> bool:
-        return self.shards > 1
+        return any(rows is not None for rows in self.rows.values())
 
     def _local_part(self, name: str, param: torch.Tensor) -> torch.Tensor:
         rows = self.rows[name]
@@ -82,8 +99,9 @@ class ParameterEMA:
         shadow = self.shadow[name]
         if self.rows[name] is None:
             return shadow
+        group = self.groups[name]
         whole = torch.empty(param.shape, dtype=shadow.dtype, device=shadow.device)
-        dist.all_gather(list(whole.chunk(self.shards)), shadow, group=self.group)
+        dist.all_gather(list(whole.chunk(dist.get_world_size(group))), shadow, group=group)
         return whole
 
     @contextlib.contextmanager
@@ -117,23 +135,18 @@ class ParameterEMA:
         for name, entry in module_sharded_state_dict.items():
             if name not in self.shadow or not hasattr(entry, "key"):
                 continue
-            rows = self.rows[name]
             if isinstance(entry, ShardedTensorFactory):
-                # A tensor stored in pieces (a SwiGLU weight's gate and up halves): the factory
-                # builds them from the data, in its dtype.
-                if rows is not None:
-                    raise ValueError(f"{entry.key}: a weight stored in pieces cannot be sharded by rows; "
-                                     "set optim.ema_sharding=replicated")
                 sharded[name] = dataclasses.replace(entry, key=key_prefix + entry.key, data=self.shadow[name])
                 continue
             fields = dict(key=key_prefix + entry.key, data=self.shadow[name], dtype=torch.float32)
+            rows = self.rows[name]
             if rows is not None:
                 if entry.flattened_range is not None:
                     raise ValueError(f"{entry.key}: a flattened ShardedTensor cannot be sharded by rows")
                 axis = entry.prepend_axis_num  # the global axis of the local tensor's first one
                 offsets, fragments = list(entry.global_offset), list(entry.axis_fragmentations)
                 offsets[axis] += rows.start
-                fragments[axis] *= self.shards
+                fragments[axis] *= dist.get_world_size(self.groups[name])
                 replica_id = entry.replica_id
                 # megatron's replica ids end with the data-parallel rank; the rows are unique.
                 replica_id = (*replica_id[:-1], 0) if isinstance(replica_id, tuple) else 0

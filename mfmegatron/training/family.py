@@ -101,7 +101,9 @@ class ModelFamily(Protocol):
 
     def rank_parameter_counts(self, config) -> dict[str, float]:
         """Parameters one rank holds of the ``teacher``, the ``student`` and the LoRA fake
-        network's factors (``lora``), for ``training/memory.py``."""
+        network's factors (``lora``), for ``training/memory.py``. A mixture-of-experts family
+        also gives the routed experts' part of each (``teacher_expert``, ``student_expert``,
+        ``lora_expert``): their state is sharded over expert-data-parallel ranks."""
 
     def activation_bytes(self, config) -> tuple[float, str]:
         """Peak activation bytes of one rank in a training pass, and the formula in words."""

@@ -242,8 +242,10 @@ class Trainer:
         if optim.ema_decay <= 0:
             return None
         sharding = resolve_sharding(optim.ema_sharding, self.config.parallel.use_distributed_optimizer)
-        group = parallel_state.get_data_parallel_group() if sharding == "data_parallel" else None
-        return ParameterEMA(student, optim.ema_decay, group=group)
+        if sharding != "data_parallel":
+            return ParameterEMA(student, optim.ema_decay)
+        return ParameterEMA(student, optim.ema_decay, group=parallel_state.get_data_parallel_group(),
+                            expert_group=parallel_state.get_expert_data_parallel_group())
 
     def _warmup(self):
         warmup = self.config.warmup

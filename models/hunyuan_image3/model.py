@@ -38,6 +38,11 @@ Attention mask: causal for text; with ``image_spans`` (one ``(start, end)`` of `
 per sample) the image block is bidirectional, run as a causal call, an unmasked call and a short
 causal tail per sample (``mixed_attention_jvp``), never an S×S mask.
 
+Few-step student (``config.cfg_distilled`` / ``use_meanflow``, the Instruct-Distil names):
+``guidance_emb(1000·w)`` and ``timestep_r_emb(1000·σ_r)`` on the first stage, as the
+``<guidance>`` / ``<timestep_r>`` rows after ``<timestep>`` (``student_conditioning="tokens"``)
+or added to ``<timestep>``'s row (``"embedding"``); their last linear is zero at init.
+
 ``forward_jvp(x, tx, ...) -> (y, ty)`` on every module (tangent without autograd graph;
 ``tx=None`` is the primal alone); ``HunyuanImage3Model.velocity_jvp`` is the whole image forward's
 (tangents in the latents and σ). ``DecoderLayer.forward_jvp`` and

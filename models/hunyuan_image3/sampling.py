@@ -8,11 +8,12 @@ interval of a decreasing σ grid ``1 = σ_0 > σ_1 > ... > σ_K = 0``::
 in float32 (float64 stays float64) whatever the network's dtype: K network evaluations, no CFG
 batch (the student was distilled from the guided teacher; w enters through ``guidance_emb``).
 The grid is ``mfmegatron.sampling.few_step``'s (uniform, or a custom one, validated there).
-``shift``: the official distil scheduler (``FlowMatchDiscreteScheduler`` with its flow shift)
-shifts the uniform grid by ``σ' = sσ / (1 + (s − 1)σ)`` (s = 3 in the released generation config)
-and feeds the next *shifted* point as ``timestep_r``; ``shift=3.0`` reproduces that grid. The
+``shift``: the official scheduler (``FlowMatchDiscreteScheduler``, its ``shift`` ≠ 1) shifts the
+uniform grid by ``σ' = sσ / (1 + (s − 1)σ)`` and, for a MeanFlow model, feeds the next *shifted*
+point as ``timestep_r``; ``shift=3.0`` (the released generation default) reproduces that grid. The
 default here is no shift (``shift=None``): the grid our MeanFlow students are sampled on
-elsewhere in the project. A student without ``use_meanflow`` takes plain Euler steps with its
+elsewhere in the project. (The official distil pipeline rounds ``1000·w`` to bf16 before
+``guidance_emb``; we keep it in float32.) A student without ``use_meanflow`` takes plain Euler steps with its
 instantaneous velocity.
 
 ``load_exported_student(folder, dtype)``: a world-of-one model from a folder our converter exports

@@ -119,7 +119,7 @@ def image_rope_positions(length: int, image_start: int, latent_hw: tuple[int, in
 
 
 def build_image_sequences(prompts: list[list[int]], latent_hw: tuple[int, int], tokens: ImageTokens,
-                          length: int | None = None, student_tokens: bool = False) -> ImageSequence:
+                          length: int | None = None, student_tokens=False) -> ImageSequence:
     """Sequences for prompt token ids (without ``<bos>``) and one latent grid size, right-padded to
     the longest (or to ``length``).
 
@@ -130,14 +130,20 @@ def build_image_sequences(prompts: list[list[int]], latent_hw: tuple[int, int], 
         <bos> prompt <boi> <img_size> <img_ratio> <timestep> <guidance> <timestep_r> <img>×(h·w) <eoi>
 
     The two tokens are text tokens for the 2-D RoPE (y = x = index) and the image starts two
-    tokens later (its positions follow its start, the official rule)."""
+    tokens later (its positions follow its start, the official rule). ``student_tokens`` may also
+    name one of them, ``("guidance",)`` or ``("timestep_r",)``: a student built with only
+    ``cfg_distilled`` or only ``use_meanflow`` (the official tokenizer's two flags are
+    independent)."""
     h, w = latent_hw
     if h < 1 or w < 1:
         raise ValueError(f"the latent grid must be at least 1×1, got {h}×{w}")
-    if student_tokens and (tokens.guidance is None or tokens.timestep_r is None):
-        raise ValueError("student_tokens=True needs the <guidance> and <timestep_r> ids: ImageTokens(guidance=..., "
-                         f"timestep_r=...) (got guidance={tokens.guidance}, timestep_r={tokens.timestep_r})")
-    extra = [tokens.guidance, tokens.timestep_r] if student_tokens else []
+    names = _student_token_names(student_tokens)
+    ids = {"guidance": tokens.guidance, "timestep_r": tokens.timestep_r}
+    if any(ids[name] is None for name in names):
+        raise ValueError(f"student_tokens={student_tokens!r} needs the {' and '.join(f'<{n}>' for n in names)} ids: "
+                         f"ImageTokens({', '.join(f'{n}=...' for n in names)}) (got guidance={tokens.guidance}, "
+                         f"timestep_r={tokens.timestep_r})")
+    extra = [ids[name] for name in names]
     rows, spans, lengths, prompt_spans = [], [], [], []
     for prompt in prompts:
         prefix = [tokens.bos, *prompt, tokens.boi, tokens.size, tokens.ratio, tokens.timestep, *extra]
@@ -160,9 +166,33 @@ def build_image_sequences(prompts: list[list[int]], latent_hw: tuple[int, int], 
         latent_hw=(h, w),
         lengths=lengths,
         prompt_spans=prompt_spans,
-        guidance_positions=[start - 2 for start, _ in spans] if student_tokens else None,
-        timestep_r_positions=[start - 1 for start, _ in spans] if student_tokens else None,
+        guidance_positions=_positions(names, "guidance", spans),
+        timestep_r_positions=_positions(names, "timestep_r", spans),
     )
+
+
+STUDENT_TOKEN_NAMES = ("guidance", "timestep_r")  # their order in the sequence
+
+
+def _student_token_names(student_tokens) -> list[str]:
+    """False -> none, True -> both, or the named ones (in sequence order)."""
+    if student_tokens is True:
+        return list(STUDENT_TOKEN_NAMES)
+    if student_tokens is False or student_tokens is None:
+        return []
+    names = [student_tokens] if isinstance(student_tokens, str) else list(student_tokens)
+    unknown = sorted(set(names) - set(STUDENT_TOKEN_NAMES))
+    if unknown or not names:
+        raise ValueError(f"student_tokens must be True, False or names from {STUDENT_TOKEN_NAMES}, got {student_tokens!r}")
+    return [name for name in STUDENT_TOKEN_NAMES if name in names]
+
+
+def _positions(names: list[str], name: str, spans) -> list[int] | None:
+    """Index of token ``name`` per sample: the student's tokens end right before the image."""
+    if name not in names:
+        return None
+    offset = len(names) - names.index(name)
+    return [start - offset for start, _ in spans]
 
 
 # --------------------------------------------------------------------------- classifier-free guidance
@@ -229,6 +259,7 @@ __all__ = [
     "ImageSequence",
     "build_image_sequences",
     "image_rope_positions",
+    "STUDENT_TOKEN_NAMES",
     "unconditional_sequences",
     "cfg_batch",
     "combine_guidance",

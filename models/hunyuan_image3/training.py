@@ -262,12 +262,6 @@ class HunyuanImage3Family:
         if config.meanflow.z_source == "data":
             raise ValueError("meanflow.z_source=data needs the model's VAE, which this project does not have for "
                              "HunyuanImage 3.0; use meanflow.z_source=teacher_ode")
-        from mfmegatron.training.ema import resolve_sharding
-
-        if resolve_sharding(config.optim.ema_sharding, config.parallel.use_distributed_optimizer) == "data_parallel":
-            # Expert-parallel ranks hold different experts, and SwiGLU weights are stored as gate
-            # and up halves: neither splits into data-parallel row blocks.
-            raise ValueError("HunyuanImage 3.0 keeps a replicated EMA: set optim.ema_sharding=replicated")
         low, high = model.guidance_range
         if not 0 < low <= high:
             raise ValueError(f"model.guidance_range {list(model.guidance_range)} must be [lo, hi] with 0 < lo <= hi")
