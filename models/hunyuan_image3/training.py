@@ -345,18 +345,13 @@ class HunyuanImage3Family:
         return length * (2 if with_tangent or self.is_guided(model) else 1)
 
     def no_grad_activation_bytes_per_sample(self, config, with_tangent: bool) -> float:
-        """Per sample: the residual rows plus one layer's attention (QKV and output, split over
-        TP) and MoE (each token's top-k expert hidden states, expert TP) temporaries; doubled for
-        the CFG teacher's two sequences (counted for every network: it errs high for the student
-        and fake), and again with a tangent. Communication buffers are not counted."""
-        architecture = self.teacher_config(config)
-        parallel = config.parallel
-        tp = parallel.tensor_parallel_size
-        etp = parallel.expert_tensor_parallel_size or tp
-        h, value_bytes = architecture.hidden_size, 2 if config.model.dtype == "bf16" else 4
-        experts = (architecture.moe_router_topk + 1) * 3 * architecture.moe_ffn_hidden_size / etp
-        per_token = h * (4 + 6 / tp) + experts
-        return self.sequence_length(config) * per_token * value_bytes * 2 * (2 if with_tangent else 1)
+        """``memory.no_grad_activation_bytes_per_sample``; without a tangent twice that: the CFG
+        teacher runs two sequences per sample (the student's and the fake's plain forwards are
+        counted alike: high for them). Evaluations with a tangent are the student's, without CFG."""
+        from models.hunyuan_image3.memory import no_grad_activation_bytes_per_sample
+
+        per_sequence = no_grad_activation_bytes_per_sample(self._architecture(config), config, with_tangent)
+        return per_sequence if with_tangent else 2 * per_sequence
 
     def flops_per_sample_forward(self, config) -> float:
         """2 FLOPs per MAC over the parameters a token passes through (attention projections,
@@ -369,15 +364,25 @@ class HunyuanImage3Family:
 
     # -- memory (tools/memory_plan) ------------------------------------------------------------
 
+    def _architecture(self, config) -> HunyuanImage3Config:
+        """The teacher's architecture: its checkpoint's, or the preset's while planning a run
+        whose teacher checkpoint does not exist yet."""
+        checkpoint = config.model.teacher_checkpoint
+        if checkpoint is not None and not Path(checkpoint).exists():
+            from models.hunyuan_image3.memory import preset_architecture
+
+            return preset_architecture(config)
+        return self.teacher_config(config)
+
     def rank_parameter_counts(self, config) -> dict[str, float]:
         from models.hunyuan_image3.memory import rank_parameter_counts
 
-        return rank_parameter_counts(self.teacher_config(config), config)
+        return rank_parameter_counts(self._architecture(config), config)
 
     def activation_bytes(self, config) -> tuple[float, str]:
         from models.hunyuan_image3.memory import activation_bytes
 
-        return activation_bytes(self.teacher_config(config), config)
+        return activation_bytes(self._architecture(config), config)
 
     # -- outputs for people --------------------------------------------------------------------
 
