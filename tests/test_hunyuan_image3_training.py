@@ -150,15 +150,19 @@ def test_tiny_recipe_at_ep2_switches_aligns_resumes_after_sigkill_and_exports(tm
     _check(resumed)
     assert "at step 4" in resumed.stdout
     name = "checkpoints/step_00000008"
-    expected, got = _checkpoint_tensors(reference / name, run / name)
+    expected, got, teacher = _checkpoint_tensors(reference / name, run / name, data["teacher"])
     assert expected.keys() == got.keys()
     for prefix in ("student.", "ema.", "fake."):
         assert any(key.startswith(prefix) for key in got), prefix
     # Adam's state of both networks (megatron chains the dense and the expert parameters' optimizers).
     for network in ("student", "fake"):
         assert any(key.startswith("chained_1.") and f"exp_avg.{network}.layers." in key for key in got), network
-    # Every expert of every layer is in the checkpoint (each EP rank wrote its four).
-    assert got["ema.layers.1.mlp.experts.experts.linear_fc2.weight"].shape[0] == 8
+    # Every expert of every layer is in the checkpoint (each EP rank wrote its four), and every
+    # one of them trained away from the teacher: each EP rank's experts received tokens.
+    for layer in (0, 1):
+        key = f"layers.{layer}.mlp.experts.experts.linear_fc2.weight"
+        assert got[f"student.{key}"].shape[0] == 8
+        assert all(not torch.equal(got[f"student.{key}"][e], teacher[key][e]) for e in range(8)), layer
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
     assert _log(run)[8]["loss"] == log[8]["loss"]
