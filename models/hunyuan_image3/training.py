@@ -224,12 +224,8 @@ class HunyuanImage3Family:
         return local_to_global_key(name, 0, model.layer_range[0])
 
     def build_flow_network(self, config, device: torch.device):
-        """The teacher architecture, trainable (``train.objective=flow_matching``); trained
-        without CFG (conditional flow matching)."""
-        network = self._build(config, device, student=False)
-        if config.model.teacher_checkpoint is not None:
-            load_dist_checkpoint(network, config.model.teacher_checkpoint)
-        return network
+        # Flow-matching training learns from images through the VAE, which is not in the project.
+        raise ValueError("train.objective=flow_matching needs HunyuanImage 3.0's VAE, which this project does not have")
 
     # -- shapes and conditioning ---------------------------------------------------------------
 
@@ -429,7 +425,8 @@ class HunyuanImage3Family:
                 cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
             )
             if result.returncode != 0:
-                raise RuntimeError(f"exporting the student failed: {result.stderr.strip().splitlines()[-1:]}")
+                last = result.stderr.strip().splitlines()[-1:] or ["(no message)"]
+                raise RuntimeError(f"exporting the student failed: {last[0]}")
             shutil.rmtree(staging)
         dist.barrier()
 
