@@ -192,6 +192,9 @@ class StepCost:
     flops_by_network: dict[str, float]
     traffic: CollectiveVolume
     """Per rank (the busiest pipeline stage's)."""
+    hardware_flops: float = 0.0
+    """``flops`` plus what activation recompute repeats (the whole forward's primal is counted,
+    embedders included: an upper bound by well under 1%)."""
     seconds: float = 0.0
     mfu: float = 0.0
     time_parts: dict[str, float] = field(default_factory=dict)
@@ -264,16 +267,19 @@ def step_cost(config, world_size: int, kind: str, cluster: Cluster | None = None
     tp, pp, dp = layout_sizes(config, world_size)
     forwards = forward_counts(config, kind)
     global_batch = config.data.micro_batch_size * config.parallel.num_microbatches * dp
-    flops_by_network = {}
+    flops_by_network, recomputed = {}, 0.0
     for network, calls in forwards.items():
         cost = family.network_flops(config, network)
         per_sample = (calls.no_grad * cost.forward + calls.no_grad_jvp * (cost.forward + cost.tangent)
                       + calls.training * (cost.forward + cost.backward)
                       + calls.training_jvp * (cost.forward + cost.tangent + cost.backward))
         flops_by_network[network] = per_sample * global_batch
+        if config.model.recompute:  # backward re-runs each block's primal (jvp/recompute.py)
+            recomputed += (calls.training + calls.training_jvp) * cost.forward * global_batch
     traffic = max((step_traffic(config, family, forwards, stage, dp) for stage in range(pp)),
                   key=lambda volume: volume.total_bytes)
-    step = StepCost(kind, forwards, sum(flops_by_network.values()), flops_by_network, traffic)
+    flops = sum(flops_by_network.values())
+    step = StepCost(kind, forwards, flops, flops_by_network, traffic, hardware_flops=flops + recomputed)
     if cluster is not None:
         predict_time(step, config, world_size, cluster)
     return step
@@ -286,11 +292,11 @@ def _group_span(group: str, tp: int, pp: int, dp: int) -> tuple[int, int]:
 
 
 def predict_time(step: StepCost, config, world_size: int, cluster: Cluster) -> None:
-    """Fills ``step.seconds``, ``step.mfu`` and ``step.time_parts``: compute at
-    ``cluster.gemm_efficiency`` of peak, the pipeline bubble of 1F1B ((PP - 1) / micro-batches of
+    """Fills ``step.seconds``, ``step.mfu`` (model FLOPs, recompute not counted) and
+    ``step.time_parts``: the hardware FLOPs at ``cluster.gemm_efficiency`` of peak, the pipeline bubble of 1F1B ((PP - 1) / micro-batches of
     the compute), and every collective's bus bytes at its link's bandwidth, none overlapped."""
     tp, pp, dp = layout_sizes(config, world_size)
-    compute = step.flops / world_size / (cluster.peak_bf16_tflops * 1e12 * cluster.gemm_efficiency)
+    compute = step.hardware_flops / world_size / (cluster.peak_bf16_tflops * 1e12 * cluster.gemm_efficiency)
     bubble = compute * (pp - 1) / config.parallel.num_microbatches if pp > 1 else 0.0
     parts = {"compute": compute, "pipeline bubble": bubble}
     for key, nbytes in step.traffic.bytes.items():

@@ -127,11 +127,12 @@ def _flops_checks(settings) -> list[tuple[str, float, float]]:
 
 @pytest.mark.parametrize("size", ["tiny", "medium"])
 def test_flops_match_torch_flop_counter(size):
+    # The aim was 2%; every term is modelled, so the count is exact (and kept so: a change to the
+    # model's or the attention tangent's products must change network_flops with it).
     checks = _flops_checks(TINY if size == "tiny" else MEDIUM)
     for what, counted, planned in checks:
-        error = abs(planned - counted) / counted
-        print(f"{size} {what}: counted {counted:.6g}, planned {planned:.6g}, error {error:.2%}")
-        assert error <= 0.02, f"{size} {what}: counted {counted}, planned {planned}"
+        print(f"{size} {what}: counted {counted:.6g}, planned {planned:.6g}")
+        assert planned == counted, f"{size} {what}: counted {counted}, planned {planned}"
 
 
 def test_forward_counts_are_the_runners_arithmetic():
@@ -357,3 +358,15 @@ def test_plan_and_search_for_flux_dev():
     fitting = [row for row in rows if row[4]]
     assert fitting and rows[: len(fitting)] == fitting
     assert [row[0] for row in fitting] == sorted(row[0] for row in fitting)
+
+
+def test_plan_cli_prints_the_breakdown_and_one_line_errors(capsys):
+    from tools.plan import main
+
+    assert main(["recipes/flux_tiny_cpu.yaml", "--gpus", "4", "--gpu", "h200", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "141 GB" in out and "differential target:" in out and "tp all_gather" in out
+    assert "MFU" in out and "memory per rank:" in out and "layouts (" in out
+    assert main(["recipes/flux_tiny_cpu.yaml", "--gpus", "3"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("error: 3 GPUs do not split into TP=2")
