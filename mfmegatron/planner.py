@@ -159,10 +159,13 @@ class Cluster:
     gpus_per_node: int = 8
     peak_fp8_tflops: float = 1979.0
     """Not used by the step-time model yet (the trainer runs bf16)."""
-    gemm_efficiency: float = 0.31
-    """The fraction of peak the step's FLOPs run at: a flow-matching step of FLUX width 3072
-    (2 double + 4 single blocks, 4608 tokens, batch 2) took 152.8 ms on one H200 (README), which
-    is 31% of 989 TFLOP/s by ``network_flops``. Measured at one shape on one GPU, not at scale."""
+    gemm_efficiency: float = 0.425
+    """The fraction of peak a step's FLOPs run at. Measured once: the flow-matching step of
+    ``tools/bench_flux_meanflow`` on one H200 (a no-grad teacher forward, the student's forward
+    and backward; width 3072, 2 double + 4 single blocks, 4096 image + 512 text tokens, batch 2;
+    README) took 152.8 ms for 64.3 TFLOP by ``network_flops``: 421 TFLOP/s, 42.5% of 989. At
+    that efficiency the differential step's 84.7 TFLOP predict 201 ms; it took 191.6 ms (+5%).
+    One GPU, one shape: not measured at scale."""
 
 
 CLUSTERS = {

@@ -175,7 +175,7 @@ class CollectiveCounter:
         self.group_names = group_names  # tuple(ranks) -> "tp" / "pp" / "dp"
         self.bytes, self.calls = {}, {}
         self.phase = "step"
-        self.by_phase = {}  # phase -> {key: bytes}, for messages
+        self.by_phase = {}  # phase -> {key: [bytes, calls]}
         self._inside = threading.local()
         self._patched = []
 
@@ -209,7 +209,7 @@ class CollectiveCounter:
         self.bytes[key] = self.bytes.get(key, 0) + size
         self.calls[key] = self.calls.get(key, 0) + 1
         phase = self.by_phase.setdefault(self.phase, {})
-        phase[key] = phase.get(key, 0) + size
+        phase[key] = [phase.get(key, [0, 0])[0] + size, phase.get(key, [0, 0])[1] + 1]
 
     def _wrap(self, name, original):
         def counted(*args, **kwargs):
@@ -342,6 +342,14 @@ def test_communication_bytes_equal_the_collectives_sent():
             planned_bytes = {key: value for key, value in planned.bytes.items() if value}
             print(f"{layout} rank {rank}: counted {counted['bytes']} planned {planned_bytes}")
             assert counted["bytes"] == planned_bytes, f"{layout}, rank {rank}; counted by phase {counted['by_phase']}"
+            # Calls, per training pass (no-grad evaluations are sized by memory in the trainer).
+            for phase, network, kind in (("student pass", "student", "forward_jvp"), ("fake pass", "fake", "forward")):
+                micro = config.data.micro_batch_size
+                one_pass = family.pass_traffic(config, network, kind, micro, counted["stage"], with_backward=True)
+                planned_calls = {key: calls for key, calls in one_pass.scaled(config.parallel.num_microbatches).calls.items()
+                                 if calls}
+                counted_calls = {key: value[1] for key, value in counted["by_phase"].get(phase, {}).items()}
+                assert counted_calls == planned_calls, f"{layout}, rank {rank}, {phase}"
 
 
 # --------------------------------------------------------------------------- the plan

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--intra-node-gbps", type=float, help="GB/s per GPU inside a node, one direction")
     parser.add_argument("--inter-node-gbps", type=float, help="GB/s per GPU between nodes, one direction")
     parser.add_argument("--gpus-per-node", type=int)
-    parser.add_argument("--gemm-efficiency", type=float, help="fraction of peak the FLOPs run at (default 0.31, "
+    parser.add_argument("--gemm-efficiency", type=float, help="fraction of peak the FLOPs run at (default 0.425, "
                         "measured: a FLUX flow-matching step on one H200)")
     parser.add_argument("--top", type=int, default=10, help="candidate layouts to list (default 10)")
     parser.add_argument("--no-search", action="store_true", help="only the recipe's own layout")
