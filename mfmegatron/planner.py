@@ -295,9 +295,10 @@ def _group_span(group: str, tp: int, pp: int, dp: int) -> tuple[int, int]:
 
 
 def predict_time(step: StepCost, config, world_size: int, cluster: Cluster) -> None:
-    """Fills ``step.seconds``, ``step.mfu`` (model FLOPs, recompute not counted) and
-    ``step.time_parts``: the hardware FLOPs at ``cluster.gemm_efficiency`` of peak, the pipeline bubble of 1F1B ((PP - 1) / micro-batches of
-    the compute), and every collective's bus bytes at its link's bandwidth, none overlapped."""
+    """Fills ``step.seconds``, ``step.mfu`` (of the model FLOPs: recompute not counted) and
+    ``step.time_parts``: the hardware FLOPs at ``cluster.gemm_efficiency`` of peak, the 1F1B
+    bubble ((PP - 1) / micro-batches of the compute), and every collective's bus bytes at the
+    bandwidth of the link its group spans, none overlapped."""
     tp, pp, dp = layout_sizes(config, world_size)
     compute = step.hardware_flops / world_size / (cluster.peak_bf16_tflops * 1e12 * cluster.gemm_efficiency)
     bubble = compute * (pp - 1) / config.parallel.num_microbatches if pp > 1 else 0.0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import sys
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -86,8 +87,6 @@ def _flops_checks(settings) -> list[tuple[str, float, float]]:
     generator = torch.Generator().manual_seed(0)
     image, channels = family.latent_shape(config)
     text_dim, pooled_dim = family.text_encoder_dims(config)
-    from types import SimpleNamespace
-
     prompts = SimpleNamespace(t5=torch.randn(batch, config.model.text_tokens, text_dim, generator=generator),
                               pooled=torch.randn(batch, pooled_dim, generator=generator))
     cond = family.condition(prompts, config, torch.device("cpu"), torch.float32)
@@ -248,7 +247,6 @@ def _step_on_ranks(settings) -> dict:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from types import SimpleNamespace
 
     from mfmegatron.meanflow.passes import TrainingPass
     from mfmegatron.training.runner import NetworkRunner
@@ -341,13 +339,12 @@ def test_communication_bytes_equal_the_collectives_sent():
             planned = step_traffic(config, family, STEP, counted["stage"], counted["data_parallel_size"])
             planned_bytes = {key: value for key, value in planned.bytes.items() if value}
             print(f"{layout} rank {rank}: counted {counted['bytes']} planned {planned_bytes}")
-            assert counted["bytes"] == planned_bytes, f"{layout}, rank {rank}; counted by phase {counted['by_phase']}"
+            assert counted["bytes"] == planned_bytes, f"{layout}, rank {rank}; by phase {counted['by_phase']}"
             # Calls, per training pass (no-grad evaluations are sized by memory in the trainer).
+            micro, passes = config.data.micro_batch_size, config.parallel.num_microbatches
             for phase, network, kind in (("student pass", "student", "forward_jvp"), ("fake pass", "fake", "forward")):
-                micro = config.data.micro_batch_size
-                one_pass = family.pass_traffic(config, network, kind, micro, counted["stage"], with_backward=True)
-                planned_calls = {key: calls for key, calls in one_pass.scaled(config.parallel.num_microbatches).calls.items()
-                                 if calls}
+                one = family.pass_traffic(config, network, kind, micro, counted["stage"], with_backward=True)
+                planned_calls = {key: calls for key, calls in one.scaled(passes).calls.items() if calls}
                 counted_calls = {key: value[1] for key, value in counted["by_phase"].get(phase, {}).items()}
                 assert counted_calls == planned_calls, f"{layout}, rank {rank}, {phase}"
 
