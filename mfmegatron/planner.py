@@ -370,9 +370,9 @@ def candidate_layouts(config, world_size: int):
 
 
 def search_layouts(config, world_size: int, cluster: Cluster, kind: str | None = None) -> list[tuple]:
-    """(predicted seconds of a ``kind`` step, MFU, layout, per-rank GB, fits) of every candidate,
-    those that fit first, fastest first. ``kind`` defaults to the recipe's most frequent one
-    (the differential step; flow matching for flow-matching recipes)."""
+    """(predicted seconds of a ``kind`` step, MFU, layout, per-rank GB, fits) of every candidate:
+    those that fit first, then fastest, then smallest. ``kind`` defaults to the recipe's most
+    frequent step (the differential one; flow matching for flow-matching recipes)."""
     if kind is None:
         kind = "differential target" if config.train.objective == "meanflow_distillation" else "flow matching"
     rows = []
@@ -382,5 +382,5 @@ def search_layouts(config, world_size: int, cluster: Cluster, kind: str | None =
         step = step_cost(candidate, world_size, kind, cluster)
         layout = memory.layout + (", recompute" if candidate.model.recompute else "")
         rows.append((step.seconds, step.mfu, layout, memory.total / GB, fits))
-    rows.sort(key=lambda row: (not row[4], row[0]))
+    rows.sort(key=lambda row: (not row[4], row[0], row[3]))  # ties: less memory first
     return rows

@@ -226,17 +226,18 @@ class FluxFamily:
                              lora_rank=config.alignment.lora_rank)
 
     def layout_problem(self, config) -> str | None:
-        """Why FLUX cannot run at the recipe's layout, or None: TP must divide the heads and the
-        MLP width (with SP, the text and image token counts too), PP at most the blocks."""
+        """Why FLUX cannot run at the recipe's layout, or None: megatron's checks of the config
+        (TP dividing the heads, ...), sequence parallelism's (TP dividing the text and image
+        token counts) and at most one pipeline stage per block."""
         parallel = config.parallel
         tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
-        whole = copy.deepcopy(config)
-        whole.parallel.tensor_parallel_size = whole.parallel.pipeline_parallel_size = 1
-        whole.parallel.sequence_parallel = False
-        flux = self._planning_config(whole, "teacher")
+        try:
+            flux = self._planning_config(config, "teacher")
+        except ValueError as error:
+            return str(error)
         image, text = self._tokens(config)
-        if flux.num_attention_heads % tp or flux.ffn_hidden_size % tp:
-            return f"TP={tp} does not divide {flux.num_attention_heads} heads and MLP width {flux.ffn_hidden_size}"
+        if flux.ffn_hidden_size % tp:
+            return f"TP={tp} does not divide the MLP width {flux.ffn_hidden_size}"
         if parallel.sequence_parallel and (image % tp or text % tp):
             return f"sequence parallel needs TP={tp} to divide {image} image and {text} text tokens"
         if pp > flux.num_layers:
