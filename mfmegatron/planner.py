@@ -196,8 +196,8 @@ class StepCost:
     traffic: CollectiveVolume
     """Per rank (the busiest pipeline stage's)."""
     hardware_flops: float = 0.0
-    """``flops`` plus what activation recompute repeats (the whole forward's primal is counted,
-    embedders included: an upper bound by well under 1%)."""
+    """``flops`` plus what activation recompute repeats (the blocks' primal forward in each
+    training pass's backward)."""
     seconds: float = 0.0
     mfu: float = 0.0
     time_parts: dict[str, float] = field(default_factory=dict)
@@ -261,14 +261,18 @@ def step_traffic(config, family, forwards: dict[str, NetworkCalls], stage: int,
     return total
 
 
-def step_cost(config, world_size: int, kind: str, cluster: Cluster | None = None) -> StepCost:
-    """FLOPs, collectives, predicted time and MFU of one step of ``kind``."""
+def step_cost(config, world_size: int, kind: str, cluster: Cluster | None = None,
+              moving: float | None = None) -> StepCost:
+    """FLOPs, collectives, predicted time and MFU of one step of ``kind`` (``moving``: the
+    fraction of samples with r < t, default the expected one)."""
     from mfmegatron.training.family import get_family
 
     config = for_planning(config)
     family = get_family(config.model.family)
+    if not hasattr(family, "network_flops"):
+        raise ValueError(f"the {config.model.family} family does not describe its costs to the planner yet")
     tp, pp, dp = layout_sizes(config, world_size)
-    forwards = forward_counts(config, kind)
+    forwards = forward_counts(config, kind, moving)
     global_batch = config.data.micro_batch_size * config.parallel.num_microbatches * dp
     flops_by_network, recomputed = {}, 0.0
     for network, calls in forwards.items():
@@ -278,7 +282,7 @@ def step_cost(config, world_size: int, kind: str, cluster: Cluster | None = None
                       + calls.training_jvp * (cost.forward + cost.tangent + cost.backward))
         flops_by_network[network] = per_sample * global_batch
         if config.model.recompute:  # backward re-runs each block's primal (jvp/recompute.py)
-            recomputed += (calls.training + calls.training_jvp) * cost.forward * global_batch
+            recomputed += (calls.training + calls.training_jvp) * cost.recomputed * global_batch
     traffic = max((step_traffic(config, family, forwards, stage, dp) for stage in range(pp)),
                   key=lambda volume: volume.total_bytes)
     flops = sum(flops_by_network.values())

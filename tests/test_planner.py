@@ -23,7 +23,16 @@ import torch
 
 from mfmegatron.config import load_config
 from mfmegatron.parallel import initialize_parallel, run_on_ranks
-from mfmegatron.planner import CLUSTERS, STEP_KINDS, NetworkCalls, forward_counts, plan, search_layouts, step_traffic
+from mfmegatron.planner import (
+    CLUSTERS,
+    STEP_KINDS,
+    NetworkCalls,
+    forward_counts,
+    plan,
+    search_layouts,
+    step_cost,
+    step_traffic,
+)
 from mfmegatron.training.config import TrainConfig
 
 TINY = ["model.preset=tiny", "model.dtype=fp32", "model.image_size=64", "model.text_tokens=8",
@@ -132,6 +141,36 @@ def test_flops_match_torch_flop_counter(size):
     for what, counted, planned in checks:
         print(f"{size} {what}: counted {counted:.6g}, planned {planned:.6g}")
         assert planned == counted, f"{size} {what}: counted {counted}, planned {planned}"
+
+
+def test_step_flops_match_trainer_steps(tmp_path):
+    """A warm-up, a differential and a differential + alignment step of the trainer itself (the
+    8xH100 recipe's objective on the tiny FLUX, one process), each under the counter, against
+    ``step_cost`` at the step's own fraction of r < t samples."""
+    from mfmegatron.data import build_prompt_shards
+    from mfmegatron.training.trainer import Trainer
+    from tools.count_forwards import TINY as TINY_RECIPE
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"prompt {i}" for i in range(16)) + "\n")
+    build_prompt_shards([prompts], tmp_path / "shards", samples_per_shard=16)
+    config = load_config(TrainConfig, "recipes/flux_dev_8xh100.yaml", [
+        *TINY_RECIPE, "warmup.policy=fixed", "warmup.switch_step=1", "meanflow.align_start_step=2",
+        f"data.shards={tmp_path}/shards", f"train.output_dir={tmp_path}/run"])
+    trainer = Trainer(config)
+    kinds = []
+    for _ in range(3):
+        counter = _flop_counter()
+        with counter:
+            stats = trainer.train_step()
+        kind = STEP_KINDS[0] if not stats["phase_differential"] else STEP_KINDS[2 if "fake_loss" in stats else 1]
+        # The recipe recomputes activations: the counter sees the hardware FLOPs.
+        planned = step_cost(config, 1, kind, moving=stats["time_r_below_t_fraction"]).hardware_flops
+        counted = counter.get_total_flops()
+        print(f"{kind}: counted {counted:.6g}, planned {planned:.6g}")
+        assert planned == counted, kind
+        kinds.append(kind)
+    assert kinds == list(STEP_KINDS[:3])
 
 
 def test_forward_counts_are_the_runners_arithmetic():

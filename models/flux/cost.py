@@ -57,6 +57,8 @@ class NetworkFlops:
     """The extra FLOPs of a forward with a JVP (forward + tangent: the JVP forward)."""
     backward: float
     """0 for a frozen network."""
+    recomputed: float = 0.0
+    """What activation recompute repeats in a backward: the blocks' forward (primal only)."""
 
 
 def linear_layers(flux: FluxConfig, student: bool) -> list[Linear]:
@@ -103,10 +105,12 @@ def network_flops(flux: FluxConfig, image_tokens: int, text_tokens: int, student
     "frozen" (the teacher: no backward).
     """
     rows = {"image": image_tokens, "text": text_tokens, "tokens": image_tokens + text_tokens, "sample": 1}
-    forward = tangent = backward = 0.0
+    forward = tangent = backward = blocks = 0.0
     for layer in linear_layers(flux, student):
         macs = rows[layer.rows] * layer.in_features * layer.out_features
         forward += 2 * macs
+        in_block = layer.name.startswith(("double_blocks.", "single_blocks."))
+        blocks += 2 * macs if in_block else 0.0
         if layer.tangent:
             tangent += 2 * macs
         if training == "full":
@@ -116,6 +120,7 @@ def network_flops(flux: FluxConfig, image_tokens: int, text_tokens: int, student
             if layer.tensor_parallel:
                 factors = rows[layer.rows] * lora_rank
                 forward += 2 * factors * (layer.in_features + layer.out_features)
+                blocks += 2 * factors * (layer.in_features + layer.out_features) if in_block else 0.0
                 # grad B, grad of A's output, grad A, and the input's when it needs one.
                 backward += 2 * factors * (2 * layer.out_features + layer.in_features)
                 backward += 2 * factors * layer.in_features if layer.block_input else 0.0
@@ -124,10 +129,11 @@ def network_flops(flux: FluxConfig, image_tokens: int, text_tokens: int, student
     tokens = image_tokens + text_tokens
     pairs = flux.num_layers * tokens * tokens * flux.hidden_size
     forward += ATTENTION_FORWARD * pairs
+    blocks += ATTENTION_FORWARD * pairs
     tangent += ATTENTION_TANGENT * pairs
     if training != "frozen":
         backward += ATTENTION_BACKWARD * pairs
-    return NetworkFlops(forward=forward, tangent=tangent, backward=backward)
+    return NetworkFlops(forward=forward, tangent=tangent, backward=backward, recomputed=blocks)
 
 
 # --------------------------------------------------------------------------- communication
