@@ -302,7 +302,9 @@ def predict_time(step: StepCost, config, world_size: int, cluster: Cluster) -> N
     """Fills ``step.seconds``, ``step.mfu`` (of the model FLOPs: recompute not counted) and
     ``step.time_parts``: the hardware FLOPs at ``cluster.gemm_efficiency`` of peak, the 1F1B
     bubble ((PP - 1) / micro-batches of the compute), and every collective's bus bytes at the
-    bandwidth of the link its group spans, none overlapped."""
+    bandwidth of the link its group spans, none overlapped. The FLOPs are split evenly over the
+    GPUs: what every TP rank repeats (FLUX's embedders and final projection, under 1% at
+    FLUX.1-dev's sizes) and unequal pipeline stages are not modelled."""
     tp, pp, dp = layout_sizes(config, world_size)
     compute = step.hardware_flops / world_size / (cluster.peak_bf16_tflops * 1e12 * cluster.gemm_efficiency)
     bubble = compute * (pp - 1) / config.parallel.num_microbatches if pp > 1 else 0.0

@@ -185,18 +185,18 @@ def test_forward_counts_are_the_runners_arithmetic():
 
 # --------------------------------------------------------------------------- communication
 
-_KIND = {  # torch.distributed function -> (kind, how its payload is measured)
-    "all_reduce": ("all_reduce", "tensor"),
-    "all_gather_into_tensor": ("all_gather", "output"),
-    "_all_gather_base": ("all_gather", "output"),
-    "all_gather": ("all_gather", "list"),
-    "reduce_scatter_tensor": ("reduce_scatter", "input"),
-    "_reduce_scatter_base": ("reduce_scatter", "input"),
-    "broadcast": ("broadcast", "tensor"),
-    "send": ("send", "tensor"),
-    "recv": ("recv", "tensor"),
-    "isend": ("send", "tensor"),
-    "irecv": ("recv", "tensor"),
+_KIND = {  # torch.distributed function -> (kind, which argument is the whole payload)
+    "all_reduce": ("all_reduce", 0),
+    "all_gather_into_tensor": ("all_gather", 0),  # the gathered output
+    "_all_gather_base": ("all_gather", 0),
+    "all_gather": ("all_gather", "list"),  # the list of gathered tensors
+    "reduce_scatter_tensor": ("reduce_scatter", 1),  # the input
+    "_reduce_scatter_base": ("reduce_scatter", 1),
+    "broadcast": ("broadcast", 0),
+    "send": ("send", 0),
+    "recv": ("recv", 0),
+    "isend": ("send", 0),
+    "irecv": ("recv", 0),
     "broadcast_object_list": (None, None),  # pickled objects: control, not counted
     "all_gather_object": (None, None),
 }
@@ -220,7 +220,7 @@ class CollectiveCounter:
     def _record(self, name, original, args, kwargs):
         import torch.distributed as dist
 
-        kind, measure = _KIND[name]
+        kind, payload = _KIND[name]
         if kind is None:
             return
         bound = inspect.signature(original).bind(*args, **kwargs)
@@ -228,17 +228,10 @@ class CollectiveCounter:
         group = values.get("group")
         if dist.get_world_size(group) == 1:
             return
-        tensors = list(values.values())
-        if measure == "output":
-            tensor = values.get("output_tensor", tensors[0])
-            size = tensor.numel() * tensor.element_size()
-        elif measure == "input":
-            tensor = values.get("input", tensors[1])
-            size = tensor.numel() * tensor.element_size()
-        elif measure == "list":
+        if payload == "list":
             size = sum(t.numel() * t.element_size() for t in values["tensor_list"])
         else:
-            tensor = tensors[0]
+            tensor = list(values.values())[payload]
             size = tensor.numel() * tensor.element_size()
         if size <= CONTROL_BYTES:
             return
@@ -246,8 +239,9 @@ class CollectiveCounter:
         key = f"{self.group_names.get(ranks, 'other')} {kind}"
         self.bytes[key] = self.bytes.get(key, 0) + size
         self.calls[key] = self.calls.get(key, 0) + 1
-        phase = self.by_phase.setdefault(self.phase, {})
-        phase[key] = [phase.get(key, [0, 0])[0] + size, phase.get(key, [0, 0])[1] + 1]
+        in_phase = self.by_phase.setdefault(self.phase, {}).setdefault(key, [0, 0])
+        in_phase[0] += size
+        in_phase[1] += 1
 
     def _wrap(self, name, original):
         def counted(*args, **kwargs):
