@@ -261,12 +261,12 @@ class FluxFamily:
 
     def gradient_traffic(self, config, network: str, stage: int, data_parallel_size: int):
         """Collectives of one optimizer step of ``network`` on pipeline ``stage``'s ranks: the
-        TP sum of the QK-norm gradients (megatron's ``finalize_model_grads``), the data-parallel
-        gradient all-reduce (with the distributed optimizer: reduce-scatter, then the updated
-        parameters' all-gather), over megatron DDP's buffer of the stage's trained parameters."""
-        from mfmegatron.planner import CollectiveVolume, network_training
-
+        TP sum of replicated weights' partial gradients (megatron's ``finalize_model_grads``),
+        the data-parallel gradient all-reduce (with the distributed optimizer: reduce-scatter,
+        then the updated parameters' all-gather) over megatron DDP's buffer of the stage's
+        trained parameters (shapes from the preset, as ``rank_parameter_counts``)."""
         from mfmegatron.jvp.linear import ColumnParallelLinear, RowParallelLinear
+        from mfmegatron.planner import CollectiveVolume, network_training
 
         volume = CollectiveVolume()
         flux = self._planning_config(config, network)
