@@ -390,3 +390,19 @@ def search_layouts(config, world_size: int, cluster: Cluster, kind: str | None =
         rows.append((step.seconds, step.mfu, layout, memory.total / GB, fits))
     rows.sort(key=lambda row: (not row[4], row[0], row[3]))  # ties: less memory first
     return rows
+
+
+def weak_scaling(config, gpu_counts: list[int], cluster: Cluster, kind: str | None = None) -> list[tuple]:
+    """(GPUs, predicted seconds of a ``kind`` step, MFU, samples per second, efficiency against
+    the first count) at each of ``gpu_counts`` with the recipe's layout and per-replica batch
+    kept: only data parallelism grows (its collectives cross nodes once TP x DP exceeds a node).
+    A prediction of the time model, not a measurement."""
+    kind = kind or ("differential target" if config.train.objective == "meanflow_distillation" else "flow matching")
+    rows, first = [], None
+    for gpus in gpu_counts:
+        step = step_cost(config, gpus, kind, cluster)
+        dp = layout_sizes(config, gpus)[2]
+        samples = config.data.micro_batch_size * config.parallel.num_microbatches * dp / step.seconds
+        first = first or samples / gpus
+        rows.append((gpus, step.seconds, step.mfu, samples, samples / gpus / first))
+    return rows

@@ -408,3 +408,8 @@ def test_plan_cli_prints_the_breakdown_and_one_line_errors(capsys):
     assert main(["recipes/flux_tiny_cpu.yaml", "--gpus", "3"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("error: 3 GPUs do not split into TP=2")
+    assert main(["recipes/flux_tiny_cpu.yaml", "--gpus", "2", "--no-search", "--weak-scaling", "2,4,8"]) == 0
+    scaling = capsys.readouterr().out.split("weak scaling")[1].splitlines()[1:]
+    assert [int(line.split()[0]) for line in scaling] == [2, 4, 8] and "100.0%" in scaling[0]
+    assert main(["recipes/flux_tiny_cpu.yaml", "--gpus", "2", "--weak-scaling", "2,x"]) == 2
+    assert capsys.readouterr().err.startswith("error: --weak-scaling takes GPU counts")

@@ -7,7 +7,8 @@ Prints, for the recipe (with ``key=value`` overrides, as the trainer takes them)
 GPUs: parameters; per step kind the network evaluations per sample, the model FLOPs, the bytes
 one rank sends per collective, the predicted step time (its parts) and MFU; memory per rank; then
 every candidate layout (TP 1/2/4/8, PP, SP, distributed optimizer, recompute; the global batch
-kept), those that fit first, fastest predicted first. Nothing is run and no GPU is needed; the
+kept), those that fit first, fastest predicted first; with ``--weak-scaling``, the recipe's layout
+at more GPUs (the per-replica batch kept). Nothing is run and no GPU is needed; the
 teacher checkpoint need not exist (the preset's architecture stands for it). GB = 1e9 bytes.
 The step time is a model: GEMMs at ``--gemm-efficiency`` of peak, collectives at the bus
 bandwidth of their link, nothing overlapped, a 1F1B bubble.
@@ -49,12 +50,14 @@ def main(argv: list[str] | None = None) -> int:
                         "measured: a FLUX flow-matching step on one H200)")
     parser.add_argument("--top", type=int, default=10, help="candidate layouts to list (default 10)")
     parser.add_argument("--no-search", action="store_true", help="only the recipe's own layout")
+    parser.add_argument("--weak-scaling", metavar="N,N,...",
+                        help="also predict the recipe's layout at these GPU counts, the per-replica batch kept")
     args = parser.parse_intermixed_args(argv)
 
     import dataclasses
 
     from mfmegatron.config import ConfigError, load_config
-    from mfmegatron.planner import CLUSTERS, UNCOUNTED_RESERVE_GB, plan, search_layouts
+    from mfmegatron.planner import CLUSTERS, UNCOUNTED_RESERVE_GB, plan, search_layouts, weak_scaling
     from mfmegatron.training.config import TrainConfig
     from mfmegatron.warnings_filter import quiet_expected_warnings
 
@@ -70,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(TrainConfig, args.recipe, args.overrides)
         result = plan(config, args.gpus, cluster)
         rows = [] if args.no_search else search_layouts(config, args.gpus, cluster)
+        scaling = []
+        if args.weak_scaling:
+            counts = args.weak_scaling.split(",")
+            if not all(count.isdigit() and int(count) > 0 for count in counts):
+                raise ValueError(f"--weak-scaling takes GPU counts such as 8,16,64; got {args.weak_scaling!r}")
+            counts = [int(count) for count in counts]
+            scaling = weak_scaling(config, counts, cluster)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -90,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nlayouts ({fitting} of {len(rows)} fit; fastest predicted first):")
         for seconds, mfu, layout, gigabytes, fits in rows[: args.top]:
             print(f"  {seconds:7.3f} s  MFU {mfu:5.1%}  {gigabytes:6.1f} GB  {'fits' if fits else 'too big'}  {layout}")
+    if scaling:
+        print(f"\nweak scaling of {result.layout} (the per-replica batch kept; predicted):")
+        for gpus, seconds, mfu, samples, efficiency in scaling:
+            print(f"  {gpus:5d} GPUs  {seconds:7.3f} s  MFU {mfu:5.1%}  {samples:8.2f} samples/s  "
+                  f"{efficiency:6.1%} of the first per GPU")
     return 0
 
 
