@@ -1,0 +1,235 @@
+"""What one HunyuanImage 3.0 network costs, from its shapes alone: FLOPs per sample and the bytes
+of every collective a pass sends (``mfmegatron/planner.py`` asks the family for these; the family
+delegates here with the teacher's ``HunyuanImage3Config`` and the recipe).
+
+The sequence (``sequence.py``): ``<bos>``, ``model.text_tokens`` prompt tokens, ``<boi>``, size,
+ratio, ``<timestep>`` and the "tokens" student's ``<guidance>`` / ``<timestep_r>`` (the prefix),
+the ``(image_size / 16)²`` image tokens, ``<eoi>`` (the suffix), right-padded under sequence
+parallel to a multiple of TP (``build_image_sequences(..., length=...)``). A teacher evaluation is
+classifier-free guided: a [cond; uncond] batch, two sequences per sample.
+
+FLOPs are those of the matrix products, 2 per multiply-add: what ``torch.utils.flop_counter``
+counts (a convolution as its im2col product; padding included). Elementwise work (norms, RoPE,
+SwiGLU, softmax, routing's top-k, GroupNorm) is left out.
+
+- forward: every linear layer and convolution on its rows: the tokens (attention, router, shared
+  expert), each token top-k times (the routed experts: every token goes to exactly k experts, so
+  this is deterministic), the image tokens (patch_embed / final_layer convolutions), one row per
+  sequence (the timestep embedders, the ResBlocks' modulations); attention 4·d per (query, key)
+  pair and head, over what our three calls per sequence compute (``model.mixed_attention_jvp``):
+  prefix × prefix (causal), image × (prefix + image) (unmasked), suffix × all (causal, aligned to
+  the last key). torch counts a causal call as its whole rectangle;
+- tangent (the extra work of a forward with a JVP): each layer with a non-zero input tangent
+  once more (all but ``guidance_emb``: w has no tangent; the router's logits too,
+  ``jvp/moe.route_jvp``); attention's tangent 10·d per pair for the prefix and image calls (the
+  log-sum-exp pass or the Triton kernel, ``jvp/attention.py``) and 12·d for the suffix (its mask
+  is aligned to the last key, which no fused kernel serves: the online-softmax pass). The prefix
+  call's tangent pass skips key tiles wholly above the diagonal; counted here as the whole
+  rectangle, exact while the prefix fits one key tile (1024 on CUDA, 256 on CPU);
+- backward: for a network whose weights all train, each layer's weight gradient and input
+  gradient (a forward's worth each), except the input gradients of layers whose input is data
+  (the latents, the time sinusoids); attention's backward 10·d per pair (torch's count for fused
+  attention). A LoRA fake network (``jvp/lora.py``, factors on every Column/RowParallelLinear:
+  attention, shared and routed experts) computes input gradients only where the input depends on
+  a factor (not the first layer's QKV, nor the image input path or the embedders; the router
+  computes its frozen weight's gradient all the same, megatron's gating function) and, per
+  tensor-parallel linear, rank·(in + out) multiply-adds forward and rank·(2·out + in) backward
+  (plus rank·in for the input's gradient).
+
+Communication is in the second half of the file (``pass_traffic``, ``gradient_traffic``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from models.flux.cost import NetworkFlops, gradient_buffer_elements
+from models.hunyuan_image3.config import HunyuanImage3Config
+from models.hunyuan_image3.memory import PIXELS_PER_TOKEN, TEMPLATE_TOKENS, layout_of
+
+# Attention FLOPs per (query, key) pair, head and unit of head width: the forward's QKᵀ and PV;
+# the tangent's log-sum-exp pass and online-softmax pass; the fused backward.
+ATTENTION_FORWARD, ATTENTION_TANGENT, ATTENTION_TANGENT_ONLINE, ATTENTION_BACKWARD = 4, 10, 12, 10
+ROUTING_COUNT_BYTES = 8  # megatron's per-expert token counts are int64
+PROBABILITY_BYTES = 4  # the router runs in float32 (config ``moe_router_dtype="fp32"``)
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """Tokens of one sequence: before the image, the image, after it (``<eoi>`` and padding)."""
+
+    prefix: int
+    image: int
+    suffix: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prefix + self.image + self.suffix
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str
+    rows: str
+    """Rows per sequence it maps: "tokens", "routed" (each token top-k times), "image" or
+    "sample" (one)."""
+    in_features: int
+    """For a convolution: input channels × kernel area."""
+    out_features: int
+    tensor_parallel: bool
+    """A megatron Column/RowParallelLinear (LoRA attaches to these)."""
+    tangent: bool
+    """Maps a non-zero input tangent in a forward with a JVP."""
+    data_input: bool
+    """Its input is data (no gradient ever flows into it)."""
+    lora_input: bool
+    """In a LoRA fake network its input depends on a LoRA factor (needs an input gradient)."""
+    in_layers: bool = False
+    """In the decoder layers (what activation recompute repeats)."""
+    frozen_weight_gradient: bool = False
+    """Computes its weight's gradient even when the weight is frozen: megatron's
+    ``RouterGatingLinearFunction`` (the router) always returns both gradients."""
+
+
+def network_architecture(architecture: HunyuanImage3Config, network: str) -> HunyuanImage3Config:
+    """``network``'s architecture from the teacher's: the student is HunyuanImage-3.0-Instruct-
+    Distil's (``cfg_distilled`` and ``use_meanflow``, the teacher's ``student_conditioning``)
+    unless ``architecture`` already is a student; the fake and flow networks are the teacher."""
+    if network == "student" and not architecture.is_student:
+        return dataclasses.replace(architecture, cfg_distilled=True, use_meanflow=True)
+    return architecture
+
+
+def student_token_count(architecture: HunyuanImage3Config) -> int:
+    """The "tokens" student's extra tokens: one per embedder it has (``<guidance>``, ``<timestep_r>``)."""
+    if architecture.student_conditioning != "tokens":
+        return 0
+    return int(architecture.cfg_distilled) + int(architecture.use_meanflow)
+
+
+def sequence_layout(architecture: HunyuanImage3Config, config, network: str) -> SequenceLayout:
+    """One sequence of ``network`` at the recipe's image size, prompt length and layout."""
+    network_config = network_architecture(architecture, network)
+    side, remainder = divmod(config.model.image_size, PIXELS_PER_TOKEN * architecture.patch_size)
+    if remainder:
+        raise ValueError(f"model.image_size must be a multiple of {PIXELS_PER_TOKEN}, got {config.model.image_size}")
+    suffix = 1  # <eoi>
+    prefix = config.model.text_tokens + TEMPLATE_TOKENS - suffix + student_token_count(network_config)
+    layout = layout_of(config)
+    if layout.sequence_parallel and layout.tp > 1:
+        suffix += -(prefix + side * side + suffix) % layout.tp
+    return SequenceLayout(prefix=prefix, image=side * side, suffix=suffix)
+
+
+def evaluation_rows(network: str, cfg: bool | None = None) -> int:
+    """Sequences per sample of one evaluation: the teacher's are classifier-free guided ([cond;
+    uncond], two), the others' one. ``cfg`` overrides the rule."""
+    if cfg is None:
+        cfg = network == "teacher"
+    return 2 if cfg else 1
+
+
+def linear_layers(architecture: HunyuanImage3Config) -> list[Linear]:
+    """Every linear layer and convolution of the whole image network (all pipeline stages), in
+    forward order. ``lm_head`` is not on the image path."""
+    a = architecture
+    h, c, channels = a.hidden_size, a.patch_embed_hidden_dim, a.latent_channels
+    layers = []
+
+    def embedder(name, tangent=True):
+        layers.extend([Linear(f"{name}.mlp.0", "sample", a.timestep_embedding_dim, h, False, tangent, True, False),
+                       Linear(f"{name}.mlp.2", "sample", h, h, False, tangent, False, False)])
+
+    def resblock(name, cin, cout, lora_input):
+        layers.extend([Linear(f"{name}.in_layers.2", "image", 9 * cin, cout, False, True, False, lora_input),
+                       Linear(f"{name}.emb_layers.1", "sample", h, 2 * cout, False, True, False, False),
+                       Linear(f"{name}.out_layers.3", "image", 9 * cout, cout, False, True, False, lora_input)])
+        if cin != cout:
+            layers.append(Linear(f"{name}.skip_connection", "image", cin, cout, False, True, False, lora_input))
+
+    embedder("time_embed")
+    layers.append(Linear("patch_embed.model.0", "image", 9 * channels, c, False, True, True, False))
+    resblock("patch_embed.model.1", c, h, lora_input=False)
+    embedder("timestep_emb")
+    if a.cfg_distilled:
+        embedder("guidance_emb", tangent=False)
+    if a.use_meanflow:
+        embedder("timestep_r_emb")
+    d = a.kv_channels
+    qkv = (a.num_attention_heads + 2 * a.num_query_groups) * d
+    shared = a.moe_shared_expert_intermediate_size or 0
+    for index in range(a.num_layers):
+        prefix = f"layers.{index}"
+        layers += [
+            Linear(f"{prefix}.self_attention.linear_qkv", "tokens", h, qkv, True, True, False, index > 0, True),
+            Linear(f"{prefix}.self_attention.linear_proj", "tokens", a.num_attention_heads * d, h, True, True, False,
+                   True, True),
+        ]
+        if shared:
+            layers += [Linear(f"{prefix}.mlp.shared_experts.linear_fc1", "tokens", h, 2 * shared, True, True, False,
+                              True, True),
+                       Linear(f"{prefix}.mlp.shared_experts.linear_fc2", "tokens", shared, h, True, True, False,
+                              True, True)]
+        layers += [
+            Linear(f"{prefix}.mlp.router", "tokens", h, a.num_moe_experts, False, True, False, True, True, True),
+            Linear(f"{prefix}.mlp.experts.linear_fc1", "routed", h, 2 * a.moe_ffn_hidden_size, True, True, False,
+                   True, True),
+            Linear(f"{prefix}.mlp.experts.linear_fc2", "routed", a.moe_ffn_hidden_size, h, True, True, False,
+                   True, True),
+        ]
+    embedder("time_embed_2")
+    resblock("final_layer.model.0", h, c, lora_input=True)
+    layers.append(Linear("final_layer.model.1.2", "image", 9 * c, channels, False, True, False, True))
+    return layers
+
+
+def attention_pairs(sequence: SequenceLayout) -> tuple[int, int]:
+    """(query-key pairs of the prefix and image calls, of the suffix call) of one sequence."""
+    fused = sequence.prefix * sequence.prefix + sequence.image * (sequence.prefix + sequence.image)
+    return fused, sequence.suffix * sequence.tokens
+
+
+def network_flops(architecture: HunyuanImage3Config, config, network: str, cfg: bool | None = None) -> NetworkFlops:
+    """FLOPs per sample of ``network`` ("teacher", "student", "fake" or "flow") through the whole
+    network: forward, the extra of a forward with a JVP, backward as the network trains
+    (``planner.network_training``: frozen, full or LoRA at ``alignment.lora_rank``) and what
+    activation recompute repeats (the layers' primal forward). ``architecture``: the teacher's;
+    a teacher evaluation counts its [cond; uncond] pair (``evaluation_rows``)."""
+    from mfmegatron.planner import network_training
+
+    training = network_training(config, network)
+    lora_rank = config.alignment.lora_rank
+    network_config = network_architecture(architecture, network)
+    sequence = sequence_layout(architecture, config, network)
+    rows = {"tokens": sequence.tokens, "routed": sequence.tokens * network_config.moe_router_topk,
+            "image": sequence.image, "sample": 1}
+    forward = tangent = backward = recomputed = 0.0
+    for layer in linear_layers(network_config):
+        macs = rows[layer.rows] * layer.in_features * layer.out_features
+        forward += 2 * macs
+        recomputed += 2 * macs if layer.in_layers else 0.0
+        tangent += 2 * macs if layer.tangent else 0.0
+        if training == "full":
+            backward += 2 * macs * (1 if layer.data_input else 2)
+        elif training == "lora":
+            backward += 2 * macs * (int(layer.lora_input) + int(layer.frozen_weight_gradient))
+            if layer.tensor_parallel:
+                factors = rows[layer.rows] * lora_rank
+                forward += 2 * factors * (layer.in_features + layer.out_features)
+                recomputed += 2 * factors * (layer.in_features + layer.out_features)
+                # grad B, grad of A's output, grad A, and the input's when it needs one.
+                backward += 2 * factors * (2 * layer.out_features + layer.in_features)
+                backward += 2 * factors * layer.in_features if layer.lora_input else 0.0
+        elif training != "frozen":
+            raise ValueError(f"training must be 'full', 'lora' or 'frozen', got {training!r}")
+    fused, suffix = attention_pairs(sequence)
+    width = network_config.num_layers * network_config.num_attention_heads * network_config.kv_channels
+    forward += ATTENTION_FORWARD * (fused + suffix) * width
+    recomputed += ATTENTION_FORWARD * (fused + suffix) * width
+    tangent += (ATTENTION_TANGENT * fused + ATTENTION_TANGENT_ONLINE * suffix) * width
+    if training != "frozen":
+        backward += ATTENTION_BACKWARD * (fused + suffix) * width
+    copies = evaluation_rows(network, cfg)
+    return NetworkFlops(forward=copies * forward, tangent=copies * tangent, backward=copies * backward,
+                        recomputed=copies * recomputed)
