@@ -135,3 +135,94 @@ def test_flops_match_torch_flop_counter(size):
     for what, counted, planned in _flops_checks(size):
         print(f"{size} {what}: counted {counted:.6g}, planned {planned:.6g}")
         assert planned == counted, f"{size} {what}: counted {counted}, planned {planned}"
+
+
+# --------------------------------------------------------------------------- communication
+
+# name -> TrainConfig overrides; expert TP 1 (a world of two has no room for more).
+LAYOUTS = {
+    "EP=2, DP=2": ["parallel.expert_parallel_size=2"],
+    "TP=2 + SP, EP=2": ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true",
+                        "parallel.expert_parallel_size=2"],
+    "DP=2": [],
+}
+MICRO_BATCH = 2
+
+
+class GroupCounter(CollectiveCounter):
+    """Names groups by the process-group object: at two ranks the TP, EP and DP groups hold the
+    same ranks."""
+
+    def __init__(self, groups):
+        super().__init__({})
+        self.groups = groups  # [(group object, name)]
+
+    def group_name(self, group) -> str:
+        return next((name for known, name in self.groups if known is group), "other")
+
+
+def _pass_on_ranks() -> dict:
+    """For each layout, the student's forward with tangent and backward of one micro-batch, then
+    megatron's gradient reduction, its collectives counted."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    from models.hunyuan_image3 import cost
+    from models.hunyuan_image3.parallelize import build_hunyuan_model
+
+    results = {}
+    for layout, extra in LAYOUTS.items():
+        config = _train_config("tiny", "parallel.expert_tensor_parallel_size=1", *extra)
+        parallel = config.parallel
+        tp, ep, sp = parallel.tensor_parallel_size, parallel.expert_parallel_size, parallel.sequence_parallel
+        initialize_parallel(tensor_parallel_size=tp, expert_parallel_size=ep, expert_tensor_parallel_size=1, seed=3)
+        architecture = _architecture("tiny", tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+                                     expert_tensor_parallel_size=1, sequence_parallel=sp)
+        model = build_hunyuan_model(cost.network_architecture(architecture, "student"))
+        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+        length = cost.sequence_layout(architecture, config, "student").tokens
+        inputs = _inputs(architecture, config, MICRO_BATCH, student=True, length=length,
+                         seed=parallel_state.get_data_parallel_rank())
+        groups = [(parallel_state.get_tensor_model_parallel_group(), "tp"),
+                  (parallel_state.get_expert_model_parallel_group(), "ep"),
+                  (parallel_state.get_expert_tensor_and_model_parallel_group(), "ep"),
+                  (parallel_state.get_data_parallel_group(), "dp"),
+                  (parallel_state.get_data_parallel_group(with_context_parallel=True), "dp"),  # DDP's
+                  (parallel_state.get_expert_data_parallel_group(), "edp")]
+        with GroupCounter(groups) as counter:
+            counter.phase = "pass"
+            velocity, _ = _velocity(ddp.module, inputs, student=True, with_tangent=True)
+            velocity.square().mean().backward()
+            counter.phase = "update"
+            finalize_model_grads([ddp])
+        results[layout] = {"bytes": counter.bytes, "calls": counter.calls,
+                           "data_parallel_size": parallel_state.get_data_parallel_world_size()}
+    return results
+
+
+def test_communication_bytes_equal_the_collectives_sent():
+    from models.hunyuan_image3 import cost
+
+    ranks = run_on_ranks(_pass_on_ranks, 2, timeout=600)
+    initialize_parallel()
+    architecture = _architecture("tiny")
+    for layout, extra in LAYOUTS.items():
+        config = _train_config("tiny", "parallel.expert_tensor_parallel_size=1", *extra)
+        counted = [rank[layout] for rank in ranks]
+        planned = (cost.pass_traffic(architecture, config, "student", "forward_jvp", MICRO_BATCH, 0, with_backward=True)
+                   + cost.gradient_traffic(architecture, config, "student", 0, counted[0]["data_parallel_size"]))
+        planned_bytes = {key: value for key, value in planned.bytes.items() if value}
+        for rank, result in enumerate(counted):
+            print(f"{layout} rank {rank}: counted {result['bytes']} calls {result['calls']}")
+        print(f"{layout} planned {planned_bytes} calls {planned.calls}")
+        routed = "ep all_to_all"
+        for rank, result in enumerate(counted):
+            exact = {key: value for key, value in result["bytes"].items() if key != routed}
+            assert exact == {key: value for key, value in planned_bytes.items() if key != routed}, (layout, rank)
+            assert result["calls"] == {key: calls for key, calls in planned.calls.items() if planned.bytes[key]}
+        if routed in planned_bytes:
+            # Routing-dependent per rank; the sum over the ranks is what balanced routing says.
+            ratios = [result["bytes"][routed] / planned_bytes[routed] for result in counted]
+            print(f"{layout} all-to-all bytes / balanced-routing expectation per rank: {ratios}")
+            assert sum(result["bytes"][routed] for result in counted) == len(counted) * planned_bytes[routed]

@@ -233,3 +233,262 @@ def network_flops(architecture: HunyuanImage3Config, config, network: str, cfg: 
     copies = evaluation_rows(network, cfg)
     return NetworkFlops(forward=copies * forward, tangent=copies * tangent, backward=copies * backward,
                         recomputed=copies * recomputed)
+
+
+# --------------------------------------------------------------------------- communication
+#
+# Bytes are the payload of one call as the caller holds it whole (``mfmegatron/planner.py``): an
+# all-reduce's tensor, an all-gather's gathered output, a reduce-scatter's input, a send's or a
+# receive's tensor, an all-to-all's input. With a tangent the primal and its tangent travel in one
+# call (twice the bytes, the same calls); backward moves only the primal's gradient. Groups: "tp"
+# (sequence parallel: TP > 1 needs it), "pp", "dp" (the dense parameters' data-parallel ranks),
+# "edp" (the routed experts' data-parallel ranks, world / (ETP·EP·PP)), "ep" (megatron's
+# tensor-and-expert-parallel group the MoE dispatcher exchanges over, ETP·EP ranks) and "etp"
+# (expert tensor parallel).
+#
+# The all-to-all: what a rank sends in the dispatch (each of its tokens top-k times) and receives
+# in the combine's backward is fixed; what it sends in the combine (the rows its experts got) and in
+# the dispatch's backward depends on the routing. Those are given as their expectation under
+# balanced routing (every rank's experts get as many rows as it sends): the sum over ranks is exact,
+# one rank's share is not.
+
+
+def _stage_layer_count(architecture: HunyuanImage3Config, config, stage: int) -> int:
+    from models.hunyuan_image3.memory import stage_layer_ranges
+
+    start, end = stage_layer_ranges(architecture, layout_of(config).pp)[stage]
+    return end - start
+
+
+def _activation_bytes(config) -> int:
+    from models.hunyuan_image3.memory import _element_bytes
+
+    return _element_bytes(config)
+
+
+def tensor_parallel_traffic(architecture: HunyuanImage3Config, config, network: str, rows: int, stage: int,
+                            phase: str, training: str = "full"):
+    """TP collectives of one micro-batch of ``rows`` samples (sequences) through pipeline
+    ``stage``: ``phase`` "forward", "forward_jvp" or "backward" (of a network trained as
+    ``training``: "full" or "lora"). Sequence parallel: every TP linear on the layers' tokens
+    gathers its input or reduce-scatters its output (attention QKV and output projection, the
+    shared expert's two); the first stage all-reduces the vocabulary-parallel embedding (whole
+    sequence, primal only: the ids have no tangent) and its backward gathers the gradient of the
+    sequence split when the image path trains; the last stage gathers the sequence for the
+    replicated image head (backward keeps each rank's chunk). Returns a ``CollectiveVolume``."""
+    from mfmegatron.planner import CollectiveVolume
+
+    volume = CollectiveVolume()
+    layout = layout_of(config)
+    if layout.tp == 1:
+        return volume
+    if not layout.sequence_parallel:
+        raise ValueError(f"HunyuanImage 3.0 needs sequence parallel with TP={layout.tp}")
+    if phase not in ("forward", "forward_jvp", "backward"):
+        raise ValueError(f"phase must be 'forward', 'forward_jvp' or 'backward', got {phase!r}")
+    backward = phase == "backward"
+    if backward and training not in ("full", "lora"):
+        raise ValueError(f"a backward needs training 'full' or 'lora', got {training!r}")
+    a = network_architecture(architecture, network)
+    e = _activation_bytes(config)
+    sequence_bytes = rows * sequence_layout(architecture, config, network).tokens * a.hidden_size * e
+    copies = 2 if phase == "forward_jvp" else 1
+    first, last = stage == 0, stage == layout.pp - 1
+    layers = _stage_layer_count(a, config, stage)
+    # Column-parallel (gathering) and row-parallel (reduce-scattering) linears of the stage's
+    # layers: attention's QKV and output projection, the shared expert's fc1 and fc2.
+    pairs = layers * (2 if a.moe_shared_expert_intermediate_size else 1)
+    if not backward:
+        if first:
+            volume.add("tp", "all_reduce", sequence_bytes)
+        volume.add("tp", "all_gather", pairs * copies * sequence_bytes, pairs)
+        volume.add("tp", "reduce_scatter", pairs * copies * sequence_bytes, pairs)
+        if last:
+            volume.add("tp", "all_gather", copies * sequence_bytes)
+        return volume
+    # Backward: each gather's gradient is reduce-scattered, each reduce-scatter's gathered, except
+    # a LoRA network's first QKV (its input, the frozen embeddings' norm, needs no gradient).
+    gathers = pairs - (1 if training == "lora" and first else 0)
+    volume.add("tp", "reduce_scatter", gathers * sequence_bytes, gathers)
+    volume.add("tp", "all_gather", pairs * sequence_bytes, pairs)
+    if first and training == "full":
+        volume.add("tp", "all_gather", sequence_bytes)
+    if training == "lora":
+        # The factor kept whole on every TP rank has its gradient summed over TP (jvp/lora.py):
+        # A [r, h] of each column-parallel linear (with SP), B [h, r] of each row-parallel one.
+        volume.add("tp", "all_reduce", 2 * pairs * config.alignment.lora_rank * a.hidden_size * e, 2 * pairs)
+    return volume
+
+
+def expert_traffic(architecture: HunyuanImage3Config, config, network: str, rows: int, stage: int, phase: str):
+    """The MoE dispatcher's exchanges of one micro-batch of ``rows`` sequences through pipeline
+    ``stage`` (``jvp/moe.moe_forward_jvp``), per layer: the per-expert token counts (int64,
+    gathered over the ETP·EP ranks), the tokens' all-to-all (primal and tangent rows packed in one
+    call), the float32 probabilities' all-to-all (a second call) and the combine's all-to-all;
+    with expert TP its all-gathers and the float32 reduce-scatter of the combine. Backward
+    reverses each token and probability exchange for the primal's gradient. Balanced routing for
+    the routing-dependent halves (see above)."""
+    from mfmegatron.planner import CollectiveVolume
+
+    volume = CollectiveVolume()
+    layout = layout_of(config)
+    if layout.ep * layout.etp == 1:
+        return volume
+    a = network_architecture(architecture, network)
+    e = _activation_bytes(config)
+    backward = phase == "backward"
+    copies = 2 if phase == "forward_jvp" else 1
+    layers = _stage_layer_count(a, config, stage)
+    local_tokens = rows * sequence_layout(architecture, config, network).tokens
+    if layout.sequence_parallel:
+        local_tokens //= layout.tp
+    routed = local_tokens * a.moe_router_topk  # rows this rank sends (and, balanced, receives)
+    token_bytes, probability_bytes = routed * a.hidden_size * e, routed * PROBABILITY_BYTES
+    # One layer's; every layer of the stage does the same.
+    if layout.ep > 1:
+        tangent_copies = 1 if backward else copies
+        volume.add("ep", "all_to_all", tangent_copies * token_bytes)  # dispatch (backward: combine's)
+        volume.add("ep", "all_to_all", tangent_copies * token_bytes)  # combine (backward: dispatch's)
+        volume.add("ep", "all_to_all", tangent_copies * probability_bytes)
+    if not backward:
+        volume.add("ep", "all_gather", layout.ep * layout.etp * a.num_moe_experts * ROUTING_COUNT_BYTES)
+    if layout.etp > 1:  # not measured: the recipes and the tests run expert TP 1
+        gathered = layout.etp * routed
+        if backward:
+            volume.add("etp", "reduce_scatter", gathered * a.hidden_size * e)
+            volume.add("etp", "reduce_scatter", gathered * PROBABILITY_BYTES)
+            volume.add("etp", "all_gather", gathered * a.hidden_size * PROBABILITY_BYTES)
+        else:
+            volume.add("etp", "all_gather", copies * gathered * a.hidden_size * e)
+            volume.add("etp", "all_gather", copies * gathered * PROBABILITY_BYTES)
+            volume.add("etp", "reduce_scatter", copies * gathered * a.hidden_size * PROBABILITY_BYTES)
+    return volume.scaled(layers)
+
+
+def pipeline_traffic(architecture: HunyuanImage3Config, config, network: str, rows: int, stage: int,
+                     with_tangent: bool, with_backward: bool):
+    """Point-to-point traffic of pipeline ``stage`` for one micro-batch: the stage activation
+    (this rank's sequence chunk, the tangent's rows after the primal's) forward, its gradient (the
+    same shape: the tangent half carries zeros) backward."""
+    from mfmegatron.planner import CollectiveVolume
+
+    volume = CollectiveVolume()
+    layout = layout_of(config)
+    if layout.pp == 1:
+        return volume
+    tokens = sequence_layout(architecture, config, network).tokens // (layout.tp if layout.sequence_parallel else 1)
+    nbytes = (2 if with_tangent else 1) * rows * tokens * architecture.hidden_size * _activation_bytes(config)
+    if stage < layout.pp - 1:
+        volume.add("pp", "send", nbytes)
+        if with_backward:
+            volume.add("pp", "recv", nbytes)
+    if stage > 0:
+        volume.add("pp", "recv", nbytes)
+        if with_backward:
+            volume.add("pp", "send", nbytes)
+    return volume
+
+
+def pass_traffic(architecture: HunyuanImage3Config, config, network: str, phase: str, rows: int, stage: int,
+                 with_backward: bool):
+    """Collectives of one micro-batch of ``rows`` samples through ``network``'s pipeline
+    ``stage``: TP, the MoE's exchanges (``phase`` "forward" or "forward_jvp"; and the backward's
+    when ``with_backward``) and the pipeline sends. A teacher evaluation is a [cond; uncond]
+    batch: twice the rows (``evaluation_rows``)."""
+    from mfmegatron.planner import network_training
+
+    sequences = rows * evaluation_rows(network)
+    volume = (tensor_parallel_traffic(architecture, config, network, sequences, stage, phase)
+              + expert_traffic(architecture, config, network, sequences, stage, phase))
+    if with_backward:
+        training = network_training(config, network)
+        volume = (volume + tensor_parallel_traffic(architecture, config, network, sequences, stage, "backward",
+                                                   training)
+                  + expert_traffic(architecture, config, network, sequences, stage, "backward"))
+    return volume + pipeline_traffic(architecture, config, network, sequences, stage, phase == "forward_jvp",
+                                     with_backward)
+
+
+def gradient_traffic(architecture: HunyuanImage3Config, config, network: str, stage: int, data_parallel_size: int):
+    """Collectives of one optimizer step of ``network`` on pipeline ``stage``'s ranks: the TP sum
+    of replicated weights' partial gradients (megatron's ``finalize_model_grads``: the
+    sequence-parallel norms and router, the q/k norms), and the data-parallel reduction of megatron
+    DDP's buffers (with the distributed optimizer: reduce-scatter, then the updated parameters'
+    all-gather): the dense parameters' over the ``data_parallel_size`` ranks, the routed experts'
+    over the expert-data-parallel ranks — when megatron marks them ``allreduce=False``, i.e. with
+    EP > 1 or expert TP unlike TP; otherwise they share the dense buffer. DDP keeps one buffer per
+    parameter dtype (the float32 router apart from bf16 weights), each one call.
+
+    A LoRA network's factors: those on routed experts are counted as expert parameters (what
+    their layout needs; ``jvp/lora.py`` does not mark them ``allreduce=False`` yet)."""
+    from mfmegatron.jvp.linear import ColumnParallelLinear, RowParallelLinear
+    from mfmegatron.planner import CollectiveVolume, network_training
+    from models.hunyuan_image3.memory import _is_routed_expert, _meta_model, _split, _stage_of, stage_layer_ranges
+
+    volume = CollectiveVolume()
+    layout = layout_of(config)
+    training = network_training(config, network)
+    a = network_architecture(architecture, network)
+    model = _meta_model(a)
+    ranges = stage_layer_ranges(a, layout.pp)
+    buffers = {}  # (expert, param dtype bytes) -> numels in named_parameters order
+    expert_buffers = layout.ep > 1 or layout.etp != layout.tp
+
+    def grad_bytes(weight_bytes):
+        return 4 if config.optim.grad_reduce_in_fp32 else weight_bytes
+
+    if training == "lora":
+        rank = config.alignment.lora_rank
+        weight_bytes = _activation_bytes(config)
+        for name, layer in model.named_modules():
+            if not isinstance(layer, (ColumnParallelLinear, RowParallelLinear)) or _stage_of(name, ranges) != stage:
+                continue
+            expert = _is_routed_expert(name + ".")
+            split = layout.etp if expert else layout.tp
+            expert = expert and expert_buffers
+            out_features, in_features = layer.weight.shape
+            if isinstance(layer, ColumnParallelLinear):
+                factors = [rank * in_features, out_features // split * rank]
+            else:
+                factors = [rank * in_features // split, out_features * rank]
+            buffers.setdefault((expert, weight_bytes), []).extend(factors)
+    else:
+        summed = 0
+        for name, param in model.named_parameters():
+            if _stage_of(name, ranges) != stage:
+                continue
+            numel = int(_split(name, param.numel(), getattr(param, "tensor_model_parallel", False), layout))
+            buffers.setdefault((_is_routed_expert(name) and expert_buffers, param.element_size()), []).append(numel)
+            replicated_partial = name.endswith(("layernorm.weight", "mlp.router.weight"))
+            if replicated_partial and (layout.sequence_parallel or "q_layernorm" in name or "k_layernorm" in name):
+                summed += numel * grad_bytes(param.element_size())
+        if layout.tp > 1 and summed:
+            volume.add("tp", "all_reduce", summed)
+    expert_data_parallel_size = data_parallel_size * layout.tp // (layout.ep * layout.etp)
+    for (expert, weight_bytes), numels in buffers.items():
+        group, ranks = ("edp", expert_data_parallel_size) if expert else ("dp", data_parallel_size)
+        if ranks == 1:
+            continue
+        distributed = config.parallel.use_distributed_optimizer
+        elements = gradient_buffer_elements(numels, ranks, distributed)
+        if distributed:
+            volume.add(group, "reduce_scatter", elements * grad_bytes(weight_bytes))
+            volume.add(group, "all_gather", elements * weight_bytes)
+        else:
+            volume.add(group, "all_reduce", elements * grad_bytes(weight_bytes))
+    return volume
+
+
+def layout_problem(architecture: HunyuanImage3Config, config) -> str | None:
+    """Why HunyuanImage 3.0 cannot train at the recipe's layout, or None
+    (``parallelize.check_layout``: TP splits whole KV groups, heads, vocabulary and shared expert
+    and needs sequence parallel; EP divides the experts, expert TP their width, PP the layers)."""
+    from models.hunyuan_image3.parallelize import LayoutError, check_layout
+
+    layout = layout_of(config)
+    try:
+        check_layout(architecture, tp=layout.tp, ep=layout.ep, pp=layout.pp, etp=layout.etp,
+                     sequence_parallel=layout.sequence_parallel, training=True)
+    except LayoutError as error:
+        return str(error)
+    return None
