@@ -4,8 +4,9 @@
   fused attention's FLOPs, as ``tests/test_planner.py``) on the tiny image model and a wider one:
   teacher forward, CFG teacher forward, student forward, with its tangent, forward + backward,
   and the LoRA fake network's forward + backward.
-- Communication: one two-rank gloo spawn runs the student's forward with tangent and backward
-  (and megatron's gradient reduction) at EP=2 (DP=2), TP=2 + SP with EP=2, and DP=2 without EP,
+- Communication: one two-rank gloo spawn runs the student's forward with tangent and backward,
+  megatron's gradient reduction and optimizer step at EP=2 with DP=2 (with and without the
+  distributed optimizer), TP=2 + SP with EP=2, and DP=2 without EP,
   with torch.distributed's collectives wrapped to count each call's payload. The deterministic
   collectives must equal ``pass_traffic`` + ``gradient_traffic`` exactly; the MoE all-to-all's
   per-rank volume depends on routing: its sum over the ranks must equal the plan's, and each
@@ -145,6 +146,7 @@ LAYOUTS = {
     "TP=2 + SP, EP=2": ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true",
                         "parallel.expert_parallel_size=2"],
     "DP=2": [],
+    "EP=2, DP=2, distributed optimizer": ["parallel.expert_parallel_size=2", "parallel.use_distributed_optimizer=true"],
 }
 MICRO_BATCH = 2
 
@@ -163,10 +165,11 @@ class GroupCounter(CollectiveCounter):
 
 def _pass_on_ranks() -> dict:
     """For each layout, the student's forward with tangent and backward of one micro-batch, then
-    megatron's gradient reduction, its collectives counted."""
+    megatron's gradient reduction and optimizer step, its collectives counted."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from models.hunyuan_image3 import cost
     from models.hunyuan_image3.parallelize import build_hunyuan_model
@@ -180,7 +183,12 @@ def _pass_on_ranks() -> dict:
         architecture = _architecture("tiny", tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
                                      expert_tensor_parallel_size=1, sequence_parallel=sp)
         model = build_hunyuan_model(cost.network_architecture(architecture, "student"))
-        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+        distributed = parallel.use_distributed_optimizer
+        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed), model)
+        optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=1e-4, bf16=False, params_dtype=torch.float32, clip_grad=1.0,
+            use_distributed_optimizer=distributed), [ddp])
         length = cost.sequence_layout(architecture, config, "student").tokens
         inputs = _inputs(architecture, config, MICRO_BATCH, student=True, length=length,
                          seed=parallel_state.get_data_parallel_rank())
@@ -196,6 +204,7 @@ def _pass_on_ranks() -> dict:
             velocity.square().mean().backward()
             counter.phase = "update"
             finalize_model_grads([ddp])
+            optimizer.step()
         results[layout] = {"bytes": counter.bytes, "calls": counter.calls,
                            "data_parallel_size": parallel_state.get_data_parallel_world_size()}
     return results

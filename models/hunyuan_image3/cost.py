@@ -417,7 +417,10 @@ def gradient_traffic(architecture: HunyuanImage3Config, config, network: str, st
     all-gather): the dense parameters' over the ``data_parallel_size`` ranks, the routed experts'
     over the expert-data-parallel ranks — when megatron marks them ``allreduce=False``, i.e. with
     EP > 1 or expert TP unlike TP; otherwise they share the dense buffer. DDP keeps one buffer per
-    parameter dtype (the float32 router apart from bf16 weights), each one call.
+    parameter dtype (the float32 router apart from bf16 weights), each one call. With expert
+    buffers megatron chains a dense and an expert distributed optimizer, and each one's step
+    all-gathers every buffer (``start_param_sync_for_bucket_group_subset``): the parameters'
+    all-gather runs twice (measured).
 
     A LoRA network's factors: those on routed experts are counted as expert parameters (what
     their layout needs; ``jvp/lora.py`` does not mark them ``allreduce=False`` yet)."""
@@ -465,6 +468,7 @@ def gradient_traffic(architecture: HunyuanImage3Config, config, network: str, st
         if layout.tp > 1 and summed:
             volume.add("tp", "all_reduce", summed)
     expert_data_parallel_size = data_parallel_size * layout.tp // (layout.ep * layout.etp)
+    optimizers = 2 if expert_buffers else 1
     for (expert, weight_bytes), numels in buffers.items():
         group, ranks = ("edp", expert_data_parallel_size) if expert else ("dp", data_parallel_size)
         if ranks == 1:
@@ -473,7 +477,7 @@ def gradient_traffic(architecture: HunyuanImage3Config, config, network: str, st
         elements = gradient_buffer_elements(numels, ranks, distributed)
         if distributed:
             volume.add(group, "reduce_scatter", elements * grad_bytes(weight_bytes))
-            volume.add(group, "all_gather", elements * weight_bytes)
+            volume.add(group, "all_gather", optimizers * elements * weight_bytes, optimizers)
         else:
             volume.add(group, "all_reduce", elements * grad_bytes(weight_bytes))
     return volume
