@@ -235,3 +235,14 @@ def test_communication_bytes_equal_the_collectives_sent():
             ratios = [result["bytes"][routed] / planned_bytes[routed] for result in counted]
             print(f"{layout} all-to-all bytes / balanced-routing expectation per rank: {ratios}")
             assert sum(result["bytes"][routed] for result in counted) == len(counted) * planned_bytes[routed]
+
+
+def test_layout_problem_is_one_line_or_none():
+    from models.hunyuan_image3 import cost
+
+    architecture = _architecture("tiny")
+    assert cost.layout_problem(architecture, _train_config("tiny", "parallel.expert_parallel_size=2")) is None
+    problem = cost.layout_problem(architecture, _train_config("tiny", "parallel.expert_parallel_size=3"))
+    assert "does not divide the 8 experts" in problem and "\n" not in problem
+    problem = cost.layout_problem(architecture, _train_config("tiny", "parallel.tensor_parallel_size=2"))
+    assert "needs sequence parallel" in problem
