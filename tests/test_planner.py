@@ -193,6 +193,7 @@ _KIND = {  # torch.distributed function -> (kind, which argument is the whole pa
     "reduce_scatter_tensor": ("reduce_scatter", 1),  # the input
     "_reduce_scatter_base": ("reduce_scatter", 1),
     "broadcast": ("broadcast", 0),
+    "all_to_all_single": ("all_to_all", 1),  # the input (the MoE dispatcher's exchanges)
     "send": ("send", 0),
     "recv": ("recv", 0),
     "isend": ("send", 0),
@@ -217,6 +218,14 @@ class CollectiveCounter:
         self._inside = threading.local()
         self._patched = []
 
+    def group_name(self, group) -> str:
+        """The name of a call's group: by its ranks (a subclass may tell groups with the same
+        ranks apart)."""
+        import torch.distributed as dist
+
+        ranks = tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+        return self.group_names.get(ranks, "other")
+
     def _record(self, name, original, args, kwargs):
         import torch.distributed as dist
 
@@ -235,8 +244,7 @@ class CollectiveCounter:
             size = tensor.numel() * tensor.element_size()
         if size <= CONTROL_BYTES:
             return
-        ranks = tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
-        key = f"{self.group_names.get(ranks, 'other')} {kind}"
+        key = f"{self.group_name(group)} {kind}"
         self.bytes[key] = self.bytes.get(key, 0) + size
         self.calls[key] = self.calls.get(key, 0) + 1
         in_phase = self.by_phase.setdefault(self.phase, {}).setdefault(key, [0, 0])
