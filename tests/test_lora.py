@@ -195,3 +195,36 @@ def test_the_lora_fake_network_holds_no_weights_of_its_own_and_starts_alike_at_a
     for stage in stages:
         for key, a in stage.items():
             torch.testing.assert_close(a, lora_a[key], rtol=0, atol=0)
+
+
+def test_a_lora_fake_network_trains_every_block_with_activation_recompute():
+    # Recompute wraps each block in an autograd Function, which autograd records only when an
+    # input requires grad; the LoRA fake network's blocks get frozen inputs (its embedders are the
+    # teacher's), so before the fix no block's factor got a gradient with recompute on.
+    from types import SimpleNamespace
+
+    from mfmegatron.config import load_config
+    from mfmegatron.training.config import TrainConfig
+    from models.flux.training import FluxFamily
+
+    family, grads = FluxFamily(), {}
+    for recompute in (False, True):
+        config = load_config(TrainConfig, None, [
+            "model.preset=tiny", "model.dtype=fp32", "model.image_size=64", "model.text_tokens=8",
+            "alignment.enabled=true", "alignment.fake_network=lora", "alignment.lora_rank=4",
+            f"model.recompute={str(recompute).lower()}"])
+        initialize_parallel(seed=5)
+        fake = family.build_networks(config, torch.device("cpu"), with_fake=True).fake
+        generator = torch.Generator().manual_seed(0)
+        (image, channels), (text_dim, pooled_dim) = family.latent_shape(config), family.text_encoder_dims(config)
+        prompts = SimpleNamespace(t5=torch.randn(2, 8, text_dim, generator=generator),
+                                  pooled=torch.randn(2, pooled_dim, generator=generator))
+        cond = family.condition(prompts, config, torch.device("cpu"), torch.float32)
+        z, t = torch.randn(2, image, channels, generator=generator), torch.rand(2, generator=generator)
+        out, _ = family.stage_forward(fake, z, None, t, cond, None)
+        out.square().mean().backward()
+        grads[recompute] = {name: p.grad.clone() for name, p in fake.named_parameters() if p.requires_grad}
+    block_b = [name for name in grads[True] if name.startswith("single_blocks.1.") and name.endswith("lora.b")]
+    assert block_b and all(grads[True][name].abs().sum() > 0 for name in block_b)
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, **TOL, msg=name)

@@ -19,7 +19,10 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-# The regimes a run goes through: the warm-up, then the differential target, then alignment.
+from mfmegatron.planner import forward_counts
+
+# The regimes a run goes through: the warm-up, then the differential target, then alignment
+# (named as mfmegatron.planner.STEP_KINDS).
 REGIMES = {
     "warm-up (discrete target)": ["warmup.policy=fixed", "warmup.switch_step=null", "meanflow.align_start_step=1000000"],
     "differential target": ["warmup.policy=fixed", "warmup.switch_step=0", "meanflow.align_start_step=1000000"],
@@ -34,27 +37,10 @@ TINY = ["model.preset=tiny", "model.teacher_checkpoint=null", "model.dtype=fp32"
 
 
 def expected_forwards(config, regime: str, moving_fraction: float) -> dict[str, float]:
-    """The arithmetic: forwards per sample of one step of `regime`, with `moving_fraction` of the
-    samples having r < t."""
-    meanflow = config.meanflow
-    euler = 1 if meanflow.z_ode_solver == "euler" else 2
-    teacher = euler * meanflow.z_ode_steps + 1.0  # z_t from noise, then v_T(z_t, t)
-    counts = {"teacher": teacher, "student": 0.0, "fake": 0.0}
-    if regime.startswith("warm-up"):
-        discrete = meanflow.discrete
-        per_step = 2 if discrete.solver == "heun" else 1
-        # The r < t rows only; the first evaluation is v_T, already counted (fixed step counts).
-        counts["teacher"] += moving_fraction * (per_step * discrete.num_steps - 1)
-        counts["student"] += 3.0
-    else:
-        counts["student"] += 4.0  # forward with its tangent, backward
-    if regime.endswith("alignment"):
-        grid = config.alignment.config.time_grid
-        segments = len(grid) - 1 if grid else config.alignment.config.num_rollout_steps
-        counts["student"] += segments + 3.0  # the rollout's jumps (no grad), the generator pass
-        counts["teacher"] += 1.0
-        counts["fake"] += 1.0 + 3.0 * config.alignment.fake_updates_per_step
-    return counts
+    """The arithmetic (``mfmegatron.planner.forward_counts``): forwards per sample of one step of
+    ``regime``, with ``moving_fraction`` of the samples having r < t."""
+    counts = forward_counts(config, regime, moving_fraction)
+    return {name: calls.forward_equivalents for name, calls in counts.items()}
 
 
 def _count(trainer, steps: int) -> tuple[dict[str, float], float]:

@@ -12,10 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-# What the count leaves out (CUDA context, NCCL buffers, fragmentation): kept free of the budget.
-UNCOUNTED_RESERVE_GB = 5.0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.memory_plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe")
@@ -25,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
 
     from mfmegatron.config import load_config
+    from mfmegatron.planner import UNCOUNTED_RESERVE_GB
     from mfmegatron.training.config import TrainConfig
     from mfmegatron.training.memory import GB, rank_memory
 

@@ -19,7 +19,7 @@ BlockFunction = Callable[[tuple, tuple | None], tuple[Sequence[torch.Tensor], Se
 
 class _RecomputePrimal(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run: BlockFunction, num_primals: int, *inputs):
+    def forward(ctx, run: BlockFunction, num_primals: int, anchor: torch.Tensor, *inputs):
         primals, tangents = inputs[:num_primals], inputs[num_primals:]
         ctx.run = run
         ctx.num_tangents = len(tangents)
@@ -27,9 +27,12 @@ class _RecomputePrimal(torch.autograd.Function):
         with torch.no_grad():
             outputs, output_tangents = run(tuple(primals), tuple(tangents) if tangents else None)
         ctx.num_outputs = len(outputs)
+        # An input passed through unchanged that needs no gradient (FLUX's temb in a LoRA fake
+        # network) keeps needing none: the anchor below must not make it a trained path.
+        passed_through = [o for o in outputs if any(o is p and not p.requires_grad for p in primals)]
+        ctx.mark_non_differentiable(*passed_through, *(output_tangents or ()))
         if output_tangents is None:
             return tuple(outputs)
-        ctx.mark_non_differentiable(*output_tangents)
         return tuple(outputs) + tuple(output_tangents)
 
     @staticmethod
@@ -45,7 +48,7 @@ class _RecomputePrimal(torch.autograd.Function):
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         primal_grads = tuple(p.grad if p.requires_grad else None for p in primals)
-        return (None, None) + primal_grads + (None,) * ctx.num_tangents
+        return (None, None, None) + primal_grads + (None,) * ctx.num_tangents
 
 
 def checkpoint_primal(
@@ -59,7 +62,12 @@ def checkpoint_primal(
     with ``None`` in backward). Returns ``(outputs, output_tangents)``.
     """
     tangents = tuple(tangents) if tangents is not None else ()
-    results = _RecomputePrimal.apply(run, len(primals), *primals, *tangents)
+    # autograd records the Function only when one of its inputs requires grad. A block whose
+    # inputs are all frozen may still train parameters (the first block of a LoRA fake network,
+    # after its frozen embedders): without this empty input that requires grad, no block of such
+    # a network would get a gradient.
+    anchor = torch.empty(0, requires_grad=torch.is_grad_enabled())
+    results = _RecomputePrimal.apply(run, len(primals), anchor, *primals, *tangents)
     if not tangents:
         return tuple(results), None
     half = len(results) // 2

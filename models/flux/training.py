@@ -11,6 +11,14 @@ import torch.nn.functional as F
 
 from mfmegatron.jvp.lora import add_lora, share_parameters
 from models.flux.config import FLUX_CONFIGS, FluxConfig
+from models.flux.cost import (
+    NetworkFlops,
+    gradient_buffer_elements,
+    network_flops,
+    on_stage,
+    pipeline_traffic,
+    tensor_parallel_traffic,
+)
 from models.flux.meanflow import FluxCondition, init_student_from_teacher
 from models.flux.model import FluxModel, FluxTangents
 from models.flux.parallelize import (
@@ -22,6 +30,9 @@ from models.flux.parallelize import (
 )
 from models.flux.state_dict_adapter import megatron_block_key_to_global
 from models.flux.vae import PATCH, FluxImageEncoder, PixelImageEncoder, pack_latents, unpack_latents
+
+# Whole networks on the meta device by (preset, overrides, dtype, student): shapes for planning.
+_META_MODELS: dict[tuple, FluxModel] = {}
 
 # FLUX's VAE downsamples by 8 and the transformer packs 2x2 latent patches: 16 pixels per token.
 PIXELS_PER_TOKEN = 16
@@ -226,12 +237,118 @@ class FluxFamily:
         return per_row * (2 if with_tangent else 1)
 
     def flops_per_sample_forward(self, config) -> float:
-        """2 FLOPs per MAC: 12 h^2 MACs per token per block (both block kinds), plus attention's
-        two s x s x h products per block."""
-        flux = self.teacher_config(config)
-        tokens = self._latent_grid(config) ** 2 + config.model.text_tokens
-        h = flux.hidden_size
-        return flux.num_layers * (24 * h * h * tokens + 4 * tokens * tokens * h)
+        """The teacher's forward FLOPs per sample (``network_flops``)."""
+        return self.network_flops(config, "teacher").forward
+
+    # -- planning (mfmegatron/planner.py; the arithmetic is models/flux/cost.py) ---------------
+
+    def _planning_config(self, config, network: str) -> FluxConfig:
+        """``network``'s FluxConfig at the recipe's layout (the preset's architecture while the
+        teacher checkpoint does not exist yet). The fake network and a flow-matching network
+        have the teacher's architecture."""
+        checkpoint = config.model.teacher_checkpoint
+        if checkpoint is None or not Path(checkpoint).exists():
+            config = self._preset_only(config)
+        return self.model_config(config, student=network == "student")
+
+    def _tokens(self, config) -> tuple[int, int]:
+        return self._latent_grid(config) ** 2, config.model.text_tokens
+
+    def network_flops(self, config, network: str) -> NetworkFlops:
+        """FLOPs per sample of ``network`` ("teacher", "student", "fake" or "flow"): forward,
+        the extra of a forward with a JVP, and backward as the network trains."""
+        from mfmegatron.planner import network_training
+
+        return network_flops(self._planning_config(config, network), *self._tokens(config),
+                             student=network == "student", training=network_training(config, network),
+                             lora_rank=config.alignment.lora_rank)
+
+    def layout_problem(self, config) -> str | None:
+        """Why FLUX cannot run at the recipe's layout, or None: megatron's checks of the config
+        (TP dividing the heads, ...), sequence parallelism's (TP dividing the text and image
+        token counts) and at most one pipeline stage per block."""
+        parallel = config.parallel
+        tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+        try:
+            flux = self._planning_config(config, "teacher")
+        except ValueError as error:
+            return str(error)
+        image, text = self._tokens(config)
+        if flux.ffn_hidden_size % tp:
+            return f"TP={tp} does not divide the MLP width {flux.ffn_hidden_size}"
+        if parallel.sequence_parallel and (image % tp or text % tp):
+            return f"sequence parallel needs TP={tp} to divide {image} image and {text} text tokens"
+        if pp > flux.num_layers:
+            return f"PP={pp} exceeds the {flux.num_layers} blocks"
+        return None
+
+    def pass_traffic(self, config, network: str, phase: str, rows: int, stage: int, with_backward: bool):
+        """Collectives of one micro-batch of ``rows`` samples through ``network``'s pipeline
+        ``stage``: its TP collectives (``phase`` "forward" or "forward_jvp"; and the backward's
+        when ``with_backward``) and its pipeline sends and receives."""
+        from mfmegatron.planner import network_training
+
+        flux = self._planning_config(config, network)
+        image, text = self._tokens(config)
+        volume = tensor_parallel_traffic(flux, image, text, rows, stage, phase)
+        if with_backward:
+            volume = volume + tensor_parallel_traffic(flux, image, text, rows, stage, "backward",
+                                                      network_training(config, network),
+                                                      config.alignment.lora_rank)
+        return volume + pipeline_traffic(flux, image, text, rows, stage, phase == "forward_jvp", with_backward)
+
+    def gradient_traffic(self, config, network: str, stage: int, data_parallel_size: int):
+        """Collectives of one optimizer step of ``network`` on pipeline ``stage``'s ranks: the
+        TP sum of replicated weights' partial gradients (megatron's ``finalize_model_grads``),
+        the data-parallel gradient all-reduce (with the distributed optimizer: reduce-scatter,
+        then the updated parameters' all-gather) over megatron DDP's buffer of the stage's
+        trained parameters (shapes from the preset, as ``rank_parameter_counts``)."""
+        from mfmegatron.jvp.linear import ColumnParallelLinear, RowParallelLinear
+        from mfmegatron.planner import CollectiveVolume, network_training
+
+        volume = CollectiveVolume()
+        flux = self._planning_config(config, network)
+        training = network_training(config, network)
+        tp = flux.tensor_model_parallel_size
+        weight = flux.params_dtype.itemsize
+        grad = 4 if config.optim.grad_reduce_in_fp32 else weight
+        model = self._meta_model(config, student=network == "student")
+        numels = []
+        if training == "lora":
+            rank = config.alignment.lora_rank
+            for name, layer in model.named_modules():
+                if isinstance(layer, (ColumnParallelLinear, RowParallelLinear)) and on_stage(flux, name, stage):
+                    out_features, in_features = layer.weight.shape
+                    if isinstance(layer, ColumnParallelLinear):
+                        numels += [rank * in_features, out_features // tp * rank]
+                    else:
+                        numels += [rank * in_features // tp, out_features * rank]
+        else:
+            for name, param in model.named_parameters():
+                if on_stage(flux, name, stage):
+                    split = getattr(param, "tensor_model_parallel", False)
+                    numels.append(param.numel() // (tp if split else 1))
+            # Replicated weights with partial gradients, summed in one call: the QK norms and,
+            # with SP, the row-parallel biases (added to each rank's sequence chunk).
+            summed = 0
+            for name, layer in model.named_modules():
+                if not on_stage(flux, name, stage):
+                    continue
+                if name.endswith(("q_layernorm", "k_layernorm")):
+                    summed += layer.weight.numel()
+                if flux.sequence_parallel and isinstance(layer, RowParallelLinear) and layer.bias is not None:
+                    summed += layer.bias.numel()
+            if tp > 1 and summed:
+                volume.add("tp", "all_reduce", summed * grad)
+        if data_parallel_size > 1:
+            distributed = config.parallel.use_distributed_optimizer
+            elements = gradient_buffer_elements(numels, data_parallel_size, distributed)
+            if distributed:
+                volume.add("dp", "reduce_scatter", elements * grad)
+                volume.add("dp", "all_gather", elements * weight)
+            else:
+                volume.add("dp", "all_reduce", elements * grad)
+        return volume
 
     # -- memory (mfmegatron/training/memory.py) -------------------------------------------------
 
@@ -251,6 +368,29 @@ class FluxFamily:
             config = self._preset_only(config)
         return self.teacher_config(config)
 
+    def _meta_model(self, config, student: bool) -> FluxModel:
+        """The whole network of the recipe's preset at TP = PP = 1 on the meta device (shapes
+        only). Rebuilds megatron's process groups at TP=1 when they are at another layout: a
+        planning call, not one for a training process."""
+        from megatron.core import parallel_state
+
+        from mfmegatron.parallel import initialize_parallel
+
+        model = config.model
+        key = (model.preset, repr(sorted(model.overrides.items())), model.dtype, student)
+        if key not in _META_MODELS:  # the planner's layout search asks for the same model often
+            plan = self._preset_only(config)
+            plan.parallel.tensor_parallel_size = plan.parallel.pipeline_parallel_size = 1
+            plan.parallel.sequence_parallel = False
+            if not (
+                parallel_state.model_parallel_is_initialized()
+                and parallel_state.get_tensor_model_parallel_world_size() == 1
+                and parallel_state.get_pipeline_model_parallel_world_size() == 1
+            ):
+                initialize_parallel()
+            _META_MODELS[key] = meta_full_model(self.model_config(plan, student=student))
+        return _META_MODELS[key]
+
     def rank_parameter_counts(self, config) -> dict[str, float]:
         """Parameters one rank holds: ``teacher``, ``student`` and ``lora`` (the LoRA fake
         network's factors at ``alignment.lora_rank``).
@@ -263,28 +403,16 @@ class FluxFamily:
         process groups at TP=1 when they are at another layout: a planning call, not one for a
         training process.
         """
-        from megatron.core import parallel_state
-
         from mfmegatron.jvp.linear import ColumnParallelLinear, RowParallelLinear
-        from mfmegatron.parallel import initialize_parallel
 
         tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
-        plan = self._preset_only(config)
-        plan.parallel.tensor_parallel_size = plan.parallel.pipeline_parallel_size = 1
-        plan.parallel.sequence_parallel = False
-        if not (
-            parallel_state.model_parallel_is_initialized()
-            and parallel_state.get_tensor_model_parallel_world_size() == 1
-            and parallel_state.get_pipeline_model_parallel_world_size() == 1
-        ):
-            initialize_parallel()
 
         def per_rank(name: str, count: float) -> float:
             return count / pp if name.startswith(("double_blocks.", "single_blocks.")) else count
 
         counts = {}
         for network, student in (("teacher", False), ("student", True)):
-            model = meta_full_model(self.model_config(plan, student=student))
+            model = self._meta_model(config, student)
             counts[network] = sum(
                 per_rank(name, param.numel() / (tp if getattr(param, "tensor_model_parallel", False) else 1))
                 for name, param in model.named_parameters()
