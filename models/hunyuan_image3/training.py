@@ -350,13 +350,8 @@ class HunyuanImage3Family:
         return per_sequence if with_tangent else 2 * per_sequence
 
     def flops_per_sample_forward(self, config) -> float:
-        """2 FLOPs per MAC over the parameters a token passes through (attention projections,
-        top-k routed and the shared expert), plus attention's two s×s×h products per layer."""
-        a = self.teacher_config(config)
-        s, h = self.sequence_length(config), a.hidden_size
-        attention = h * a.kv_channels * (a.num_attention_heads * 2 + a.num_query_groups * 2)
-        experts = (a.moe_router_topk + 1) * 3 * h * a.moe_ffn_hidden_size
-        return a.num_layers * (2 * (attention + experts) * s + 4 * s * s * h)
+        """The CFG teacher's forward FLOPs per sample (``network_flops``)."""
+        return self.network_flops(config, "teacher").forward
 
     # -- memory (tools/memory_plan) ------------------------------------------------------------
 
@@ -369,6 +364,32 @@ class HunyuanImage3Family:
 
             return preset_architecture(config)
         return self.teacher_config(config)
+
+    # -- planning (mfmegatron/planner.py; the arithmetic is models/hunyuan_image3/cost.py) -------
+
+    def network_flops(self, config, network: str):
+        from models.hunyuan_image3.cost import network_flops
+
+        return network_flops(self._architecture(config), config, network)
+
+    def pass_traffic(self, config, network: str, phase: str, rows: int, stage: int, with_backward: bool):
+        from models.hunyuan_image3.cost import pass_traffic
+
+        return pass_traffic(self._architecture(config), config, network, phase, rows, stage, with_backward)
+
+    def gradient_traffic(self, config, network: str, stage: int, data_parallel_size: int):
+        from models.hunyuan_image3.cost import gradient_traffic
+
+        return gradient_traffic(self._architecture(config), config, network, stage, data_parallel_size)
+
+    def layout_problem(self, config) -> str | None:
+        from models.hunyuan_image3.cost import layout_problem
+
+        try:
+            architecture = self._architecture(config)
+        except ValueError as error:  # megatron's own checks of the config at this layout
+            return str(error)
+        return layout_problem(architecture, config)
 
     def rank_parameter_counts(self, config) -> dict[str, float]:
         from models.hunyuan_image3.memory import rank_parameter_counts
