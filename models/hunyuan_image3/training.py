@@ -252,7 +252,7 @@ class HunyuanImage3Family:
         data, model = config.data, config.model
         if data.text_tokenizer is None:
             raise ValueError("HunyuanImage 3.0 tokenises its prompts: set data.text_tokenizer to the model's tokenizer.json")
-        if data.text_encoder not in ("precomputed",):
+        if data.text_encoder != "precomputed":
             raise ValueError(f"data.text_encoder={data.text_encoder} does not apply to HunyuanImage 3.0 (the model "
                              "embeds its own tokens): leave it unset")
         if config.meanflow.z_source == "data":
