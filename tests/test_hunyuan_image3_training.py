@@ -373,3 +373,39 @@ def test_bad_inputs_are_one_line_errors(tmp_path, data):
     assert result.returncode != 0
     assert "lacks HunyuanImage 3.0's special tokens" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _embedding_student_at_init(checkpoint: str, tokenizer: str):
+    """The family's student with ``student_conditioning=embedding``, built and initialised as the
+    trainer does, through the runner: its average velocity at init and the conditional teacher's
+    velocity (two plain calls' first)."""
+    from mfmegatron.data import PromptBatch
+    from mfmegatron.parallel import initialize_parallel
+    from mfmegatron.training.runner import NetworkRunner
+    from models.hunyuan_image3.training import HunyuanImage3Family
+
+    initialize_parallel()
+    family = HunyuanImage3Family()
+    config = _recipe_config("parallel.expert_parallel_size=1", f"data.text_tokenizer={tokenizer}",
+                            f"model.teacher_checkpoint={checkpoint}", "model.student_conditioning=embedding")
+    batch = PromptBatch(keys=["a", "b"], prompts=PROMPTS[:2], meta=[None] * 2, shards=[""] * 2, epochs=[0] * 2,
+                        positions=[0, 1])
+    text = family.text_conditioning(config, torch.device("cpu"), torch.float32)
+    cond = family.condition(batch, config, torch.device("cpu"), torch.float32, text=text, draw=(1, 0, 0))
+    networks = family.build_networks(config, torch.device("cpu"), with_fake=False)
+    z = torch.randn((2, *family.latent_shape(config)), generator=torch.Generator().manual_seed(1))
+    t, r = torch.tensor([0.8, 0.6]), torch.tensor([0.3, 0.6])
+    student = NetworkRunner(family, networks.student.eval(), num_microbatches=1).mean_velocity(z, r, t, cond)
+    with torch.no_grad():
+        conditional = networks.teacher.velocity(cond.sequence, z, t)
+    same = (torch.equal(cond.student_sequence.input_ids, cond.sequence.input_ids)
+            and cond.student_sequence.guidance_positions is None)
+    return {"student": student, "conditional": conditional, "same_sequence": same}
+
+
+def test_an_embedding_student_starts_as_the_conditional_teacher(data):
+    from mfmegatron.parallel import run_on_ranks
+
+    (result,) = run_on_ranks(_embedding_student_at_init, 1, str(data["teacher"]), str(data["tokenizer"]))
+    assert result["same_sequence"]  # no <guidance> / <timestep_r> tokens
+    torch.testing.assert_close(result["student"], result["conditional"], rtol=0, atol=0)
