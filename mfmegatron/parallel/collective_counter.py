@@ -1,0 +1,129 @@
+"""Counting the collectives a process issues: payload bytes, calls and time by group and kind.
+
+``CollectiveCounter`` wraps torch.distributed's collectives everywhere they are referenced
+(megatron keeps module-level aliases such as ``dist_all_gather_func``) for the duration of a
+``with`` block. Each outermost call is recorded under ``"<group> <kind>"``: the group's name
+(``group_names`` maps a group's ranks to "tp", "pp", "dp", ...; others are "other") and the kind
+(all_reduce, all_gather, reduce_scatter, broadcast, send, recv). Bytes are the payload as the
+caller holds it whole, the planner's convention (``mfmegatron/planner.py``): an all-gather's
+gathered output, a reduce-scatter's input. Calls on groups of one rank, pickled objects and calls
+of one number (gradient norms, finiteness flags: ``CONTROL_BYTES``) are not counted.
+
+Time is the wall time of the call. Under CUDA the device is synchronised before and after each
+counted call, so the time is the collective's own (and the run is serialised: a measurement,
+not a production setting); an asynchronous call (``isend``, ``irecv``) is timed until it
+returns, not until its request completes. ``tests/test_planner.py`` checks the planner's bytes
+against this count; ``tools/bench_scaling.py`` reports it per layout.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import threading
+import time
+
+import torch
+
+_KIND = {  # torch.distributed function -> (kind, which argument is the whole payload)
+    "all_reduce": ("all_reduce", 0),
+    "all_gather_into_tensor": ("all_gather", 0),  # the gathered output
+    "_all_gather_base": ("all_gather", 0),
+    "all_gather": ("all_gather", "list"),  # the list of gathered tensors
+    "reduce_scatter_tensor": ("reduce_scatter", 1),  # the input
+    "_reduce_scatter_base": ("reduce_scatter", 1),
+    "broadcast": ("broadcast", 0),
+    "send": ("send", 0),
+    "recv": ("recv", 0),
+    "isend": ("send", 0),
+    "irecv": ("recv", 0),
+    "broadcast_object_list": (None, None),  # pickled objects: control, not counted
+    "all_gather_object": (None, None),
+}
+# Calls of one number (gradient norms, finiteness flags, loss statistics) are control, not payload.
+CONTROL_BYTES = 8
+
+
+def synchronize_device() -> None:
+    """Waits for the device (CUDA) to finish queued work, so wall time measures it; a no-op on CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class CollectiveCounter:
+    """Counts each outermost collective call's payload bytes, calls and seconds by
+    ``"<group> <kind>"``, in total and by ``phase`` (set it between calls to attribute them)."""
+
+    def __init__(self, group_names: dict[tuple[int, ...], str]):
+        self.group_names = group_names  # tuple(ranks) -> "tp" / "pp" / "dp"
+        self.bytes, self.calls, self.seconds = {}, {}, {}
+        self.phase = "step"
+        self.by_phase = {}  # phase -> {key: [bytes, calls]}
+        self._inside = threading.local()
+        self._patched = []
+
+    def _key(self, name, original, args, kwargs) -> tuple[str, int] | None:
+        """(key, payload bytes) of a call to count, or None."""
+        import torch.distributed as dist
+
+        kind, payload = _KIND[name]
+        if kind is None:
+            return None
+        values = inspect.signature(original).bind(*args, **kwargs).arguments
+        group = values.get("group")
+        if dist.get_world_size(group) == 1:
+            return None
+        if payload == "list":
+            size = sum(t.numel() * t.element_size() for t in values["tensor_list"])
+        else:
+            tensor = list(values.values())[payload]
+            size = tensor.numel() * tensor.element_size()
+        if size <= CONTROL_BYTES:
+            return None
+        ranks = tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+        return f"{self.group_names.get(ranks, 'other')} {kind}", size
+
+    def _record(self, key: str, size: int, seconds: float) -> None:
+        self.bytes[key] = self.bytes.get(key, 0) + size
+        self.calls[key] = self.calls.get(key, 0) + 1
+        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
+        in_phase = self.by_phase.setdefault(self.phase, {}).setdefault(key, [0, 0])
+        in_phase[0] += size
+        in_phase[1] += 1
+
+    def _wrap(self, name, original):
+        def counted(*args, **kwargs):
+            depth = getattr(self._inside, "depth", 0)
+            counted_call = self._key(name, original, args, kwargs) if depth == 0 else None
+            if counted_call is not None:
+                synchronize_device()
+                start = time.perf_counter()
+            self._inside.depth = depth + 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._inside.depth = depth
+                if counted_call is not None:
+                    synchronize_device()
+                    self._record(*counted_call, time.perf_counter() - start)
+
+        return counted
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        wrappers = {id(getattr(dist, name)): (getattr(dist, name), self._wrap(name, getattr(dist, name)))
+                    for name in _KIND}
+        for module in list(sys.modules.values()):
+            if module is None or not module.__name__.startswith(("torch.distributed", "megatron", "mfmegatron")):
+                continue
+            for attribute, value in list(vars(module).items()):
+                if callable(value) and id(value) in wrappers and wrappers[id(value)][0] is value:
+                    setattr(module, attribute, wrappers[id(value)][1])
+                    self._patched.append((module, attribute, value))
+        return self
+
+    def __exit__(self, *error):
+        for module, attribute, value in reversed(self._patched):
+            setattr(module, attribute, value)
+        self._patched = []
