@@ -127,7 +127,8 @@ def layout_problem(config, world_size: int) -> str | None:
     family = get_family(config.model.family)
     if parallel.expert_parallel_size > 1 and "student_expert" not in family.rank_parameter_counts(for_planning(config)):
         return f"EP > 1: the {config.model.family} family has no routed experts"
-    return family.layout_problem(config)
+    # The planner's hooks are optional for a family (``ModelFamily`` does not list them yet).
+    return family.layout_problem(config) if hasattr(family, "layout_problem") else None
 
 
 # --------------------------------------------------------------------------- inside the trainer
@@ -256,12 +257,19 @@ def measure_layout(recipe: str, overrides: list[str], warmup: int, steps: int, n
     def ranks(group):
         return tuple(dist.get_process_group_ranks(group))
 
-    names = {ranks(parallel_state.get_tensor_model_parallel_group()): "tp",
-             ranks(parallel_state.get_pipeline_model_parallel_group()): "pp",
-             ranks(parallel_state.get_data_parallel_group()): "dp"}
-    names.setdefault(ranks(parallel_state.get_expert_model_parallel_group()), "ep")
+    groups = [("tp", parallel_state.get_tensor_model_parallel_group()),
+              ("pp", parallel_state.get_pipeline_model_parallel_group()),
+              ("dp", parallel_state.get_data_parallel_group()),
+              ("ep", parallel_state.get_expert_model_parallel_group()),
+              # The MoE token dispatcher's group: expert TP x EP (EP's ranks at expert TP = 1).
+              ("ep", parallel_state.get_expert_tensor_and_model_parallel_group())]
+    # By group object (DP and EP can be the same ranks), then by ranks for other groups of them.
+    names = {group: group_name for group_name, group in groups}
+    for group_name, group in groups:
+        names.setdefault(ranks(group), group_name)
     stage = parallel_state.get_pipeline_model_parallel_rank()
     planned, planned_exact, kinds, step_seconds = CollectiveVolume(), True, [], []
+    plannable = hasattr(trainer.family, "pass_traffic")  # a family the planner can count
     timer = PhaseTimer()
     dist.barrier()
     _peak_memory_reset()
@@ -276,8 +284,9 @@ def measure_layout(recipe: str, overrides: list[str], warmup: int, steps: int, n
                 step_seconds.append(time.perf_counter() - start)
                 kind = _step_kind(trainer, stats)
                 kinds.append(kind)
-                forwards = forward_counts(config, kind, moving=stats.get("time_r_below_t_fraction"))
-                planned = planned + step_traffic(config, trainer.family, forwards, stage, trainer.dp_size)
+                if plannable:
+                    forwards = forward_counts(config, kind, moving=stats.get("time_r_below_t_fraction"))
+                    planned = planned + step_traffic(config, trainer.family, forwards, stage, trainer.dp_size)
                 # The planner leaves out warm-up gap checks and the collectives recompute repeats.
                 planned_exact = planned_exact and "target_gap" not in stats and not config.model.recompute
                 if rank == 0:
@@ -296,7 +305,7 @@ def measure_layout(recipe: str, overrides: list[str], warmup: int, steps: int, n
         "calls": {key: value / steps for key, value in counter.calls.items()},
         "collective_seconds": {key: value / steps for key, value in counter.seconds.items()},
         "planned_bytes": {key: value / steps for key, value in planned.bytes.items() if value},
-        "planned_exact": planned_exact,
+        "planned": plannable, "planned_exact": plannable and planned_exact,
         "peak_memory_bytes": _peak_memory_bytes(),
         "memory_measure": "cuda max allocated" if torch.cuda.is_available() else "cpu peak RSS",
     }
@@ -366,12 +375,12 @@ def _row(name: str, point: dict[str, str], ranks: list[dict], reference: float |
     row.update({f"seconds_{_column(phase)}": seconds for phase, seconds in busiest["parts"].items()})
     row["peak_memory_gb"] = max(result["peak_memory_bytes"] for result in ranks) / 1e9
     row["memory_measure"] = busiest["memory_measure"]
-    row["bytes_equal_planned"] = all(_bytes_equal(result) for result in ranks)
+    row["bytes_equal_planned"] = all(_bytes_equal(result) for result in ranks) if busiest["planned"] else ""
     row["planned_exact"] = all(result["planned_exact"] for result in ranks)
     keys = sorted(set(busiest["bytes"]) | set(busiest["planned_bytes"]))
     for key in keys:
         row[f"bytes_{_column(key)}"] = busiest["bytes"].get(key, 0)
-        row[f"planned_bytes_{_column(key)}"] = busiest["planned_bytes"].get(key, 0)
+        row[f"planned_bytes_{_column(key)}"] = busiest["planned_bytes"].get(key, 0) if busiest["planned"] else ""
         row[f"calls_{_column(key)}"] = busiest["calls"].get(key, 0)
         row[f"seconds_{_column(key)}"] = busiest["collective_seconds"].get(key, 0.0)
     return row
@@ -505,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         row = rows[-1]
         print(f"{name}: world {row['world']}, {row['step_seconds'] * 1e3:.1f} ms per step, "
               f"{row['samples_per_second_per_rank']:.3g} samples/s per rank, efficiency {row['efficiency']:.0%}, "
-              f"bytes {'equal' if row['bytes_equal_planned'] else 'differ from'} the planner's", flush=True)
+              + ({True: "bytes equal the planner's", False: "bytes differ from the planner's",
+                  "": "no planner count for this family"}[row["bytes_equal_planned"]]), flush=True)
     write_csv(rows, out / "scaling.csv")
     print(f"wrote {out / 'scaling.csv'}", flush=True)
     why_not = write_plot(rows, out / "scaling.png")

@@ -3,8 +3,10 @@
 ``CollectiveCounter`` wraps torch.distributed's collectives everywhere they are referenced
 (megatron keeps module-level aliases such as ``dist_all_gather_func``) for the duration of a
 ``with`` block. Each outermost call is recorded under ``"<group> <kind>"``: the group's name
-(``group_names`` maps a group's ranks to "tp", "pp", "dp", ...; others are "other") and the kind
-(all_reduce, all_gather, reduce_scatter, broadcast, send, recv). Bytes are the payload as the
+(``group_names`` maps a process group, or a tuple of ranks, to "tp", "pp", "dp", "ep", ...; the
+group object is looked up first, so two groups of the same ranks, such as DP and EP on two ranks,
+keep their names; others are "other") and the kind
+(all_reduce, all_gather, reduce_scatter, all_to_all, broadcast, send, recv). Bytes are the payload as the
 caller holds it whole, the planner's convention (``mfmegatron/planner.py``): an all-gather's
 gathered output, a reduce-scatter's input. Calls on groups of one rank, pickled objects and calls
 of one number (gradient norms, finiteness flags: ``CONTROL_BYTES``) are not counted.
@@ -37,6 +39,7 @@ _KIND = {  # torch.distributed function -> (kind, which argument is the whole pa
     "recv": ("recv", 0),
     "isend": ("send", 0),
     "irecv": ("recv", 0),
+    "all_to_all_single": ("all_to_all", 1),  # the input (expert-parallel token exchange)
     "broadcast_object_list": (None, None),  # pickled objects: control, not counted
     "all_gather_object": (None, None),
 }
@@ -54,8 +57,8 @@ class CollectiveCounter:
     """Counts each outermost collective call's payload bytes, calls and seconds by
     ``"<group> <kind>"``, in total and by ``phase`` (set it between calls to attribute them)."""
 
-    def __init__(self, group_names: dict[tuple[int, ...], str]):
-        self.group_names = group_names  # tuple(ranks) -> "tp" / "pp" / "dp"
+    def __init__(self, group_names: dict):
+        self.group_names = group_names  # process group or tuple(ranks) -> "tp" / "pp" / "dp" / "ep"
         self.bytes, self.calls, self.seconds = {}, {}, {}
         self.phase = "step"
         self.by_phase = {}  # phase -> {key: [bytes, calls]}
@@ -80,8 +83,9 @@ class CollectiveCounter:
             size = tensor.numel() * tensor.element_size()
         if size <= CONTROL_BYTES:
             return None
-        ranks = tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
-        return f"{self.group_names.get(ranks, 'other')} {kind}", size
+        group = group if group is not None else dist.group.WORLD
+        name = self.group_names.get(group) or self.group_names.get(tuple(dist.get_process_group_ranks(group)), "other")
+        return f"{name} {kind}", size
 
     def _record(self, key: str, size: int, seconds: float) -> None:
         self.bytes[key] = self.bytes.get(key, 0) + size
