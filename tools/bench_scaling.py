@@ -35,8 +35,7 @@ by group and kind; their seconds lie inside the parts above). Peak memory is
 ``torch.cuda.max_memory_allocated`` on GPU, the process's peak resident set (VmHWM, reset before
 the measured steps) on CPU. Beside each measured byte count is the planner's
 (``planner.step_traffic`` for each measured step's kind and r < t fraction); steps with a
-warm-up gap check, and activation recompute (whose backward repeats the blocks' forward TP
-collectives), are left out by the planner and make the comparison inexact (column
+warm-up gap check, which the planner leaves out, make the comparison inexact (column
 ``planned_exact``).
 
 Writes ``DIR/scaling.csv`` (one row per layout; times and bytes per step, of the rank that moves
@@ -287,8 +286,8 @@ def measure_layout(recipe: str, overrides: list[str], warmup: int, steps: int, n
                 if plannable:
                     forwards = forward_counts(config, kind, moving=stats.get("time_r_below_t_fraction"))
                     planned = planned + step_traffic(config, trainer.family, forwards, stage, trainer.dp_size)
-                # The planner leaves out warm-up gap checks and the collectives recompute repeats.
-                planned_exact = planned_exact and "target_gap" not in stats and not config.model.recompute
+                # The planner leaves out warm-up gap checks.
+                planned_exact = planned_exact and "target_gap" not in stats
                 if rank == 0:
                     print(f"  {name}: step {step + 1}/{steps} ({kind}) {step_seconds[-1]:.3f} s", flush=True)
         finally:
