@@ -13,13 +13,18 @@ of one number (gradient norms, finiteness flags: ``CONTROL_BYTES``) are not coun
 
 Time is the wall time of the call. Under CUDA the device is synchronised before and after each
 counted call, so the time is the collective's own (and the run is serialised: a measurement,
-not a production setting); an asynchronous call (``isend``, ``irecv``) is timed until it
-returns, not until its request completes. ``tests/test_planner.py`` checks the planner's bytes
+not a production setting). An asynchronous collective (``async_op=True``) is waited for at once
+(the trainer does not overlap them with compute), so its time is the transfer's; an asynchronous
+point-to-point call (``isend``, ``irecv``) is timed until it returns, not until its request
+completes (waiting could deadlock before the peer posts its side). Calls inside torch's
+``_coalescing_manager`` (megatron DDP's gradient reduction) are issued when its block ends; the
+block's time is shared among them by their bytes. ``tests/test_planner.py`` checks the planner's bytes
 against this count; ``tools/bench_scaling.py`` reports it per layout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 import threading
@@ -64,6 +69,7 @@ class CollectiveCounter:
         self.by_phase = {}  # phase -> {key: [bytes, calls]}
         self._inside = threading.local()
         self._patched = []
+        self._coalesced = None  # inside torch's coalescing manager: the (key, bytes) queued
 
     def _key(self, name, original, args, kwargs) -> tuple[str, int] | None:
         """(key, payload bytes) of a call to count, or None."""
@@ -88,6 +94,9 @@ class CollectiveCounter:
         return f"{name} {kind}", size
 
     def _record(self, key: str, size: int, seconds: float) -> None:
+        if self._coalesced is not None:  # issued when the coalescing block ends: timed there
+            self._coalesced.append((key, size))
+            seconds = 0.0
         self.bytes[key] = self.bytes.get(key, 0) + size
         self.calls[key] = self.calls.get(key, 0) + 1
         self.seconds[key] = self.seconds.get(key, 0.0) + seconds
@@ -104,7 +113,13 @@ class CollectiveCounter:
                 start = time.perf_counter()
             self._inside.depth = depth + 1
             try:
-                return original(*args, **kwargs)
+                result = original(*args, **kwargs)
+                if counted_call is not None and _KIND[name][0] not in ("send", "recv") and hasattr(result, "wait"):
+                    # An asynchronous collective (async_op=True) is waited for here, so its time
+                    # is the transfer's; a point-to-point one is not (its peer may not have
+                    # posted the matching call yet).
+                    result.wait()
+                return result
             finally:
                 self._inside.depth = depth
                 if counted_call is not None:
@@ -113,11 +128,41 @@ class CollectiveCounter:
 
         return counted
 
+    def _wrap_coalescing(self, original):
+        """torch's ``_coalescing_manager`` (megatron DDP's gradient reduction) queues the calls
+        made inside it and issues them together when the block ends; the block's time (waited
+        for, when asynchronous) is shared among those calls by their bytes."""
+
+        @contextlib.contextmanager
+        def coalesced(*args, **kwargs):
+            if self._coalesced is not None or getattr(self._inside, "depth", 0):
+                with original(*args, **kwargs) as manager:
+                    yield manager
+                return
+            synchronize_device()
+            start = time.perf_counter()
+            self._coalesced = []
+            try:
+                with original(*args, **kwargs) as manager:
+                    yield manager
+                if manager is not None and kwargs.get("async_ops"):
+                    manager.wait()
+                synchronize_device()
+            finally:
+                queued, self._coalesced = self._coalesced, None
+            elapsed, total = time.perf_counter() - start, sum(size for _, size in queued)
+            for key, size in queued:
+                self.seconds[key] = self.seconds.get(key, 0.0) + elapsed * size / total
+
+        return coalesced
+
     def __enter__(self):
         import torch.distributed as dist
 
         wrappers = {id(getattr(dist, name)): (getattr(dist, name), self._wrap(name, getattr(dist, name)))
                     for name in _KIND}
+        wrappers[id(dist._coalescing_manager)] = (dist._coalescing_manager,
+                                                 self._wrap_coalescing(dist._coalescing_manager))
         for module in list(sys.modules.values()):
             if module is None or not module.__name__.startswith(("torch.distributed", "megatron", "mfmegatron")):
                 continue
