@@ -50,7 +50,8 @@ def test_one_step_over_tp_pp_ep_grid(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0, printed
     skipped = [line for line in printed.splitlines() if line.startswith("skip ")]
-    assert len(skipped) == 5 and "skip tp=1 pp=1 ep=2 on 2 ranks: EP > 1: the flux family has no routed experts" in skipped
+    assert len(skipped) == 5 and "  tp=2 pp=1 ep=1: step 1/1 (differential + alignment)" in printed
+    assert "skip tp=1 pp=1 ep=2 on 2 ranks: EP > 1: the flux family has no routed experts" in skipped
     assert (out / "scaling.png").stat().st_size > 0
 
     rows = list(csv.DictReader(open(out / "scaling.csv")))
@@ -80,7 +81,8 @@ def test_one_step_at_ep_1_and_2_on_hunyuan_image3(tmp_path, capsys):
     from models.hunyuan_image3.tokenizer import write_word_level_tokenizer
     from tools.bench_scaling import main
 
-    prompts = [f"a {colour} cat in the {place}" for colour in ("red", "blue") for place in ("rain", "snow", "fog", "town")]
+    prompts = [f"a {colour} cat in the {place}" for colour in ("red", "blue")
+               for place in ("rain", "snow", "fog", "town")]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     build_prompt_shards([tmp_path / "prompts.txt"], tmp_path / "shards", samples_per_shard=8)
     write_word_level_tokenizer(prompts, tmp_path / "tokenizer.json", 64)

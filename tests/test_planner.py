@@ -8,7 +8,8 @@
   ``finalize_model_grads`` and optimizer steps, all through the trainer's ``NetworkRunner`` and
   ``FluxFamily.build_networks``) at TP=2 with and without SP, TP=2 with SP and activation
   recompute, PP=2 and DP=2 (with and without the distributed optimizer), with torch.distributed's
-  collectives counted by ``mfmegatron.parallel.collective_counter``; the planner's ``step_traffic`` for the same forwards must equal the count exactly.
+  collectives counted by ``mfmegatron.parallel.collective_counter``; the planner's
+  ``step_traffic`` for the same forwards must equal the count exactly.
 """
 
 from __future__ import annotations
@@ -255,7 +256,8 @@ def _step_on_ranks(settings) -> dict:
 LAYOUTS = {
     "TP=2 + SP": ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true"],
     "TP=2": ["parallel.tensor_parallel_size=2"],
-    "TP=2 + SP, recompute": ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true", "model.recompute=true"],
+    "TP=2 + SP, recompute": ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true",
+                             "model.recompute=true"],
     "PP=2": ["parallel.pipeline_parallel_size=2"],
     "DP=2": [],
     "DP=2, distributed optimizer": ["parallel.use_distributed_optimizer=true"],

@@ -55,6 +55,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -172,7 +173,7 @@ class PhaseTimer:
 
     def restore(self) -> None:
         for owner, attribute, original in reversed(self._patched):
-            if isinstance(owner, type(sys)):
+            if isinstance(owner, types.ModuleType):
                 setattr(owner, attribute, original)
             else:
                 delattr(owner, attribute)  # the instance's wrapper; the class's method shows again
@@ -337,7 +338,10 @@ def worker(spec_path: str) -> int:
 
 
 def _launch(world: int, spec_path: Path, log: Path, timeout: float) -> int:
-    """torchrun on ``world`` ranks of this machine; its output goes to ``log`` and is echoed."""
+    """torchrun on ``world`` ranks of this machine, its output in ``log`` (progress lines echoed);
+    past ``timeout`` seconds it and its ranks are killed."""
+    import psutil
+
     from mfmegatron.parallel.spawn import free_port
 
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
@@ -345,17 +349,28 @@ def _launch(world: int, spec_path: Path, log: Path, timeout: float) -> int:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     with open(log, "w") as output:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True)
-        deadline = time.monotonic() + timeout
-        for line in process.stdout:
-            output.write(line)
-            if line.startswith("  "):  # the worker's progress lines
-                print(line.rstrip(), flush=True)
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    with open(log, "rb") as reader:
+        while True:
+            try:
+                code = process.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                code = None
+            while (line := reader.readline()).endswith(b"\n"):
+                if line.startswith(b"  "):  # the worker's progress lines
+                    print(line.decode(errors="replace").rstrip(), flush=True)
+            reader.seek(-len(line), os.SEEK_CUR)  # a line still being written: read it again
+            if code is not None:
+                return code
             if time.monotonic() > deadline:
-                process.kill()
-                break
-        return process.wait()
+                # torchrun starts each rank in a session of its own: kill them one by one.
+                processes = psutil.Process(process.pid).children(recursive=True) + [psutil.Process(process.pid)]
+                for child in processes:
+                    child.kill()
+                process.wait()
+                print(f"torchrun on {world} ranks passed --timeout {timeout:g} s: killed", flush=True)
+                return -9
 
 
 def _row(name: str, point: dict[str, str], ranks: list[dict], reference: float | None) -> dict:
