@@ -119,11 +119,6 @@ def layout_problem(config, world_size: int) -> str | None:
             expert_tensor_parallel_size=parallel.expert_tensor_parallel_size), world_size)
     except ValueError as error:
         return str(error)
-    if parallel.sequence_parallel and parallel.tensor_parallel_size == 1:
-        return "sequence parallelism needs TP > 1"
-    if parallel.use_distributed_optimizer and world_size // (parallel.tensor_parallel_size
-                                                             * parallel.pipeline_parallel_size) == 1:
-        return "the distributed optimizer needs DP > 1"
     family = get_family(config.model.family)
     if parallel.expert_parallel_size > 1 and "student_expert" not in family.rank_parameter_counts(for_planning(config)):
         return f"EP > 1: the {config.model.family} family has no routed experts"
@@ -141,7 +136,7 @@ class PhaseTimer:
     def __init__(self):
         self.seconds: dict[str, float] = {}
         self._inner: list[float] = []  # per open phase, the time of the phases inside it
-        self._patched: list[tuple[object, str]] = []
+        self._patched: list[tuple[object, str, object]] = []
 
     @contextmanager
     def phase(self, name: str):
