@@ -184,6 +184,7 @@ def test_forward_counts_are_the_runners_arithmetic():
 
 # --------------------------------------------------------------------------- communication
 
+
 def _step_on_ranks(settings) -> dict:
     """One training-like step of the networks the trainer builds, its collectives counted."""
     from megatron.core import parallel_state

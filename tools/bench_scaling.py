@@ -255,11 +255,15 @@ def measure_layout(recipe: str, overrides: list[str], warmup: int, steps: int, n
     groups = [("tp", parallel_state.get_tensor_model_parallel_group()),
               ("pp", parallel_state.get_pipeline_model_parallel_group()),
               ("dp", parallel_state.get_data_parallel_group()),
+              ("dp", parallel_state.get_data_parallel_group(with_context_parallel=True)),  # megatron DDP's
               ("ep", parallel_state.get_expert_model_parallel_group()),
               # The MoE token dispatcher's group: expert TP x EP (EP's ranks at expert TP = 1).
-              ("ep", parallel_state.get_expert_tensor_and_model_parallel_group())]
+              ("ep", parallel_state.get_expert_tensor_and_model_parallel_group()),
+              ("edp", parallel_state.get_expert_data_parallel_group())]  # routed experts' gradients
     # By group object (DP and EP can be the same ranks), then by ranks for other groups of them.
-    names = {group: group_name for group_name, group in groups}
+    names = {}
+    for group_name, group in groups:
+        names.setdefault(group, group_name)
     for group_name, group in groups:
         names.setdefault(ranks(group), group_name)
     stage = parallel_state.get_pipeline_model_parallel_rank()

@@ -89,9 +89,14 @@ class CollectiveCounter:
             size = tensor.numel() * tensor.element_size()
         if size <= CONTROL_BYTES:
             return None
+        return f"{self.group_name(group)} {kind}", size
+
+    def group_name(self, group) -> str:
+        """The name of a call's group: by the group object, else by its ranks, else "other"."""
+        import torch.distributed as dist
+
         group = group if group is not None else dist.group.WORLD
-        name = self.group_names.get(group) or self.group_names.get(tuple(dist.get_process_group_ranks(group)), "other")
-        return f"{name} {kind}", size
+        return self.group_names.get(group) or self.group_names.get(tuple(dist.get_process_group_ranks(group)), "other")
 
     def _record(self, key: str, size: int, seconds: float) -> None:
         if self._coalesced is not None:  # issued when the coalescing block ends: timed there

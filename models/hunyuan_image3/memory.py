@@ -36,7 +36,7 @@ TEMPLATE_TOKENS = 6
 STUDENT_EXTRA_TOKENS = 2
 STUDENT_EXTRA_EMBEDDERS = 2
 
-FIRST_STAGE_MODULES = ("word_embeddings", "timestep_emb", "time_embed", "patch_embed")
+FIRST_STAGE_MODULES = ("word_embeddings", "timestep_emb", "guidance_emb", "timestep_r_emb", "time_embed", "patch_embed")
 LAST_STAGE_MODULES = ("final_layernorm", "output_layer", "time_embed_2", "final_layer")
 
 
