@@ -31,7 +31,9 @@ Grid points of one world size run in one torchrun launch, one after the other, e
 - ``rest``: the step time left over (the objective's own arithmetic, noise and times).
 
 Collectives are counted by ``mfmegatron.parallel.collective_counter`` (bytes, calls and seconds
-by group and kind; their seconds lie inside the parts above). Peak memory is
+by group and kind; their seconds lie inside the parts above). Groups: tp, pp, dp, ep (the MoE
+dispatcher's expert TP x EP group), etp and edp (the routed experts' data-parallel group), named
+as the planner's cost models name them. Peak memory is
 ``torch.cuda.max_memory_allocated`` on GPU, the process's peak resident set (VmHWM, reset before
 the measured steps) on CPU. Beside each measured byte count is the planner's
 (``planner.step_traffic`` for each measured step's kind and r < t fraction); steps with a
@@ -259,6 +261,7 @@ def measure_layout(recipe: str, overrides: list[str], warmup: int, steps: int, n
               ("ep", parallel_state.get_expert_model_parallel_group()),
               # The MoE token dispatcher's group: expert TP x EP (EP's ranks at expert TP = 1).
               ("ep", parallel_state.get_expert_tensor_and_model_parallel_group()),
+              ("etp", parallel_state.get_expert_tensor_parallel_group()),
               ("edp", parallel_state.get_expert_data_parallel_group())]  # routed experts' gradients
     # By group object (DP and EP can be the same ranks), then by ranks for other groups of them.
     names = {}
