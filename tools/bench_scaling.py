@@ -14,7 +14,8 @@ refuses the layout, EP without routed experts) is skipped with a one-line reason
 Grid points of one world size run in one torchrun launch, one after the other, each with a fresh
 ``Trainer`` (the real one: its networks, runners, optimizers and ``train_step``). Each runs
 ``--warmup`` steps, then ``--steps`` measured steps in which every rank times the step's parts
-(exclusive wall time, CUDA synchronised around each part) by wrapping the trainer's own calls:
+(exclusive wall time, CUDA synchronised around each part; Python's garbage collector paused) by
+wrapping the trainer's own calls:
 
 - ``data``: the batch and its conditioning (``Trainer._batch``);
 - ``teacher evaluations``: every no-grad teacher call (z_t's ODE, the velocity, the discrete
@@ -275,6 +276,10 @@ def measure_layout(recipe: str, overrides: list[str], warmup: int, steps: int, n
     timer = PhaseTimer()
     dist.barrier()
     _peak_memory_reset()
+    # Python's cyclic garbage collector is paused while measuring, as timeit does: a full
+    # collection (the previous layouts' trainers) would land in whichever part it interrupts.
+    gc.collect()
+    gc.disable()
     with CollectiveCounter(names) as counter:
         _instrument(trainer, timer)
         try:
@@ -295,6 +300,7 @@ def measure_layout(recipe: str, overrides: list[str], warmup: int, steps: int, n
                     print(f"  {name}: step {step + 1}/{steps} ({kind}) {step_seconds[-1]:.3f} s", flush=True)
         finally:
             timer.restore()
+            gc.enable()
     parts = {phase: seconds / steps for phase, seconds in timer.seconds.items()}
     step_time = sum(step_seconds) / steps
     result = {
