@@ -20,8 +20,9 @@ import torch
 
 from mfmegatron.config import load_config
 from mfmegatron.parallel import initialize_parallel, run_on_ranks
+from mfmegatron.parallel.collective_counter import CollectiveCounter
 from mfmegatron.training.config import TrainConfig
-from tests.test_planner import CollectiveCounter, _counted
+from tests.test_planner import _counted
 
 SEQUENCE_TOKENS = dict(bos=1, pad=0, boi=2, eoi=3, img=4, timestep=5, size=6, ratio=7, cfg=8, guidance=9,
                        timestep_r=20)
@@ -151,18 +152,6 @@ LAYOUTS = {
 MICRO_BATCH = 2
 
 
-class GroupCounter(CollectiveCounter):
-    """Names groups by the process-group object: at two ranks the TP, EP and DP groups hold the
-    same ranks."""
-
-    def __init__(self, groups):
-        super().__init__({})
-        self.groups = groups  # [(group object, name)]
-
-    def group_name(self, group) -> str:
-        return next((name for known, name in self.groups if known is group), "other")
-
-
 def _pass_on_ranks() -> dict:
     """For each layout, the student's forward with tangent and backward of one micro-batch, then
     megatron's gradient reduction and optimizer step, its collectives counted."""
@@ -198,7 +187,11 @@ def _pass_on_ranks() -> dict:
                   (parallel_state.get_data_parallel_group(), "dp"),
                   (parallel_state.get_data_parallel_group(with_context_parallel=True), "dp"),  # DDP's
                   (parallel_state.get_expert_data_parallel_group(), "edp")]
-        with GroupCounter(groups) as counter:
+        # By the group object: at two ranks the TP, EP and DP groups hold the same ranks.
+        names = {}
+        for group, name in groups:
+            names.setdefault(group, name)
+        with CollectiveCounter(names) as counter:
             counter.phase = "pass"
             velocity, _ = _velocity(ddp.module, inputs, student=True, with_tangent=True)
             velocity.square().mean().backward()

@@ -6,16 +6,14 @@
 - Communication: one two-rank gloo spawn runs a training-like step (teacher evaluation, student
   JVP evaluation, student training pass with tangent, LoRA fake training pass, megatron's
   ``finalize_model_grads`` and optimizer steps, all through the trainer's ``NetworkRunner`` and
-  ``FluxFamily.build_networks``) at TP=2 with and without SP, PP=2 and DP=2 (with and without the
-  distributed optimizer), with torch.distributed's collectives wrapped to count each call's
-  payload; the planner's ``step_traffic`` for the same forwards must equal the count exactly.
+  ``FluxFamily.build_networks``) at TP=2 with and without SP, TP=2 with SP and activation
+  recompute, PP=2 and DP=2 (with and without the distributed optimizer), with torch.distributed's
+  collectives counted by ``mfmegatron.parallel.collective_counter``; the planner's
+  ``step_traffic`` for the same forwards must equal the count exactly.
 """
 
 from __future__ import annotations
 
-import inspect
-import sys
-import threading
 from types import SimpleNamespace
 
 import pytest
@@ -23,6 +21,7 @@ import torch
 
 from mfmegatron.config import load_config
 from mfmegatron.parallel import initialize_parallel, run_on_ranks
+from mfmegatron.parallel.collective_counter import CollectiveCounter
 from mfmegatron.planner import (
     CLUSTERS,
     STEP_KINDS,
@@ -185,102 +184,6 @@ def test_forward_counts_are_the_runners_arithmetic():
 
 # --------------------------------------------------------------------------- communication
 
-_KIND = {  # torch.distributed function -> (kind, which argument is the whole payload)
-    "all_reduce": ("all_reduce", 0),
-    "all_gather_into_tensor": ("all_gather", 0),  # the gathered output
-    "_all_gather_base": ("all_gather", 0),
-    "all_gather": ("all_gather", "list"),  # the list of gathered tensors
-    "reduce_scatter_tensor": ("reduce_scatter", 1),  # the input
-    "_reduce_scatter_base": ("reduce_scatter", 1),
-    "broadcast": ("broadcast", 0),
-    "all_to_all_single": ("all_to_all", 1),  # the input (the MoE dispatcher's exchanges)
-    "send": ("send", 0),
-    "recv": ("recv", 0),
-    "isend": ("send", 0),
-    "irecv": ("recv", 0),
-    "broadcast_object_list": (None, None),  # pickled objects: control, not counted
-    "all_gather_object": (None, None),
-}
-# Calls of one number (gradient norms, finiteness flags, loss statistics) are control, not payload.
-CONTROL_BYTES = 8
-
-
-class CollectiveCounter:
-    """Wraps torch.distributed's collectives everywhere they are referenced (megatron keeps
-    module-level aliases such as ``dist_all_gather_func``) and counts each outermost call's
-    payload bytes by (group name, kind); calls on groups of one rank are not counted."""
-
-    def __init__(self, group_names):
-        self.group_names = group_names  # tuple(ranks) -> "tp" / "pp" / "dp"
-        self.bytes, self.calls = {}, {}
-        self.phase = "step"
-        self.by_phase = {}  # phase -> {key: [bytes, calls]}
-        self._inside = threading.local()
-        self._patched = []
-
-    def group_name(self, group) -> str:
-        """The name of a call's group: by its ranks (a subclass may tell groups with the same
-        ranks apart)."""
-        import torch.distributed as dist
-
-        ranks = tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
-        return self.group_names.get(ranks, "other")
-
-    def _record(self, name, original, args, kwargs):
-        import torch.distributed as dist
-
-        kind, payload = _KIND[name]
-        if kind is None:
-            return
-        bound = inspect.signature(original).bind(*args, **kwargs)
-        values = bound.arguments
-        group = values.get("group")
-        if dist.get_world_size(group) == 1:
-            return
-        if payload == "list":
-            size = sum(t.numel() * t.element_size() for t in values["tensor_list"])
-        else:
-            tensor = list(values.values())[payload]
-            size = tensor.numel() * tensor.element_size()
-        if size <= CONTROL_BYTES:
-            return
-        key = f"{self.group_name(group)} {kind}"
-        self.bytes[key] = self.bytes.get(key, 0) + size
-        self.calls[key] = self.calls.get(key, 0) + 1
-        in_phase = self.by_phase.setdefault(self.phase, {}).setdefault(key, [0, 0])
-        in_phase[0] += size
-        in_phase[1] += 1
-
-    def _wrap(self, name, original):
-        def counted(*args, **kwargs):
-            if getattr(self._inside, "depth", 0) == 0:
-                self._record(name, original, args, kwargs)
-            self._inside.depth = getattr(self._inside, "depth", 0) + 1
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self._inside.depth -= 1
-
-        return counted
-
-    def __enter__(self):
-        import torch.distributed as dist
-
-        wrappers = {id(getattr(dist, name)): (getattr(dist, name), self._wrap(name, getattr(dist, name)))
-                    for name in _KIND}
-        for module in list(sys.modules.values()):
-            if module is None or not module.__name__.startswith(("torch.distributed", "megatron", "mfmegatron")):
-                continue
-            for attribute, value in list(vars(module).items()):
-                if callable(value) and id(value) in wrappers and wrappers[id(value)][0] is value:
-                    setattr(module, attribute, wrappers[id(value)][1])
-                    self._patched.append((module, attribute, value))
-        return self
-
-    def __exit__(self, *error):
-        for module, attribute, value in reversed(self._patched):
-            setattr(module, attribute, value)
-
 
 def _step_on_ranks(settings) -> dict:
     """One training-like step of the networks the trainer builds, its collectives counted."""
@@ -354,6 +257,8 @@ def _step_on_ranks(settings) -> dict:
 LAYOUTS = {
     "TP=2 + SP": ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true"],
     "TP=2": ["parallel.tensor_parallel_size=2"],
+    "TP=2 + SP, recompute": ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true",
+                             "model.recompute=true"],
     "PP=2": ["parallel.pipeline_parallel_size=2"],
     "DP=2": [],
     "DP=2, distributed optimizer": ["parallel.use_distributed_optimizer=true"],

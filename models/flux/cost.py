@@ -175,10 +175,22 @@ def tensor_parallel_traffic(flux: FluxConfig, image_tokens: int, text_tokens: in
     e = flux.params_dtype.itemsize
     h = flux.hidden_size
     row_bytes = rows * h * e  # one [rows, h] activation row per token
+    # With activation recompute a block's backward first re-runs its primal forward (never the
+    # tangent: jvp/recompute.py), and with it the forward's collectives.
+    recompute = backward and flux.recompute_granularity == "full"
+    block = {"recomputed": False}  # whether the block being counted is recomputed
+
+    def recomputed(stage_block_index):
+        """Megatron's settings, as ``FluxModel._recomputes`` reads them."""
+        if not recompute:
+            return False
+        return flux.recompute_method != "block" or stage_block_index < flux.recompute_num_layers
 
     def forward_op(kind, tokens):
         if not backward:
             volume.add("tp", kind, copies * tokens * row_bytes)
+        elif block["recomputed"]:
+            volume.add("tp", kind, tokens * row_bytes)
 
     def backward_op(kind, tokens):
         if backward:
@@ -214,6 +226,8 @@ def tensor_parallel_traffic(flux: FluxConfig, image_tokens: int, text_tokens: in
         if not backward:
             volume.add("tp", "all_gather", copies * rows * chunks * h * e)
             return
+        if block["recomputed"]:
+            volume.add("tp", "all_gather", rows * chunks * h * e)
         if training == "full":  # its input, SiLU(temb), needs a gradient only when temb trains
             volume.add("tp", "all_reduce", rows * h * e)
         if sp and on_sequence_chunks:  # its outputs act on this rank's tokens: summed over TP
@@ -228,7 +242,8 @@ def tensor_parallel_traffic(flux: FluxConfig, image_tokens: int, text_tokens: in
         # Entering the sequence-parallel region splits txt and img; backward gathers each.
         backward_op("all_gather", text_tokens)
         backward_op("all_gather", image_tokens)
-    for _ in range(doubles):
+    for index in range(doubles):
+        block["recomputed"] = recomputed(index)
         for stream_tokens in (image_tokens, text_tokens):
             modulation(6)
             column(stream_tokens, h)  # QKV
@@ -237,7 +252,8 @@ def tensor_parallel_traffic(flux: FluxConfig, image_tokens: int, text_tokens: in
             column(stream_tokens, h)  # MLP
             row(stream_tokens)
             row_lora(h)
-    for _ in range(singles):
+    for index in range(singles):
+        block["recomputed"] = recomputed(doubles + index)
         modulation(3)
         if sp:  # one gather feeds both column-parallel layers
             forward_op("all_gather", tokens)
@@ -247,6 +263,7 @@ def tensor_parallel_traffic(flux: FluxConfig, image_tokens: int, text_tokens: in
         row_lora(h)  # attention out and MLP out: partial sums, reduced once
         row_lora(h)
         row(tokens)
+    block["recomputed"] = False
     if last:
         if sp:  # the replicated final layer reads all image tokens; each rank keeps its gradient
             forward_op("all_gather", image_tokens)
