@@ -84,7 +84,7 @@ def _train_teacher_then_distil(data: str, output: str) -> dict:
 
     def recording_plan(step, noise, cond=None, x=None, generator=None, times=None):
         seen.setdefault("x", x.clone())
-        seen.setdefault("ids", trainer.text_encoder.tokenize(["a red circle above a blue square"]).input_ids)
+        seen.setdefault("ids", trainer.text.tokenize(["a red circle above a blue square"]).input_ids)
         return plan(step, noise, cond, x, generator, times)
 
     trainer.objective.plan = recording_plan

@@ -253,19 +253,26 @@ def run_import(args) -> dict:
 ROUTER_SUFFIX = "mlp.gate.wg.weight"  # released float32 and used in float32: never cast
 
 
-def _checkpoint_tensors(checkpoint: Path, config, released_of: dict, dtype=None):
+def _checkpoint_tensors(checkpoint: Path, config, released_of: dict, dtype=None, prefix: str = ""):
     """(released key, tensor) of the whole checkpoint, in model order, loading one layer at a
     time (the first and last also bring what precedes and follows the layers); cast to
-    ``dtype`` if given, except the router."""
+    ``dtype`` if given, except the router. ``prefix``: the weights' key prefix in a training
+    checkpoint (``ema.`` or ``student.``; parameters only)."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 
     from models.hunyuan_image3.parallelize import export_pieces, local_weights, one_layer_model
     from models.hunyuan_image3.state_dict_adapter import swap_glu_halves
 
     for piece in export_pieces(config):
         model = one_layer_model(config, piece)
-        loaded = dist_checkpointing.load(model.sharded_state_dict(), str(checkpoint))
-        model.load_state_dict(loaded, strict=True)
+        sharded = model.sharded_state_dict()
+        if prefix:
+            parameters = {name for name, _ in model.named_parameters()}
+            sharded = {key: value for key, value in sharded.items() if key in parameters}
+            replace_prefix_for_sharding(sharded, "", prefix)
+        loaded = dist_checkpointing.load(sharded, str(checkpoint))
+        model.load_state_dict(loaded, strict=not prefix)
         del loaded
         for key, tensor in local_weights(model):
             released, swap = released_of[key]
@@ -304,7 +311,10 @@ def run_export(args) -> dict:
     info = start_parallel()
     config = model_config(record["hf_config"], torch_dtype(record["dtype"]))
     metadata = dist_checkpointing.load_tensors_metadata(str(checkpoint))
-    found = {key: tuple(value.global_shape) for key, value in metadata.items()}
+    # A training checkpoint holds the EMA, the student, the fake network and optimizer state:
+    # the first of its weight prefixes (the EMA's) is exported.
+    prefix = (record.get("weight_prefixes") or [""])[0]
+    found = {key[len(prefix):]: tuple(value.global_shape) for key, value in metadata.items() if key.startswith(prefix)}
     expected = checkpoint_tensor_shapes(config)
     hint = f" (architecture from {checkpoint}/mfmegatron_hunyuan_image3.json)"
     check_key_sets(found, expected, f"checkpoint {checkpoint}", hint)
@@ -343,7 +353,7 @@ def run_export(args) -> dict:
         return summary
 
     def tensors():
-        yield from _checkpoint_tensors(checkpoint, config, released_of, out_dtype)
+        yield from _checkpoint_tensors(checkpoint, config, released_of, out_dtype, prefix)
         for key in copied:
             yield key, extra.get(key)
         if extra is not None:

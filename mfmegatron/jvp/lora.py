@@ -76,8 +76,10 @@ class LoRA(torch.nn.Module):
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float, seed: int = 0,
-             global_name: Callable[[str], str] | None = None) -> list[str]:
-    """Attaches a ``LoRA`` to every Column/RowParallelLinear of ``model``; returns their names.
+             global_name: Callable[[str], str] | None = None,
+             include: Callable[[str], bool] | None = None) -> list[str]:
+    """Attaches a ``LoRA`` to every Column/RowParallelLinear of ``model`` (``include``: only to
+    those whose module name it accepts); returns their names.
 
     ``A`` is drawn whole (uniform, ±1/sqrt(in_features), as torch's Linear) from a generator
     seeded by ``seed`` and the layer's name in the whole model (``global_name`` maps a pipeline
@@ -90,6 +92,8 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, seed: int = 0,
     names = []
     for name, layer in list(model.named_modules()):
         if not isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
+            continue
+        if include is not None and not include(name):
             continue
         weight = layer.weight
         out_local, in_local = weight.shape

@@ -118,8 +118,14 @@ class MeanFlowDistillation:
         alignment: TrajectoryAlignment | None = None,
         reduce_gap: Callable[[float], float] | None = None,
         select_condition: SelectCondition | None = None,
+        agree_max: Callable[[int], int] | None = None,
     ):
         self.reduce_gap = reduce_gap or (lambda gap: gap)
+        # The maximum of an integer over the ranks whose network calls must match one for one
+        # (expert-parallel ranks exchange tokens inside every forward): the few decisions that
+        # depend on the batch (solve the discrete target, the solver's iterations, measure the
+        # gap) are taken on it. None: every rank decides alone.
+        self.agree_max = agree_max or (lambda value: value)
         self.teacher = teacher
         self.student = student
         self.config = config or MeanFlowDistillationConfig()
@@ -190,14 +196,15 @@ class MeanFlowDistillation:
         def get_discrete() -> TargetOutput:
             if "discrete" not in cached:
                 cached["discrete"] = discrete_target(
-                    self.teacher, z_t, r, t, cond, self.config.discrete, teacher_velocity(), self.select_condition
+                    self.teacher, z_t, r, t, cond, self.config.discrete, teacher_velocity(), self.select_condition,
+                    self.agree_max,
                 )
             return cached["discrete"]
 
         def measure_gap() -> float:
             if "gap" not in cached:
                 gap = math.nan  # a batch without r < t samples has no gap (and costs nothing)
-                if bool((t > r).any()):
+                if self.agree_max(int(bool((t > r).any()))):
                     with torch.no_grad():
                         differential = differential_target(
                             self.teacher, self.student, z_t, r, t, cond, teacher_velocity=teacher_velocity()

@@ -71,6 +71,7 @@ def discrete_target(
     config: DiscreteTargetConfig,
     teacher_velocity: Tensor | None = None,
     select_condition: SelectCondition | None = None,
+    agree_max: Callable[[int], int] | None = None,
 ) -> TargetOutput:
     """Average velocity of the teacher ODE solution from t to r, in float32.
 
@@ -84,14 +85,18 @@ def discrete_target(
     Args:
         teacher_velocity: `v_T(z_t, t)` if the caller already has it.
         select_condition: `(cond, index) -> cond` of the rows `index`.
+        agree_max: the maximum of an integer over the ranks that must call the teacher alike
+            (see `MeanFlowDistillation`): whether to solve, and the solver's iteration count, are
+            then agreed, so a batch without r < t rows still takes part in the others' calls.
     """
     if teacher_velocity is None:
         teacher_velocity = teacher.velocity(z_t, t, cond)
     teacher_velocity = teacher_velocity.to(time_dtype(teacher_velocity.dtype)).detach()
     target = teacher_velocity.clone()
     moving = torch.nonzero(t > r).squeeze(1)
-    if moving.numel() > 0:
-        if cond is None or select_condition is not None:
+    agree = agree_max or (lambda value: value)
+    if agree(int(moving.numel() > 0)):
+        if moving.numel() > 0 and (cond is None or select_condition is not None):
             rows = moving
             rows_cond = cond if cond is None else select_condition(cond, rows)
         else:
@@ -99,7 +104,7 @@ def discrete_target(
         steps = discrete_step_counts(t[rows], r[rows], config)
         solution = integrate_ode(
             teacher.velocity, z_t[rows], t[rows], r[rows], rows_cond, steps, config.solver,
-            first_velocity=teacher_velocity[rows],
+            first_velocity=teacher_velocity[rows], iterations=agree(int(steps.max())),
         )
         target[moving] = solution.mean_velocity.to(target.dtype)[torch.isin(rows, moving)]
     return TargetOutput(target=target, teacher_velocity=teacher_velocity)

@@ -62,6 +62,7 @@ def integrate_ode(
     num_steps: int | Tensor,
     solver: OdeSolver = "euler",
     first_velocity: Tensor | None = None,
+    iterations: int | None = None,
 ) -> OdeSolution:
     """Integrate `dz/dt = v(z, t)` from `t_start` to `t_end` per sample (either direction).
 
@@ -76,13 +77,15 @@ def integrate_ode(
         num_steps: an int (same for all samples) or a `[B]` long tensor of per-sample counts.
         solver: "euler" (1 evaluation per step) or "heun" (2 per step, 2nd order).
         first_velocity: `v(z_start, t_start)` if the caller has it (saves one evaluation).
+        iterations: loop iterations (default `max(num_steps)`); more leave every sample in place
+            after its last step, so ranks that must evaluate alike can agree on one count.
     """
     if solver not in ("euler", "heun"):
         raise ValueError(f"unknown ODE solver {solver!r}; use 'euler' or 'heun'")
     state_dtype = time_dtype(z_start.dtype)
     batch_size = z_start.shape[0]
     steps = _as_step_counts(num_steps, batch_size, z_start.device)
-    max_steps = int(steps.max())
+    max_steps = int(steps.max()) if iterations is None else max(iterations, int(steps.max()))
     t_start, t_end = t_start.to(state_dtype), t_end.to(state_dtype)
     # Per-sample signed step size (positive when integrating towards smaller t).
     step_size = (t_start - t_end) / steps.to(state_dtype)

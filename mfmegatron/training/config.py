@@ -17,9 +17,11 @@ from mfmegatron.meanflow import AlignmentConfig, AutomaticWarmupConfig, MeanFlow
 @dataclass
 class ModelSection:
     family: str = "flux"
-    """Backbone family, looked up in ``mfmegatron.training.registry``."""
+    """Backbone family, looked up in ``mfmegatron.training.family.FAMILIES`` (``flux``,
+    ``hunyuan_image3``)."""
     preset: str = "tiny"
-    """Architecture preset of the family (flux: ``flux1-dev``, ``flux1-schnell``, ``tiny``)."""
+    """Architecture preset of the family (flux: ``flux1-dev``, ``flux1-schnell``, ``tiny``;
+    hunyuan_image3: ``hunyuan-image3``, ``tiny`` with the image path)."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Fields of the family's config to change (e.g. ``{num_double_layers: 2}``)."""
     teacher_checkpoint: str | None = None
@@ -27,15 +29,32 @@ class ModelSection:
     (smoke tests and benchmarks only)."""
     dtype: Literal["bf16", "fp32"] = "bf16"
     image_size: int = 1024
-    """Pixels per side; FLUX's latent tokens are (image_size / 16) ** 2 (``latent_space=vae``)."""
+    """Pixels per side; FLUX's latent tokens are (image_size / 16) ** 2 (``latent_space=vae``),
+    HunyuanImage 3.0's latent grid is image_size / 16 per side (one token per latent pixel)."""
+    image_base_size: int = 1024
+    """HunyuanImage 3.0: the base of the official resolution buckets (the released config's
+    ``image_base_size``): the ``<img_size_{base}>`` token, and the buckets ``image_size`` must be
+    one of (square: the base itself). Tiny test models use a small base."""
     latent_space: Literal["vae", "pixels"] = "vae"
     """What the networks denoise: the VAE's latents (FLUX: 16 latent channels, 8x down, 2x2
     patches, 16 pixels per token), or the RGB pixels themselves in [-1, 1] in 2x2 patches
     (``in_channels`` 12, (image_size / 2) ** 2 tokens, no VAE): for small worlds such as the
     shapes world (``tools/build_shapes_data.py``)."""
     text_tokens: int = 512
+    """FLUX: the T5 sequence length. HunyuanImage 3.0: the prompt's token budget (a longer prompt
+    is an error, not truncated); every sequence is padded to the same length."""
     guidance: float = 3.5
-    """Guidance-embedding value given to guidance-distilled teachers and students (FLUX.1-dev)."""
+    """FLUX: guidance-embedding value given to guidance-distilled teachers and students
+    (FLUX.1-dev)."""
+    guidance_range: tuple[float, float] = (5.0, 5.0)
+    """HunyuanImage 3.0: the classifier-free guidance scale w of the teacher, drawn per sample
+    uniform in [lo, hi] (keyed by seed, step and global sample index); the student gets the same
+    w through its guidance embedding. The official scale is 5.0. Evaluation uses the middle."""
+    student_conditioning: Literal["tokens", "embedding"] = "tokens"
+    """HunyuanImage 3.0: how the student sees w and r. ``tokens``: the official Instruct-Distil
+    layout, ``<guidance>`` and ``<timestep_r>`` tokens after ``<timestep>``; ``embedding``: the
+    two embeddings added to ``<timestep>``'s row (no new tokens; starts exactly at the
+    conditional teacher)."""
     recompute: bool = False
     """Activation recompute of every block (the primal only; tangents are never recomputed)."""
     vae_path: str | None = None
@@ -81,9 +100,13 @@ class DataSection:
     T5/CLIP encoders at ``text_encoder_path`` (a FLUX pipeline folder)."""
     text_encoder_path: str | None = None
     text_tokenizer: str | None = None
-    """``text_encoder=dummy``: a sentencepiece ``.model`` whose ids the dummy encoder embeds
-    (token row + position row, fixed pseudo-random) instead of hashed words — e.g. the shapes
-    world's word tokenizer (``tools/build_shapes_data.py``)."""
+    """One meaning per family. FLUX (``text_encoder=dummy`` only): a sentencepiece ``.model``
+    whose ids the dummy encoder embeds (token row + position row, fixed pseudo-random) instead of
+    hashed words — e.g. the shapes world's word tokenizer (``tools/build_shapes_data.py``).
+    HunyuanImage 3.0 (required): the model's Hugging Face ``tokenizer.json``, with the official
+    special tokens (``<boi>``, ``<eoi>``, ``<img>``, ``<timestep>``, ``<cfg>``, ``<guidance>``,
+    ``<timestep_r>``, ``<img_size_*>``, ``<img_ratio_*>``, ``<pad>``); the model embeds the
+    tokens itself, so ``text_encoder`` does not apply."""
     image_backend: Literal["auto", "pil", "dali"] = "auto"
     """``z_source=data``: image decoding with NVIDIA DALI (GPU decoding on CUDA machines), Pillow,
     or DALI when it is installed (``mfmegatron.data.images.build_image_loader``)."""

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from mfmegatron.data import PromptBatch, ensure_embeddings
+from mfmegatron.data import PromptBatch
 from mfmegatron.sampling import sample_student
 from mfmegatron.sampling.ode import sample_teacher
 from mfmegatron.metrics import sample_distance
@@ -55,13 +55,11 @@ class Evaluator:
         train = config.train
         self.trainer = trainer
         self.prompts = read_prompts(train.eval_prompts, train.eval_num_prompts)
-        if trainer.text_encoder is None:
-            raise ValueError("evaluation encodes its prompts: set data.text_encoder to dummy or hf")
         batch = PromptBatch(keys=[f"eval{i}" for i in range(len(self.prompts))], prompts=self.prompts,
                             meta=[None] * len(self.prompts), shards=[""] * len(self.prompts),
                             epochs=[0] * len(self.prompts), positions=list(range(len(self.prompts))))  # fmt: skip
-        batch = ensure_embeddings(batch, trainer.text_encoder)
-        self.cond = trainer.family.condition(batch, config, trainer.device, trainer.dtype)
+        # No draw: per-sample random conditioning takes its fixed evaluation value.
+        self.cond = trainer.family.condition(batch, config, trainer.device, trainer.dtype, text=trainer.text)
         generator = torch.Generator().manual_seed(train.seed + 7)
         shape = (len(self.prompts),) + tuple(trainer.family.latent_shape(config))
         self.noise = torch.randn(shape, generator=generator).to(trainer.device)

@@ -15,6 +15,7 @@ import torch
 # name -> "module:Class"
 FAMILIES = {
     "flux": "models.flux.training:FluxFamily",
+    "hunyuan_image3": "models.hunyuan_image3.training:HunyuanImage3Family",
 }
 
 
@@ -41,8 +42,19 @@ class ModelFamily(Protocol):
     def latent_shape(self, config) -> tuple[int, ...]:
         """Per-sample shape of the latents the networks map (noise is drawn with it)."""
 
-    def condition(self, batch, config, device: torch.device, dtype: torch.dtype) -> Any:
-        """The conditioning of a ``PromptBatch`` (embeddings already present)."""
+    def text_conditioning(self, config, device: torch.device, dtype: torch.dtype) -> Any:
+        """What turns prompts into the networks' text inputs, built once when the trainer starts
+        (before any network, so a recipe that cannot condition fails first, in one line): FLUX a
+        text encoder (None: the shards' precomputed embeddings), HunyuanImage 3.0 its tokenizer.
+        The trainer passes it back to ``condition`` as ``text``."""
+
+    def condition(self, batch, config, device: torch.device, dtype: torch.dtype, text: Any = None,
+                  draw: tuple[int, int, int] | None = None) -> Any:
+        """The conditioning of a raw ``PromptBatch`` (the prompts as read from the shards, with
+        whatever embeddings they carry), through ``text`` (``text_conditioning``'s object).
+        ``draw``: (seed, step, global index of the batch's first sample) keying per-sample random
+        conditioning (HunyuanImage 3.0's guidance scale), so a global sample gets the same draw at
+        any data-parallel size; None (evaluation): a fixed value."""
 
     def image_encoder(self, config, device: torch.device, dtype: torch.dtype) -> Any:
         """For ``meanflow.z_source=data``: a callable ``(images, generator) -> x`` from images
@@ -61,16 +73,17 @@ class ModelFamily(Protocol):
         no-grad micro-batches, ``parallel.no_grad_memory_gb``)."""
 
     def stage_forward(self, model, z, r, t, cond, tangents):
-        """This stage's forward (``r`` None: a teacher-architecture network). On the last stage
-        returns ``(output, output_tangent or None)``, else the activation sent downstream."""
+        """This stage's forward (``r`` None: a teacher-architecture network; a family may mark its
+        teacher module to run with classifier-free guidance). On the last stage returns
+        ``(output, output_tangent or None)``, else the activation sent downstream."""
 
-    def pipeline_seq_length(self, model, cond, with_tangent: bool) -> int: ...
+    def pipeline_seq_length(self, model, cond, with_tangent: bool) -> int:
+        """The sequence length megatron's schedules use for the stage activation's shape
+        ``[seq, micro-batch, hidden]`` (tangent rows, or a CFG batch's unconditional half, travel
+        on the sequence dim)."""
 
     def flops_per_sample_forward(self, config) -> float:
         """Estimated FLOPs of one network forward for one sample (for TFLOP/s logging)."""
-
-    def text_encoder_dims(self, config) -> tuple[int, int]:
-        """(token-embedding width, pooled width) the networks expect."""
 
     def decode_images(self, latents: torch.Tensor, config) -> torch.Tensor | None:
         """Networks' latents -> images [n, 3, H, W] in [0, 1] for evaluation; None when the

@@ -134,7 +134,10 @@ class NetworkRunner:
         dtype = time_dtype(_unwrap(self.model).config.params_dtype)
 
         def keep(u, du, rows):
-            outputs.append((u.detach().to(dtype), None if du is None else du.detach().to(dtype)))
+            # Contiguous: the broadcast to the other stages sends the storage in memory order (a
+            # velocity made by permuting a token grid, HunyuanImage 3.0's, is not row-major).
+            outputs.append((u.detach().to(dtype).contiguous(),
+                            None if du is None else du.detach().to(dtype).contiguous()))
             return torch.zeros((), device=u.device)
 
         batch_size = z.shape[0]

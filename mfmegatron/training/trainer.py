@@ -34,13 +34,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from mfmegatron.config import to_dict
 from mfmegatron.data import (
-    DummyTextEncoder,
     PromptBatchLoader,
     PromptShardReader,
-    SentencePieceTokenizer,
-    build_text_encoder,
     data_parallel_rank_and_size,
-    ensure_embeddings,
     gather_state_dict,
 )
 from mfmegatron.data.format import MANIFEST_NAME, Manifest
@@ -113,8 +109,11 @@ class Trainer:
         self.checkpoint_root = self.output_dir / "checkpoints"
         self.family = get_family(config.model.family)
         self.dp_rank, self.dp_size = data_parallel_rank_and_size()
-        # The data (and, for z_source=data, the VAE) first: a recipe that lacks what its data
-        # source needs fails in one line before any network is built or loaded.
+        self.expert_parallel = parallel.expert_parallel_size > 1
+        # The text conditioning, the data (and, for z_source=data, the VAE) first: a recipe that
+        # lacks what its prompts or its data source need fails in one line before any network
+        # is built or loaded.
+        self.text = self.family.text_conditioning(config, self.device, self.dtype)
         self.loader = self._data_loader()
         self.image_encoder = self._image_encoder()
         self.latent_stats: dict[str, float] = {}
@@ -173,10 +172,14 @@ class Trainer:
                 self._warmup(),
                 alignment if meanflow.align_weight > 0 else None,
                 reduce_gap=self._average_gap_over_data_parallel,
-                select_condition=self._select_condition,
+                # Expert-parallel ranks belong to different data-parallel replicas and exchange
+                # tokens inside every forward, so their network calls must match one for one:
+                # the discrete target is solved on the whole batch (not only its r < t rows)
+                # and the batch-dependent decisions are agreed over the job.
+                select_condition=None if self.expert_parallel else self._select_condition,
+                agree_max=self._max_over_job if self.expert_parallel else None,
             )
 
-        self.text_encoder = self._text_encoder()
         self.evaluator = None
         if config.train.eval_interval > 0:
             if config.train.eval_prompts is None:
@@ -256,6 +259,11 @@ class Trainer:
         dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
         return float(values[0] / values[1]) if values[1] > 0 else float("nan")
 
+    def _max_over_job(self, value: int) -> int:
+        values = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return int(values.item())
+
     def _data_loader(self) -> PromptBatchLoader:
         data = self.config.data
         if data.shards is None:
@@ -327,24 +335,6 @@ class Trainer:
             return None
         return self.family.image_encoder(self.config, self.device, self.dtype)
 
-    def _text_encoder(self):
-        data = self.config.data
-        width, pooled = self.family.text_encoder_dims(self.config)
-        if data.text_tokenizer is not None and data.text_encoder != "dummy":
-            raise ValueError("data.text_tokenizer is the dummy encoder's; set data.text_encoder=dummy or drop it")
-        if data.text_encoder == "precomputed":
-            return None
-        if data.text_encoder == "dummy":
-            length = self.config.model.text_tokens
-            tokenizer = None
-            if data.text_tokenizer is not None:
-                tokenizer = SentencePieceTokenizer(data.text_tokenizer, max_length=length)
-            return DummyTextEncoder(t5_dim=width, pooled_dim=pooled, max_length=length, tokenizer=tokenizer)
-        return build_text_encoder(
-            "hf", flux_path=data.text_encoder_path, device=str(self.device), dtype=self.dtype,
-            max_length=self.config.model.text_tokens,
-        )
-
     # -- checkpoints --------------------------------------------------------------------------
 
     def _module_sharded(self, ddp, prefix: str, trainable_only: bool = False) -> dict:
@@ -385,7 +375,9 @@ class Trainer:
     def _optimizers_with_state(self) -> set[str]:
         names = set()
         for name, optimizer in (("optimizer", self.optimizer), ("fake_optimizer", self.fake_optimizer)):
-            if optimizer is not None and any(optimizer.optimizer.state.values()):
+            # A mixture-of-experts model's is chained (dense and expert parameters apart).
+            inner = [] if optimizer is None else getattr(optimizer, "chained_optimizers", [optimizer])
+            if any(any(part.optimizer.state.values()) for part in inner):
                 names.add(name)
         return names
 
@@ -451,20 +443,14 @@ class Trainer:
 
     def _batch(self):
         batch = next(self.loader)
-        if self.text_encoder is not None:
-            batch = ensure_embeddings(batch, self.text_encoder)
-        if batch.t5 is None:
-            raise ValueError("the prompt shards carry no embeddings; set data.text_encoder to dummy or hf")
-        width, pooled = self.family.text_encoder_dims(self.config)
-        if batch.t5.shape[-1] != width or batch.pooled.shape[-1] != pooled:
-            raise ValueError(
-                f"text embeddings are {batch.t5.shape[-1]}/{batch.pooled.shape[-1]} wide but the "
-                f"model takes {width}/{pooled}"
-            )
         if self.config.logging.log_prompts:
             self._record_prompts(batch.keys)
         x = self._image_latents(batch) if self.config.meanflow.z_source == "data" else None
-        return self.family.condition(batch, self.config, self.device, self.dtype), len(batch), x
+        # Global sample indices key per-sample random conditioning (HunyuanImage 3.0's guidance
+        # scale) like the time pairs: the same global sample gets the same draw at any DP size.
+        cond = self.family.condition(batch, self.config, self.device, self.dtype, text=self.text,
+                                     draw=(self.config.train.seed, self.step, self.dp_rank * len(batch)))
+        return cond, len(batch), x
 
     def _image_latents(self, batch) -> torch.Tensor:
         """The x of ``z_t = (1 - t) x + t ε`` for this step's images. Latents stored in the

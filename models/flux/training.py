@@ -124,10 +124,48 @@ class FluxFamily:
         return (self._latent_grid(config) ** 2, flux.in_channels * flux.patch_size**2)
 
     def text_encoder_dims(self, config) -> tuple[int, int]:
+        """(T5 token-embedding width, pooled CLIP width) the networks take."""
         flux = self.teacher_config(config)
         return flux.joint_attention_dim, flux.pooled_projection_dim
 
-    def condition(self, batch, config, device, dtype) -> FluxCondition:
+    def text_conditioning(self, config, device, dtype):
+        """The text encoder that fills in a batch's missing embeddings: the deterministic dummy
+        (``data.text_tokenizer``: its sentencepiece model), the HF T5/CLIP encoders at
+        ``data.text_encoder_path``, or None (``precomputed``: the shards' own embeddings)."""
+        from mfmegatron.data import DummyTextEncoder, SentencePieceTokenizer, build_text_encoder
+
+        data = config.data
+        width, pooled = self.text_encoder_dims(config)
+        if data.text_tokenizer is not None and data.text_encoder != "dummy":
+            raise ValueError("data.text_tokenizer is the dummy encoder's; set data.text_encoder=dummy or drop it")
+        if data.text_encoder == "precomputed":
+            return None
+        length = config.model.text_tokens
+        if data.text_encoder == "dummy":
+            tokenizer = None
+            if data.text_tokenizer is not None:
+                tokenizer = SentencePieceTokenizer(data.text_tokenizer, max_length=length)
+            return DummyTextEncoder(t5_dim=width, pooled_dim=pooled, max_length=length, tokenizer=tokenizer)
+        return build_text_encoder(
+            "hf", flux_path=data.text_encoder_path, device=str(device), dtype=dtype, max_length=length,
+        )
+
+    def condition(self, batch, config, device, dtype, text=None, draw=None) -> FluxCondition:
+        """T5 states (truncated / zero-padded to ``model.text_tokens``), pooled CLIP, the latent
+        grid's ids and the guidance value; embeddings the batch lacks come from ``text`` (the
+        encoder). ``draw`` does not apply (FLUX's guidance value is fixed)."""
+        from mfmegatron.data import ensure_embeddings
+
+        if text is not None:
+            batch = ensure_embeddings(batch, text)
+        if batch.t5 is None:
+            raise ValueError("the prompts carry no embeddings; set data.text_encoder to dummy or hf")
+        width, pooled = self.text_encoder_dims(config)
+        if batch.t5.shape[-1] != width or batch.pooled.shape[-1] != pooled:
+            raise ValueError(
+                f"text embeddings are {batch.t5.shape[-1]}/{batch.pooled.shape[-1]} wide but the "
+                f"model takes {width}/{pooled}"
+            )
         t5 = batch.t5
         length = config.model.text_tokens
         if t5.shape[1] >= length:
@@ -455,25 +493,11 @@ class FluxFamily:
         """Rows: number of student steps; columns: samples. Pixel-space networks show their
         images; VAE-latent ones the first three latent channels (unpacked to the latent grid),
         each normalised per image (no VAE decode)."""
-        from PIL import Image
+        from mfmegatron.training.sample_grid import save_sample_grid
 
         side = self._latent_grid(config)
-        rows = []
-        for steps in sorted(samples):
-            grid = unpack_latents(samples[steps].float().cpu(), side, side)[:, :3]
-            if config.model.latent_space == "pixels":
-                grid = (grid + 1) / 2
-            else:
-                low = grid.amin(dim=(1, 2, 3), keepdim=True)
-                high = grid.amax(dim=(1, 2, 3), keepdim=True)
-                grid = (grid - low) / (high - low + 1e-8)
-            rows.append(torch.cat(list(grid), dim=2))
-        picture = torch.cat(rows, dim=1)  # [3, rows*H, n*W]
-        scale = max(1, 256 // (2 * side))
-        picture = picture.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-        array = (picture.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(array).save(path)
+        grids = {steps: unpack_latents(latents.float().cpu(), side, side) for steps, latents in samples.items()}
+        save_sample_grid(grids, path, pixels=config.model.latent_space == "pixels")
 
     def export_student(self, student: FluxModel, directory, config) -> None:
         """A diffusers FluxTransformer2DModel folder plus the interval embedding (see

@@ -1,0 +1,470 @@
+"""HunyuanImage 3.0 as a model family of the trainer (``mfmegatron.training.family.ModelFamily``).
+
+- Teacher: the conditional architecture, frozen, run with classifier-free guidance. Its stage
+  forward builds the official CFG batch, [cond; uncond] (the prompt's sequence and its copy with
+  every prompt token replaced by ``<cfg>``, latents and σ repeated), in one call, and the last
+  stage returns ``uncond + w·(cond − uncond)`` with each sample's w. Under pipeline parallelism the
+  stage activation ``[s, 2b, h]`` travels as ``[2s, b, h]`` (the unconditional half after the
+  conditional one on the sequence dim, as tangent rows travel), so megatron's schedules see the
+  micro-batch size they were given.
+- Student: ``use_meanflow`` (``timestep_r_emb``, fed σ_r) and ``cfg_distilled`` (``guidance_emb``,
+  fed w), ``model.student_conditioning`` saying where those enter; initialised from the teacher
+  (``meanflow.init_student_from_teacher``). It sees the same w as the teacher, per sample.
+- Fake network (alignment): the teacher's architecture evaluated *without* CFG. It plays DMD's
+  fake score: it is trained by conditional flow matching on the student's samples, so its
+  conditional velocity is already its estimate for the student's (guided) distribution; guiding
+  it again would push that estimate away from the samples it was fitted to. A full copy of the
+  teacher, or LoRA on the teacher's own weights over the attention projections (QKV and output)
+  of every layer — not the MoE: routed experts are split over the expert-parallel group, which
+  ``jvp/lora.py``'s tensor-parallel reductions do not cover, and the shared expert's SwiGLU input
+  projection holds its gate and up halves per TP rank, which a LoRA factor split along it would
+  store layout-dependently.
+- Text: prompts are tokenised with the model's ``tokenizer.json`` (``data.text_tokenizer``) into
+  the official template (``sequence.build_image_sequences``), every sequence padded to one length
+  fixed by the recipe (``model.text_tokens`` for the prompt), so pipeline stages exchange one
+  shape. The guidance scale is drawn per sample, uniform in ``model.guidance_range``, from a
+  generator keyed by (seed, step, global sample index).
+- No VAE in the project: ``meanflow.z_source=data`` is refused, evaluation compares latents, and
+  sample grids show latent channels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models.hunyuan_image3.config import HUNYUAN_IMAGE3_CONFIGS, HunyuanImage3Config
+from models.hunyuan_image3.sequence import (
+    ImageSequence,
+    build_image_sequences,
+    cfg_batch,
+    combine_guidance,
+    unconditional_sequences,
+)
+from models.hunyuan_image3.tokenizer import PromptTokenizer, check_image_size
+
+# <bos>, then <boi> <img_size> <img_ratio> <timestep> before the image and <eoi> after it.
+TEMPLATE_TOKENS = 6
+STUDENT_TOKENS = 2  # <guidance> <timestep_r> (student_conditioning="tokens")
+
+
+@dataclass
+class HunyuanCondition:
+    """A batch's conditioning. ``sequence``: the prompts in the teacher's layout; ``unconditional``:
+    its CFG copy (prompt tokens -> ``<cfg>``); ``student_sequence``: the student's layout (the
+    teacher's, or with ``<guidance>`` / ``<timestep_r>``); ``guidance``: per-sample CFG scale w [b]
+    (float32)."""
+
+    sequence: ImageSequence
+    unconditional: ImageSequence
+    student_sequence: ImageSequence
+    guidance: torch.Tensor
+
+
+def select_sequence_rows(sequence: ImageSequence, rows) -> ImageSequence:
+    """Batch rows of a sequence (a slice, or a tensor of row indices)."""
+    count = sequence.input_ids.shape[0]
+    indices = list(range(count))[rows] if isinstance(rows, slice) else [int(i) for i in rows.tolist()]
+
+    def pick(values):
+        return None if values is None else [values[i] for i in indices]
+
+    index = torch.tensor(indices, dtype=torch.long, device=sequence.input_ids.device)
+    return dataclasses.replace(
+        sequence, input_ids=sequence.input_ids[index], positions_y=sequence.positions_y[index],
+        positions_x=sequence.positions_x[index], image_spans=pick(sequence.image_spans),
+        timestep_positions=pick(sequence.timestep_positions), lengths=pick(sequence.lengths),
+        prompt_spans=pick(sequence.prompt_spans), guidance_positions=pick(sequence.guidance_positions),
+        timestep_r_positions=pick(sequence.timestep_r_positions),
+    )
+
+
+def guidance_scales(low: float, high: float, count: int, draw: tuple[int, int, int] | None) -> torch.Tensor:
+    """Per-sample CFG scales [count] (float32), uniform in [low, high]: sample i's from a generator
+    seeded by (seed, step, first + i), so a global sample's w does not depend on how the batch is
+    split over ranks; ``draw`` None (evaluation): the middle of the range."""
+    if draw is None:
+        return torch.full((count,), (low + high) / 2, dtype=torch.float32)
+    seed, step, first = draw
+    values = []
+    for index in range(first, first + count):
+        generator = torch.Generator().manual_seed(zlib.crc32(f"guidance/{seed}/{step}/{index}".encode()))
+        values.append(low + (high - low) * float(torch.rand((), generator=generator, dtype=torch.float64)))
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def _to_transport(x: torch.Tensor) -> torch.Tensor:
+    """[s, 2b, h] (a [cond; uncond] batch) -> [2s, b, h] for the pipeline's fixed micro-batch."""
+    return torch.cat(x.chunk(2, dim=1), dim=0)
+
+
+def _from_transport(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat(x.chunk(2, dim=0), dim=1)
+
+
+def load_dist_checkpoint(model, directory) -> None:
+    """Fills ``model`` (any layout) from a dist checkpoint: an imported one, or a training
+    checkpoint, whose weights are under the first of its ``weight_prefixes`` (the EMA's)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+
+    from models.hunyuan_image3.parallelize import read_checkpoint_info
+
+    prefix = (read_checkpoint_info(directory).get("weight_prefixes") or [""])[0]
+    sharded = model.sharded_state_dict()
+    if prefix:  # a training checkpoint's EMA holds parameters only
+        parameters = {name for name, _ in model.named_parameters()}
+        sharded = {key: value for key, value in sharded.items() if key in parameters}
+        replace_prefix_for_sharding(sharded, "", prefix)
+    loaded = dist_checkpointing.load(sharded, str(directory))
+    model.load_state_dict(loaded, strict=not prefix)
+
+
+class HunyuanImage3Family:
+    name = "hunyuan_image3"
+
+    # -- configs and networks ------------------------------------------------------------------
+
+    def model_config(self, config, student: bool) -> HunyuanImage3Config:
+        """The teacher's (or the student's) config: the checkpoint's architecture, or the preset's,
+        with ``model.overrides``, the parallel layout and the dtype."""
+        model, parallel = config.model, config.parallel
+        dtype = torch.bfloat16 if model.dtype == "bf16" else torch.float32
+        settings = dict(model.overrides)
+        settings.update(
+            tensor_model_parallel_size=parallel.tensor_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_parallel_size,
+            expert_model_parallel_size=parallel.expert_parallel_size,
+            expert_tensor_parallel_size=parallel.expert_tensor_parallel_size or parallel.tensor_parallel_size,
+            sequence_parallel=parallel.sequence_parallel,
+            params_dtype=dtype,
+            pipeline_dtype=dtype,
+            bf16=dtype == torch.bfloat16,
+            use_cpu_initialization=not torch.cuda.is_available(),
+            image_path=True,
+        )
+        if student:
+            settings.update(use_meanflow=True, cfg_distilled=True, student_conditioning=model.student_conditioning)
+        if model.recompute:
+            settings.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        if model.teacher_checkpoint is not None:
+            from models.hunyuan_image3.parallelize import read_checkpoint_info
+            from models.hunyuan_image3.state_dict_adapter import config_from_hf
+
+            record = read_checkpoint_info(model.teacher_checkpoint)
+            settings["perform_initialization"] = False
+            return config_from_hf(record["hf_config"], **settings)
+        if model.preset not in HUNYUAN_IMAGE3_CONFIGS:
+            raise ValueError(f"unknown HunyuanImage 3.0 preset {model.preset!r}; known: {', '.join(HUNYUAN_IMAGE3_CONFIGS)}")
+        return HUNYUAN_IMAGE3_CONFIGS[model.preset](**settings)
+
+    def teacher_config(self, config) -> HunyuanImage3Config:
+        """The teacher's config for this recipe (built once per recipe object)."""
+        cached = getattr(self, "_teacher_config", None)
+        if cached is None or cached[0] is not config:
+            self._teacher_config = (config, self.model_config(config, student=False))
+        return self._teacher_config[1]
+
+    def _build(self, config, device, student: bool):
+        from models.hunyuan_image3.parallelize import build_hunyuan_model, check_layout
+
+        architecture = self.model_config(config, student)
+        check_layout(architecture, seq_length=self.sequence_length(config))
+        model = build_hunyuan_model(architecture).to(device)
+        for name, param in model.named_parameters():
+            if ".mlp.experts." in name:
+                # Routed experts always get megatron's expert treatment (own gradient buckets
+                # and optimizer, reduced over the expert-data-parallel group), which megatron
+                # gives them only under expert parallelism: the optimizer is then chained (dense,
+                # experts) at every layout, so its checkpoint resumes at another EP size. At EP=1
+                # the expert-data-parallel group is the data-parallel group: the same reduction.
+                param.allreduce = False
+        return model
+
+    def build_networks(self, config, device: torch.device, with_fake: bool):
+        from mfmegatron.jvp.lora import add_lora, share_parameters
+        from mfmegatron.training.family import Networks
+        from models.hunyuan_image3.meanflow import init_student_from_teacher
+
+        teacher = self._build(config, device, student=False)
+        if config.model.teacher_checkpoint is not None:
+            load_dist_checkpoint(teacher, config.model.teacher_checkpoint)
+        teacher.requires_grad_(False)
+        teacher.classifier_free_guidance = True  # stage_forward runs it as the CFG teacher
+        student = self._build(config, device, student=True)
+        init_student_from_teacher(student, teacher)
+        fake = None
+        if with_fake:
+            fake = self._build(config, device, student=False)
+            alignment = config.alignment
+            if alignment.fake_network == "lora":
+                share_parameters(fake, teacher)
+                add_lora(fake, alignment.lora_rank, alignment.lora_alpha, seed=config.train.seed,
+                         global_name=lambda name: self._global_name(fake, name), include=self._lora_covers)
+            else:
+                with torch.no_grad():
+                    for (_, target), (_, source) in zip(fake.named_parameters(), teacher.named_parameters()):
+                        target.copy_(source)
+        return Networks(teacher=teacher, student=student, fake=fake)
+
+    @staticmethod
+    def _lora_covers(name: str) -> bool:
+        """LoRA on the attention projections only (see the module docstring for why)."""
+        return ".self_attention." in name
+
+    @staticmethod
+    def _global_name(model, name: str) -> str:
+        from models.hunyuan_image3.parallelize import local_to_global_key
+
+        return local_to_global_key(name, 0, model.layer_range[0])
+
+    def build_flow_network(self, config, device: torch.device):
+        # Flow-matching training learns from images through the VAE, which is not in the project.
+        raise ValueError("train.objective=flow_matching needs HunyuanImage 3.0's VAE, which this project does not have")
+
+    # -- shapes and conditioning ---------------------------------------------------------------
+
+    def latent_grid(self, config) -> tuple[int, int]:
+        size = config.model.image_size
+        return check_image_size(size, size, config.model.image_base_size)
+
+    def latent_shape(self, config) -> tuple[int, ...]:
+        h, w = self.latent_grid(config)
+        return (self.teacher_config(config).latent_channels, h, w)
+
+    def sequence_length(self, config) -> int:
+        """Every sequence's length: the template, the prompt budget, the student's tokens and
+        the image, rounded up so sequence parallelism splits it."""
+        h, w = self.latent_grid(config)
+        student = STUDENT_TOKENS if config.model.student_conditioning == "tokens" else 0
+        length = TEMPLATE_TOKENS + config.model.text_tokens + student + h * w
+        tp = config.parallel.tensor_parallel_size
+        return math.ceil(length / tp) * tp
+
+    def text_conditioning(self, config, device, dtype) -> PromptTokenizer:
+        """The model's tokenizer (``data.text_tokenizer``: a ``tokenizer.json``); the image size,
+        the guidance range and the special tokens are checked here, before any network."""
+        data, model = config.data, config.model
+        if data.text_tokenizer is None:
+            raise ValueError("HunyuanImage 3.0 tokenises its prompts: set data.text_tokenizer to the model's tokenizer.json")
+        if data.text_encoder != "precomputed":
+            raise ValueError(f"data.text_encoder={data.text_encoder} does not apply to HunyuanImage 3.0 (the model "
+                             "embeds its own tokens): leave it unset")
+        if config.meanflow.z_source == "data":
+            raise ValueError("meanflow.z_source=data needs the model's VAE, which this project does not have for "
+                             "HunyuanImage 3.0; use meanflow.z_source=teacher_ode")
+        low, high = model.guidance_range
+        if not 0 < low <= high:
+            raise ValueError(f"model.guidance_range {list(model.guidance_range)} must be [lo, hi] with 0 < lo <= hi")
+        self.latent_grid(config)
+        tokenizer = PromptTokenizer(data.text_tokenizer, model.image_base_size)
+        vocab = self.teacher_config(config).vocab_size
+        if tokenizer.vocab_size > vocab:
+            raise ValueError(f"data.text_tokenizer {data.text_tokenizer} has {tokenizer.vocab_size} tokens, more "
+                             f"than the model's vocabulary of {vocab}")
+        return tokenizer
+
+    def condition(self, batch, config, device, dtype, text=None, draw=None) -> HunyuanCondition:
+        """The prompts' sequences (teacher's, unconditional, student's) padded to
+        ``sequence_length`` and each sample's guidance scale."""
+        if text is None:
+            text = self.text_conditioning(config, device, dtype)
+        size = config.model.image_size
+        tokens = text.image_tokens(size, size)
+        prompts = text.encode(batch.prompts, config.model.text_tokens)
+        grid, length = self.latent_grid(config), self.sequence_length(config)
+        sequence = build_image_sequences(prompts, grid, tokens, length=length)
+        if config.model.student_conditioning == "tokens":
+            student = build_image_sequences(prompts, grid, tokens, length=length, student_tokens=True)
+        else:
+            student = sequence
+        low, high = config.model.guidance_range
+        return HunyuanCondition(
+            sequence=sequence.to(device), unconditional=unconditional_sequences(sequence, tokens).to(device),
+            student_sequence=student.to(device),
+            guidance=guidance_scales(low, high, len(prompts), draw).to(device),
+        )
+
+    def slice_condition(self, cond: HunyuanCondition, rows, batch_size: int | None) -> HunyuanCondition:
+        """``rows``: a slice or a tensor of row indices of the batch."""
+        return HunyuanCondition(
+            sequence=select_sequence_rows(cond.sequence, rows),
+            unconditional=select_sequence_rows(cond.unconditional, rows),
+            student_sequence=select_sequence_rows(cond.student_sequence, rows),
+            guidance=cond.guidance[rows],
+        )
+
+    def image_encoder(self, config, device, dtype):
+        raise ValueError("HunyuanImage 3.0's VAE is not in this project: use meanflow.z_source=teacher_ode")
+
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents  # the networks map the VAE's latent grid [b, C, h, w] as it is
+
+    # -- running a stage ----------------------------------------------------------------------
+
+    @staticmethod
+    def is_guided(model) -> bool:
+        return getattr(model, "classifier_free_guidance", False)
+
+    def stage_forward(self, model, z, r, t, cond: HunyuanCondition, tangents):
+        dtype = model.config.params_dtype
+        z = z.to(dtype)
+        if self.is_guided(model):
+            if tangents is not None:
+                raise NotImplementedError("the CFG teacher is evaluated without tangents")
+            if not model.pre_process:
+                model.input_tensor = _from_transport(model.input_tensor)
+            both = cfg_batch(cond.sequence, cond.unconditional)
+            v, _ = model.velocity_jvp(both, torch.cat([z, z]), torch.cat([t, t]))
+            if not model.post_process:
+                return _to_transport(v)
+            return combine_guidance(v, cond.guidance), None
+        tz = tr = tt = None
+        if tangents is not None:
+            tz, tr, tt = tangents
+            tz = tz.to(dtype)
+        if r is None:  # the teacher architecture without guidance: the fake network, flow matching
+            out = model.velocity_jvp(cond.sequence, z, t, tz, tt)
+        else:
+            out = model.velocity_jvp(cond.student_sequence, z, t, tz, tt, sigma_r=r, tsigma_r=tr,
+                                     guidance=cond.guidance)
+        return out if model.post_process else out[0]
+
+    def pipeline_seq_length(self, model, cond: HunyuanCondition, with_tangent: bool) -> int:
+        # Tangent rows, or the CFG batch's unconditional half, travel after the primal's.
+        length = cond.sequence.input_ids.shape[1]
+        return length * (2 if with_tangent or self.is_guided(model) else 1)
+
+    def no_grad_activation_bytes_per_sample(self, config, with_tangent: bool) -> float:
+        """``memory.no_grad_activation_bytes_per_sample``; without a tangent twice that: the CFG
+        teacher runs two sequences per sample (the student's and the fake's plain forwards are
+        counted alike: high for them). Evaluations with a tangent are the student's, without CFG."""
+        from models.hunyuan_image3.memory import no_grad_activation_bytes_per_sample
+
+        per_sequence = no_grad_activation_bytes_per_sample(self._architecture(config), config, with_tangent)
+        return per_sequence if with_tangent else 2 * per_sequence
+
+    def flops_per_sample_forward(self, config) -> float:
+        """The CFG teacher's forward FLOPs per sample (``network_flops``)."""
+        return self.network_flops(config, "teacher").forward
+
+    # -- memory (tools/memory_plan) ------------------------------------------------------------
+
+    def _architecture(self, config) -> HunyuanImage3Config:
+        """The teacher's architecture: its checkpoint's, or the preset's while planning a run
+        whose teacher checkpoint does not exist yet."""
+        checkpoint = config.model.teacher_checkpoint
+        if checkpoint is not None and not Path(checkpoint).exists():
+            from models.hunyuan_image3.memory import preset_architecture
+
+            return preset_architecture(config)
+        return self.teacher_config(config)
+
+    # -- planning (mfmegatron/planner.py; the arithmetic is models/hunyuan_image3/cost.py) -------
+
+    def network_flops(self, config, network: str):
+        from models.hunyuan_image3.cost import network_flops
+
+        return network_flops(self._architecture(config), config, network)
+
+    def pass_traffic(self, config, network: str, phase: str, rows: int, stage: int, with_backward: bool):
+        from models.hunyuan_image3.cost import pass_traffic
+
+        return pass_traffic(self._architecture(config), config, network, phase, rows, stage, with_backward)
+
+    def gradient_traffic(self, config, network: str, stage: int, data_parallel_size: int):
+        from models.hunyuan_image3.cost import gradient_traffic
+
+        return gradient_traffic(self._architecture(config), config, network, stage, data_parallel_size)
+
+    def layout_problem(self, config) -> str | None:
+        from models.hunyuan_image3.cost import layout_problem
+
+        try:
+            architecture = self._architecture(config)
+        except ValueError as error:  # megatron's own checks of the config at this layout
+            return str(error)
+        return layout_problem(architecture, config)
+
+    def rank_parameter_counts(self, config) -> dict[str, float]:
+        from models.hunyuan_image3.memory import rank_parameter_counts
+
+        return rank_parameter_counts(self._architecture(config), config)
+
+    def activation_bytes(self, config) -> tuple[float, str]:
+        from models.hunyuan_image3.memory import activation_bytes
+
+        return activation_bytes(self._architecture(config), config)
+
+    # -- outputs for people --------------------------------------------------------------------
+
+    def decode_images(self, latents: torch.Tensor, config) -> None:
+        return None  # no VAE in the project: evaluation compares latents
+
+    def save_sample_grid(self, samples: dict[int, torch.Tensor], path, config) -> None:
+        """Rows: number of student steps; columns: samples; the first three latent channels."""
+        from mfmegatron.training.sample_grid import save_sample_grid
+
+        save_sample_grid(samples, path)
+
+    def export_student(self, student, directory, config) -> None:
+        """The student in the released Hugging Face layout (sharded safetensors, their index and
+        config.json): every rank saves its part as a dist checkpoint beside ``directory``, then
+        rank 0 converts it with ``mfmegatron-convert-hunyuan-image3 export`` in a process of its
+        own (a world of one, which any training layout can be read into), and removes it."""
+        import os
+        import shutil
+        import subprocess
+        import sys
+
+        import torch.distributed as dist
+
+        from models.hunyuan_image3.parallelize import save_dist_checkpoint
+        from models.hunyuan_image3.state_dict_adapter import hf_config_from_config
+
+        directory = Path(directory)
+        staging = directory.with_name(directory.name + ".checkpoint")
+        if dist.get_rank() == 0:
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+        dist.barrier()
+        save_dist_checkpoint(student, staging, hf_config_from_config(student.config))
+        if dist.get_rank() == 0:
+            # Without this job's torchrun variables: the converter is a job of its own.
+            launcher = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                        "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+            env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("TORCHELASTIC")}
+            result = subprocess.run(
+                [sys.executable, "-m", "tools.convert_hunyuan_image3", "export", "--checkpoint", str(staging),
+                 "--output", str(directory), "--quiet"],
+                cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
+            )
+            if result.returncode != 0:
+                last = result.stderr.strip().splitlines()[-1:] or ["(no message)"]
+                raise RuntimeError(f"exporting the student failed: {last[0]}")
+            shutil.rmtree(staging)
+        dist.barrier()
+
+    def checkpoint_files(self, student, with_ema: bool) -> dict[str, str]:
+        """``mfmegatron_hunyuan_image3.json`` with the student's config.json and its weights' key
+        prefixes (the EMA's first), so ``mfmegatron-convert-hunyuan-image3 export`` reads a
+        training checkpoint."""
+        import json
+
+        from models.hunyuan_image3.parallelize import CHECKPOINT_FORMAT, CHECKPOINT_INFO_FILE
+        from models.hunyuan_image3.state_dict_adapter import hf_config_from_config
+
+        record = {
+            "format": CHECKPOINT_FORMAT,
+            "version": 1,
+            "dtype": str(student.config.params_dtype).removeprefix("torch."),
+            "hf_config": hf_config_from_config(student.config),
+            "weight_prefixes": (["ema."] if with_ema else []) + ["student."],
+        }
+        return {CHECKPOINT_INFO_FILE: json.dumps(record, indent=2) + "\n"}
