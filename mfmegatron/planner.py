@@ -180,6 +180,7 @@ _BUS_FACTOR = {  # bytes over the busiest link per payload byte, ring algorithms
     "send": lambda n: 1.0,
     "recv": lambda n: 0.0,  # a receive is the peer's send, counted there
     "broadcast": lambda n: 1.0,
+    "all_to_all": lambda n: (n - 1) / n,
 }
 
 
@@ -292,10 +293,16 @@ def step_cost(config, world_size: int, kind: str, cluster: Cluster | None = None
     return step
 
 
-def _group_span(group: str, tp: int, pp: int, dp: int) -> tuple[int, int]:
+def _group_span(group: str, config, tp: int, pp: int, dp: int) -> tuple[int, int]:
     """(ranks in the group, consecutive ranks it spans): megatron orders ranks TP fastest, then
-    DP, then PP."""
-    return {"tp": (tp, tp), "dp": (dp, tp * dp), "pp": (pp, tp * dp * pp)}[group]
+    DP, then PP; the experts' mesh expert-TP fastest, then EP, then expert-DP, then PP (``ep`` is
+    the dispatcher's expert-TP x EP group, ``edp`` the routed experts' data-parallel group)."""
+    etp = config.parallel.expert_tensor_parallel_size or tp
+    ep = config.parallel.expert_parallel_size
+    return {
+        "tp": (tp, tp), "dp": (dp, tp * dp), "pp": (pp, tp * dp * pp),
+        "etp": (etp, etp), "ep": (etp * ep, etp * ep), "edp": (tp * dp // (etp * ep), tp * dp),
+    }[group]
 
 
 def predict_time(step: StepCost, config, world_size: int, cluster: Cluster) -> None:
@@ -311,7 +318,7 @@ def predict_time(step: StepCost, config, world_size: int, cluster: Cluster) -> N
     parts = {"compute": compute, "pipeline bubble": bubble}
     for key, nbytes in step.traffic.bytes.items():
         group, kind = key.split(" ")
-        size, span = _group_span(group, tp, pp, dp)
+        size, span = _group_span(group, config, tp, pp, dp)
         if group == "pp":  # neighbouring stages: one stage apart
             span = tp * dp * 2
         bandwidth = cluster.intra_node_gb_per_s if span <= cluster.gpus_per_node else cluster.inter_node_gb_per_s

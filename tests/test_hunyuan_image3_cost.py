@@ -80,6 +80,7 @@ def _velocity(model, inputs, student, with_tangent):
 def _flops_checks(size) -> list[tuple[str, float, float]]:
     """(what, counted, planned) for a batch of 2."""
     from mfmegatron.jvp.lora import add_lora
+    from models.hunyuan_image3.meanflow import lora_covers
     from models.hunyuan_image3 import cost
     from models.hunyuan_image3.parallelize import build_hunyuan_model
     from models.hunyuan_image3.sequence import cfg_batch, unconditional_sequences, ImageTokens
@@ -93,7 +94,7 @@ def _flops_checks(size) -> list[tuple[str, float, float]]:
     student = build_hunyuan_model(cost.network_architecture(architecture, "student"))
     fake = build_hunyuan_model(architecture)
     fake.requires_grad_(False)  # the teacher's frozen weights (the trainer shares them)
-    add_lora(fake, LORA_RANK, alpha=1.0)
+    add_lora(fake, LORA_RANK, alpha=1.0, include=lora_covers)
     teacher_inputs = _inputs(architecture, config, batch, student=False)
     guided = dict(teacher_inputs)
     guided["sequence"] = cfg_batch(teacher_inputs["sequence"],

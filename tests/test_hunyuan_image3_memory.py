@@ -45,8 +45,8 @@ def _by_hand(config, tp: int, ep: int, etp: int, pp: int) -> list[dict[str, floa
     qkv = (heads + 2 * groups) * d
     layer_dense = 2 * h + 2 * d + qkv * h / tp + heads * d * h / tp + experts * h + 3 * h * shared / tp
     layer_experts = experts / ep * 3 * h * width / etp
-    layer_lora_dense = r * (h + qkv / tp) + r * (heads * d / tp + h) + r * (h + 2 * shared / tp) + r * (shared / tp + h)
-    layer_lora_experts = experts / ep * (r * (h + 2 * width / etp) + r * (width / etp + h))
+    # The LoRA fake network adapts the attention projections only (meanflow.lora_covers).
+    layer_lora = r * (h + qkv / tp) + r * (heads * d / tp + h)
     c, latent, sinusoid = config.patch_embed_hidden_dim, config.latent_channels, config.timestep_embedding_dim
     embedder = sinusoid * h + h + h * h + h
 
@@ -59,11 +59,11 @@ def _by_hand(config, tp: int, ep: int, etp: int, pp: int) -> list[dict[str, floa
     layers = config.num_layers // pp
     for stage in range(pp):
         teacher = layers * (layer_dense + layer_experts) + (first if stage == 0 else 0) + (last if stage == pp - 1 else 0)
-        lora = layers * (layer_lora_dense + layer_lora_experts) + (r * (h + vocab / tp) if stage == pp - 1 else 0)
+        lora = layers * layer_lora
         stages.append({
             "teacher": teacher, "teacher_expert": layers * layer_experts,
             "student": teacher + (2 * embedder if stage == 0 else 0), "student_expert": layers * layer_experts,
-            "lora": lora, "lora_expert": layers * layer_lora_experts,
+            "lora": lora, "lora_expert": 0.0,
         })
     return stages
 
@@ -91,6 +91,7 @@ def _built_counts(layouts) -> list[dict]:
     from megatron.core import parallel_state
 
     from mfmegatron.jvp.lora import add_lora
+    from models.hunyuan_image3.meanflow import lora_covers
     from mfmegatron.parallel import initialize_parallel
     from models.hunyuan_image3.memory import stage_parameter_counts
     from models.hunyuan_image3.parallelize import build_hunyuan_model
@@ -109,7 +110,7 @@ def _built_counts(layouts) -> list[dict]:
             "teacher": sum(p.numel() for p in model.parameters()),
             "teacher_expert": sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n),
         }
-        add_lora(model, LORA_RANK, alpha=1.0)
+        add_lora(model, LORA_RANK, alpha=1.0, include=lora_covers)
         lora = {n: p.numel() for n, p in model.named_parameters() if ".lora." in n}
         built["lora"] = sum(lora.values())
         built["lora_expert"] = sum(count for n, count in lora.items() if ".mlp.experts." in n)

@@ -29,8 +29,8 @@ SwiGLU, softmax, routing's top-k, GroupNorm) is left out.
 - backward: for a network whose weights all train, each layer's weight gradient and input
   gradient (a forward's worth each), except the input gradients of layers whose input is data
   (the latents, the time sinusoids); attention's backward 10·d per pair (torch's count for fused
-  attention). A LoRA fake network (``jvp/lora.py``, factors on every Column/RowParallelLinear:
-  attention, shared and routed experts) computes input gradients only where the input depends on
+  attention). A LoRA fake network (``jvp/lora.py``, factors on the linears ``meanflow.lora_covers``
+  names: the attention projections) computes input gradients only where the input depends on
   a factor (not the first layer's QKV, nor the image input path or the embedders; the router
   computes its frozen weight's gradient all the same, megatron's gating function) and, per
   tensor-parallel linear, rank·(in + out) multiply-adds forward and rank·(2·out + in) backward
@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 from models.flux.cost import NetworkFlops, gradient_buffer_elements
 from models.hunyuan_image3.config import HunyuanImage3Config
+from models.hunyuan_image3.meanflow import lora_covers
 from models.hunyuan_image3.memory import PIXELS_PER_TOKEN, TEMPLATE_TOKENS, layout_of
 
 # Attention FLOPs per (query, key) pair, head and unit of head width: the forward's QKᵀ and PV;
@@ -214,7 +215,7 @@ def network_flops(architecture: HunyuanImage3Config, config, network: str, cfg: 
             backward += 2 * macs * (1 if layer.data_input else 2)
         elif training == "lora":
             backward += 2 * macs * (int(layer.lora_input) + int(layer.frozen_weight_gradient))
-            if layer.tensor_parallel:
+            if layer.tensor_parallel and lora_covers(layer.name):
                 factors = rows[layer.rows] * lora_rank
                 forward += 2 * factors * (layer.in_features + layer.out_features)
                 recomputed += 2 * factors * (layer.in_features + layer.out_features)
@@ -315,8 +316,9 @@ def tensor_parallel_traffic(architecture: HunyuanImage3Config, config, network: 
         volume.add("tp", "all_gather", sequence_bytes)
     if training == "lora":
         # The factor kept whole on every TP rank has its gradient summed over TP (jvp/lora.py):
-        # A [r, h] of each column-parallel linear (with SP), B [h, r] of each row-parallel one.
-        volume.add("tp", "all_reduce", 2 * pairs * config.alignment.lora_rank * a.hidden_size * e, 2 * pairs)
+        # A [r, h] of each column-parallel linear (with SP), B [h, r] of each row-parallel one:
+        # the attention's pair in every layer (meanflow.lora_covers).
+        volume.add("tp", "all_reduce", 2 * layers * config.alignment.lora_rank * a.hidden_size * e, 2 * layers)
     return volume
 
 
@@ -422,8 +424,8 @@ def gradient_traffic(architecture: HunyuanImage3Config, config, network: str, st
     all-gathers every buffer (``start_param_sync_for_bucket_group_subset``): the parameters'
     all-gather runs twice (measured).
 
-    A LoRA network's factors: those on routed experts are counted as expert parameters (what
-    their layout needs; ``jvp/lora.py`` does not mark them ``allreduce=False`` yet)."""
+    A LoRA network's factors: on the linears ``meanflow.lora_covers`` names (the attention
+    projections; none on routed experts)."""
     from mfmegatron.jvp.linear import ColumnParallelLinear, RowParallelLinear
     from mfmegatron.planner import CollectiveVolume, network_training
     from models.hunyuan_image3.memory import _is_routed_expert, _meta_model, _split, _stage_of, stage_layer_ranges
@@ -445,6 +447,8 @@ def gradient_traffic(architecture: HunyuanImage3Config, config, network: str, st
         weight_bytes = _activation_bytes(config)
         for name, layer in model.named_modules():
             if not isinstance(layer, (ColumnParallelLinear, RowParallelLinear)) or _stage_of(name, ranges) != stage:
+                continue
+            if not lora_covers(name):
                 continue
             expert = _is_routed_expert(name + ".")
             split = layout.etp if expert else layout.tp

@@ -24,6 +24,16 @@ from models.hunyuan_image3.model import HunyuanImage3Model
 STUDENT_ONLY_PREFIXES = ("guidance_emb.", "timestep_r_emb.")
 
 
+def lora_covers(module_name: str) -> bool:
+    """Which linears the LoRA fake network adapts: the attention projections (QKV and output) of
+    every layer. Not the MoE: routed experts are split over the expert-parallel group, which
+    ``jvp/lora.py``'s tensor-parallel reductions do not cover, and the shared expert's SwiGLU input
+    projection holds its gate and up halves per TP rank, which a LoRA factor split along it would
+    store layout-dependently. Not ``lm_head`` (text only). The family, the memory count and the
+    cost model all ask this one function."""
+    return ".self_attention." in module_name
+
+
 def init_student_from_teacher(student: HunyuanImage3Model, teacher: HunyuanImage3Model) -> None:
     """Copy every teacher parameter into the student (the same layout on this rank: the same
     pipeline stage, TP / EP shards). The student's ``guidance_emb`` / ``timestep_r_emb`` keep their

@@ -135,10 +135,11 @@ def stage_parameter_counts(architecture: HunyuanImage3Config, config) -> list[di
     ``lora`` (the LoRA fake network's factors at ``alignment.lora_rank``) and the routed experts'
     part of each (``teacher_expert``, ``student_expert``, ``lora_expert``).
 
-    LoRA factors as ``jvp/lora.py`` attaches them to every Column/RowParallelLinear (attention,
-    shared and routed experts, ``lm_head``; not the router, ``wte`` or the image path): ``A [r,
-    in]`` and ``B [out, r]`` of the local weight's shape."""
+    LoRA factors as ``jvp/lora.py`` attaches them to the linears the fake network adapts
+    (``meanflow.lora_covers``: the attention projections): ``A [r, in]`` and ``B [out, r]`` of the
+    local weight's shape. ``lora_expert`` stays for a rule that adapts routed experts (zero now)."""
     from mfmegatron.jvp.linear import ColumnParallelLinear, RowParallelLinear
+    from models.hunyuan_image3.meanflow import lora_covers
 
     layout = layout_of(config)
     ranges = stage_layer_ranges(architecture, layout.pp)
@@ -152,7 +153,7 @@ def stage_parameter_counts(architecture: HunyuanImage3Config, config) -> list[di
             counts["teacher_expert"] += share
     rank = config.alignment.lora_rank
     for name, layer in model.named_modules():
-        if not isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
+        if not isinstance(layer, (ColumnParallelLinear, RowParallelLinear)) or not lora_covers(name):
             continue
         counts = stages[_stage_of(name, ranges)]
         expert = _is_routed_expert(name + ".")

@@ -189,7 +189,7 @@ class HunyuanImage3Family:
     def build_networks(self, config, device: torch.device, with_fake: bool):
         from mfmegatron.jvp.lora import add_lora, share_parameters
         from mfmegatron.training.family import Networks
-        from models.hunyuan_image3.meanflow import init_student_from_teacher
+        from models.hunyuan_image3.meanflow import init_student_from_teacher, lora_covers
 
         teacher = self._build(config, device, student=False)
         if config.model.teacher_checkpoint is not None:
@@ -205,17 +205,12 @@ class HunyuanImage3Family:
             if alignment.fake_network == "lora":
                 share_parameters(fake, teacher)
                 add_lora(fake, alignment.lora_rank, alignment.lora_alpha, seed=config.train.seed,
-                         global_name=lambda name: self._global_name(fake, name), include=self._lora_covers)
+                         global_name=lambda name: self._global_name(fake, name), include=lora_covers)
             else:
                 with torch.no_grad():
                     for (_, target), (_, source) in zip(fake.named_parameters(), teacher.named_parameters()):
                         target.copy_(source)
         return Networks(teacher=teacher, student=student, fake=fake)
-
-    @staticmethod
-    def _lora_covers(name: str) -> bool:
-        """LoRA on the attention projections only (see the module docstring for why)."""
-        return ".self_attention." in name
 
     @staticmethod
     def _global_name(model, name: str) -> str:
