@@ -71,6 +71,19 @@ class CollectiveVolume:
     def total_bytes(self) -> float:
         return sum(self.bytes.values())
 
+    def add_stage_exchange(self, nbytes: float, stage: int, stages: int, with_backward: bool) -> None:
+        """Pipeline ``stage``'s point-to-point traffic for one micro-batch whose stage activation
+        is ``nbytes``: sent downstream and received from upstream forward; its gradient (the same
+        shape) the other way backward."""
+        if stage < stages - 1:
+            self.add("pp", "send", nbytes)
+            if with_backward:
+                self.add("pp", "recv", nbytes)
+        if stage > 0:
+            self.add("pp", "recv", nbytes)
+            if with_backward:
+                self.add("pp", "send", nbytes)
+
 
 # --------------------------------------------------------------------------- forwards per step
 

@@ -285,14 +285,7 @@ def pipeline_traffic(flux: FluxConfig, image_tokens: int, text_tokens: int, rows
     sp = flux.tensor_model_parallel_size if flux.sequence_parallel else 1
     local_rows = (1 + (image_tokens + text_tokens) // sp) * (2 if with_tangent else 1)
     nbytes = local_rows * rows * flux.hidden_size * flux.pipeline_dtype.itemsize
-    if stage < stages - 1:
-        volume.add("pp", "send", nbytes)
-        if with_backward:
-            volume.add("pp", "recv", nbytes)
-    if stage > 0:
-        volume.add("pp", "recv", nbytes)
-        if with_backward:
-            volume.add("pp", "send", nbytes)
+    volume.add_stage_exchange(nbytes, stage, stages, with_backward)
     return volume
 
 

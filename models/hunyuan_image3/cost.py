@@ -380,14 +380,7 @@ def pipeline_traffic(architecture: HunyuanImage3Config, config, network: str, ro
         return volume
     tokens = sequence_layout(architecture, config, network).tokens // (layout.tp if layout.sequence_parallel else 1)
     nbytes = (2 if with_tangent else 1) * rows * tokens * architecture.hidden_size * _activation_bytes(config)
-    if stage < layout.pp - 1:
-        volume.add("pp", "send", nbytes)
-        if with_backward:
-            volume.add("pp", "recv", nbytes)
-    if stage > 0:
-        volume.add("pp", "recv", nbytes)
-        if with_backward:
-            volume.add("pp", "send", nbytes)
+    volume.add_stage_exchange(nbytes, stage, layout.pp, with_backward)
     return volume
 
 
