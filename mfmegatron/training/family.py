@@ -108,6 +108,25 @@ class ModelFamily(Protocol):
     def activation_bytes(self, config) -> tuple[float, str]:
         """Peak activation bytes of one rank in a training pass, and the formula in words."""
 
+    # -- the planner (mfmegatron/planner.py, tools/plan, tools/bench_scaling) -------------------
+
+    def network_flops(self, config, network: str):
+        """FLOPs per sample of ``network`` ("teacher", "student", "fake" or "flow"): forward, the
+        extra of a forward with a JVP, backward as the network trains (full, LoRA or frozen) and
+        what activation recompute repeats (``models.flux.cost.NetworkFlops``)."""
+
+    def pass_traffic(self, config, network: str, phase: str, rows: int, stage: int, with_backward: bool):
+        """Collectives of one micro-batch of ``rows`` samples through ``network``'s pipeline
+        ``stage`` (``phase`` "forward" or "forward_jvp"; the backward's too when
+        ``with_backward``), as a ``planner.CollectiveVolume``."""
+
+    def gradient_traffic(self, config, network: str, stage: int, data_parallel_size: int):
+        """Collectives of one optimizer step of ``network`` on pipeline ``stage``'s ranks (TP sums
+        of replicated weights' gradients, the data-parallel reduction of DDP's buffers)."""
+
+    def layout_problem(self, config) -> str | None:
+        """Why the recipe's layout cannot run, in one line, or None."""
+
 
 def get_family(name: str) -> ModelFamily:
     if name not in FAMILIES:
