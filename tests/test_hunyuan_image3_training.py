@@ -226,8 +226,22 @@ def test_resume_at_another_layout_continues_with_the_same_loss(tmp_path, data, l
 # -- the CFG teacher through the family ---------------------------------------------------------
 
 
-def _cfg_reference(checkpoint: str, tokenizer: str):
+def _teacher_inputs(family, config):
+    """Four prompts of different lengths, their latents, times and conditioning (guidance drawn)."""
     from mfmegatron.data import PromptBatch
+
+    prompts = [PROMPTS[0], "a cat", PROMPTS[5], "a blue lamp in fog"]
+    batch = PromptBatch(keys=list("abcd"), prompts=prompts, meta=[None] * 4, shards=[""] * 4, epochs=[0] * 4,
+                        positions=[0, 1, 2, 3])
+    generator = torch.Generator().manual_seed(3)
+    z = torch.randn((4, *family.latent_shape(config)), generator=generator)
+    t = torch.tensor([0.9, 0.5, 0.3, 0.7])
+    text = family.text_conditioning(config, torch.device("cpu"), torch.float32)
+    cond = family.condition(batch, config, torch.device("cpu"), torch.float32, text=text, draw=(1, 0, 0))
+    return z, t, cond
+
+
+def _cfg_reference(checkpoint: str, tokenizer: str):
     from mfmegatron.parallel import initialize_parallel
     from mfmegatron.training.runner import NetworkRunner
     from models.hunyuan_image3.parallelize import build_hunyuan_model
@@ -237,14 +251,7 @@ def _cfg_reference(checkpoint: str, tokenizer: str):
     family = HunyuanImage3Family()
     config = _recipe_config("parallel.expert_parallel_size=1", f"data.text_tokenizer={tokenizer}",
                             f"model.teacher_checkpoint={checkpoint}", "model.guidance_range=[2.0,8.0]")
-    prompts = [PROMPTS[0], "a cat", PROMPTS[5], "a blue lamp in fog"]
-    batch = PromptBatch(keys=list("abcd"), prompts=prompts, meta=[None] * 4, shards=[""] * 4, epochs=[0] * 4,
-                        positions=[0, 1, 2, 3])
-    generator = torch.Generator().manual_seed(3)
-    z = torch.randn((4, *family.latent_shape(config)), generator=generator)
-    t = torch.tensor([0.9, 0.5, 0.3, 0.7])
-    text = family.text_conditioning(config, torch.device("cpu"), torch.float32)
-    cond = family.condition(batch, config, torch.device("cpu"), torch.float32, text=text, draw=(1, 0, 0))
+    z, t, cond = _teacher_inputs(family, config)
     networks = family.build_networks(config, torch.device("cpu"), with_fake=False)
     runner = NetworkRunner(family, networks.teacher.eval(), num_microbatches=2)
     with torch.no_grad():
@@ -259,7 +266,6 @@ def _cfg_reference(checkpoint: str, tokenizer: str):
 
 
 def _pipelined_teacher(checkpoint: str, tokenizer: str):
-    from mfmegatron.data import PromptBatch
     from mfmegatron.parallel import initialize_parallel
     from mfmegatron.training.runner import NetworkRunner
     from models.hunyuan_image3.training import HunyuanImage3Family
@@ -269,14 +275,7 @@ def _pipelined_teacher(checkpoint: str, tokenizer: str):
     config = _recipe_config("parallel.expert_parallel_size=1", "parallel.pipeline_parallel_size=2",
                             "parallel.num_microbatches=2", f"data.text_tokenizer={tokenizer}",
                             f"model.teacher_checkpoint={checkpoint}", "model.guidance_range=[2.0,8.0]")
-    prompts = [PROMPTS[0], "a cat", PROMPTS[5], "a blue lamp in fog"]
-    batch = PromptBatch(keys=list("abcd"), prompts=prompts, meta=[None] * 4, shards=[""] * 4, epochs=[0] * 4,
-                        positions=[0, 1, 2, 3])
-    generator = torch.Generator().manual_seed(3)
-    z = torch.randn((4, *family.latent_shape(config)), generator=generator)
-    t = torch.tensor([0.9, 0.5, 0.3, 0.7])
-    text = family.text_conditioning(config, torch.device("cpu"), torch.float32)
-    cond = family.condition(batch, config, torch.device("cpu"), torch.float32, text=text, draw=(1, 0, 0))
+    z, t, cond = _teacher_inputs(family, config)
     networks = family.build_networks(config, torch.device("cpu"), with_fake=False)
     runner = NetworkRunner(family, networks.teacher.eval(), num_microbatches=2, no_grad_rows=2)
     # As numbers: a tensor that a rank's collectives filled does not survive the rank's exit.
