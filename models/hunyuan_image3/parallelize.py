@@ -151,6 +151,18 @@ def build_hunyuan_model(config: HunyuanImage3Config) -> HunyuanImage3Model:
     )
 
 
+def mark_routed_experts(model: HunyuanImage3Model) -> HunyuanImage3Model:
+    """Gives the routed experts megatron's expert treatment at every layout (``allreduce=False``:
+    their own gradient buckets and optimizer, reduced over the expert-data-parallel group), which
+    megatron gives them only under expert parallelism. The trainer's optimizer is then chained
+    (dense, experts) at every layout, so its checkpoint resumes at another EP size. At EP=1 the
+    expert-data-parallel group is the data-parallel group: the same reduction."""
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False
+    return model
+
+
 def meta_full_model(config: HunyuanImage3Config) -> HunyuanImage3Model:
     """The whole trunk (every expert) on the meta device: shapes and parameter counts only.
 

@@ -171,20 +171,11 @@ class HunyuanImage3Family:
         return self._teacher_config[1]
 
     def _build(self, config, device, student: bool):
-        from models.hunyuan_image3.parallelize import build_hunyuan_model, check_layout
+        from models.hunyuan_image3.parallelize import build_hunyuan_model, check_layout, mark_routed_experts
 
         architecture = self.model_config(config, student)
         check_layout(architecture, seq_length=self.sequence_length(config))
-        model = build_hunyuan_model(architecture).to(device)
-        for name, param in model.named_parameters():
-            if ".mlp.experts." in name:
-                # Routed experts always get megatron's expert treatment (own gradient buckets
-                # and optimizer, reduced over the expert-data-parallel group), which megatron
-                # gives them only under expert parallelism: the optimizer is then chained (dense,
-                # experts) at every layout, so its checkpoint resumes at another EP size. At EP=1
-                # the expert-data-parallel group is the data-parallel group: the same reduction.
-                param.allreduce = False
-        return model
+        return mark_routed_experts(build_hunyuan_model(architecture)).to(device)
 
     def build_networks(self, config, device: torch.device, with_fake: bool):
         from mfmegatron.jvp.lora import add_lora, share_parameters
