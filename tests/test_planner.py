@@ -82,6 +82,18 @@ def _counted(run) -> int:
     return counter.get_total_flops()
 
 
+def _flux_inputs(family, config, rows: int, generator):
+    """Random text embeddings (as precomputed ones), latents, t and r = t / 2 (every row r < t)."""
+    image, channels = family.latent_shape(config)
+    text_dim, pooled_dim = family.text_encoder_dims(config)
+    prompts = SimpleNamespace(t5=torch.randn(rows, config.model.text_tokens, text_dim, generator=generator),
+                              pooled=torch.randn(rows, pooled_dim, generator=generator))
+    cond = family.condition(prompts, config, torch.device("cpu"), torch.float32)
+    z = torch.randn(rows, image, channels, generator=generator)
+    t = torch.rand(rows, generator=generator)
+    return cond, z, t, t * 0.5
+
+
 def _flops_checks(settings) -> list[tuple[str, float, float]]:
     """(what, counted, planned) for one model size, FLOPs of a batch of 2."""
     from models.flux.model import FluxTangents
@@ -93,14 +105,8 @@ def _flops_checks(settings) -> list[tuple[str, float, float]]:
     networks = family.build_networks(config, torch.device("cpu"), with_fake=True)
     batch = 2
     generator = torch.Generator().manual_seed(0)
+    cond, z, t, r = _flux_inputs(family, config, batch, generator)
     image, channels = family.latent_shape(config)
-    text_dim, pooled_dim = family.text_encoder_dims(config)
-    prompts = SimpleNamespace(t5=torch.randn(batch, config.model.text_tokens, text_dim, generator=generator),
-                              pooled=torch.randn(batch, pooled_dim, generator=generator))
-    cond = family.condition(prompts, config, torch.device("cpu"), torch.float32)
-    z = torch.randn(batch, image, channels, generator=generator)
-    t = torch.rand(batch, generator=generator)
-    r = t * 0.5
     tangents = FluxTangents(latents=torch.randn(batch, image, channels, generator=generator),
                             timestep=torch.ones(batch), timestep_r=torch.zeros(batch))
 
@@ -219,14 +225,8 @@ def _step_on_ranks(settings) -> dict:
 
     rows = config.data.micro_batch_size * parallel.num_microbatches
     generator = torch.Generator().manual_seed(11 + parallel_state.get_data_parallel_rank())
+    cond, z, t, r = _flux_inputs(family, config, rows, generator)
     image, channels = family.latent_shape(config)
-    text_dim, pooled_dim = family.text_encoder_dims(config)
-    prompts = SimpleNamespace(t5=torch.randn(rows, config.model.text_tokens, text_dim, generator=generator),
-                              pooled=torch.randn(rows, pooled_dim, generator=generator))
-    cond = family.condition(prompts, config, torch.device("cpu"), torch.float32)
-    z = torch.randn(rows, image, channels, generator=generator)
-    t = torch.rand(rows, generator=generator)
-    r = t * 0.5
     tangents = (torch.randn(rows, image, channels, generator=generator), torch.zeros(rows), torch.ones(rows))
 
     def loss(u, du, rows_slice):
