@@ -28,6 +28,8 @@ setup(
         "pillow",
         # T5/CLIP text encoders for prompts whose shards carry no precomputed embeddings.
         "transformers",
+        # HunyuanImage 3.0's tokenizer.json (models/hunyuan_image3/tokenizer.py).
+        "tokenizers",
     ],
     extras_require={
         # DALI for CUDA 13 (CUDA 12 machines: nvidia-dali-cuda120).
