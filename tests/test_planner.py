@@ -357,3 +357,23 @@ def test_weak_scaling_is_the_hand_calculation():
         assert rows[gpus][3] == pytest.approx(4 * (gpus // 4) / expected, rel=1e-9)
     assert rows[64][4] == pytest.approx(by_hand[8] / by_hand[64], rel=1e-9)
     assert 0.90 < rows[64][4] < 0.92  # 90.8%: the DP collectives crossing nodes cost the rest
+
+
+def test_layout_search_keeps_only_layouts_the_expert_mesh_tiles(tmp_path):
+    """HunyuanImage's tiny recipe at EP=2 on 4 GPUs: TP=2 x PP=2 leaves 2 ranks per stage for an
+    expert TP x EP mesh of 4, which megatron cannot build (the search divided by its zero-sized
+    expert-DP group: ZeroDivisionError). Every layout listed has expert TP x EP dividing TP x DP."""
+    from mfmegatron.training.family import FAMILIES
+
+    if "hunyuan_image3" not in FAMILIES:
+        pytest.skip("the HunyuanImage 3.0 trainer family is not registered")
+    from models.hunyuan_image3.tokenizer import write_word_level_tokenizer
+
+    write_word_level_tokenizer(["a red cat"], tmp_path / "tokenizer.json", 64)
+    config = load_config(TrainConfig, "recipes/hunyuan_image3_tiny_cpu.yaml",
+                         ["parallel.expert_parallel_size=2", f"data.text_tokenizer={tmp_path / 'tokenizer.json'}"])
+    rows = search_layouts(config, 4, CLUSTERS["h100"])
+    layouts = {row[2].split(",")[0] for row in rows}
+    assert layouts == {"TP=1 EP=2 PP=2 DP=2 expert-DP=1", "TP=1 EP=2 PP=1 DP=4 expert-DP=2",
+                       "TP=2 EP=2 PP=1 DP=2 expert-DP=1 SP"}
+    assert all(row[0] > 0 for row in rows)
