@@ -285,9 +285,11 @@ class DecoderLayer(MegatronModule):
         )
         # The released router weight is float32 and used in float32; megatron stores it in
         # params_dtype (bf16 would round the released weights and move routing decisions).
-        # A float64 trunk (tests) keeps it in float64.
-        router = self.mlp.router
-        router.weight.data = router.weight.data.to(torch.promote_types(dtype, torch.float32))
+        # A float64 trunk (tests) keeps it in float64. Trainable bf16 networks keep megatron's
+        # convention (``router_weight_fp32``).
+        if config.router_weight_fp32:
+            router = self.mlp.router
+            router.weight.data = router.weight.data.to(torch.promote_types(dtype, torch.float32))
 
     def forward(self, x, rope, image_spans=None):
         return self.forward_jvp(x, None, rope, image_spans)[0]
