@@ -571,11 +571,10 @@ def _ep_rank(full_state):
 
 
 def _tp_rank(full_state, sequence_parallel=True):
-    """TP=2 with sequence parallel, the same batch on both ranks: the (replicated) velocity and
-    full gradients; the image path's replicated gradients as each rank has them. Without
-    sequence parallel in eval mode (megatron's MoELayer refuses TP without SP when training, for
-    speed): a frozen teacher's forward and JVP. (Measured: its gradients all match except the
-    routed experts', exactly doubled: each TP rank dispatches the whole replicated sequence.)"""
+    """TP=2 with or without sequence parallel, the same batch on both ranks, in training mode: the
+    (replicated) velocity, its JVP and full gradients; the image path's replicated gradients as
+    each rank has them. Without sequence parallel each rank dispatches half the (replicated)
+    tokens to the routed experts: ``dispatched`` counts the rows this rank's MoE layers sent."""
     from mfmegatron.parallel import initialize_parallel
     from models.hunyuan_image3.model import IMAGE_PATH_MODULES
     from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights
@@ -585,8 +584,18 @@ def _tp_rank(full_state, sequence_parallel=True):
     config = _tiny_config(tensor_model_parallel_size=2, sequence_parallel=sequence_parallel)
     model = build_hunyuan_model(config)
     load_full_weights(model, full_state)
-    model.train(sequence_parallel)
+    model.train(True)
     batch = _image_batch(config, seed=50, length=TP_LENGTH)
+    dispatched = []
+    hooks = [layer.mlp.token_dispatcher for layer in model.layers]
+    original = type(hooks[0]).dispatch_preprocess
+
+    def counting_preprocess(dispatcher, hidden_states, *args, **kwargs):
+        dispatched.append(hidden_states.reshape(-1, hidden_states.shape[-1]).shape[0])
+        return original(dispatcher, hidden_states, *args, **kwargs)
+
+    for dispatcher in hooks:
+        dispatcher.dispatch_preprocess = counting_preprocess.__get__(dispatcher)
     velocity = model.velocity(*batch)
     (velocity * _loss_weights(velocity.shape)).sum().backward()
     _, tangent = model.velocity_jvp(*batch, *_tangents(batch, 51))
@@ -595,7 +604,8 @@ def _tp_rank(full_state, sequence_parallel=True):
         if param.grad is None:
             param.grad = torch.zeros_like(param)
     grads = _full_grads(model)
-    return {"velocity": velocity.detach(), "grads": grads, "local_image_grads": local_image_grads, "tangent": tangent}
+    return {"velocity": velocity.detach(), "grads": grads, "local_image_grads": local_image_grads, "tangent": tangent,
+            "dispatched": dispatched, "tokens": batch[0].input_ids.numel()}
 
 
 def _pp_rank(full_state):
@@ -726,11 +736,12 @@ def test_tensor_parallel_2_image_forward_matches_one_rank(multi_rank, layout):
     for rank, result in enumerate(ranks):
         torch.testing.assert_close(result["velocity"], expected["velocity"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(result["tangent"], expected["tangent"], rtol=1e-5, atol=1e-5)
-    if layout == "tp2":
-        return  # inference only (see _tp_rank)
         assert set(result["grads"]) == set(expected["grads"]) | {"final_layernorm.weight", "output_layer.weight"}
         for name, want in expected["grads"].items():
             _assert_grad(result["grads"][name], want, f"rank {rank} {name}")
+        # Each MoE layer (forward, then the JVP's forward) dispatched this rank's half of the
+        # tokens: the sequence-parallel chunk, or without SP its share of the replicated tokens.
+        assert result["dispatched"] == [result["tokens"] // 2] * (2 * config.num_layers), result["dispatched"]
     for name, grad in ranks[0]["local_image_grads"].items():
         torch.testing.assert_close(ranks[1]["local_image_grads"][name], grad, rtol=0, atol=0)
         _assert_grad(grad, expected["grads"][name], name)

@@ -8,8 +8,9 @@ over TP): ``linear_qkv`` rows are whole KV groups, the embedding and ``lm_head``
 SwiGLU ``linear_fc1`` (``[gate; up]`` in full) is split per half: rank ``r`` holds
 ``[gate_r; up_r]``, as megatron's GLU chunks its local output in two.
 Pipeline stages hold contiguous layer ranges (``pipeline_layer_range``: an even split, or the
-config's explicit ``pipeline_layers``); full names use global layer indices. Tensor parallel needs
-sequence parallel (megatron's MoELayer refuses TP without SP in training).
+config's explicit ``pipeline_layers``); full names use global layer indices. Tensor parallel
+runs with or without sequence parallel (without it, each TP rank dispatches its share of the
+replicated tokens to the routed experts: ``mfmegatron.jvp.moe``).
 
 ``check_layout`` says, in one line and before any process group or model exists, why a layout
 cannot hold the model (every rank computes the same answer from the same config, so no rank is
@@ -62,16 +63,14 @@ def check_layout(
     sequence_parallel: bool | None = None,
     pipeline_layers=None,
     seq_length: int | None = None,
-    training: bool = True,
 ) -> None:
     """Raises LayoutError (one line) if the model cannot be split this way. Sizes default to the
     config's; ``etp`` (expert tensor parallel) defaults to ``tp`` (megatron's default);
-    ``seq_length``: checked only when known. ``training``: TP then needs sequence parallel
-    (megatron's MoELayer refuses TP without SP when training; a frozen teacher may run without).
+    ``seq_length``: checked only when known.
 
     The rules: TP splits whole KV groups (TP divides the groups, hence TP <= groups), the heads,
-    the vocabulary rows and the shared expert; TP needs sequence parallel when training, and the
-    sequence then splits into TP chunks; EP divides the experts; expert TP splits each expert's gate and up
+    the vocabulary rows and the shared expert; under sequence parallel the sequence splits into
+    TP chunks; EP divides the experts; expert TP splits each expert's gate and up
     halves; PP divides the layers unless ``pipeline_layers`` names each stage's count."""
     tp = config.tensor_model_parallel_size if tp is None else tp
     ep = config.expert_model_parallel_size if ep is None else ep
@@ -102,8 +101,6 @@ def check_layout(
         if config.moe_shared_expert_intermediate_size and config.moe_shared_expert_intermediate_size % tp:
             problems.append(f"tensor parallel {tp} does not divide the shared expert's width "
                             f"{config.moe_shared_expert_intermediate_size}")
-        if training and tp > 1 and not sequence_parallel:
-            problems.append(f"tensor parallel {tp} needs sequence parallel (megatron's MoE layer requires it)")
         if tp > 1 and sequence_parallel and seq_length is not None and seq_length % tp:
             problems.append(f"sequence parallel splits the sequence in {tp}: length {seq_length} is not a multiple")
         if experts % ep:
@@ -139,9 +136,8 @@ def pipeline_layer_range(config: HunyuanImage3Config, stage: int) -> tuple[int, 
 
 
 def build_hunyuan_model(config: HunyuanImage3Config) -> HunyuanImage3Model:
-    """This rank's model, or its pipeline stage of it. The layout is checked first (one line);
-    TP without SP is left to megatron's MoELayer, which refuses it only when training."""
-    check_layout(config, training=False)
+    """This rank's model, or its pipeline stage of it. The layout is checked first (one line)."""
+    check_layout(config)
     _check_supported_layout(config)
     stage = parallel_state.get_pipeline_model_parallel_rank()
     stages = parallel_state.get_pipeline_model_parallel_world_size()
