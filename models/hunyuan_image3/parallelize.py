@@ -292,16 +292,25 @@ CHECKPOINT_INFO_FILE = "mfmegatron_hunyuan_image3.json"
 CHECKPOINT_FORMAT = "mfmegatron-hunyuan-image3-dist-checkpoint"
 
 
-def save_dist_checkpoint(model: HunyuanImage3Model, directory, hf_config: dict, **info) -> None:
+def save_dist_checkpoint(model: HunyuanImage3Model, directory, hf_config: dict, pieces=None, **info) -> int | None:
     """Saves this rank's part into the existing ``directory``; every rank of the job calls it.
-    ``hf_config`` and ``info`` go into ``CHECKPOINT_INFO_FILE`` (written last, by rank 0)."""
+    ``hf_config`` and ``info`` go into ``CHECKPOINT_INFO_FILE`` (written last, by rank 0).
+    ``pieces`` (``conversion.CheckpointPiece``, e.g. from ``stage_pieces``): ``model`` may be on the
+    meta device (it gives the plan) and the data come from the pieces, one in memory at a time;
+    returns how many piece loads that took (None without pieces)."""
     import json
     from pathlib import Path
 
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    dist_checkpointing.save(model.sharded_state_dict(), str(directory))
+    from mfmegatron.conversion import save_dist_checkpoint_in_pieces
+
+    piece_loads = None
+    if pieces is None:
+        dist_checkpointing.save(model.sharded_state_dict(), str(directory))
+    else:
+        piece_loads = save_dist_checkpoint_in_pieces(model.sharded_state_dict(), directory, pieces)
     if dist.get_rank() == 0:
         record = {
             "format": CHECKPOINT_FORMAT,
@@ -312,6 +321,7 @@ def save_dist_checkpoint(model: HunyuanImage3Model, directory, hf_config: dict, 
         }
         (Path(directory) / CHECKPOINT_INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
     dist.barrier()
+    return piece_loads
 
 
 def read_checkpoint_info(directory) -> dict:
@@ -351,6 +361,23 @@ def export_pieces(config: HunyuanImage3Config) -> list[tuple[tuple[int, int], bo
     first also holds what precedes the layers, the last what follows them."""
     last = config.num_layers - 1
     return [((i, i + 1), i == 0, i == last) for i in range(config.num_layers)]
+
+
+def stage_pieces(config: HunyuanImage3Config) -> list[tuple[tuple[int, int], bool, bool]]:
+    """``export_pieces`` for this rank's pipeline stage: one layer each, the first also holding
+    what precedes the layers on the first stage, the last what follows them on the last."""
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    stages = parallel_state.get_pipeline_model_parallel_world_size()
+    start, end = pipeline_layer_range(config, stage)
+    return [((i, i + 1), stage == 0 and i == start, stage == stages - 1 and i == end - 1) for i in range(start, end)]
+
+
+def piece_model(config: HunyuanImage3Config, piece, device=None) -> HunyuanImage3Model:
+    """This rank's part (its TP shards, its experts) of one ``stage_pieces`` entry, at the
+    config's layout; parameters as the config allocates them."""
+    layer_range, first, last = piece
+    with torch.device(device or "cpu"):
+        return HunyuanImage3Model(config, pre_process=first, post_process=last, layer_range=layer_range)
 
 
 def one_layer_model(config: HunyuanImage3Config, piece, device=None) -> HunyuanImage3Model:
