@@ -605,7 +605,26 @@ def _tp_rank(full_state, sequence_parallel=True):
             param.grad = torch.zeros_like(param)
     grads = _full_grads(model)
     return {"velocity": velocity.detach(), "grads": grads, "local_image_grads": local_image_grads, "tangent": tangent,
-            "dispatched": dispatched, "tokens": batch[0].input_ids.numel()}
+            "dispatched": dispatched, "tokens": batch[0].input_ids.numel(),
+            "uneven": None if sequence_parallel else _uneven_replicated_tokens()}
+
+
+def _uneven_replicated_tokens() -> dict:
+    """``collectives.split_replicated_tokens`` / ``gather_replicated_tokens`` on 7 replicated rows
+    over TP=2 (4 and 3 rows), with a tangent: the rows kept, the gathered rows, and the gradient
+    of ``sum(weights * gathered²)`` with respect to the replicated input."""
+    from megatron.core import parallel_state
+
+    from mfmegatron.parallel import collectives
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    x = torch.arange(21.0).view(7, 3).requires_grad_()
+    splits = collectives.replicated_token_splits(7, group)
+    kept, tkept = collectives.split_replicated_tokens(x, -x.detach(), group, splits)
+    gathered, tgathered = collectives.gather_replicated_tokens(kept * 2, tkept * 2, group, splits)
+    (_loss_weights(gathered.shape) * gathered**2).sum().backward()
+    return {"splits": splits, "kept": kept.detach(), "gathered": gathered.detach(), "tangent": tgathered,
+            "grad": x.grad}
 
 
 def _pp_rank(full_state):
@@ -745,6 +764,15 @@ def test_tensor_parallel_2_image_forward_matches_one_rank(multi_rank, layout):
     for name, grad in ranks[0]["local_image_grads"].items():
         torch.testing.assert_close(ranks[1]["local_image_grads"][name], grad, rtol=0, atol=0)
         _assert_grad(grad, expected["grads"][name], name)
+    if layout == "tp2":
+        # Any number of tokens: 7 rows share out as 4 + 3; gathered back whole with the tangent;
+        # the replicated input's gradient is whole on both ranks (d/dx of w·(2x)² = 8wx).
+        x = torch.arange(21.0).view(7, 3)
+        for rank, result in enumerate(r["uneven"] for r in ranks):
+            assert result["splits"] == [4, 3]
+            assert torch.equal(result["kept"], x[:4] if rank == 0 else x[4:])
+            assert torch.equal(result["gathered"], 2 * x) and torch.equal(result["tangent"], -2 * x)
+            torch.testing.assert_close(result["grad"], 8 * _loss_weights((7, 3)) * x)
 
 
 def test_pipeline_parallel_2_image_forward_matches_one_rank(multi_rank):
