@@ -363,6 +363,7 @@ def _piece_wise_save_strategy(pieces: list[CheckpointPiece]):
     import dataclasses
     import gc
 
+    import torch
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.strategies.torch import (
         MCoreSavePlanner,
@@ -370,7 +371,6 @@ def _piece_wise_save_strategy(pieces: list[CheckpointPiece]):
         _replace_state_dict_keys_with_sharded_keys,
         mcore_to_pyt_state_dict,
     )
-    import torch
     from torch.distributed.checkpoint.filesystem import SerializationFormat
     from torch.distributed.checkpoint.planner import WriteItemType
 
@@ -441,12 +441,14 @@ def save_dist_checkpoint_in_pieces(meta_sharded_state_dict: dict, directory, pie
     in memory at a time. Every rank of the job calls it. Returns how many times a piece was
     loaded (the number of pieces holding data when the plan's order is kept)."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     keys = sharded_keys(meta_sharded_state_dict)
     covered = set().union(*(piece.keys for piece in pieces)) if pieces else set()
     if keys - covered:
         raise ConversionError(f"{len(keys - covered)} checkpoint tensors belong to no piece, e.g. {sorted(keys - covered)[0]}")
-    from torch.distributed.checkpoint.api import CheckpointException
+    if sum(len(piece.keys) for piece in pieces) != len(covered):
+        raise ConversionError("checkpoint pieces overlap: each tensor key must belong to exactly one piece")
 
     strategy = _piece_wise_save_strategy(pieces)
     try:
