@@ -199,8 +199,10 @@ def test_tiny_recipe_at_ep2_switches_aligns_resumes_after_sigkill_and_exports(tm
           "alignment.lora_rank=4"]),
         (["parallel.expert_parallel_size=1", "parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true"],
          ["parallel.expert_parallel_size=1"]),
+        (["parallel.expert_parallel_size=1", "parallel.tensor_parallel_size=2", "parallel.sequence_parallel=false"],
+         ["parallel.expert_parallel_size=1"]),
     ],
-    ids=["pp2_to_pp1_lora_fake", "tp2_sp_to_tp1"],
+    ids=["pp2_to_pp1_lora_fake", "tp2_sp_to_tp1", "tp2_no_sp_to_tp1"],
 )
 def test_resume_at_another_layout_continues_with_the_same_loss(tmp_path, data, layout, resumed_layout):
     # 2 ranks in one model-parallel group, then one process (data-parallel size 1 both times).

@@ -59,6 +59,22 @@ def build_flux_model(config: FluxConfig, spec: FluxLayerSpec | None = None) -> F
     )
 
 
+def stage_pieces(config: FluxConfig) -> list[tuple[tuple[int, int], bool, bool]]:
+    """(block range, first, last) of this rank's stage in pieces of one block: the first piece of
+    the first stage also holds the embedders, the last piece of the last stage the final layer."""
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    stages = parallel_state.get_pipeline_model_parallel_world_size()
+    start, end = pipeline_block_range(config, stage)
+    return [((i, i + 1), stage == 0 and i == start, stage == stages - 1 and i == end - 1) for i in range(start, end)]
+
+
+def piece_model(config: FluxConfig, piece, device=None) -> FluxModel:
+    """This rank's part (its TP shards) of one ``stage_pieces`` entry."""
+    block_range, first, last = piece
+    with torch.device(device or "cpu"):
+        return FluxModel(config, pre_process=first, post_process=last, block_range=block_range)
+
+
 def _tp_shard(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     if not getattr(param, "tensor_model_parallel", False):
         return full
@@ -204,15 +220,19 @@ def checkpoint_tensor_shapes(config: FluxConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.global_shape) for k, v in _sharded_tensors(meta_full_model(config).sharded_state_dict()).items()}
 
 
-def save_dist_checkpoint(model: FluxModel, directory, diffusers_config: dict, **info) -> None:
+def save_dist_checkpoint(model: FluxModel, directory, diffusers_config: dict, pieces=None, **info) -> int | None:
     """Saves this stage's shards into ``directory``; every rank of the job calls it.
 
     ``diffusers_config`` (the architecture, as diffusers' config.json) and ``info`` go into
-    ``mfmegatron_flux.json`` next to megatron's files.
+    ``mfmegatron_flux.json`` next to megatron's files. ``pieces`` (``conversion.CheckpointPiece``,
+    e.g. from ``stage_pieces``): ``model`` may be on the meta device (it gives the plan) and the
+    data come from the pieces, one in memory at a time; returns how many piece loads that took.
     """
     from pathlib import Path
 
     from megatron.core import dist_checkpointing
+
+    from mfmegatron.conversion import save_dist_checkpoint_in_pieces
 
     directory = Path(directory)
     rank = dist.get_rank()
@@ -223,10 +243,15 @@ def save_dist_checkpoint(model: FluxModel, directory, diffusers_config: dict, **
     if rank == 0:
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(directory))
+    piece_loads = None
+    if pieces is None:
+        dist_checkpointing.save(model.sharded_state_dict(), str(directory))
+    else:
+        piece_loads = save_dist_checkpoint_in_pieces(model.sharded_state_dict(), directory, pieces)
     if rank == 0:
         (directory / CHECKPOINT_INFO_FILE).write_text(checkpoint_info_json(model.config, diffusers_config, **info))
     dist.barrier()
+    return piece_loads
 
 
 def checkpoint_info_json(config: FluxConfig, diffusers_config: dict, **info) -> str:

@@ -28,8 +28,9 @@ released ``gate_and_up_proj`` is ``[up; gate]`` and is swapped by ``state_dict_a
 Numerics as the official code: RMSNorm, RoPE tables and rotation, the router weight, logits and
 softmax in float32; results cast back to the activation dtype.
 
-Parallelism: tensor parallel needs sequence parallel (megatron's MoELayer requires it when
-training): activations between layers are sequence chunks ``[s/tp, b, h]``; experts are split
+Parallelism: tensor parallel with sequence parallel keeps activations between layers as sequence
+chunks ``[s/tp, b, h]``; without it they are the whole sequence on every TP rank, and each rank
+dispatches its share of the tokens to the routed experts (``jvp/moe.py``); experts are split
 over expert parallel (and expert tensor parallel); pipeline stages hold a contiguous range of
 layers and pass the [s, b, h] activation. The image-path modules are replicated over TP. See
 ``parallelize.py``.
