@@ -162,9 +162,12 @@ class RowParallelLinear(RowParallelJVP, tensor_parallel.RowParallelLinear):
 def _sharded_with_lora(layer, prefix, sharded_offsets, metadata, axis_map):
     from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+    # megatron's TE layers keep their TP group as _tp_group (TE's own tp_group is None when the
+    # layer was built before torch.distributed); the local layers as tp_group.
+    tp_group = getattr(layer, "_tp_group", None) or layer.tp_group
     return make_sharded_tensors_for_checkpoint(
         layer.state_dict(prefix="", keep_vars=True), prefix, axis_map, sharded_offsets,
-        tp_group=layer.tp_group, dp_cp_group=metadata["dp_cp_group"],
+        tp_group=tp_group, dp_cp_group=metadata["dp_cp_group"],
     )
 
 
