@@ -219,6 +219,26 @@ def test_te_checks_runs_its_cpu_path(tmp_path, capsys, single_process):
     # Local against local: the same numbers on both sides (the comparison itself is exact).
     assert "local vs local bf16 0.000e+00" in out
     assert "SKIP fp8: needs Transformer Engine on CUDA" in out and "SKIP bench" in out
+    assert "INFO tangent GEMMs in FP8 (current scaling), target" in out
+
+
+def test_the_fp8_tangent_alternative_is_an_fp8_gemm():
+    """tools/te_checks.fp8_tangent_gemm (the measured alternative to bf16 tangents): the GEMM of
+    E4M3-rounded operands with their scales undone — within E4M3's rounding of the exact product,
+    and visibly coarser than bf16 (so FP8 really ran)."""
+    import torch.nn.functional as F
+
+    from tools.te_checks import fp8_tangent_gemm, relative_error
+
+    g = torch.Generator().manual_seed(0)
+    tx = (torch.randn(4, 8, 64, generator=g) * 3).to(torch.bfloat16)
+    weight = (torch.randn(48, 64, generator=g) * 0.02).to(torch.bfloat16)
+    exact = F.linear(tx.double(), weight.double())
+    fp8_error = relative_error(fp8_tangent_gemm(tx, weight), exact)
+    bf16_error = relative_error(F.linear(tx, weight), exact)
+    assert fp8_error < 0.0625 and fp8_error > 5 * bf16_error
+    odd = torch.randn(3, 64, generator=g).to(torch.bfloat16)  # 3 rows: FP8 cannot, stays bf16
+    assert torch.equal(fp8_tangent_gemm(odd, weight), F.linear(odd, weight))
 
 
 def test_bench_refuses_fp8_it_cannot_run_in_one_line(capsys):
