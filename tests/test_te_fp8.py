@@ -92,6 +92,17 @@ def _problem(*overrides):
     return precision_problem(load_config(TrainConfig, "recipes/flux_tiny_cpu.yaml", list(overrides)))
 
 
+def test_fp8_off_in_a_recipe_is_the_word_not_yamls_boolean(tmp_path):
+    from mfmegatron.config import load_config
+    from mfmegatron.training.config import TrainConfig
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  fp8: off\n")
+    assert load_config(TrainConfig, recipe).model.fp8 == "off"
+    assert load_config(TrainConfig, None, ["model.fp8=off"]).model.fp8 == "off"
+    assert load_config(TrainConfig, None, ["model.fp8=tensorwise"]).model.fp8 == "tensorwise"
+
+
 def test_precision_errors_are_one_line(monkeypatch):
     assert _problem() is None
     assert _problem("model.use_transformer_engine=false") is None
@@ -250,3 +261,14 @@ def test_bench_refuses_fp8_it_cannot_run_in_one_line(capsys):
         bench_flux_meanflow.main(["--device", "cpu", "--spec", "te", "--fp8", "delayed"])
     assert exit_info.value.code == 2
     assert "Transformer Engine" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.slow  # ~90 s on 2 cores; resume equality itself: tests/test_trainer.py
+def test_te_checks_trainer_runs_and_compares_checkpoints_on_cpu(tmp_path, capsys):
+    """The trainer check's runs (uninterrupted, and saved then resumed; local layers, no FP8 on
+    CPU) and its tensor-by-tensor comparison of the two final dist checkpoints."""
+    from tools import te_checks
+
+    assert te_checks.main(["--device", "cpu", "--checks", "trainer", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "PASS trainer resume equals uninterrupted" in out and ", 0 differ;" in out
