@@ -79,6 +79,9 @@ def test_fp8_settings_are_megatrons_fields_and_build_a_config():
     assert config.fp8 == "hybrid" and config.fp8_recipe == Fp8Recipe.tensorwise
     with pytest.raises(ValueError, match="fp8 must be one of"):
         fp8.megatron_fp8_settings("mxfp8")
+    # The frozen teacher's weights in FP8: where the weight's own scale is computed at quantization.
+    assert [r for r in fp8.FP8_RECIPES if fp8.teacher_weights_in_fp8(r, True)] == ["tensorwise", "blockwise"]
+    assert not fp8.teacher_weights_in_fp8("tensorwise", False)
 
 
 # --------------------------------------------------------------------------- config errors

@@ -16,9 +16,9 @@ Measured side by side in one run, same model, same batch, same z_t:
   ``--tangent-fusion both`` adds a row with the elementwise tangent rules run eagerly.
 
 ``--spec`` picks the linears (``local``: megatron's local layers; ``te``: megatron's Transformer
-Engine layers; ``auto``: TE when it imports on CUDA), ``--fp8`` their FP8 recipe (TE only; the
-teacher's weights become FP8 tensors unless ``--no-fp8-teacher-weights``); ``--steps`` times a
-subset.
+Engine layers; ``auto``: TE when it imports on CUDA), ``--fp8`` their FP8 recipe (TE only; with
+tensorwise and blockwise the teacher's weights become FP8 tensors unless
+``--no-fp8-teacher-weights``); ``--steps`` times a subset.
 
 For each: median step time, bytes saved for backward (autograd's saved tensors: the activation
 memory a step holds; comparable on any device), and peak memory: the most bytes allocated during
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from mfmegatron.jvp.attention import TANGENT_PASSES
-from mfmegatron.jvp.fp8 import FP8_RECIPES, megatron_fp8_settings, precision_problem
+from mfmegatron.jvp.fp8 import FP8_RECIPES, megatron_fp8_settings, precision_problem, teacher_weights_in_fp8
 from tools.bench_attention_jvp import peak_bytes, quiet_profiler_logs
 from mfmegatron.warnings_filter import quiet_expected_warnings
 
@@ -98,7 +98,7 @@ def _build(args, device, dtype):
     student = FluxModel(student_config).to(device)
     init_student_from_teacher(student, teacher)
     teacher.requires_grad_(False)
-    if args.fp8 != "off" and args.fp8_teacher_weights:
+    if teacher_weights_in_fp8(args.fp8, args.fp8_teacher_weights):
         teacher = teacher_with_fp8_weights(teacher, device)
     with torch.no_grad():  # a student that has moved away from the teacher
         for param in student.interval_in.parameters():

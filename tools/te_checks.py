@@ -12,7 +12,8 @@ Checks (each prints ``PASS`` / ``FAIL`` / ``SKIP`` lines with its numbers):
   the TE spec's error is within bf16's own (at most 1.5x the local bf16 error, plus 1e-3). Also
   (INFO lines) the alternative to bf16 tangents: every tangent GEMM in FP8 with its own current
   scales (``fp8_tangent_gemm``), its tangent and target errors against bf16 tangents'.
-- ``fp8``: each FP8 recipe (teacher weights as FP8 tensors) against TE bf16: relative error of the
+- ``fp8``: each FP8 recipe (teacher weights as FP8 tensors with tensorwise and blockwise) against
+  TE bf16: relative error of the
   student's output, of the gradient of a fixed linear loss with respect to the input latents, and
   of the differential target; with how many primal GEMMs ran in FP8 and how many tangent GEMMs
   ran (all outside the FP8 region, by construction of ``mfmegatron/jvp/fp8.py``). Stated, with
@@ -223,7 +224,9 @@ def check_fp8(args) -> bool:
         errors = {key: relative_error(results[key], expected[key]) for key in ("forward", "input_grad", "target", "jvp_tangent")}
         finite = all(torch.isfinite(torch.tensor(e)) for e in errors.values())
         engaged = counts["fp8_primal_regions"] > 0
-        ok &= report("PASS" if finite and engaged else "FAIL", f"fp8 {recipe} vs TE bf16",
+        teacher_fp8 = fp8_state.teacher_weights_in_fp8(recipe, True)
+        ok &= report("PASS" if finite and engaged else "FAIL",
+                     f"fp8 {recipe} vs TE bf16 (teacher weights {'FP8' if teacher_fp8 else 'bf16'})",
                      ", ".join(f"{k} {v:.3e}" for k, v in errors.items())
                      + f"; FP8 primal GEMMs {counts['fp8_primal_regions']} of {counts['primal_regions']}, "
                        f"tangent GEMMs {counts['tangent_gemms']} (bf16, outside FP8)")

@@ -30,6 +30,12 @@ FP8_RECIPES = ("off", "delayed", "tensorwise", "blockwise")
 """``model.fp8`` values: off, delayed scaling (amax history), current (per-tensor) scaling, and
 1x128 / 128x128 block scaling (Hopper, CUDA >= 12.9)."""
 
+FP8_TEACHER_WEIGHT_RECIPES = ("tensorwise", "blockwise")
+"""Recipes under which the frozen teacher's weights are stored as FP8 tensors. Their scales come
+from the weight itself when it is quantized (per tensor / per 128x128 block). Not delayed
+scaling: a weight quantized at construction would use the initial scale (1.0, before any amax
+history) and, never updated by an optimizer, never be re-quantized."""
+
 FP8_MIN_CAPABILITY = (8, 9)
 BLOCKWISE_MIN_CAPABILITY = (9, 0)
 
@@ -162,6 +168,11 @@ def precision_problem(fp8: str, use_transformer_engine: bool | None, device: str
         return (f"model.fp8={fp8} needs compute capability >= {needed[0]}.{needed[1]}; {name} has "
                 f"{capability[0]}.{capability[1]}; set model.fp8=off")
     return None
+
+
+def teacher_weights_in_fp8(fp8: str, requested: bool) -> bool:
+    """Whether the teacher's TE weights become FP8 tensors (``model.fp8_teacher_weights``)."""
+    return requested and fp8 in FP8_TEACHER_WEIGHT_RECIPES
 
 
 def use_transformer_engine_here(use_transformer_engine: bool | None) -> bool:

@@ -68,9 +68,10 @@ class ModelSection:
     activations, 128x128 weights; Hopper, CUDA >= 12.9). Needs TE and a GPU of compute capability
     >= 8.9 (blockwise: 9.0); checked before any network is built."""
     fp8_teacher_weights: bool = True
-    """With ``fp8`` on: the frozen teacher's TE weights become FP8 tensors once, after the student
-    is initialised from the full-precision teacher (half the teacher's weight memory; its
-    tangents use the dequantized weights)."""
+    """With ``fp8`` tensorwise or blockwise: the frozen teacher's TE weights become FP8 tensors
+    once, after the student is initialised from the full-precision teacher (half the teacher's
+    weight memory; tangents and bf16 GEMMs use them dequantized). Not with delayed scaling, whose
+    weight scale would be the initial one (``mfmegatron/jvp/fp8.py``)."""
     vae_path: str | None = None
     """For ``meanflow.z_source=data``: the teacher's VAE, a diffusers ``AutoencoderKL`` folder
     (FLUX.1-dev's ``vae`` subfolder), which encodes the image shards' images to latents."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mfmegatron.jvp.fp8 import megatron_fp8_settings
+from mfmegatron.jvp.fp8 import megatron_fp8_settings, teacher_weights_in_fp8
 from mfmegatron.jvp.lora import add_lora, share_parameters
 from models.flux.config import FLUX_CONFIGS, FluxConfig
 from models.flux.cost import (
@@ -91,7 +91,7 @@ class FluxFamily:
                 with torch.no_grad():
                     for (_, target), (_, source) in zip(fake.named_parameters(), teacher.named_parameters()):
                         target.copy_(source)
-        if config.model.fp8 != "off" and config.model.fp8_teacher_weights:
+        if teacher_weights_in_fp8(config.model.fp8, config.model.fp8_teacher_weights):
             # After the student and a full fake copied the full-precision weights.
             teacher = teacher_with_fp8_weights(teacher, device)
         if with_fake and alignment.fake_network == "lora":
