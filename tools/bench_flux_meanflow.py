@@ -335,7 +335,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     problem = precision_problem(args.fp8, {"local": False, "te": True, "auto": None}[args.spec], device.type)
     if problem is not None:
-        parser.error(problem.replace("model.fp8", "--fp8").replace("model.use_transformer_engine", "--spec"))
+        parser.error(f"cannot run --spec {args.spec} --fp8 {args.fp8} here ({problem})")
     preset = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
     for key, value in preset.items():
         if getattr(args, key.replace("-", "_")) is None:
