@@ -16,7 +16,7 @@
 #    FP8 recipe vs bf16, FP8 recompute, bench_flux_meanflow at 1024 px micro-batch 1 and 2 (local
 #    bf16 / TE bf16 / FP8), the tiny recipe in FP8 on the distributed optimizer (TE fused Adam) run,
 #    saved, resumed and compared with an uninterrupted run. TE comes from the wheels in .whl/te/
-#    (README "GPU checks": make_te_bundle.sh) when the machine lacks it; NVTE_CUDA_INCLUDE_DIR is
+#    (README "GPU checks": make_te_bundle.sh with EXTRA_WHEELS) when the machine lacks it; NVTE_CUDA_INCLUDE_DIR is
 #    set to the machine's CUDA headers. Sized for about 6 minutes; not yet run on a GPU.
 #
 # Each stage has its own time limit and log file; a failing stage does not stop the next one. On an
