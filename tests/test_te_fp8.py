@@ -247,6 +247,15 @@ def test_te_spec_builds_megatrons_te_layers_with_the_local_parameters(single_pro
                for r in ("delayed", "tensorwise", "blockwise")}
     assert recipes == {"delayed": "TEDelayedScaling", "tensorwise": "Float8CurrentScaling",
                        "blockwise": "Float8BlockScaling"}
+    # With FP8 on, every TE linear holds its recipe and megatron's amax reduction group.
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fp8_model = build_flux_model(tiny_flux_config(**fp8.megatron_fp8_settings("tensorwise")), get_flux_layer_spec(True))
+    monkeypatch.undo()
+    layer = fp8_model.double_blocks[0].img_attn.linear_qkv
+    assert type(layer.fp8_recipe).__name__ == "Float8CurrentScaling" and layer.amax_reduction_group is not None
+    rows = torch.zeros(3, 2, 64)  # 6 rows: not a multiple of 16, so this GEMM would stay bf16
+    assert layer._primal_autocast(rows) is None and layer._primal_autocast(torch.zeros(8, 2, 64)) is not None
 
 
 # --------------------------------------------------------------------------- the GPU stage's script
