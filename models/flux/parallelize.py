@@ -75,6 +75,24 @@ def piece_model(config: FluxConfig, piece, device=None) -> FluxModel:
         return FluxModel(config, pre_process=first, post_process=last, block_range=block_range)
 
 
+def teacher_with_fp8_weights(teacher: FluxModel, device) -> FluxModel:
+    """The frozen teacher rebuilt with its Transformer Engine linears' weights as FP8 tensors
+    (``config.fp8_param``: TE's quantized parameters, scaled by the config's FP8 recipe) and its
+    weights copied in: each weight is quantized once, here. The other parameters (embedders,
+    norms, the replicated projections) stay in the teacher's dtype. The full-precision teacher
+    is dropped by the caller, so the peak holds both for the moment of the copy."""
+    import dataclasses
+
+    config = dataclasses.replace(teacher.config, fp8_param=True, perform_initialization=False)
+    with torch.no_grad():
+        quantized = FluxModel(config, pre_process=teacher.pre_process, post_process=teacher.post_process,
+                              block_range=teacher.block_range).to(device)
+        sources = dict(teacher.named_parameters())
+        for name, param in quantized.named_parameters():
+            param.copy_(sources[name])
+    return quantized.requires_grad_(False)
+
+
 def _tp_shard(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     if not getattr(param, "tensor_model_parallel", False):
         return full
@@ -203,9 +221,13 @@ def meta_full_model(config: FluxConfig) -> FluxModel:
     """The whole model (every block, first and last stage parts) on the meta device: shapes only."""
     import dataclasses
 
-    shape_config = dataclasses.replace(config, use_cpu_initialization=True, perform_initialization=False)
+    from models.flux.layer_specs import LOCAL_SPEC
+
+    # The local spec whatever the config asks: TE's layers have the same parameters but need CUDA.
+    shape_config = dataclasses.replace(config, use_cpu_initialization=True, perform_initialization=False,
+                                       fp8_param=False)
     with torch.device("meta"):
-        return FluxModel(shape_config, block_range=(0, config.num_layers))
+        return FluxModel(shape_config, LOCAL_SPEC, block_range=(0, config.num_layers))
 
 
 def _sharded_tensors(sharded_state_dict: dict) -> dict:
