@@ -57,6 +57,10 @@ def _coerce(value: Any, annotation: Any, dotted: str) -> Any:
                 errors.append(str(error))
         raise ConfigError(errors[0] if errors else f"{dotted}: invalid value {value!r}")
     if origin is typing.Literal:
+        if isinstance(value, bool):
+            # YAML 1.1 reads off / on / no / yes as booleans: back to the word the field takes.
+            words = ("on", "yes", "true") if value else ("off", "no", "false")
+            value = next((w for w in words if w in typing.get_args(annotation)), value)
         if value not in typing.get_args(annotation):
             raise ConfigError(f"{dotted}: {value!r} is not one of {list(typing.get_args(annotation))}")
         return value

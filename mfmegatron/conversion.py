@@ -317,6 +317,153 @@ def staged_output(output: Path) -> Iterator[Path]:
         dist.barrier()
 
 
+# --------------------------------------------------------------------------- dist checkpoints in pieces
+#
+# megatron's save takes a sharded state dict whose tensors all exist: an import would hold its
+# whole part of the model. Here the plan comes from a model built on the meta device (keys,
+# shapes, dtypes, offsets: everything torch.distributed.checkpoint plans with) and the data from
+# pieces (e.g. one layer each) materialised one at a time while torch's FileSystemWriter writes:
+# its single-threaded CPU path asks the planner for each item's data (``resolve_data``) just before
+# writing it, in plan order, which is sorted here by piece. The files are the ones megatron's own
+# save writes (``__<rank>_0.distcp``, ``.metadata``, ``metadata.json``, ``common.pt``), so the
+# trainer's loader reads them at any layout.
+
+
+class CheckpointPiece:
+    """Part of a rank's sharded state dict: ``keys`` (its tensors' checkpoint keys) and ``load()``,
+    which returns that part's sharded state dict with data (what ``sharded_state_dict()`` of a
+    module holding only that part gives)."""
+
+    def __init__(self, keys: Iterable[str], load: Callable[[], dict]):
+        self.keys = frozenset(keys)
+        self.load = load
+
+
+def sharded_keys(sharded_state_dict: dict) -> set[str]:
+    """Checkpoint keys of the tensors (and tensor factories) in a sharded state dict."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    return {v.key for v in nested_values(sharded_state_dict) if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
+
+
+def _shard_data(sharded_state_dict: dict) -> dict:
+    """(key, global offset) -> data of every ShardedTensor (factories built)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    apply_factories(sharded_state_dict)
+    return {(v.key, tuple(v.global_offset)): v.data for v in nested_values(sharded_state_dict)
+            if isinstance(v, ShardedTensor)}
+
+
+def _piece_wise_save_strategy(pieces: list[CheckpointPiece]):
+    """A megatron torch_dist save strategy writing ``pieces``' data into the plan of the sharded
+    state dict it is given (its tensors may be on the meta device)."""
+    import dataclasses
+    import gc
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    piece_of = {key: index for index, piece in enumerate(pieces) for key in piece.keys}
+
+    class PieceWisePlanner(MCoreSavePlanner):
+        def __init__(self):
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False,
+                             can_run_decentralized_global_plan=False)
+            self.loaded_piece, self.loaded, self.loads = None, {}, 0
+            self.written = None  # the tensor handed to the writer last
+
+        def _piece(self, item) -> int:
+            if item.type == WriteItemType.BYTE_IO:
+                return -1  # objects (megatron's common state, extra states) first: no data to load
+            if item.index.fqn not in piece_of:
+                raise ConversionError(f"checkpoint tensor {item.index.fqn} belongs to no piece")
+            return piece_of[item.index.fqn]
+
+        def create_local_plan(self):
+            plan = super().create_local_plan()
+            order = sorted(range(len(plan.items)), key=lambda i: (self._piece(plan.items[i]), i))
+            self.plan = dataclasses.replace(plan, items=[plan.items[i] for i in order])
+            return self.plan
+
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            if self.written is not None:
+                # torch's writer keeps every tensor it wrote until its file is closed (its
+                # safetensors format writes them then; ours was written as it came): the last
+                # one's memory goes now, as the serial loader only asks for the next item after
+                # writing the previous one.
+                self.written.untyped_storage().resize_(0)
+                self.written = None
+            piece = self._piece(write_item)
+            if piece != self.loaded_piece:
+                self.loaded_piece, self.loaded = None, {}  # the previous piece goes first
+                gc.collect()  # modules keep reference cycles: without this a piece outlives its turn
+                self.loaded = _shard_data(pieces[piece].load())
+                self.loaded_piece = piece
+                self.loads += 1
+            data = self.loaded[(write_item.index.fqn, tuple(write_item.index.offset))]
+            # A copy of its own (a SwiGLU half shares its parameter with the other half).
+            self.written = data.reshape(write_item.tensor_data.chunk.sizes).clone(memory_format=torch.contiguous_format)
+            return self.written
+
+    class PieceWiseSaveStrategy(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):
+            sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica)
+            planner = PieceWisePlanner()
+            # One thread and no copy-ahead (the serial loader, also where CUDA is available):
+            # each item is resolved (materialised) just before it is written, in plan order.
+            # torch.save format: written item by item (resolve_data relies on it).
+            writer = dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1,
+                                          per_thread_copy_ahead=0,
+                                          serialization_format=SerializationFormat.TORCH_SAVE)
+            dcp.save(mcore_to_pyt_state_dict(sharded_state_dict, False), storage_writer=writer, planner=planner)
+            self.piece_loads = planner.loads
+
+    return PieceWiseSaveStrategy()
+
+
+def save_dist_checkpoint_in_pieces(meta_sharded_state_dict: dict, directory, pieces: list[CheckpointPiece]) -> int:
+    """megatron ``dist_checkpointing.save`` of ``meta_sharded_state_dict`` (this rank's part; its
+    tensors only give shapes, dtypes and offsets) with the data taken from ``pieces``, one piece
+    in memory at a time. Every rank of the job calls it. Returns how many times a piece was
+    loaded (the number of pieces holding data when the plan's order is kept)."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    keys = sharded_keys(meta_sharded_state_dict)
+    covered = set().union(*(piece.keys for piece in pieces)) if pieces else set()
+    if keys - covered:
+        raise ConversionError(f"{len(keys - covered)} checkpoint tensors belong to no piece, e.g. {sorted(keys - covered)[0]}")
+    if sum(len(piece.keys) for piece in pieces) != len(covered):
+        raise ConversionError("checkpoint pieces overlap: each tensor key must belong to exactly one piece")
+
+    strategy = _piece_wise_save_strategy(pieces)
+    try:
+        dist_checkpointing.save(meta_sharded_state_dict, str(directory), sharded_strategy=strategy)
+    except CheckpointException as error:
+        # torch.distributed.checkpoint wraps what a rank raised while writing (here: reading a
+        # piece, e.g. a shape that does not fit) in a BaseException: the first one, as raised,
+        # so a command's input error stays its one line.
+        failures = [failure for failure in error.failures.values() if isinstance(failure, tuple) and failure]
+        if failures and isinstance(failures[0][0], Exception):
+            raise failures[0][0] from None
+        raise
+    return strategy.piece_loads
+
+
 # --------------------------------------------------------------------------- processes, errors
 
 

@@ -41,7 +41,7 @@ def test_other_output_on_stderr_still_comes_through(capfd):
 def test_mfu_report_runs_end_to_end_on_cpu(tmp_path):
     """``--mfu`` at a tiny width on CPU (the GPU check's code path, CUDA pieces aside): the matmul
     peak is measured, each step gets the planner's FLOPs, TFLOP/s = FLOPs / median time, MFU =
-    that over the peak, and the predicted time; ``--step-names`` leaves the discrete step out."""
+    that over the peak, and the predicted time; ``--steps`` leaves the discrete step out."""
     import json
 
     tiny = ["--hidden", "64", "--heads", "2", "--double", "1", "--single", "1", "--image-tokens", "16",
@@ -49,7 +49,7 @@ def test_mfu_report_runs_end_to_end_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "tools.bench_flux_meanflow", *tiny, "--device", "cpu", "--mfu", "--matmul-size", "128",
-         "--step-names", "flow_matching", "meanflow_differential", "--json", str(out)],
+         "--steps", "flow_matching", "meanflow_differential", "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert result.returncode == 0, result.stderr

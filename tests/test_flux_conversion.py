@@ -228,6 +228,8 @@ def _one_rank(work: str, exports: list[str]) -> dict:
     errors["bfl_shape"] = _expect_error(CheckpointMismatchError, [
         "import", "--original", str(bad / "wrong_linear1.safetensors"), "--config", "tiny",
         "--output", str(work / "x3"), "--quiet"])
+    # Import writes while it reads (one block at a time): after this error no output stays.
+    errors["bfl_shape_left"] = sorted(p.name for p in work.glob("x3*"))
     errors["bfl_no_config"] = _expect_error(CheckpointMismatchError, [
         "import", "--original", str(work / "flux1-tiny.safetensors"), "--output", str(work / "x4"), "--quiet"])
     errors["layout"] = _expect_error(Exception, ["import", "--diffusers", str(work / "hf"), "--output",
@@ -296,6 +298,10 @@ def converted(tmp_path_factory):
 
 def test_diffusers_import_export_is_bit_exact(converted):
     work, state = converted["work"], converted["state"]
+    # Imported one block at a time: each piece (a block; the first with the embedders, the last
+    # with the final layer) loaded exactly once while megatron's writer went through the plan.
+    summary = converted["one"]["import_tp1"]
+    assert summary["pieces"] == summary["piece_loads"] == 4  # 2 double + 2 single blocks
     exported = read_safetensors_folder(work / "export_ck_tp1")
     assert exported.keys() == state.keys()
     for key, tensor in state.items():
@@ -435,6 +441,7 @@ def test_wrong_shape_names_the_key_and_both_shapes(converted):
     assert "(48, 64)" in errors["shape"] and "(64, 64)" in errors["shape"]
     assert "single_blocks.1.linear1.weight" in errors["bfl_shape"]
     assert "(440, 64)" in errors["bfl_shape"] and "(448, 64)" in errors["bfl_shape"]
+    assert errors["bfl_shape_left"] == []
     assert "vector_in.linear_1.weight" in errors["load"]
     assert "(64, 24)" in errors["load"] and "(64, 20)" in errors["load"]
 

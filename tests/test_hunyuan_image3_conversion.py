@@ -125,6 +125,9 @@ def test_import_export_round_trip_is_bit_exact_with_unconverted_keys_copied(rele
     root = released["root"]
     summary = _convert("import", "--hf", str(released["folder"]), "--output", str(root / "ck"), "--dtype", "fp32")
     assert summary["skipped"] == {"vae": 1, "vision_model": 1, "vision_aligner": 1} and summary["image_head"]
+    # Written one layer at a time: each piece (a layer, the first / last with the parts before /
+    # after the layers) loaded exactly once while megatron's writer went through the plan.
+    assert summary["pieces"] == summary["piece_loads"] == LAYERS
     assert (root / "ck" / "mfmegatron_hunyuan_image3.json").is_file()
     assert not (root / "ck.incomplete").exists()
     exported = _convert("export", "--checkpoint", str(root / "ck"), "--output", str(root / "hf_back"),
@@ -244,6 +247,26 @@ def test_input_errors_are_one_line_and_write_nothing(released, tmp_path, capsys)
     _assert_nothing_written(output)
 
 
+def test_a_shape_error_met_while_saving_is_one_line_and_leaves_nothing(released, tmp_path, capsys, monkeypatch):
+    """Import reads each layer while megatron's writer is saving: an error there (here a shape that
+    does not fit, raised by the second layer) reaches the command as itself, one line, and the
+    staging folder goes (torch.distributed.checkpoint wraps it; the wrapper is unpacked)."""
+    from models.hunyuan_image3 import parallelize
+    from models.hunyuan_image3.state_dict_adapter import CheckpointMismatchError
+
+    real = parallelize.load_weights
+
+    def failing_on_layer_1(model, get_full, on_tensor=None):
+        if model.layer_range == (1, 2):
+            raise CheckpointMismatchError("layers.1.x: the checkpoint tensor has shape (1,), the model expects (2,)")
+        return real(model, get_full, on_tensor)
+
+    monkeypatch.setattr(parallelize, "load_weights", failing_on_layer_1)
+    err = _main_error(capsys, "import", "--hf", str(released["folder"]), "--output", str(tmp_path / "ck"), "--quiet")
+    assert err.endswith("layers.1.x: the checkpoint tensor has shape (1,), the model expects (2,)"), err
+    _assert_nothing_written(tmp_path / "ck")
+
+
 def test_a_failure_while_writing_leaves_no_complete_looking_output(released, tmp_path, monkeypatch):
     """Export fails after some shards are written: neither the output nor its staging folder stays."""
     import tools.convert_hunyuan_image3 as cli
@@ -323,7 +346,6 @@ def test_layout_validation_messages():
     config = _tiny_config()
     cases = [
         (dict(tp=4, sequence_parallel=True), "tensor parallel 4 does not divide the 2 KV groups"),
-        (dict(tp=2, sequence_parallel=False), "tensor parallel 2 needs sequence parallel"),
         (dict(ep=3), "expert parallel 3 does not divide the 8 experts"),
         (dict(pp=2), "pipeline parallel 2 does not divide the 3 layers (give an explicit stage list, "
                      "e.g. pipeline_layers=[2, 1])"),
@@ -334,7 +356,7 @@ def test_layout_validation_messages():
         with pytest.raises(LayoutError) as caught:
             check_layout(config, **kwargs)
         assert message in str(caught.value) and "\n" not in str(caught.value), (kwargs, str(caught.value))
-    check_layout(config, tp=2, sequence_parallel=False, training=False)  # a frozen teacher in eval
+    check_layout(config, tp=2, sequence_parallel=False, seq_length=9)  # any length without SP
     with pytest.raises(LayoutError, match="length 9 is not a multiple"):
         check_layout(config, tp=2, sequence_parallel=True, seq_length=9)
     check_layout(config, tp=2, ep=8, pp=3, sequence_parallel=True, seq_length=10)
@@ -393,7 +415,24 @@ def _ep2_tp2_rank(ours: dict) -> dict:
             "local_experts": len(model.layers[0].mlp.experts.local_experts)}
 
 
-def _four_rank_checks(folder: str, root: str, ours: dict) -> dict:
+def _trainer_load_mismatches(checkpoint: str, full: dict) -> list[str]:
+    """The trainer's loader (``training.load_dist_checkpoint``) at the layout initialised now
+    (EP=2 x TP=2 + SP, the image head too): names of this rank's parameters that differ from
+    their part of ``full`` (full names, global experts)."""
+    from models.hunyuan_image3.parallelize import build_hunyuan_model, local_weights, shard_full_tensor
+    from models.hunyuan_image3.training import load_dist_checkpoint
+
+    model = build_hunyuan_model(_tiny_config(tensor_model_parallel_size=2, expert_model_parallel_size=2,
+                                             sequence_parallel=True, cfg_distilled=True, use_meanflow=True))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(float("nan"))
+    load_dist_checkpoint(model, checkpoint)
+    return [key for (key, tensor), param in zip(local_weights(model), model.parameters())
+            if not torch.equal(tensor, shard_full_tensor(key, full[key], param))]
+
+
+def _four_rank_checks(folder: str, root: str, ours: dict, full: dict) -> dict:
     """One world of 4 gloo ranks for everything (as under torchrun): the tool reuses it and sets
     its own layout's groups."""
     from mfmegatron.parallel import initialize_parallel
@@ -401,17 +440,46 @@ def _four_rank_checks(folder: str, root: str, ours: dict) -> dict:
 
     initialize_parallel()
     messages = _bad_layout_messages(folder, f"{root}/never")
+    piece_loads = {}
     for name, extra in RANK_LAYOUTS.items():
-        run(["import", "--hf", folder, "--output", f"{root}/{name}", "--dtype", "fp32", "--quiet", *extra])
-    return {"messages": messages, "ep2_tp2": _ep2_tp2_rank(ours)}
+        summary = run(["import", "--hf", folder, "--output", f"{root}/{name}", "--dtype", "fp32", "--quiet", *extra])
+        piece_loads[name] = (summary["pieces"], summary["piece_loads"])
+    ep2_tp2 = _ep2_tp2_rank(ours)
+    return {"messages": messages, "ep2_tp2": ep2_tp2, "piece_loads": piece_loads,
+            "load_mismatches": _trainer_load_mismatches(f"{root}/one_process", full)}
 
 
 @pytest.fixture(scope="module")
 def four_ranks(released):
+    """The 4-rank imports; before them, an import in this one process, which the ranks then load
+    at EP=2 x TP=2 with the trainer's loader."""
+    from models.hunyuan_image3.state_dict_adapter import to_megatron
+
     root = released["root"] / "ranks"
     root.mkdir()
-    results = run_on_ranks(_four_rank_checks, 4, str(released["folder"]), str(root), released["ours"], timeout=600)
+    _convert("import", "--hf", str(released["folder"]), "--output", str(root / "one_process"), "--dtype", "fp32")
+    full, _ = to_megatron(released["tensors"], _tiny_config(cfg_distilled=True, use_meanflow=True), image_head=True)
+    results = run_on_ranks(_four_rank_checks, 4, str(released["folder"]), str(root), released["ours"], full,
+                           timeout=600)
     return {"results": results, "root": root}
+
+
+def test_imports_write_one_layer_at_a_time_and_load_at_another_layout(four_ranks):
+    """In each 4-rank import a rank's pieces are its stage's layers (3, or 2 and 1 at PP=2 with
+    stages 2, 1), and it loaded each once, or none when all it holds are replicas another rank
+    writes (megatron's main replica only); at EP=2 x TP=2 every rank holds its own expert shards.
+    A checkpoint written one layer at a time by one process loads with the trainer's loader at
+    EP=2 x TP=2 + SP, every parameter (experts, TP shards, image head) equal to its part of the
+    released weights."""
+    results = four_ranks["results"]
+    for layout in RANK_LAYOUTS:
+        counts = [result["piece_loads"][layout] for result in results]
+        assert [pieces for pieces, _ in counts] == ([2, 2, 1, 1] if layout == "pp2" else [LAYERS] * 4), counts
+        assert all(loads in (0, pieces) for pieces, loads in counts), (layout, counts)
+        writers = [loads for _, loads in counts if loads]
+        assert sum(writers) >= LAYERS and (layout != "ep2_tp2" or len(writers) == 4), (layout, counts)
+    for rank, result in enumerate(results):
+        assert result["load_mismatches"] == [], (rank, result["load_mismatches"])
 
 
 def test_bad_layouts_fail_on_every_rank_with_the_same_line(four_ranks):

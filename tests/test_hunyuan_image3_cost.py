@@ -239,4 +239,4 @@ def test_layout_problem_is_one_line_or_none():
     problem = cost.layout_problem(architecture, _train_config("tiny", "parallel.expert_parallel_size=3"))
     assert "does not divide the 8 experts" in problem and "\n" not in problem
     problem = cost.layout_problem(architecture, _train_config("tiny", "parallel.tensor_parallel_size=2"))
-    assert "needs sequence parallel" in problem
+    assert "without sequence parallel trains but is not in the cost model" in problem and "\n" not in problem

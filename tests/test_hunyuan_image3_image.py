@@ -571,11 +571,10 @@ def _ep_rank(full_state):
 
 
 def _tp_rank(full_state, sequence_parallel=True):
-    """TP=2 with sequence parallel, the same batch on both ranks: the (replicated) velocity and
-    full gradients; the image path's replicated gradients as each rank has them. Without
-    sequence parallel in eval mode (megatron's MoELayer refuses TP without SP when training, for
-    speed): a frozen teacher's forward and JVP. (Measured: its gradients all match except the
-    routed experts', exactly doubled: each TP rank dispatches the whole replicated sequence.)"""
+    """TP=2 with or without sequence parallel, the same batch on both ranks, in training mode: the
+    (replicated) velocity, its JVP and full gradients; the image path's replicated gradients as
+    each rank has them. Without sequence parallel each rank dispatches half the (replicated)
+    tokens to the routed experts: ``dispatched`` counts the rows this rank's MoE layers sent."""
     from mfmegatron.parallel import initialize_parallel
     from models.hunyuan_image3.model import IMAGE_PATH_MODULES
     from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights
@@ -585,8 +584,18 @@ def _tp_rank(full_state, sequence_parallel=True):
     config = _tiny_config(tensor_model_parallel_size=2, sequence_parallel=sequence_parallel)
     model = build_hunyuan_model(config)
     load_full_weights(model, full_state)
-    model.train(sequence_parallel)
+    model.train(True)
     batch = _image_batch(config, seed=50, length=TP_LENGTH)
+    dispatched = []
+    hooks = [layer.mlp.token_dispatcher for layer in model.layers]
+    original = type(hooks[0]).dispatch_preprocess
+
+    def counting_preprocess(dispatcher, hidden_states, *args, **kwargs):
+        dispatched.append(hidden_states.reshape(-1, hidden_states.shape[-1]).shape[0])
+        return original(dispatcher, hidden_states, *args, **kwargs)
+
+    for dispatcher in hooks:
+        dispatcher.dispatch_preprocess = counting_preprocess.__get__(dispatcher)
     velocity = model.velocity(*batch)
     (velocity * _loss_weights(velocity.shape)).sum().backward()
     _, tangent = model.velocity_jvp(*batch, *_tangents(batch, 51))
@@ -595,7 +604,27 @@ def _tp_rank(full_state, sequence_parallel=True):
         if param.grad is None:
             param.grad = torch.zeros_like(param)
     grads = _full_grads(model)
-    return {"velocity": velocity.detach(), "grads": grads, "local_image_grads": local_image_grads, "tangent": tangent}
+    return {"velocity": velocity.detach(), "grads": grads, "local_image_grads": local_image_grads, "tangent": tangent,
+            "dispatched": dispatched, "tokens": batch[0].input_ids.numel(),
+            "uneven": None if sequence_parallel else _uneven_replicated_tokens()}
+
+
+def _uneven_replicated_tokens() -> dict:
+    """``collectives.split_replicated_tokens`` / ``gather_replicated_tokens`` on 7 replicated rows
+    over TP=2 (4 and 3 rows), with a tangent: the rows kept, the gathered rows, and the gradient
+    of ``sum(weights * gathered²)`` with respect to the replicated input."""
+    from megatron.core import parallel_state
+
+    from mfmegatron.parallel import collectives
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    x = torch.arange(21.0).view(7, 3).requires_grad_()
+    splits = collectives.replicated_token_splits(7, group)
+    kept, tkept = collectives.split_replicated_tokens(x, -x.detach(), group, splits)
+    gathered, tgathered = collectives.gather_replicated_tokens(kept * 2, tkept * 2, group, splits)
+    (_loss_weights(gathered.shape) * gathered**2).sum().backward()
+    return {"splits": splits, "kept": kept.detach(), "gathered": gathered.detach(), "tangent": tgathered,
+            "grad": x.grad}
 
 
 def _pp_rank(full_state):
@@ -726,14 +755,24 @@ def test_tensor_parallel_2_image_forward_matches_one_rank(multi_rank, layout):
     for rank, result in enumerate(ranks):
         torch.testing.assert_close(result["velocity"], expected["velocity"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(result["tangent"], expected["tangent"], rtol=1e-5, atol=1e-5)
-    if layout == "tp2":
-        return  # inference only (see _tp_rank)
         assert set(result["grads"]) == set(expected["grads"]) | {"final_layernorm.weight", "output_layer.weight"}
         for name, want in expected["grads"].items():
             _assert_grad(result["grads"][name], want, f"rank {rank} {name}")
+        # Each MoE layer (forward, then the JVP's forward) dispatched this rank's half of the
+        # tokens: the sequence-parallel chunk, or without SP its share of the replicated tokens.
+        assert result["dispatched"] == [result["tokens"] // 2] * (2 * config.num_layers), result["dispatched"]
     for name, grad in ranks[0]["local_image_grads"].items():
         torch.testing.assert_close(ranks[1]["local_image_grads"][name], grad, rtol=0, atol=0)
         _assert_grad(grad, expected["grads"][name], name)
+    if layout == "tp2":
+        # Any number of tokens: 7 rows share out as 4 + 3; gathered back whole with the tangent;
+        # the replicated input's gradient is whole on both ranks (d/dx of w·(2x)² = 8wx).
+        x = torch.arange(21.0).view(7, 3)
+        for rank, result in enumerate(r["uneven"] for r in ranks):
+            assert result["splits"] == [4, 3]
+            assert torch.equal(result["kept"], x[:4] if rank == 0 else x[4:])
+            assert torch.equal(result["gathered"], 2 * x) and torch.equal(result["tangent"], -2 * x)
+            torch.testing.assert_close(result["grad"], 8 * _loss_weights((7, 3)) * x)
 
 
 def test_pipeline_parallel_2_image_forward_matches_one_rank(multi_rank):

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_trainer import _check, _checkpoint_tensors, _env, _free_port, _kill_tree, _latest, _log, _resume_from
+from tests.test_trainer import (_assert_same_checkpoints, _check, _checkpoint_tensors, _env, _free_port, _kill_tree,
+                                _latest, _log, _resume_from)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "hunyuan_image3_tiny_cpu.yaml"
@@ -198,8 +199,10 @@ def test_tiny_recipe_at_ep2_switches_aligns_resumes_after_sigkill_and_exports(tm
           "alignment.lora_rank=4"]),
         (["parallel.expert_parallel_size=1", "parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true"],
          ["parallel.expert_parallel_size=1"]),
+        (["parallel.expert_parallel_size=1", "parallel.tensor_parallel_size=2", "parallel.sequence_parallel=false"],
+         ["parallel.expert_parallel_size=1"]),
     ],
-    ids=["pp2_to_pp1_lora_fake", "tp2_sp_to_tp1"],
+    ids=["pp2_to_pp1_lora_fake", "tp2_sp_to_tp1", "tp2_no_sp_to_tp1"],
 )
 def test_resume_at_another_layout_continues_with_the_same_loss(tmp_path, data, layout, resumed_layout):
     # 2 ranks in one model-parallel group, then one process (data-parallel size 1 both times).
@@ -221,6 +224,32 @@ def test_resume_at_another_layout_continues_with_the_same_loss(tmp_path, data, l
         (saved,) = _checkpoint_tensors(first / "checkpoints" / "step_00000004")
         fake = [key for key in saved if key.startswith("fake.")]
         assert fake and all(".self_attention." in key and ".lora." in key for key in fake), fake[:4]
+
+
+def test_bf16_with_the_distributed_optimizer_resumes_bit_identically_and_exports_the_released_dtypes(tmp_path, data):
+    # The GPU recipes' precision: bf16 networks, fp32 main parameters sharded by megatron's
+    # distributed optimizer (dense and expert buffers). The frozen teacher keeps the released
+    # float32 router weight; the trainable student stores it in bf16 (megatron's optimizers pair
+    # parameters of one dtype: a float32 one among them broke the first save).
+    extra = ["model.dtype=bf16", "parallel.use_distributed_optimizer=true", "train.steps=6",
+             "train.save_interval=3", "train.sample_interval=0"]
+    reference = tmp_path / "reference"
+    _check(_run(2, reference, data, extra))
+    resumed = _resume_from(reference, tmp_path / "resumed", 3)
+    result = _run(2, resumed, data, [*extra, "train.export_at_end=false"])
+    _check(result)
+    assert "at step 3" in result.stdout
+    got = _assert_same_checkpoints(reference, resumed, 6)
+    assert got["student.layers.0.mlp.router.weight"].dtype == torch.bfloat16
+    assert any(".exp_avg." in key and "experts" in key for key in got)  # the experts' Adam state
+    assert _log(resumed)[6]["loss"] == _log(reference)[6]["loss"]
+
+    from safetensors import safe_open
+
+    with safe_open(str(reference / "student" / "model.safetensors"), "pt") as exported:
+        dtypes = {key: str(exported.get_slice(key).get_dtype()) for key in exported.keys()}
+    assert dtypes["model.layers.0.mlp.gate.wg.weight"] == "F32"
+    assert dtypes["model.layers.0.mlp.experts.0.down_proj.weight"] == "BF16"
 
 
 # -- the CFG teacher through the family ---------------------------------------------------------

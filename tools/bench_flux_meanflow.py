@@ -3,6 +3,7 @@
     python -m tools.bench_flux_meanflow                      # CPU: a small FLUX-shaped model
     python -m tools.bench_flux_meanflow --device cuda --preset gpu
     python -m tools.bench_flux_meanflow --device cuda --tangent-passes logsumexp triton
+    python -m tools.bench_flux_meanflow --device cuda --spec te --fp8 tensorwise --steps flow_matching meanflow_differential
 
 Measured side by side in one run, same model, same batch, same z_t:
 
@@ -13,6 +14,11 @@ Measured side by side in one run, same model, same batch, same z_t:
   graph) in one forward-mode pass, adaptive loss, backward. ``--tangent-passes`` times it once per
   attention tangent pass (``logsumexp``, ``triton``, ... as in ``attention_jvp``), one row each;
   ``--tangent-fusion both`` adds a row with the elementwise tangent rules run eagerly.
+
+``--spec`` picks the linears (``local``: megatron's local layers; ``te``: megatron's Transformer
+Engine layers; ``auto``: TE when it imports on CUDA), ``--fp8`` their FP8 recipe (TE only; with
+tensorwise and blockwise the teacher's weights become FP8 tensors unless
+``--no-fp8-teacher-weights``); ``--steps`` times a subset.
 
 For each: median step time, bytes saved for backward (autograd's saved tensors: the activation
 memory a step holds; comparable on any device), and peak memory: the most bytes allocated during
@@ -26,9 +32,8 @@ count, ``models/flux/cost.py``: forward, the JVP's tangent, backward; what ``tes
 checks against ``torch.utils.flop_counter``), model TFLOP/s, MFU against this device's matmul
 peak measured in the same run (``--matmul-size`` cubed products, bf16 on CUDA, the mean of 10
 after warm-up), and the planner's predicted step time for the same shapes on one GPU (the FLOPs at
-``Cluster.gemm_efficiency`` of its bf16 peak: the compute term, nothing else). ``--step-names``
-runs only the steps named. ``tools/gpu_checks.sh``'s ``mfu`` stage runs it at FLUX.1 width and
-1024 px.
+``Cluster.gemm_efficiency`` of its bf16 peak: the compute term, nothing else).
+``tools/gpu_checks.sh``'s ``mfu`` stage runs it at FLUX.1 width and 1024 px.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from mfmegatron.jvp.attention import TANGENT_PASSES
+from mfmegatron.jvp.fp8 import FP8_RECIPES, megatron_fp8_settings, precision_problem, teacher_weights_in_fp8
 from tools.bench_attention_jvp import peak_bytes, quiet_profiler_logs
 from mfmegatron.warnings_filter import quiet_expected_warnings
 
@@ -73,6 +79,7 @@ def _build(args, device, dtype):
     from models.flux.config import FluxConfig, flux_dev_config
     from models.flux.meanflow import FluxMeanFlowStudent, FluxTeacher, init_student_from_teacher
     from models.flux.model import FluxModel
+    from models.flux.parallelize import teacher_with_fp8_weights
 
     initialize_parallel()
     head_dim = args.hidden // args.heads
@@ -88,6 +95,8 @@ def _build(args, device, dtype):
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=device.type == "cpu",
+        use_transformer_engine={"local": False, "te": True, "auto": None}[args.spec],
+        **megatron_fp8_settings(args.fp8),
     )
     if args.recompute:
         settings.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -97,6 +106,8 @@ def _build(args, device, dtype):
     student = FluxModel(student_config).to(device)
     init_student_from_teacher(student, teacher)
     teacher.requires_grad_(False)
+    if teacher_weights_in_fp8(args.fp8, args.fp8_teacher_weights):
+        teacher = teacher_with_fp8_weights(teacher, device)
     with torch.no_grad():  # a student that has moved away from the teacher
         for param in student.interval_in.parameters():
             param.normal_(std=0.02)
@@ -398,11 +409,16 @@ def main(argv=None) -> int:
                         help="attention tangent pass(es) of the differential step, one row each")
     parser.add_argument("--tangent-fusion", choices=["on", "off", "both"], default="on",
                         help="the tangent rules fused by torch.compile on CUDA (on), eager (off), or a row each")
+    parser.add_argument("--spec", choices=["local", "te", "auto"], default="local",
+                        help="the linears: megatron's local layers, its Transformer Engine layers, or TE when available")
+    parser.add_argument("--fp8", choices=FP8_RECIPES, default="off", help="FP8 recipe of the TE linears' primal GEMMs")
+    parser.add_argument("--no-fp8-teacher-weights", dest="fp8_teacher_weights", action="store_false",
+                        help="with --fp8: keep the teacher's weights in bf16 (default: FP8 tensors)")
+    parser.add_argument("--steps", nargs="+", default=None, choices=["flow_matching", "meanflow_discrete", "meanflow_differential"],
+                        help="time only these steps (default: all; flow_matching is always the ratios' base)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None, help="also write the results here")
-    parser.add_argument("--step-names", nargs="+", default=None, metavar="STEP",
-                        help="run only these steps (flow_matching, meanflow_discrete, meanflow_differential...)")
     parser.add_argument("--mfu", action="store_true",
                         help="model FLOPs, TFLOP/s and MFU against a matmul peak measured here, and the "
                              "planner's predicted time, for the flow-matching and differential steps")
@@ -415,6 +431,9 @@ def main(argv=None) -> int:
     quiet_expected_warnings()
 
     device = torch.device(args.device)
+    problem = precision_problem(args.fp8, {"local": False, "te": True, "auto": None}[args.spec], device.type)
+    if problem is not None:
+        parser.error(f"cannot run --spec {args.spec} --fp8 {args.fp8} here ({problem})")
     preset = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
     for key, value in preset.items():
         if getattr(args, key.replace("-", "_")) is None:
@@ -428,15 +447,14 @@ def main(argv=None) -> int:
     print(
         f"FLUX-shaped model: width {args.hidden}, {args.heads} heads, {args.double} double + "
         f"{args.single} single blocks, {args.image_tokens} image + {args.text_tokens} text tokens, "
-        f"batch {args.batch}, {dtype}, {device}{', recompute' if args.recompute else ''}"
+        f"batch {args.batch}, {dtype}, {device}{', recompute' if args.recompute else ''}, "
+        f"{student_module.spec_name} linears, fp8 {args.fp8}"
     )
     variants = _differential_variants(args.tangent_passes, args.tangent_fusion)
     steps = _steps(teacher, student, student_module, args.discrete_steps, variants)
-    if args.step_names:
-        steps = [step for step in steps if step.__name__ in args.step_names
-                 or step.__name__.split("[")[0] in args.step_names]
-        if not steps or steps[0].__name__ != "flow_matching":
-            parser.error("--step-names must include flow_matching (the ratios are against it)")
+    if args.steps:
+        wanted = set(args.steps) | {"flow_matching"}
+        steps = [step for step in steps if step.__name__.split("[")[0] in wanted]
     results = [measure(step, inputs, student_module, device, args.warmup, args.repeats) for step in steps]
     if device.type == "cpu":
         # The profiler's allocation events, in untimed calls after every timing: a profiled call

@@ -13,9 +13,10 @@ A dist checkpoint is a megatron-core dist_checkpointing directory (torch_dist fo
 mfmegatron_flux.json (the architecture as diffusers' config.json, and the dtype). Its tensor keys
 do not depend on the layout that wrote it: it loads at any tensor / pipeline / data parallel size.
 
-Conversion streams: safetensors are read one tensor at a time (safe_open), the model's
-parameters are filled in place (built without initialisation), and export reads the checkpoint a
-block at a time and writes one safetensors shard at a time. Runs on CPU (gloo, one process) or,
+Conversion streams: safetensors are read one tensor at a time (safe_open); import plans megatron's
+save from the stage built on the meta device and fills it one block at a time while the writer
+goes through the plan (mfmegatron/conversion.py: save_dist_checkpoint_in_pieces), and export reads
+the checkpoint a block at a time and writes one safetensors shard at a time. Runs on CPU (gloo, one process) or,
 for import, under torchrun with the ranks writing their own shards.
 
 examples:
@@ -37,10 +38,10 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from mfmegatron.conversion import (  # shared with tools/convert_hunyuan_image3.py
     DTYPES,
+    CheckpointPiece,
     ConversionError,
     Progress,
     SafetensorsSource,
@@ -51,6 +52,8 @@ from mfmegatron.conversion import (  # shared with tools/convert_hunyuan_image3.
     open_safetensors,
     parse_size,
     run_and_tear_down,
+    sharded_keys,
+    staged_output,
     start_parallel,
 )
 from mfmegatron.conversion import log as _log
@@ -207,7 +210,9 @@ def run_import(args) -> dict:
         full_parameter_shapes,
         load_streamed_weights,
         meta_full_model,
+        piece_model,
         save_dist_checkpoint,
+        stage_pieces,
     )
     from models.flux.state_dict_adapter import (
         bfl_shapes,
@@ -247,10 +252,7 @@ def run_import(args) -> dict:
         check_key_sets(interval.shapes, interval_expected, interval_what)
         check_shapes(interval.shapes, interval_expected, interval_what)
 
-    if args.dry_run:
-        with torch.device("meta"):
-            model = build_flux_model(config)
-    else:
+    with torch.device("meta"):  # this rank's stage: the checkpoint's plan (keys, shapes, dtypes)
         model = build_flux_model(config)
     stage_keys = set(full_parameter_shapes(model))
     total = sum(_numel(ours[k]) for k in stage_keys) * source.dominant_itemsize()
@@ -277,26 +279,44 @@ def run_import(args) -> dict:
         get = diffusers_getter_from_bfl(source.read_rows, config)
     else:
         get = source.get
-    pairs = _release_between_blocks(to_megatron(get, config, block_indices=range(*model.block_range)), source)
-    if student:
-        pairs = itertools.chain(pairs, interval_to_megatron(interval.get))
     progress = Progress(total, "import", args.quiet)
+
+    def load_piece(piece) -> dict:
+        """One block of this rank's stage (the first piece of the first stage with the embedders,
+        the last of the last with the final layer), converted tensor by tensor from the source;
+        its files are closed afterwards so their mapped pages go too."""
+        block_range, first, last = piece
+        part = piece_model(config, piece)
+        keys = set(full_parameter_shapes(part))
+        pairs = to_megatron(get, config, block_indices=range(*block_range), top_level=first or last)
+        if student and first:
+            pairs = itertools.chain(pairs, interval_to_megatron(interval.get))
+        try:
+            load_streamed_weights(
+                part,
+                ((key, tensor) for key, tensor in pairs if key in keys),  # the other end's top-level
+                on_tensor=lambda key, tensor: progress.update(tensor.numel() * tensor.element_size()),
+            )
+        finally:
+            source.release()
+        return part.sharded_state_dict()
+
+    pieces = [CheckpointPiece(sharded_keys(piece_model(config, piece, device="meta").sharded_state_dict()),
+                              lambda piece=piece: load_piece(piece))
+              for piece in stage_pieces(config)]
+    extra_info = {"mean_flow_student": True} if student else {}
     try:
-        load_streamed_weights(
-            model,
-            ((key, tensor) for key, tensor in pairs if key in stage_keys),  # skip other stages' top-level
-            on_tensor=lambda key, tensor: progress.update(tensor.numel() * tensor.element_size()),
-        )
+        # Tensors are read while the checkpoint is written: a bad one met then leaves nothing.
+        with staged_output(output) as staging:
+            piece_loads = save_dist_checkpoint(model, staging, diffusers_config, pieces=pieces, source=source_info,
+                                               **extra_info)
     finally:
         progress.close()
-
-    save_started = time.perf_counter()
-    extra_info = {"mean_flow_student": True} if student else {}
-    save_dist_checkpoint(model, output, diffusers_config, source=source_info, **extra_info)
-    summary.update(seconds=time.perf_counter() - started, save_seconds=time.perf_counter() - save_started)
+        source.release()
+    summary.update(seconds=time.perf_counter() - started, pieces=len(pieces), piece_loads=piece_loads)
     _log(
-        f"wrote {output} ({args.dtype}) in {summary['seconds']:.1f} s "
-        f"(saving {summary['save_seconds']:.1f} s). It is layout-independent: load it at any "
+        f"wrote {output} ({args.dtype}) in {summary['seconds']:.1f} s, one block in memory at a time. "
+        f"It is layout-independent: load it at any "
         f"TP/PP size" + (f" (checked tp={tp} pp={pp} fits this model)" if single_process and tp * pp > 1 else ""),
         args.quiet,
     )
@@ -308,19 +328,6 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _release_between_blocks(pairs: Iterable, source: SafetensorsSource) -> Iterator:
-    """Unmaps the source files whenever conversion moves on to the next block."""
-    current = None
-    for key, tensor in pairs:
-        block = re.match(r"(double_blocks|single_blocks)\.\d+", key)
-        block = block.group(0) if block else None
-        if block != current:
-            source.release()
-            current = block
-        yield key, tensor
-    source.release()
 
 
 # --------------------------------------------------------------------------- export

@@ -18,12 +18,14 @@ A dist checkpoint is a megatron-core dist_checkpointing directory plus mfmegatro
 (the released config.json's fields and the dtype). Its keys are global (every expert on an expert
 axis), so it loads at any TP / EP / PP size and exports the same whatever layout wrote it.
 
-Streaming: import reads one tensor at a time (safe_open) and fills this rank's parameters in
-place: only its experts and its stage's layers are read; memory is this rank's part of the model
-plus one tensor. Export loads one layer at a time and writes one safetensors shard at a time:
-memory is about one shard plus one layer. Both write into <output>.incomplete and rename it to
-<output> only when everything is written. A world of one (gloo on CPU) holds the whole model; to
-import the released 80B model run under torchrun with EP (and TP / PP) so each rank holds its part.
+Streaming: import plans megatron's save from this rank's part of the model built on the meta
+device and fills it one layer at a time while the writer goes through the plan
+(mfmegatron/conversion.py: save_dist_checkpoint_in_pieces): each layer's tensors are read one at
+a time (safe_open) from the rank's experts and stage only; memory is one layer of this rank's part
+(the first / last also holding what precedes / follows the layers) plus one tensor, in one process
+too. Export loads one layer at a time and writes one safetensors shard at a time: memory is about
+one shard plus one layer. Both write into <output>.incomplete and rename it to <output> only when
+everything is written. Under torchrun with EP (and TP / PP) each rank reads and writes its part.
 
 examples:
   mfmegatron-convert-hunyuan-image3 import --hf HunyuanImage-3 --output ckpt/hunyuan-image3
@@ -37,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -45,6 +46,7 @@ from pathlib import Path
 
 from mfmegatron.conversion import (
     DTYPES,
+    CheckpointPiece,
     ConversionError,
     Progress,
     SafetensorsSource,
@@ -58,6 +60,7 @@ from mfmegatron.conversion import (
     require_empty_output,
     run_and_tear_down,
     shard_file_names,
+    sharded_keys,
     staged_output,
     start_parallel,
     torch_dtype,
@@ -66,7 +69,6 @@ from mfmegatron.conversion import (
 
 PROG = "mfmegatron-convert-hunyuan-image3"
 HF_WEIGHTS = "model.safetensors"
-_LAYER_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 
 
 def _numel(shape) -> int:
@@ -148,7 +150,9 @@ def run_import(args) -> dict:
         full_shape,
         load_weights,
         local_weights,
+        piece_model,
         save_dist_checkpoint,
+        stage_pieces,
     )
     from models.hunyuan_image3.state_dict_adapter import (
         check_key_sets,
@@ -210,36 +214,43 @@ def run_import(args) -> dict:
         log(f"dry run: keys, shapes and layout fit; nothing written (would write {output})", args.quiet)
         return summary
 
-    model = build_hunyuan_model(config)  # allocated, not initialised: filled below
+    with torch.device("meta"):  # this rank's part: the checkpoint's plan (keys, shapes, dtypes)
+        model = build_hunyuan_model(config)
     # This rank's parameters by full name (its experts, its stage's layers): only these are read.
     mine = [(key, param) for (key, _), (_, param) in zip(local_weights(model), model.named_parameters())]
     total = sum(_numel(full_shape(key, param)) * source.dominant_itemsize() for key, param in mine)
-    current_layer = [None]
+    progress = Progress(total, "import", args.quiet)
 
     def get_full(key: str):
-        layer = _LAYER_KEY.match(key)
-        layer = layer.group(1) if layer else None
-        if layer != current_layer[0]:
-            source.release()  # unmap the previous layer's pages: memory stays one layer's worth
-            current_layer[0] = layer
         released, swap = released_of[key]
         tensor = source.get(released)
+        source.release()  # unmap the pages just read (they count as resident until unmapped)
         return swap_glu_halves(tensor) if swap else tensor
 
-    progress = Progress(total, "import", args.quiet)
+    def load_piece(piece) -> dict:
+        """One layer of this rank's part (with what precedes / follows the layers on the first /
+        last piece), filled from the safetensors: memory holds one layer (and one tensor being
+        read) while megatron's writer takes it."""
+        piece_part = piece_model(config, piece)
+        load_weights(piece_part, get_full, on_tensor=lambda key, t: progress.update(t.numel() * t.element_size()))
+        return piece_part.sharded_state_dict()
+
+    pieces = []
+    for piece in stage_pieces(config):
+        keys = sharded_keys(piece_model(config, piece, device="meta").sharded_state_dict())
+        pieces.append(CheckpointPiece(keys, lambda piece=piece: load_piece(piece)))
+
     try:
-        load_weights(model, get_full, on_tensor=lambda key, t: progress.update(t.numel() * t.element_size()))
+        with staged_output(output) as staging:
+            piece_loads = save_dist_checkpoint(model, staging, hf_config, pieces=pieces,
+                                               source={"format": "hf", "name": Path(args.hf).name},
+                                               skipped=skipped_by_module)
     finally:
         progress.close()
         source.release()
-
-    save_started = time.perf_counter()
-    with staged_output(output) as staging:
-        save_dist_checkpoint(model, staging, hf_config, source={"format": "hf", "name": Path(args.hf).name},
-                             skipped=skipped_by_module)
-    summary.update(seconds=time.perf_counter() - started, save_seconds=time.perf_counter() - save_started)
+    summary.update(seconds=time.perf_counter() - started, pieces=len(pieces), piece_loads=piece_loads)
     log(
-        f"wrote {output} ({args.dtype}) in {summary['seconds']:.1f} s (saving {summary['save_seconds']:.1f} s). "
+        f"wrote {output} ({args.dtype}) in {summary['seconds']:.1f} s, one layer in memory at a time. "
         f"It is layout-independent: load it at any TP/EP/PP size"
         + (f" (checked tp={tp} ep={ep} pp={pp} fits this model)" if single_process and tp * ep * pp > 1 else ""),
         args.quiet,

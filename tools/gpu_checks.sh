@@ -16,6 +16,12 @@
 # 3. tools/bench_attention_jvp on CUDA: the attention JVP against the primal at 1k-4.6k tokens;
 # 4. the trainer end to end on one GPU (NCCL, bf16): the tiny recipe for 24 steps with saves,
 #    then resumed to step 30.
+# te (last). Transformer Engine and FP8 (tools/te_checks.py): TE spec vs local spec in bf16, each
+#    FP8 recipe vs bf16, FP8 recompute, bench_flux_meanflow at 1024 px micro-batch 1 and 2 (local
+#    bf16 / TE bf16 / FP8), the tiny recipe in FP8 on the distributed optimizer (TE fused Adam) run,
+#    saved, resumed and compared with an uninterrupted run. TE comes from the wheels in .whl/te/
+#    (README "GPU checks": make_te_bundle.sh with EXTRA_WHEELS) when the machine lacks it; NVTE_CUDA_INCLUDE_DIR is
+#    set to the machine's CUDA headers. Sized for about 6 minutes; not yet run on a GPU.
 #
 # Each stage has its own time limit and log file; a failing stage does not stop the next one. On an
 # H200 the four took 84 s, 57 s, 10 s and 108 s (2026-11-28), plus the machine's start.
@@ -64,7 +70,7 @@ stage bench_flux_meanflow 240 bash -c "
     cat /tmp/gpu_checks/profile/* > $log_dir/bench_profile.txt"
 stage mfu 480 "$python" -m tools.bench_flux_meanflow --device cuda --dtype bfloat16 --hidden 3072 --heads 24 \
     --double 2 --single 4 --image-tokens 4096 --text-tokens 512 --batch 2 --tangent-passes triton \
-    --step-names flow_matching meanflow_differential --warmup 3 --repeats 10 --mfu --matmul-size 8192 \
+    --steps flow_matching meanflow_differential --warmup 3 --repeats 10 --mfu --matmul-size 8192 \
     --json "$log_dir/mfu.json"
 stage bench_attention_jvp 120 "$python" -m tools.bench_attention_jvp --device cuda --dtype bfloat16 \
     --heads 24 --head-dim 128 --seq-lens 1024 2048 4096 4608 --tangent-pass logsumexp \
@@ -79,3 +85,19 @@ stage trainer 150 bash -c "
     $python ${trainer_run[*]} train.steps=24 &&
     echo '--- resume from step 24' && $python ${trainer_run[*]} train.steps=30 &&
     ls /tmp/gpu_checks/run /tmp/gpu_checks/run/checkpoints && tail -n 3 /tmp/gpu_checks/run/log.jsonl"
+# te: Transformer Engine from .whl/te/ (kept apart from .whl/*.whl so that it is installed only
+# when the machine lacks it, and the stages above run without it); torch is imported first.
+if [ -z "${NVTE_CUDA_INCLUDE_DIR:-}" ]; then
+    for dir in /usr/local/cuda/include /usr/local/cuda-*/include; do
+        [ -f "$dir/cuda_runtime.h" ] && export NVTE_CUDA_INCLUDE_DIR=$dir && break
+    done
+fi
+stage te 420 bash -c "
+    if ! $python -c 'import torch, transformer_engine.pytorch' 2>/dev/null; then
+        ls .whl/te/*.whl >/dev/null || { echo 'no Transformer Engine and no .whl/te/ (README: GPU checks)'; exit 1; }
+        $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/mfmegatron_te .whl/te/*.whl || exit 1
+        export PYTHONPATH=/tmp/mfmegatron_te\${PYTHONPATH:+:\$PYTHONPATH}
+    fi
+    $python -c 'import torch, transformer_engine, transformer_engine.pytorch; print(\"transformer_engine\", transformer_engine.__version__)' &&
+    $python -m tools.te_checks --out $log_dir/te"

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 
-from mfmegatron.jvp.linear import ColumnParallelLinear, RowParallelLinear
+from mfmegatron.jvp.linear import ColumnParallelJVP, RowParallelJVP
 
 
 class LoRA(torch.nn.Module):
@@ -91,13 +91,13 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, seed: int = 0,
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     names = []
     for name, layer in list(model.named_modules()):
-        if not isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
+        if not isinstance(layer, (ColumnParallelJVP, RowParallelJVP)):  # local or TE layers
             continue
         if include is not None and not include(name):
             continue
         weight = layer.weight
         out_local, in_local = weight.shape
-        kind = "column" if isinstance(layer, ColumnParallelLinear) else "row"
+        kind = "column" if isinstance(layer, ColumnParallelJVP) else "row"
         in_full = in_local if kind == "column" else in_local * tp_size
         whole_model_name = global_name(name) if global_name is not None else name
         generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(whole_model_name.encode())) % 2**63)

@@ -159,6 +159,22 @@ def moe_forward_jvp(moe, x, tx=None):
     )
     probs, routing_map, tprobs = route_jvp(moe, x, tx)
 
+    # Tensor parallel without sequence parallel: every TP rank holds every token. The dispatch
+    # below (its expert-TP all-gather in particular) assumes each TP rank brings its own tokens;
+    # given the replicated sequence, each expert would compute every token once per TP rank and
+    # its weight gradient would count each token that many times. So each TP rank dispatches
+    # only its share of the rows (router and shared expert ran on the whole sequence above, so
+    # their gradients stay whole, as the non-SP convention wants), exactly as under sequence
+    # parallel, and the combined output is all-gathered back to the whole sequence.
+    whole_shape, splits, tp_group = x.shape, None, getattr(moe, "attn_tp_group", None)
+    if not moe.config.sequence_parallel and tp_group is not None and tp_group.size() > 1:
+        splits = collectives.replicated_token_splits(probs.shape[0], tp_group)
+        x, tx = collectives.split_replicated_tokens(
+            x.reshape(-1, whole_shape[-1]), tx.reshape(-1, whole_shape[-1]) if with_tangent else None, tp_group, splits
+        )
+        probs, tprobs = collectives.split_replicated_tokens(probs, tprobs, tp_group, splits)
+        routing_map = collectives.split_replicated_tokens(routing_map, None, tp_group, splits)[0]
+
     # Metadata (splits, per-expert counts) and permutation 1, megatron's own code, on the primal;
     # the tangent rows (and probability tangents) follow the same routing map.
     tokens, permuted_probs = dispatcher.dispatch_preprocess(x, routing_map, probs)
@@ -220,6 +236,9 @@ def moe_forward_jvp(moe, x, tx=None):
     if with_tangent:
         with torch.no_grad():
             ty = unpermute(tout, **restore).view(dispatcher.hidden_shape)
+    if splits is not None:
+        y, ty = collectives.gather_replicated_tokens(y, ty, tp_group, splits)
+        y, ty = y.view(whole_shape), (ty.view(whole_shape) if with_tangent else None)
     if shared is not None:
         y, ty = jf.add(y, ty, shared, tshared)
     return y, ty

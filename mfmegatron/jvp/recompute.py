@@ -5,13 +5,22 @@ stop-gradient target). With recompute, the forward runs both without saving acti
 backward re-runs the block *primal only* to rebuild the graph. The tangent has no graph and is not
 needed in backward, so it is never recomputed. (FLUX blocks have no dropout, so no RNG state needs
 to be replayed.)
+
+With Transformer Engine layers in FP8 the recompute must replay the FP8 scaling state of the first
+forward (delayed scaling's amax history and scales): both phases run inside TE's
+activation-recompute context (``fp8.recompute_phase``), as megatron's ``te_checkpoint`` does. The
+first phase stashes state only when a backward will follow (grad enabled), so that a no-grad use
+leaves nothing behind for a later recompute to pick up.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
+
+from mfmegatron.jvp import fp8
 
 # run(primals, tangents or None) -> (outputs, output_tangents or None); one tangent per output.
 BlockFunction = Callable[[tuple, tuple | None], tuple[Sequence[torch.Tensor], Sequence[torch.Tensor] | None]]
@@ -24,7 +33,7 @@ class _RecomputePrimal(torch.autograd.Function):
         ctx.run = run
         ctx.num_tangents = len(tangents)
         ctx.save_for_backward(*primals)
-        with torch.no_grad():
+        with torch.no_grad(), (fp8.recompute_phase(first=True) if anchor.requires_grad else contextlib.nullcontext()):
             outputs, output_tangents = run(tuple(primals), tuple(tangents) if tangents else None)
         ctx.num_outputs = len(outputs)
         # An input passed through unchanged that needs no gradient (FLUX's temb in a LoRA fake
@@ -38,7 +47,7 @@ class _RecomputePrimal(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         primals = tuple(p.detach().requires_grad_(p.requires_grad) for p in ctx.saved_tensors)
-        with torch.enable_grad():
+        with torch.enable_grad(), fp8.recompute_phase(first=False):
             outputs, _ = ctx.run(primals, None)
         pairs = [
             (output, grad)

@@ -289,3 +289,81 @@ def reduce_scatter_tokens(primal, tangent, group, split_sizes=None):
     if _world(group) == 1:
         return primal, tangent
     return _ReduceScatterTokensPrimalAndTangent.apply(primal, tangent, group, split_sizes)
+
+
+# --------------------------------------------------------------------------- replicated tokens
+#
+# Under tensor parallel without sequence parallel every TP rank holds the whole (replicated)
+# sequence, and its gradient is the whole gradient on every rank (megatron's convention for
+# replicated activations). A region that should see each token once per TP group (the routed
+# experts: their expert-TP all-gather assumes each rank brings different tokens) takes this rank's
+# rows with ``split_replicated_tokens`` and gives the whole sequence back with
+# ``gather_replicated_tokens``. Backward is the mirror image: the kept rows' gradients are
+# all-gathered into the whole gradient, and the gathered output's gradient (whole, on every rank)
+# keeps this rank's rows. Row counts may differ between ranks (any sequence length works).
+# megatron's scatter / gather mappings need equal rows and have no tangent, hence these.
+
+
+def replicated_token_splits(rows: int, group) -> list[int]:
+    """Rows per rank when ``rows`` replicated rows are shared out over ``group`` (the first
+    ``rows % world`` ranks one more)."""
+    base, extra = divmod(rows, _world(group))
+    return [base + (1 if rank < extra else 0) for rank in range(_world(group))]
+
+
+def _own_rows(tensor, group, split_sizes):
+    start = sum(split_sizes[: dist.get_rank(group)])
+    return tensor[start : start + split_sizes[dist.get_rank(group)]]
+
+
+def _gather_rows(tensor, group, split_sizes):
+    from megatron.core.tensor_parallel.mappings import _gather_along_first_dim
+
+    return _gather_along_first_dim(tensor.contiguous(), group, split_sizes)
+
+
+class _SplitReplicatedTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, primal, tangent, group, split_sizes):
+        ctx.group, ctx.split_sizes = group, split_sizes
+        out = _own_rows(primal, group, split_sizes).contiguous()
+        if tangent is None:
+            return out, None
+        tangent_out = _own_rows(tangent, group, split_sizes).contiguous()
+        ctx.mark_non_differentiable(tangent_out)
+        return out, tangent_out
+
+    @staticmethod
+    def backward(ctx, grad_primal, grad_tangent):
+        return _gather_rows(grad_primal, ctx.group, ctx.split_sizes), None, None, None
+
+
+class _GatherReplicatedTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, primal, tangent, group, split_sizes):
+        ctx.group, ctx.split_sizes = group, split_sizes
+        if tangent is None:
+            return _gather_rows(primal, group, split_sizes), None
+        primal_out, tangent_out = _unpack_rows(_gather_rows(_pack_rows(primal, tangent), group, split_sizes))
+        ctx.mark_non_differentiable(tangent_out)
+        return primal_out, tangent_out
+
+    @staticmethod
+    def backward(ctx, grad_primal, grad_tangent):
+        return _own_rows(grad_primal, ctx.group, ctx.split_sizes).contiguous(), None, None, None
+
+
+def split_replicated_tokens(primal, tangent, group, split_sizes):
+    """Replicated rows [n, ...] -> this rank's ``split_sizes[rank]`` rows (and the tangent's);
+    backward all-gathers the rows' gradients into the whole (replicated) gradient."""
+    if _world(group) == 1:
+        return primal, tangent
+    return _SplitReplicatedTokens.apply(primal, tangent, group, split_sizes)
+
+
+def gather_replicated_tokens(primal, tangent, group, split_sizes):
+    """This rank's rows -> all ranks' rows [n, ...] (primal and tangent in one all-gather), to be
+    used replicated; backward keeps this rank's rows of the (whole, replicated) gradient."""
+    if _world(group) == 1:
+        return primal, tangent
+    return _GatherReplicatedTokens.apply(primal, tangent, group, split_sizes)

@@ -56,7 +56,22 @@ class ModelSection:
     two embeddings added to ``<timestep>``'s row (no new tokens; starts exactly at the
     conditional teacher)."""
     recompute: bool = False
-    """Activation recompute of every block (the primal only; tangents are never recomputed)."""
+    """Activation recompute of every block (the primal only; tangents are never recomputed). With
+    TE layers in FP8 the recompute replays the first forward's FP8 scaling state (TE's
+    activation-recompute context, as megatron's ``te_checkpoint``)."""
+    use_transformer_engine: bool | None = None
+    """The networks' linears: megatron's Transformer Engine layers (true), the local ones (false),
+    or TE when it imports and CUDA is available (null). True without TE is an error."""
+    fp8: Literal["off", "delayed", "tensorwise", "blockwise"] = "off"
+    """FP8 GEMMs of the TE linears (primal only; tangents stay bf16, outside the FP8 autocast):
+    delayed scaling (amax history), tensorwise (current per-tensor scaling) or blockwise (1x128
+    activations, 128x128 weights; Hopper, CUDA >= 12.9). Needs TE and a GPU of compute capability
+    >= 8.9 (blockwise: 9.0); checked before any network is built."""
+    fp8_teacher_weights: bool = True
+    """With ``fp8`` tensorwise or blockwise: the frozen teacher's TE weights become FP8 tensors
+    once, after the student is initialised from the full-precision teacher (half the teacher's
+    weight memory; tangents and bf16 GEMMs use them dequantized). Not with delayed scaling, whose
+    weight scale would be the initial one (``mfmegatron/jvp/fp8.py``)."""
     vae_path: str | None = None
     """For ``meanflow.z_source=data``: the teacher's VAE, a diffusers ``AutoencoderKL`` folder
     (FLUX.1-dev's ``vae`` subfolder), which encodes the image shards' images to latents."""

@@ -32,7 +32,7 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from mfmegatron.config import to_dict
+from mfmegatron.config import ConfigError, to_dict
 from mfmegatron.data import (
     PromptBatchLoader,
     PromptShardReader,
@@ -41,6 +41,7 @@ from mfmegatron.data import (
 )
 from mfmegatron.data.format import MANIFEST_NAME, Manifest
 from mfmegatron.data.images import ImageBatchLoader, LatentBatchLoader, build_image_loader
+from mfmegatron.jvp import fp8
 from mfmegatron.meanflow import (
     DIFFERENTIAL,
     AutomaticWarmup,
@@ -89,10 +90,24 @@ def _step_generator(seed: int, step: int, dp_rank: int, device) -> torch.Generat
     return generator
 
 
+def precision_problem(config: TrainConfig) -> str | None:
+    """Why the recipe's ``model.fp8`` / ``model.use_transformer_engine`` cannot run here (one
+    line), or None; checked before the process groups or any network exist."""
+    model = config.model
+    family = get_family(model.family)
+    if (model.use_transformer_engine or model.fp8 != "off") and not getattr(family, "transformer_engine_spec", False):
+        return (f"model.family={model.family} has no Transformer Engine layer spec yet: set "
+                "model.use_transformer_engine=null and model.fp8=off")
+    return fp8.precision_problem(model.fp8, model.use_transformer_engine)
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         parallel = config.parallel
+        problem = precision_problem(config)
+        if problem is not None:
+            raise ConfigError(problem)
         self.info = initialize_parallel(
             ParallelConfig(
                 tensor_parallel_size=parallel.tensor_parallel_size,

@@ -40,6 +40,11 @@ class FluxConfig(TransformerConfig):
     # The attention JVP's tangent pass (mfmegatron.jvp.attention.attention_jvp): "auto",
     # "logsumexp", "triton" or "online". "auto" picks per device and dtype.
     attention_tangent_pass: str = "auto"
+    # Which linears the model is built from (models/flux/layer_specs.py): True megatron's
+    # Transformer Engine layers, False the local ones, None TE when it imports and CUDA is there.
+    # FP8 (megatron's ``fp8`` / ``fp8_recipe``) needs TE; ``fp8_param`` builds the weights as FP8
+    # tensors (the frozen teacher's).
+    use_transformer_engine: bool | None = None
 
     def __post_init__(self):
         self.num_layers = self.num_double_layers + self.num_single_layers

@@ -32,6 +32,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from mfmegatron.jvp import functional as jf
 from mfmegatron.jvp.attention import attention, attention_jvp
+from mfmegatron.jvp.fp8 import quantized_weights
 from mfmegatron.jvp.recompute import checkpoint_primal
 from mfmegatron.parallel import collectives
 from models.flux.config import FluxConfig
@@ -425,7 +426,8 @@ class FluxModel(MegatronModule):
         block_range: tuple[int, int] | None = None,
     ):
         super().__init__(config)
-        spec = spec or get_flux_layer_spec()
+        spec = spec or get_flux_layer_spec(config.use_transformer_engine)
+        self.spec_name = spec.name
         self.pre_process, self.post_process = pre_process, post_process
         start, end = block_range if block_range is not None else (0, config.num_layers)
         self.block_range = (start, end)
@@ -448,17 +450,21 @@ class FluxModel(MegatronModule):
             self.img_in = ReplicatedLinear(config.in_channels * config.patch_size**2, h, dtype=dtype)
             self.txt_in = ReplicatedLinear(config.joint_attention_dim, h, dtype=dtype)
 
-        self.double_blocks = torch.nn.ModuleList(
-            DoubleStreamBlock(config, spec) for _ in range(start, min(end, config.num_double_layers))
-        )
-        self.single_blocks = torch.nn.ModuleList(
-            SingleStreamBlock(config, spec)
-            for _ in range(max(start, config.num_double_layers), end)
-        )
+        # With config.fp8_param (the frozen teacher in FP8) the TE linears' weights are built as
+        # FP8 tensors; nothing else changes.
+        with quantized_weights(config):
+            self.double_blocks = torch.nn.ModuleList(
+                DoubleStreamBlock(config, spec) for _ in range(start, min(end, config.num_double_layers))
+            )
+            self.single_blocks = torch.nn.ModuleList(
+                SingleStreamBlock(config, spec)
+                for _ in range(max(start, config.num_double_layers), end)
+            )
+            # scale, shift (this order); applied after the image tokens are gathered.
+            final_mod = AdaLNModulation(config, spec, chunks=2, applied_to_sequence_chunks=False) if post_process else None
 
         if post_process:
-            # scale, shift (this order); applied after the image tokens are gathered.
-            self.final_mod = AdaLNModulation(config, spec, chunks=2, applied_to_sequence_chunks=False)
+            self.final_mod = final_mod
             self.final_proj = ReplicatedLinear(
                 h, config.patch_size**2 * config.out_channels, dtype=dtype
             )

@@ -59,6 +59,40 @@ def build_flux_model(config: FluxConfig, spec: FluxLayerSpec | None = None) -> F
     )
 
 
+def stage_pieces(config: FluxConfig) -> list[tuple[tuple[int, int], bool, bool]]:
+    """(block range, first, last) of this rank's stage in pieces of one block: the first piece of
+    the first stage also holds the embedders, the last piece of the last stage the final layer."""
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    stages = parallel_state.get_pipeline_model_parallel_world_size()
+    start, end = pipeline_block_range(config, stage)
+    return [((i, i + 1), stage == 0 and i == start, stage == stages - 1 and i == end - 1) for i in range(start, end)]
+
+
+def piece_model(config: FluxConfig, piece, device=None) -> FluxModel:
+    """This rank's part (its TP shards) of one ``stage_pieces`` entry."""
+    block_range, first, last = piece
+    with torch.device(device or "cpu"):
+        return FluxModel(config, pre_process=first, post_process=last, block_range=block_range)
+
+
+def teacher_with_fp8_weights(teacher: FluxModel, device) -> FluxModel:
+    """The frozen teacher rebuilt with its Transformer Engine linears' weights as FP8 tensors
+    (``config.fp8_param``: TE's quantized parameters, scaled by the config's FP8 recipe) and its
+    weights copied in: each weight is quantized once, here. The other parameters (embedders,
+    norms, the replicated projections) stay in the teacher's dtype. The full-precision teacher
+    is dropped by the caller, so the peak holds both for the moment of the copy."""
+    import dataclasses
+
+    config = dataclasses.replace(teacher.config, fp8_param=True, perform_initialization=False)
+    with torch.no_grad():
+        quantized = FluxModel(config, pre_process=teacher.pre_process, post_process=teacher.post_process,
+                              block_range=teacher.block_range).to(device)
+        sources = dict(teacher.named_parameters())
+        for name, param in quantized.named_parameters():
+            param.copy_(sources[name])
+    return quantized.requires_grad_(False)
+
+
 def _tp_shard(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     if not getattr(param, "tensor_model_parallel", False):
         return full
@@ -187,9 +221,13 @@ def meta_full_model(config: FluxConfig) -> FluxModel:
     """The whole model (every block, first and last stage parts) on the meta device: shapes only."""
     import dataclasses
 
-    shape_config = dataclasses.replace(config, use_cpu_initialization=True, perform_initialization=False)
+    from models.flux.layer_specs import LOCAL_SPEC
+
+    # The local spec whatever the config asks: TE's layers have the same parameters but need CUDA.
+    shape_config = dataclasses.replace(config, use_cpu_initialization=True, perform_initialization=False,
+                                       fp8_param=False)
     with torch.device("meta"):
-        return FluxModel(shape_config, block_range=(0, config.num_layers))
+        return FluxModel(shape_config, LOCAL_SPEC, block_range=(0, config.num_layers))
 
 
 def _sharded_tensors(sharded_state_dict: dict) -> dict:
@@ -204,15 +242,19 @@ def checkpoint_tensor_shapes(config: FluxConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.global_shape) for k, v in _sharded_tensors(meta_full_model(config).sharded_state_dict()).items()}
 
 
-def save_dist_checkpoint(model: FluxModel, directory, diffusers_config: dict, **info) -> None:
+def save_dist_checkpoint(model: FluxModel, directory, diffusers_config: dict, pieces=None, **info) -> int | None:
     """Saves this stage's shards into ``directory``; every rank of the job calls it.
 
     ``diffusers_config`` (the architecture, as diffusers' config.json) and ``info`` go into
-    ``mfmegatron_flux.json`` next to megatron's files.
+    ``mfmegatron_flux.json`` next to megatron's files. ``pieces`` (``conversion.CheckpointPiece``,
+    e.g. from ``stage_pieces``): ``model`` may be on the meta device (it gives the plan) and the
+    data come from the pieces, one in memory at a time; returns how many piece loads that took.
     """
     from pathlib import Path
 
     from megatron.core import dist_checkpointing
+
+    from mfmegatron.conversion import save_dist_checkpoint_in_pieces
 
     directory = Path(directory)
     rank = dist.get_rank()
@@ -223,10 +265,15 @@ def save_dist_checkpoint(model: FluxModel, directory, diffusers_config: dict, **
     if rank == 0:
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(directory))
+    piece_loads = None
+    if pieces is None:
+        dist_checkpointing.save(model.sharded_state_dict(), str(directory))
+    else:
+        piece_loads = save_dist_checkpoint_in_pieces(model.sharded_state_dict(), directory, pieces)
     if rank == 0:
         (directory / CHECKPOINT_INFO_FILE).write_text(checkpoint_info_json(model.config, diffusers_config, **info))
     dist.barrier()
+    return piece_loads
 
 
 def checkpoint_info_json(config: FluxConfig, diffusers_config: dict, **info) -> str:

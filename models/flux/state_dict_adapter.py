@@ -122,17 +122,18 @@ def _block_layout(index: int, config: FluxConfig) -> tuple[str, str, dict, dict]
 
 
 def to_megatron(
-    get: Callable[[str], torch.Tensor], config: FluxConfig, block_indices: range | None = None
+    get: Callable[[str], torch.Tensor], config: FluxConfig, block_indices: range | None = None,
+    top_level: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (our key, tensor) from diffusers tensors fetched one at a time by ``get(key)``.
 
     Streaming (a getter, a generator) lets a 12B conversion hold a block at a time.
-    ``block_indices`` restricts the blocks (global indices, doubles first); top-level weights are
-    always included.
+    ``block_indices`` restricts the blocks (global indices, doubles first); the top-level weights
+    (embedders, final layer) come first unless ``top_level`` is False.
     """
     h = config.hidden_size
     head_dim = config.kv_channels
-    for old, new in _top_level_renames(config).items():
+    for old, new in _top_level_renames(config).items() if top_level else ():
         for suffix in ("weight", "bias"):
             yield f"{new}.{suffix}", get(f"{old}.{suffix}")
     blocks = block_indices if block_indices is not None else range(config.num_layers)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mfmegatron.jvp.fp8 import megatron_fp8_settings, teacher_weights_in_fp8
 from mfmegatron.jvp.lora import add_lora, share_parameters
 from models.flux.config import FLUX_CONFIGS, FluxConfig
 from models.flux.cost import (
@@ -27,6 +28,7 @@ from models.flux.parallelize import (
     load_dist_checkpoint,
     meta_full_model,
     pipeline_seq_length,
+    teacher_with_fp8_weights,
 )
 from models.flux.state_dict_adapter import megatron_block_key_to_global
 from models.flux.vae import PATCH, FluxImageEncoder, PixelImageEncoder, pack_latents, unpack_latents
@@ -40,6 +42,9 @@ PIXELS_PER_TOKEN = 16
 
 class FluxFamily:
     name = "flux"
+    transformer_engine_spec = True
+    """models/flux/layer_specs.py builds the networks from TE layers (model.use_transformer_engine,
+    model.fp8)."""
 
     # -- configs and networks ------------------------------------------------------------------
 
@@ -56,6 +61,8 @@ class FluxFamily:
             bf16=dtype == torch.bfloat16,
             mean_flow_student=student,
             use_cpu_initialization=not torch.cuda.is_available(),
+            use_transformer_engine=model.use_transformer_engine,
+            **megatron_fp8_settings(model.fp8),
         )
         if model.recompute:
             settings.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -77,19 +84,22 @@ class FluxFamily:
         student = build_flux_model(self.model_config(config, student=True)).to(device)
         init_student_from_teacher(student, teacher)
         fake = None
+        alignment = config.alignment
         if with_fake:
             fake = build_flux_model(self.model_config(config, student=False)).to(device)
-            alignment = config.alignment
-            if alignment.fake_network == "lora":
-                # The teacher's own (frozen) weights plus trainable low-rank updates of every
-                # tensor-parallel linear; the fake's freshly built weights are dropped.
-                share_parameters(fake, teacher)
-                add_lora(fake, alignment.lora_rank, alignment.lora_alpha, seed=config.train.seed,
-                         global_name=lambda name: megatron_block_key_to_global(name, fake.block_range, fake.config))
-            else:
+            if alignment.fake_network == "full":
                 with torch.no_grad():
                     for (_, target), (_, source) in zip(fake.named_parameters(), teacher.named_parameters()):
                         target.copy_(source)
+        if teacher_weights_in_fp8(config.model.fp8, config.model.fp8_teacher_weights):
+            # After the student and a full fake copied the full-precision weights.
+            teacher = teacher_with_fp8_weights(teacher, device)
+        if with_fake and alignment.fake_network == "lora":
+            # The teacher's own (frozen) weights plus trainable low-rank updates of every
+            # tensor-parallel linear; the fake's freshly built weights are dropped.
+            share_parameters(fake, teacher)
+            add_lora(fake, alignment.lora_rank, alignment.lora_alpha, seed=config.train.seed,
+                     global_name=lambda name: megatron_block_key_to_global(name, fake.block_range, fake.config))
         return Networks(teacher=teacher, student=student, fake=fake)
 
     def build_flow_network(self, config, device: torch.device) -> FluxModel:

@@ -62,6 +62,12 @@ class HunyuanImage3Config(TransformerConfig):
     # embeddings; "embedding" = no extra tokens, the embeddings added to ``<timestep>``'s row (ours:
     # not loadable by the official code).
     student_conditioning: str = "tokens"
+    # The router's weight dtype: float32 as released (and used in float32 either way,
+    # ``moe_router_dtype``), or False for ``params_dtype``, megatron's convention. A network that
+    # trains in bf16 needs the latter: megatron's mixed-precision optimizers pair model and main
+    # parameters assuming one floating dtype, and a float32 parameter among bf16 ones breaks their
+    # checkpoints (the plain optimizer's shapes mismatch, the distributed one's buffer copy fails).
+    router_weight_fp32: bool = True
 
     def __post_init__(self):
         if self.kv_channels is None and self.num_attention_heads:

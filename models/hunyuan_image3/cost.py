@@ -284,7 +284,7 @@ def tensor_parallel_traffic(architecture: HunyuanImage3Config, config, network: 
     if layout.tp == 1:
         return volume
     if not layout.sequence_parallel:
-        raise ValueError(f"HunyuanImage 3.0 needs sequence parallel with TP={layout.tp}")
+        raise ValueError(f"the cost model counts TP collectives with sequence parallel only (TP={layout.tp})")
     if phase not in ("forward", "forward_jvp", "backward"):
         raise ValueError(f"phase must be 'forward', 'forward_jvp' or 'backward', got {phase!r}")
     backward = phase == "backward"
@@ -341,9 +341,9 @@ def expert_traffic(architecture: HunyuanImage3Config, config, network: str, rows
     backward = phase == "backward"
     copies = 2 if phase == "forward_jvp" else 1
     layers = _stage_layer_count(a, config, stage)
-    local_tokens = rows * sequence_layout(architecture, config, network).tokens
-    if layout.sequence_parallel:
-        local_tokens //= layout.tp
+    # With or without sequence parallel each TP rank dispatches its 1/TP of the tokens
+    # (without it, its share of the replicated sequence: jvp/moe.moe_forward_jvp).
+    local_tokens = rows * sequence_layout(architecture, config, network).tokens // layout.tp
     routed = local_tokens * a.moe_router_topk  # rows this rank sends (and, balanced, receives)
     token_bytes, probability_bytes = routed * a.hidden_size * e, routed * PROBABILITY_BYTES
     # One layer's; every layer of the stage does the same.
@@ -481,15 +481,20 @@ def gradient_traffic(architecture: HunyuanImage3Config, config, network: str, st
 
 
 def layout_problem(architecture: HunyuanImage3Config, config) -> str | None:
-    """Why HunyuanImage 3.0 cannot train at the recipe's layout, or None
+    """Why HunyuanImage 3.0 cannot train, or cannot be planned, at the recipe's layout, or None
     (``parallelize.check_layout``: TP splits whole KV groups, heads, vocabulary and shared expert
-    and needs sequence parallel; EP divides the experts, expert TP their width, PP the layers)."""
+    (sequence parallel optional); EP divides the experts, expert TP their width, PP the layers)."""
     from models.hunyuan_image3.parallelize import LayoutError, check_layout
 
     layout = layout_of(config)
     try:
         check_layout(architecture, tp=layout.tp, ep=layout.ep, pp=layout.pp, etp=layout.etp,
-                     sequence_parallel=layout.sequence_parallel, training=True)
+                     sequence_parallel=layout.sequence_parallel)
     except LayoutError as error:
         return str(error)
+    if layout.tp > 1 and not layout.sequence_parallel:
+        # The model trains so (parallelize.check_layout allows it), but tensor_parallel_traffic
+        # only models sequence parallel's collectives: the planner does not offer this layout.
+        return (f"tensor parallel {layout.tp} without sequence parallel trains but is not in the cost model "
+                "(its TP all-reduces are not counted): plan with sequence parallel")
     return None

@@ -249,7 +249,7 @@ def dispatch_buffer_bytes(architecture: HunyuanImage3Config, config, tokens: flo
     a = architecture
     e = _element_bytes(config)
     layout = layout_of(config)
-    local = tokens / (layout.tp if layout.sequence_parallel else 1)
+    local = tokens / layout.tp  # each TP rank dispatches 1/TP of the tokens, with or without SP
     copies = 2 if with_tangent else 1
     sent = local * a.moe_router_topk
     gathered = sent * layout.etp

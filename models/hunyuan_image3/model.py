@@ -28,8 +28,9 @@ released ``gate_and_up_proj`` is ``[up; gate]`` and is swapped by ``state_dict_a
 Numerics as the official code: RMSNorm, RoPE tables and rotation, the router weight, logits and
 softmax in float32; results cast back to the activation dtype.
 
-Parallelism: tensor parallel needs sequence parallel (megatron's MoELayer requires it when
-training): activations between layers are sequence chunks ``[s/tp, b, h]``; experts are split
+Parallelism: tensor parallel with sequence parallel keeps activations between layers as sequence
+chunks ``[s/tp, b, h]``; without it they are the whole sequence on every TP rank, and each rank
+dispatches its share of the tokens to the routed experts (``jvp/moe.py``); experts are split
 over expert parallel (and expert tensor parallel); pipeline stages hold a contiguous range of
 layers and pass the [s, b, h] activation. The image-path modules are replicated over TP. See
 ``parallelize.py``.
@@ -285,9 +286,11 @@ class DecoderLayer(MegatronModule):
         )
         # The released router weight is float32 and used in float32; megatron stores it in
         # params_dtype (bf16 would round the released weights and move routing decisions).
-        # A float64 trunk (tests) keeps it in float64.
-        router = self.mlp.router
-        router.weight.data = router.weight.data.to(torch.promote_types(dtype, torch.float32))
+        # A float64 trunk (tests) keeps it in float64. Trainable bf16 networks keep megatron's
+        # convention (``router_weight_fp32``).
+        if config.router_weight_fp32:
+            router = self.mlp.router
+            router.weight.data = router.weight.data.to(torch.promote_types(dtype, torch.float32))
 
     def forward(self, x, rope, image_spans=None):
         return self.forward_jvp(x, None, rope, image_spans)[0]

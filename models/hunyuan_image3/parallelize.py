@@ -8,8 +8,9 @@ over TP): ``linear_qkv`` rows are whole KV groups, the embedding and ``lm_head``
 SwiGLU ``linear_fc1`` (``[gate; up]`` in full) is split per half: rank ``r`` holds
 ``[gate_r; up_r]``, as megatron's GLU chunks its local output in two.
 Pipeline stages hold contiguous layer ranges (``pipeline_layer_range``: an even split, or the
-config's explicit ``pipeline_layers``); full names use global layer indices. Tensor parallel needs
-sequence parallel (megatron's MoELayer refuses TP without SP in training).
+config's explicit ``pipeline_layers``); full names use global layer indices. Tensor parallel
+runs with or without sequence parallel (without it, each TP rank dispatches its share of the
+replicated tokens to the routed experts: ``mfmegatron.jvp.moe``).
 
 ``check_layout`` says, in one line and before any process group or model exists, why a layout
 cannot hold the model (every rank computes the same answer from the same config, so no rank is
@@ -62,16 +63,14 @@ def check_layout(
     sequence_parallel: bool | None = None,
     pipeline_layers=None,
     seq_length: int | None = None,
-    training: bool = True,
 ) -> None:
     """Raises LayoutError (one line) if the model cannot be split this way. Sizes default to the
     config's; ``etp`` (expert tensor parallel) defaults to ``tp`` (megatron's default);
-    ``seq_length``: checked only when known. ``training``: TP then needs sequence parallel
-    (megatron's MoELayer refuses TP without SP when training; a frozen teacher may run without).
+    ``seq_length``: checked only when known.
 
     The rules: TP splits whole KV groups (TP divides the groups, hence TP <= groups), the heads,
-    the vocabulary rows and the shared expert; TP needs sequence parallel when training, and the
-    sequence then splits into TP chunks; EP divides the experts; expert TP splits each expert's gate and up
+    the vocabulary rows and the shared expert; under sequence parallel the sequence splits into
+    TP chunks; EP divides the experts; expert TP splits each expert's gate and up
     halves; PP divides the layers unless ``pipeline_layers`` names each stage's count."""
     tp = config.tensor_model_parallel_size if tp is None else tp
     ep = config.expert_model_parallel_size if ep is None else ep
@@ -102,8 +101,6 @@ def check_layout(
         if config.moe_shared_expert_intermediate_size and config.moe_shared_expert_intermediate_size % tp:
             problems.append(f"tensor parallel {tp} does not divide the shared expert's width "
                             f"{config.moe_shared_expert_intermediate_size}")
-        if training and tp > 1 and not sequence_parallel:
-            problems.append(f"tensor parallel {tp} needs sequence parallel (megatron's MoE layer requires it)")
         if tp > 1 and sequence_parallel and seq_length is not None and seq_length % tp:
             problems.append(f"sequence parallel splits the sequence in {tp}: length {seq_length} is not a multiple")
         if experts % ep:
@@ -139,9 +136,8 @@ def pipeline_layer_range(config: HunyuanImage3Config, stage: int) -> tuple[int, 
 
 
 def build_hunyuan_model(config: HunyuanImage3Config) -> HunyuanImage3Model:
-    """This rank's model, or its pipeline stage of it. The layout is checked first (one line);
-    TP without SP is left to megatron's MoELayer, which refuses it only when training."""
-    check_layout(config, training=False)
+    """This rank's model, or its pipeline stage of it. The layout is checked first (one line)."""
+    check_layout(config)
     _check_supported_layout(config)
     stage = parallel_state.get_pipeline_model_parallel_rank()
     stages = parallel_state.get_pipeline_model_parallel_world_size()
@@ -296,16 +292,25 @@ CHECKPOINT_INFO_FILE = "mfmegatron_hunyuan_image3.json"
 CHECKPOINT_FORMAT = "mfmegatron-hunyuan-image3-dist-checkpoint"
 
 
-def save_dist_checkpoint(model: HunyuanImage3Model, directory, hf_config: dict, **info) -> None:
+def save_dist_checkpoint(model: HunyuanImage3Model, directory, hf_config: dict, pieces=None, **info) -> int | None:
     """Saves this rank's part into the existing ``directory``; every rank of the job calls it.
-    ``hf_config`` and ``info`` go into ``CHECKPOINT_INFO_FILE`` (written last, by rank 0)."""
+    ``hf_config`` and ``info`` go into ``CHECKPOINT_INFO_FILE`` (written last, by rank 0).
+    ``pieces`` (``conversion.CheckpointPiece``, e.g. from ``stage_pieces``): ``model`` may be on the
+    meta device (it gives the plan) and the data come from the pieces, one in memory at a time;
+    returns how many piece loads that took (None without pieces)."""
     import json
     from pathlib import Path
 
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    dist_checkpointing.save(model.sharded_state_dict(), str(directory))
+    from mfmegatron.conversion import save_dist_checkpoint_in_pieces
+
+    piece_loads = None
+    if pieces is None:
+        dist_checkpointing.save(model.sharded_state_dict(), str(directory))
+    else:
+        piece_loads = save_dist_checkpoint_in_pieces(model.sharded_state_dict(), directory, pieces)
     if dist.get_rank() == 0:
         record = {
             "format": CHECKPOINT_FORMAT,
@@ -316,6 +321,7 @@ def save_dist_checkpoint(model: HunyuanImage3Model, directory, hf_config: dict, 
         }
         (Path(directory) / CHECKPOINT_INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
     dist.barrier()
+    return piece_loads
 
 
 def read_checkpoint_info(directory) -> dict:
@@ -355,6 +361,23 @@ def export_pieces(config: HunyuanImage3Config) -> list[tuple[tuple[int, int], bo
     first also holds what precedes the layers, the last what follows them."""
     last = config.num_layers - 1
     return [((i, i + 1), i == 0, i == last) for i in range(config.num_layers)]
+
+
+def stage_pieces(config: HunyuanImage3Config) -> list[tuple[tuple[int, int], bool, bool]]:
+    """``export_pieces`` for this rank's pipeline stage: one layer each, the first also holding
+    what precedes the layers on the first stage, the last what follows them on the last."""
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    stages = parallel_state.get_pipeline_model_parallel_world_size()
+    start, end = pipeline_layer_range(config, stage)
+    return [((i, i + 1), stage == 0 and i == start, stage == stages - 1 and i == end - 1) for i in range(start, end)]
+
+
+def piece_model(config: HunyuanImage3Config, piece, device=None) -> HunyuanImage3Model:
+    """This rank's part (its TP shards, its experts) of one ``stage_pieces`` entry, at the
+    config's layout; parameters as the config allocates them."""
+    layer_range, first, last = piece
+    with torch.device(device or "cpu"):
+        return HunyuanImage3Model(config, pre_process=first, post_process=last, layer_range=layer_range)
 
 
 def one_layer_model(config: HunyuanImage3Config, piece, device=None) -> HunyuanImage3Model:

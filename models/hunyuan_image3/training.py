@@ -130,9 +130,12 @@ class HunyuanImage3Family:
 
     # -- configs and networks ------------------------------------------------------------------
 
-    def model_config(self, config, student: bool) -> HunyuanImage3Config:
+    def model_config(self, config, student: bool, trainable: bool | None = None) -> HunyuanImage3Config:
         """The teacher's (or the student's) config: the checkpoint's architecture, or the preset's,
-        with ``model.overrides``, the parallel layout and the dtype."""
+        with ``model.overrides``, the parallel layout and the dtype. ``trainable`` (default: the
+        student is, the teacher is not) stores the router weight in the model's dtype, as
+        megatron's optimizers need (``router_weight_fp32``)."""
+        trainable = student if trainable is None else trainable
         model, parallel = config.model, config.parallel
         dtype = torch.bfloat16 if model.dtype == "bf16" else torch.float32
         settings = dict(model.overrides)
@@ -147,6 +150,7 @@ class HunyuanImage3Family:
             bf16=dtype == torch.bfloat16,
             use_cpu_initialization=not torch.cuda.is_available(),
             image_path=True,
+            router_weight_fp32=not trainable,
         )
         if student:
             settings.update(use_meanflow=True, cfg_distilled=True, student_conditioning=model.student_conditioning)
@@ -170,10 +174,10 @@ class HunyuanImage3Family:
             self._teacher_config = (config, self.model_config(config, student=False))
         return self._teacher_config[1]
 
-    def _build(self, config, device, student: bool):
+    def _build(self, config, device, student: bool, trainable: bool):
         from models.hunyuan_image3.parallelize import build_hunyuan_model, check_layout, mark_routed_experts
 
-        architecture = self.model_config(config, student)
+        architecture = self.model_config(config, student, trainable)
         check_layout(architecture, seq_length=self.sequence_length(config))
         return mark_routed_experts(build_hunyuan_model(architecture)).to(device)
 
@@ -182,17 +186,18 @@ class HunyuanImage3Family:
         from mfmegatron.training.family import Networks
         from models.hunyuan_image3.meanflow import init_student_from_teacher, lora_covers
 
-        teacher = self._build(config, device, student=False)
+        teacher = self._build(config, device, student=False, trainable=False)
         if config.model.teacher_checkpoint is not None:
             load_dist_checkpoint(teacher, config.model.teacher_checkpoint)
         teacher.requires_grad_(False)
         teacher.classifier_free_guidance = True  # stage_forward runs it as the CFG teacher
-        student = self._build(config, device, student=True)
+        student = self._build(config, device, student=True, trainable=True)
         init_student_from_teacher(student, teacher)
         fake = None
         if with_fake:
-            fake = self._build(config, device, student=False)
             alignment = config.alignment
+            # A LoRA fake network trains its factors only; its weights are the teacher's.
+            fake = self._build(config, device, student=False, trainable=alignment.fake_network != "lora")
             if alignment.fake_network == "lora":
                 share_parameters(fake, teacher)
                 add_lora(fake, alignment.lora_rank, alignment.lora_alpha, seed=config.train.seed,
