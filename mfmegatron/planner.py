@@ -391,6 +391,11 @@ def candidate_layouts(config, world_size: int):
                 parallel.sequence_parallel, parallel.use_distributed_optimizer = sp, distributed
                 parallel.num_microbatches = global_rows // dp
                 candidate.model.recompute = recompute
+                # megatron's expert mesh (expert TP x EP x expert-DP) must tile each pipeline
+                # stage's TP x DP ranks: with the recipe's EP a deep pipeline can leave too few.
+                expert_tp = parallel.expert_tensor_parallel_size or tp
+                if (tp * dp) % (expert_tp * parallel.expert_parallel_size):
+                    continue
                 if family.layout_problem(candidate) is None:
                     yield candidate
 

@@ -326,3 +326,54 @@ def test_plan_cli_prints_the_breakdown_and_one_line_errors(capsys):
     assert [int(line.split()[0]) for line in scaling] == [2, 4, 8] and "100.0%" in scaling[0]
     assert main(["recipes/flux_tiny_cpu.yaml", "--gpus", "2", "--weak-scaling", "2,x"]) == 2
     assert capsys.readouterr().err.startswith("error: --weak-scaling takes GPU counts")
+
+
+def test_weak_scaling_is_the_hand_calculation():
+    """FLUX.1-dev's 8xH100 recipe (TP=4 x DP=2, distributed optimizer) from 8 to 64 GPUs by hand:
+    compute and the TP collectives (inside a node) stay; only DP grows, whose reduce-scatter and
+    all-gather each move (DP - 1) / DP of the bf16 gradient buffer over the busiest link: NVLink
+    while TP x DP fits a node (8 GPUs), the inter-node link beyond. Per-GPU throughput is the
+    per-replica batch over the step time, so the efficiency is the ratio of step times."""
+    from mfmegatron.planner import weak_scaling
+    from mfmegatron.training.memory import GB
+
+    config = load_config(TrainConfig, "recipes/flux_dev_8xh100.yaml", [])
+    cluster = CLUSTERS["h100"]
+    step = step_cost(config, 8, "differential target", cluster)
+    gradient_buffer = step.traffic.bytes["dp reduce_scatter"]
+    assert step.traffic.bytes["dp all_gather"] == gradient_buffer
+    assert gradient_buffer == pytest.approx(3.02e9 * 2, rel=1e-3)  # the student's rank share, bf16
+    compute = step.hardware_flops / 8 / (cluster.peak_bf16_tflops * 1e12 * cluster.gemm_efficiency)
+    tp = step.time_parts["tp communication"]
+
+    def seconds(dp: int, link_gb_per_s: float) -> float:
+        return compute + tp + 2 * gradient_buffer * (dp - 1) / dp / (link_gb_per_s * GB)
+
+    by_hand = {8: seconds(2, cluster.intra_node_gb_per_s), 64: seconds(16, cluster.inter_node_gb_per_s)}
+    rows = {row[0]: row for row in weak_scaling(config, [8, 64], cluster, "differential target")}
+    for gpus, expected in by_hand.items():
+        assert rows[gpus][1] == pytest.approx(expected, rel=1e-9)
+        # samples/s: 4 rows per replica (micro-batch 1 x 4 micro-batches) x DP = GPUs / TP=4
+        assert rows[gpus][3] == pytest.approx(4 * (gpus // 4) / expected, rel=1e-9)
+    assert rows[64][4] == pytest.approx(by_hand[8] / by_hand[64], rel=1e-9)
+    assert 0.90 < rows[64][4] < 0.92  # 90.8%: the DP collectives crossing nodes cost the rest
+
+
+def test_layout_search_keeps_only_layouts_the_expert_mesh_tiles(tmp_path):
+    """HunyuanImage's tiny recipe at EP=2 on 4 GPUs: TP=2 x PP=2 leaves 2 ranks per stage for an
+    expert TP x EP mesh of 4, which megatron cannot build (the search divided by its zero-sized
+    expert-DP group: ZeroDivisionError). Every layout listed has expert TP x EP dividing TP x DP."""
+    from mfmegatron.training.family import FAMILIES
+
+    if "hunyuan_image3" not in FAMILIES:
+        pytest.skip("the HunyuanImage 3.0 trainer family is not registered")
+    from models.hunyuan_image3.tokenizer import write_word_level_tokenizer
+
+    write_word_level_tokenizer(["a red cat"], tmp_path / "tokenizer.json", 64)
+    config = load_config(TrainConfig, "recipes/hunyuan_image3_tiny_cpu.yaml",
+                         ["parallel.expert_parallel_size=2", f"data.text_tokenizer={tmp_path / 'tokenizer.json'}"])
+    rows = search_layouts(config, 4, CLUSTERS["h100"])
+    layouts = {row[2].split(",")[0] for row in rows}
+    assert layouts == {"TP=1 EP=2 PP=2 DP=2 expert-DP=1", "TP=1 EP=2 PP=1 DP=4 expert-DP=2",
+                       "TP=2 EP=2 PP=1 DP=2 expert-DP=1 SP"}
+    assert all(row[0] > 0 for row in rows)

@@ -26,6 +26,14 @@ the step above its start (on CPU from torch's allocation events through ``torch.
 separate untimed call), and on CUDA also the most bytes allocated in all, weights included. Ratios
 are against ``flow_matching``. ``--profile DIR`` adds, per step, the operators that took the time
 and (CUDA) what is live at the step's peak memory, by source line.
+
+``--mfu`` adds, for the flow-matching and differential steps, their model FLOPs (the planner's
+count, ``models/flux/cost.py``: forward, the JVP's tangent, backward; what ``tests/test_planner.py``
+checks against ``torch.utils.flop_counter``), model TFLOP/s, MFU against this device's matmul
+peak measured in the same run (``--matmul-size`` cubed products, bf16 on CUDA, the mean of 10
+after warm-up), and the planner's predicted step time for the same shapes on one GPU (the FLOPs at
+``Cluster.gemm_efficiency`` of its bf16 peak: the compute term, nothing else).
+``tools/gpu_checks.sh``'s ``mfu`` stage runs it at FLUX.1 width and 1024 px.
 """
 
 from __future__ import annotations
@@ -163,6 +171,56 @@ def _steps(teacher, student, student_module, discrete_steps, variants):
         return meanflow_differential
 
     return [flow_matching, meanflow_discrete] + [differential_step(*variant) for variant in variants]
+
+
+MATMUL_REPEATS = 10
+
+
+def matmul_peak_tflops(device, dtype, size: int, repeats: int = MATMUL_REPEATS) -> float:
+    """TFLOP/s of ``size``-cubed matrix products on this device: 3 warm-up products, then the
+    mean of ``repeats`` (2·size³ FLOPs each), the device synchronised around them."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=g).to(device, dtype)
+    b = torch.randn(size, size, generator=g).to(device, dtype)
+    for _ in range(3):
+        torch.mm(a, b)
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    _synchronize(device)
+    mean = (time.perf_counter() - start) / repeats
+    return 2 * size**3 / mean / 1e12
+
+
+def _synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_flops(student_config, args) -> dict[str, float]:
+    """Model FLOPs of one call of the flow-matching and differential steps on the batch, by the
+    planner's count: flow matching a no-grad teacher forward and the student's forward and
+    backward; differential a no-grad teacher forward and the student's forward with its tangent
+    and backward. The teacher is the student without the interval embedder (``student=False``)."""
+    from models.flux.cost import network_flops
+
+    shapes = (args.image_tokens, args.text_tokens)
+    teacher = network_flops(student_config, *shapes, student=False, training="frozen")
+    student = network_flops(student_config, *shapes, student=True, training="full")
+    return {
+        "flow_matching": args.batch * (teacher.forward + student.forward + student.backward),
+        "meanflow_differential": args.batch * (teacher.forward + student.forward + student.tangent + student.backward),
+    }
+
+
+def predicted_seconds(flops: float, recompute_flops: float = 0.0) -> float:
+    """The planner's step time for ``flops`` on one GPU (``mfmegatron.planner.Cluster``'s defaults:
+    its bf16 peak at its gemm efficiency; no communication on one GPU)."""
+    from mfmegatron.planner import Cluster
+
+    cluster = Cluster()
+    return (flops + recompute_flops) / (cluster.peak_bf16_tflops * 1e12 * cluster.gemm_efficiency)
 
 
 def _differential_variants(tangent_passes, tangent_fusion_choice) -> list[tuple[str, str, bool]]:
@@ -303,6 +361,41 @@ def _target_agreement(teacher, student, student_module, inputs, variants) -> dic
     return agreement
 
 
+def report_mfu(results, student_config, args, device, dtype) -> dict:
+    """Prints and returns the matmul peak and, per flow-matching and differential row, model
+    FLOPs, TFLOP/s, MFU and the planner's prediction (the recompute's repeated forward added to
+    the prediction's FLOPs, not to the model FLOPs)."""
+    from models.flux.cost import network_flops
+
+    size = args.matmul_size or (8192 if device.type == "cuda" else 512)
+    peak = matmul_peak_tflops(device, dtype, size)
+    print(f"matmul peak: {size}^3 {str(dtype).removeprefix('torch.')} products, mean of {MATMUL_REPEATS}: "
+          f"{peak:.1f} TFLOP/s")
+    flops = step_flops(student_config, args)
+    recomputed = 0.0
+    if args.recompute:
+        recomputed = args.batch * network_flops(student_config, args.image_tokens, args.text_tokens,
+                                                student=True).recomputed
+    print(f"{'step':<46}{'TFLOP':>10}{'TFLOP/s':>10}{'MFU':>8}{'planned ms':>12}{'measured/planned':>18}")
+    rows = {"matmul_size": size, "matmul_peak_tflops": peak, "steps": []}
+    for result in results:
+        kind = result.name.split("[")[0]
+        if kind not in flops:
+            continue
+        rate = flops[kind] / result.median / 1e12
+        planned = predicted_seconds(flops[kind], recomputed)
+        print(f"{result.name:<46}{flops[kind] / 1e12:10.4g}{rate:10.4g}{rate / peak:8.1%}{planned * 1e3:12.4g}"
+              f"{result.median / planned:18.3g}")
+        rows["steps"].append(dict(name=result.name, flops=flops[kind], tflops_per_s=rate, mfu=rate / peak,
+                                  median_s=result.median, planned_s=planned))
+    by_kind = {row["name"].split("[")[0]: row for row in rows["steps"]}
+    if {"flow_matching", "meanflow_differential"} <= by_kind.keys():
+        ratio = by_kind["meanflow_differential"]["median_s"] / by_kind["flow_matching"]["median_s"]
+        rows["differential_over_flow_matching"] = ratio
+        print(f"differential / flow-matching time: {ratio:.2f}x (first differential row)")
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench_flux_meanflow", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: cpu or gpu by device")
@@ -326,6 +419,11 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--mfu", action="store_true",
+                        help="model FLOPs, TFLOP/s and MFU against a matmul peak measured here, and the "
+                             "planner's predicted time, for the flow-matching and differential steps")
+    parser.add_argument("--matmul-size", type=int, default=None,
+                        help="side of the matrices of the peak measurement (default 8192 on CUDA, 512 on CPU)")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="after the timings, profile one call of each step: its top operators and kernels "
                              "by time, and on CUDA what is allocated at its peak, by source line (text files in DIR)")
@@ -385,13 +483,15 @@ def main(argv=None) -> int:
                  peak_total_bytes=result.peak_total_bytes,
                  peak_total_ratio=(result.peak_total_bytes / base.peak_total_bytes) if total_column else None)
         )
+    mfu_rows = report_mfu(results, student_module.config, args, device, dtype) if args.mfu else None
     if args.profile:
         for step in steps:
             profile_step(step, inputs, student_module, device, args.profile)
     agreement = _target_agreement(teacher, student, student_module, inputs, variants)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"settings": vars(args), "results": rows, "target_agreement": agreement}, handle, indent=2)
+            json.dump({"settings": vars(args), "results": rows, "target_agreement": agreement, "mfu": mfu_rows},
+                      handle, indent=2)
     return 0
 
 

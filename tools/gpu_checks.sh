@@ -9,6 +9,10 @@
 # 2. tools/bench_flux_meanflow on CUDA (bf16, FLUX width, 1024 px): the differential MeanFlow step against
 #    the flow-matching step, with the tangent rules fused and eager, and a profile of each step
 #    (bench_profile.txt: the kernels that took the time, what is live at the peak);
+# 2b. mfu: tools/bench_flux_meanflow --mfu at FLUX.1 width (3072, 24 heads of 128; 2 double + 4
+#    single blocks) in bf16 at 1024 px, batch 2: the flow-matching and differential steps' model
+#    TFLOP/s, MFU against the bf16 matmul peak measured in the same run (8192^3, mean of 10), their
+#    time ratio, and the planner's predicted time beside each (not yet run on a GPU; limit 480 s);
 # 3. tools/bench_attention_jvp on CUDA: the attention JVP against the primal at 1k-4.6k tokens;
 # 4. the trainer end to end on one GPU (NCCL, bf16): the tiny recipe for 24 steps with saves,
 #    then resumed to step 30.
@@ -64,6 +68,10 @@ stage bench_flux_meanflow 240 bash -c "
     $python -m tools.bench_flux_meanflow --device cuda --image-tokens 4096 --batch 2 --tangent-passes triton \
         --tangent-fusion both --json $log_dir/bench_flux_meanflow.json --profile /tmp/gpu_checks/profile &&
     cat /tmp/gpu_checks/profile/* > $log_dir/bench_profile.txt"
+stage mfu 480 "$python" -m tools.bench_flux_meanflow --device cuda --dtype bfloat16 --hidden 3072 --heads 24 \
+    --double 2 --single 4 --image-tokens 4096 --text-tokens 512 --batch 2 --tangent-passes triton \
+    --steps flow_matching meanflow_differential --warmup 3 --repeats 10 --mfu --matmul-size 8192 \
+    --json "$log_dir/mfu.json"
 stage bench_attention_jvp 120 "$python" -m tools.bench_attention_jvp --device cuda --dtype bfloat16 \
     --heads 24 --head-dim 128 --seq-lens 1024 2048 4096 4608 --tangent-pass logsumexp \
     --triton --triton-autotune --no-reference
