@@ -176,6 +176,18 @@ def test_sampling_cli_reads_the_prompt_and_special_tokens_from_a_tokenizer(expor
     saved = torch.load(out)
     assert saved["prompt_ids"] == [13, 14]
     torch.testing.assert_close(saved["latents"], expected, rtol=1e-6, atol=1e-6)
-    # Without the ratio bucket the <img_ratio_K> id is unknown: one line.
+    # Without --ratio-index the bucket is the one nearest to the latent grid's h / w, as the
+    # official image processor picks it: 13 for 2x3 (not in this tokenizer: one line), 16 for a square.
     assert main([str(exported["folder"]), "--tokenizer", str(tmp_path / "tokenizer.json"), "--prompt", "a cat",
-                 "--out", str(tmp_path / "x.pt"), "--quiet"]) == 2
+                 "--latent-hw", "2x3", "--out", str(tmp_path / "x.pt"), "--quiet"]) == 2
+    vocab["<img_ratio_16>"] = 21
+    square = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    square.pre_tokenizer = Whitespace()
+    square.save(str(tmp_path / "square.json"))
+    runs = {}
+    for name, ratio in (("default", []), ("given", ["--ratio-index", "16"]), ("other", ["--ratio-index", "3"])):
+        assert main([str(exported["folder"]), "--tokenizer", str(tmp_path / "square.json"), "--prompt", "a cat",
+                     *ratio, "--steps", "1", "--latent-hw", "2x2", "--out", str(tmp_path / f"{name}.pt"), "--quiet"]) == 0
+        runs[name] = torch.load(tmp_path / f"{name}.pt")["latents"]
+    assert torch.equal(runs["default"], runs["given"])
+    assert not torch.equal(runs["default"], runs["other"])

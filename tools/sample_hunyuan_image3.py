@@ -103,6 +103,11 @@ def run(argv: list[str] | None = None) -> dict:
     else:
         prompt = _parse_ids(args.prompt_ids)
     hw = _parse_hw(args.latent_hw)
+    if args.ratio_index is None:
+        # The official image processor's choice for a given size: the nearest bucket by h / w.
+        from models.hunyuan_image3.tokenizer import PIXELS_PER_LATENT, ratio_index
+
+        args.ratio_index = ratio_index(hw[0] * PIXELS_PER_LATENT, hw[1] * PIXELS_PER_LATENT, args.base_size)
 
     import torch
 
@@ -156,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pad-token", default="<pad>", help="the pad token's name in --tokenizer")
     parser.add_argument("--base-size", type=int, default=1024, help="<img_size_N> token (default 1024)")
     parser.add_argument("--ratio-index", type=int, default=None,
-                        help="<img_ratio_K>: K, the official aspect-ratio bucket of the image size (no default: "
-                             "give it, or 'ratio' in --special-tokens)")
+                        help="<img_ratio_K>: K, the official aspect-ratio bucket (default: the bucket nearest "
+                             "to --latent-hw's height / width around --base-size, as the official image processor "
+                             "picks it; 16 for a square)")
     parser.add_argument("--latent-hw", default="64x64", metavar="HxW", help="latent grid (default 64x64: 1024²)")
     parser.add_argument("--steps", type=int, default=4, help="network evaluations (default 4)")
     parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale w for a cfg_distilled student (default 5)")
