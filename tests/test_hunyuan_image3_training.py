@@ -231,8 +231,11 @@ def test_bf16_with_the_distributed_optimizer_resumes_bit_identically_and_exports
     # distributed optimizer (dense and expert buffers). The frozen teacher keeps the released
     # float32 router weight; the trainable student stores it in bf16 (megatron's optimizers pair
     # parameters of one dtype: a float32 one among them broke the first save).
+    # It also runs the Instruct models' text template (role text around the prompt, 8 of the 16
+    # text tokens), which the export records.
     extra = ["model.dtype=bf16", "parallel.use_distributed_optimizer=true", "train.steps=6",
-             "train.save_interval=3", "train.sample_interval=0"]
+             "train.save_interval=3", "train.sample_interval=0", "model.sequence_template=instruct",
+             "model.text_tokens=16"]
     reference = tmp_path / "reference"
     _check(_run(2, reference, data, extra))
     resumed = _resume_from(reference, tmp_path / "resumed", 3)
@@ -250,6 +253,8 @@ def test_bf16_with_the_distributed_optimizer_resumes_bit_identically_and_exports
         dtypes = {key: str(exported.get_slice(key).get_dtype()) for key in exported.keys()}
     assert dtypes["model.layers.0.mlp.gate.wg.weight"] == "F32"
     assert dtypes["model.layers.0.mlp.experts.0.down_proj.weight"] == "BF16"
+    exported_config = json.loads((reference / "student" / "config.json").read_text())
+    assert exported_config["mfmegatron_sequence_template"] == "instruct"
 
 
 # -- the CFG teacher through the family ---------------------------------------------------------

@@ -1,6 +1,6 @@
 """Write a small word-level ``tokenizer.json`` for tiny HunyuanImage 3.0 models (the tiny recipe,
-tests): one id per word of the prompt files plus HunyuanImage 3.0's special tokens. Real runs use
-the model's own tokenizer.json instead.
+tests): one id per word of the prompt files and of the instruct template's role text, plus
+HunyuanImage 3.0's special tokens. Real runs use the model's own tokenizer.json instead.
 
   python -m tools.build_hunyuan_image3_tokenizer examples/prompts.txt --out outputs/hunyuan_tiny_tokenizer.json --image-base-size 64
 """

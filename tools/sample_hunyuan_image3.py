@@ -4,9 +4,13 @@
   python -m tools.sample_hunyuan_image3 FOLDER --tokenizer FOLDER/tokenizer.json --prompt "a cat" --steps 4 --out latents.pt
 
 FOLDER: what ``mfmegatron-convert-hunyuan-image3 export`` writes (config.json, safetensors shards
-and index). The sequence is the official text-to-image template
-``<bos> prompt <boi> <img_size> <img_ratio> <timestep> [<guidance> <timestep_r>] <img>×(h·w) <eoi>``;
-the student's tokens are inserted when config.json's student is a "tokens" one. Special token
+and index). The sequence is the official text-to-image template the student was distilled with
+(config.json's ``mfmegatron_sequence_template`` and ``mfmegatron_system_prompt``, or
+``--sequence-template`` / ``--system-prompt``): ``pretrain``
+``<bos> prompt <boi> <img_size> <img_ratio> <timestep> [<guidance> <timestep_r>] <img>×(h·w) <eoi>``,
+or ``instruct``, the same with the role text around the prompt and the image (needs
+``--tokenizer`` to encode it); the student's tokens are inserted when config.json's student is a
+"tokens" one. Special token
 ids: ``--special-tokens`` (a JSON object with ImageTokens' fields: bos, pad, boi, eoi, img,
 timestep, size, ratio, and guidance / timestep_r for a "tokens" student), or looked up by name in
 ``--tokenizer`` (``<boi>``, ``<eoi>``, ``<img>``, ``<timestep>``, ``<guidance>``, ``<timestep_r>``,
@@ -113,7 +117,8 @@ def run(argv: list[str] | None = None) -> dict:
 
     from mfmegatron.conversion import DTYPES, torch_dtype
     from models.hunyuan_image3.sampling import load_exported_student, sample_student
-    from models.hunyuan_image3.sequence import ImageTokens, build_image_sequences
+    from models.hunyuan_image3.sequence import PRETRAIN, ImageTokens, build_image_sequences
+    from models.hunyuan_image3.tokenizer import text_template
 
     ids = special_tokens(args, tokenizer)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
@@ -129,7 +134,15 @@ def run(argv: list[str] | None = None) -> dict:
                           "that names them)")
     tokens = ImageTokens(**{f: ids.get(f) for f in TOKEN_FIELDS})
     names = [n for n, on in (("guidance", config.cfg_distilled), ("timestep_r", config.use_meanflow)) if on]
-    sequence = build_image_sequences([prompt] * args.batch, hw, tokens, student_tokens=names if student_tokens else False)
+    template_name = args.sequence_template or config.sequence_template
+    system_prompt = config.system_prompt if args.system_prompt is None else args.system_prompt
+    if tokenizer is None and (template_name != "pretrain" or system_prompt):
+        raise SampleError(f"the {template_name} template{' and the system prompt' if system_prompt else ''} need "
+                          "--tokenizer to encode their text")
+    template = PRETRAIN if tokenizer is None else text_template(tokenizer, template_name, system_prompt)
+    log(f"{PROG}: {template_name} template{' with a system prompt' if system_prompt else ''}")
+    sequence = build_image_sequences([prompt] * args.batch, hw, tokens, student_tokens=names if student_tokens else False,
+                                     template=template)
     generator = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.batch, config.latent_channels, *hw, generator=generator)
 
@@ -164,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="<img_ratio_K>: K, the official aspect-ratio bucket (default: the bucket nearest "
                              "to --latent-hw's height / width around --base-size, as the official image processor "
                              "picks it; 16 for a square)")
+    parser.add_argument("--sequence-template", choices=["pretrain", "instruct"], default=None,
+                        help="the text template (default: the one config.json records, else pretrain)")
+    parser.add_argument("--system-prompt", default=None,
+                        help="system prompt text (default: the one config.json records, else none; '' for none)")
     parser.add_argument("--latent-hw", default="64x64", metavar="HxW", help="latent grid (default 64x64: 1024²)")
     parser.add_argument("--steps", type=int, default=4, help="network evaluations (default 4)")
     parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale w for a cfg_distilled student (default 5)")

@@ -41,8 +41,9 @@ class ModelSection:
     (``in_channels`` 12, (image_size / 2) ** 2 tokens, no VAE): for small worlds such as the
     shapes world (``tools/build_shapes_data.py``)."""
     text_tokens: int = 512
-    """FLUX: the T5 sequence length. HunyuanImage 3.0: the prompt's token budget (a longer prompt
-    is an error, not truncated); every sequence is padded to the same length."""
+    """FLUX: the T5 sequence length. HunyuanImage 3.0: the text's token budget, the prompt with the
+    template's text (``sequence_template``, ``system_prompt``); a longer prompt is an error, not
+    truncated; every sequence is padded to the same length."""
     guidance: float = 3.5
     """FLUX: guidance-embedding value given to guidance-distilled teachers and students
     (FLUX.1-dev)."""
@@ -55,6 +56,18 @@ class ModelSection:
     layout, ``<guidance>`` and ``<timestep_r>`` tokens after ``<timestep>``; ``embedding``: the
     two embeddings added to ``<timestep>``'s row (no new tokens; starts exactly at the
     conditional teacher)."""
+    sequence_template: Literal["pretrain", "instruct"] = "pretrain"
+    """HunyuanImage 3.0: the text around the prompt, as the official tokenizer's
+    ``sequence_template`` (each checkpoint's ``generation_config.json`` names its own).
+    ``pretrain`` (the base model): ``<bos> prompt <boi> … <eoi>``. ``instruct``
+    (HunyuanImage-3.0-Instruct and its Distil release): ``<bos> [system "\n\n"] "User: " prompt
+    "\n\n" "Assistant: " <answer> <boi> … <eoi> </answer> "\n\n"``. Teacher and student see the
+    same template; the unconditional CFG sequence replaces only the prompt by ``<cfg>``. Exported
+    students record it in config.json (``mfmegatron_sequence_template``)."""
+    system_prompt: str | None = None
+    """HunyuanImage 3.0: a system prompt before the user's turn (either template; never replaced by
+    ``<cfg>``). The official Instruct pipelines pick one of their system prompts per task; give
+    the one the teacher is run with. Its tokens count in ``text_tokens``."""
     recompute: bool = False
     """Activation recompute of every block (the primal only; tangents are never recomputed). With
     TE layers in FP8 the recompute replays the first forward's FP8 scaling state (TE's

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from models.hunyuan_image3.sequence import SEQUENCE_TEMPLATES
+
 
 STUDENT_CONDITIONINGS = ("tokens", "embedding")
 
@@ -68,6 +70,12 @@ class HunyuanImage3Config(TransformerConfig):
     # parameters assuming one floating dtype, and a float32 parameter among bf16 ones breaks their
     # checkpoints (the plain optimizer's shapes mismatch, the distributed one's buffer copy fails).
     router_weight_fp32: bool = True
+    # Not the network's shape: the text it was trained to read (``sequence.TextTemplate``), kept
+    # with it as the official checkpoints keep theirs (generation_config.json's
+    # ``sequence_template``), so an exported student says how to prompt it. The model never reads
+    # them.
+    sequence_template: str = "pretrain"
+    system_prompt: str | None = None
 
     def __post_init__(self):
         if self.kv_channels is None and self.num_attention_heads:
@@ -89,6 +97,9 @@ class HunyuanImage3Config(TransformerConfig):
                 )
         if self.moe_expert_capacity_factor is not None:
             raise ValueError("HunyuanImage 3.0 routes without capacity: moe_expert_capacity_factor must be None")
+        if self.sequence_template not in SEQUENCE_TEMPLATES:
+            raise ValueError(f"sequence_template must be one of {', '.join(map(repr, SEQUENCE_TEMPLATES))}, "
+                             f"not {self.sequence_template!r}")
         if self.student_conditioning not in STUDENT_CONDITIONINGS:
             raise ValueError(
                 f"student_conditioning must be one of {', '.join(map(repr, STUDENT_CONDITIONINGS))}, "

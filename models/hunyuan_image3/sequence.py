@@ -5,6 +5,11 @@ section with the front ``<boi>``, the image shape tokens and the ``<timestep>`` 
 
     <bos> prompt <boi> <img_size_*> <img_ratio_*> <timestep> <img> × (h·w) <eoi>
 
+That is the base model's ``pretrain`` template. The Instruct models' ``instruct`` template puts
+role text around the prompt and the image (``TextTemplate``)::
+
+    <bos> [system "\n\n"] "User: " prompt "\n\n" "Assistant: " <answer> <boi> … <eoi> </answer> "\n\n"
+
 ``<timestep>``'s input embedding is replaced by ``timestep_emb(t)`` and the ``<img>`` slots by the
 patch-embedded latents (row-major, token ``k = i·w + j``); the image head reads the hidden states
 of the ``<img>`` slots.
@@ -56,6 +61,28 @@ class ImageTokens:
     timestep_r: int | None = None
 
 
+@dataclass(frozen=True)
+class TextTemplate:
+    """Token ids the template puts around the prompt and the image (``PromptTokenizer.template``
+    builds them from the template's text). ``before_prompt`` follows ``<bos>`` (a system prompt,
+    the user's role prefix), ``before_image`` precedes ``<boi>`` (the turn separator, the
+    assistant's role prefix, ``<answer>``), ``after_image`` follows ``<eoi>`` (``</answer>``, the
+    separator). All empty: the base model's ``pretrain`` template. The unconditional CFG sequence
+    keeps them (the official tokenizer marks only the prompt's text for ``<cfg>``)."""
+
+    before_prompt: tuple[int, ...] = ()
+    before_image: tuple[int, ...] = ()
+    after_image: tuple[int, ...] = ()
+
+    @property
+    def length(self) -> int:
+        return len(self.before_prompt) + len(self.before_image) + len(self.after_image)
+
+
+PRETRAIN = TextTemplate()
+SEQUENCE_TEMPLATES = ("pretrain", "instruct")  # the official tokenizer's names
+
+
 @dataclass
 class ImageSequence:
     """A batch of text-to-image sequences.
@@ -63,7 +90,7 @@ class ImageSequence:
     input_ids [b, s]; image_spans: per sample ``(start, end)`` of the ``<img>`` tokens;
     timestep_positions: per sample the ``<timestep>`` index (``start − 1``); positions_y,
     positions_x [b, s] (2-D RoPE); latent_hw: the latent grid (h, w), the same for the batch;
-    lengths: per sample the real length (through ``<eoi>``); prompt_spans: per sample
+    lengths: per sample the real length (through ``<eoi>`` and the template's text after it); prompt_spans: per sample
     ``(start, end)`` of the user-prompt tokens (what ``unconditional_sequences`` replaces by
     ``<cfg>``); guidance_positions, timestep_r_positions: per sample the index of ``<guidance>``
     and ``<timestep_r>`` (None: a sequence without the student's tokens).
@@ -119,9 +146,10 @@ def image_rope_positions(length: int, image_start: int, latent_hw: tuple[int, in
 
 
 def build_image_sequences(prompts: list[list[int]], latent_hw: tuple[int, int], tokens: ImageTokens,
-                          length: int | None = None, student_tokens=False) -> ImageSequence:
+                          length: int | None = None, student_tokens=False,
+                          template: TextTemplate = PRETRAIN) -> ImageSequence:
     """Sequences for prompt token ids (without ``<bos>``) and one latent grid size, right-padded to
-    the longest (or to ``length``).
+    the longest (or to ``length``), in ``template`` (default the base model's ``pretrain``).
 
     ``student_tokens``: the few-step student's layout (the Instruct-Distil tokenizer appends the
     image meta tokens as size, ratio, ``<timestep>``, then ``<guidance>``, then ``<timestep_r>``;
@@ -145,12 +173,14 @@ def build_image_sequences(prompts: list[list[int]], latent_hw: tuple[int, int], 
                          f"timestep_r={tokens.timestep_r})")
     extra = [ids[name] for name in names]
     rows, spans, lengths, prompt_spans = [], [], [], []
+    prompt_start = 1 + len(template.before_prompt)
     for prompt in prompts:
-        prefix = [tokens.bos, *prompt, tokens.boi, tokens.size, tokens.ratio, tokens.timestep, *extra]
-        rows.append(prefix + [tokens.img] * (h * w) + [tokens.eoi])
+        prefix = [tokens.bos, *template.before_prompt, *prompt, *template.before_image, tokens.boi, tokens.size,
+                  tokens.ratio, tokens.timestep, *extra]
+        rows.append(prefix + [tokens.img] * (h * w) + [tokens.eoi, *template.after_image])
         spans.append((len(prefix), len(prefix) + h * w))
         lengths.append(len(rows[-1]))
-        prompt_spans.append((1, 1 + len(prompt)))
+        prompt_spans.append((prompt_start, prompt_start + len(prompt)))
     total = max(lengths) if length is None else length
     if total < max(lengths):
         raise ValueError(f"length {total} is shorter than the longest sequence ({max(lengths)})")
@@ -256,6 +286,9 @@ def combine_guidance(v: torch.Tensor, scale) -> torch.Tensor:
 
 __all__ = [
     "ImageTokens",
+    "TextTemplate",
+    "PRETRAIN",
+    "SEQUENCE_TEMPLATES",
     "ImageSequence",
     "build_image_sequences",
     "image_rope_positions",

@@ -303,6 +303,8 @@ def config_from_hf(hf_config: dict, **overrides) -> HunyuanImage3Config:
         cfg_distilled=bool(hf_config.get("cfg_distilled", False)),
         use_meanflow=bool(hf_config.get("use_meanflow", False)),
         student_conditioning=hf_config.get(STUDENT_CONDITIONING_FIELD, "tokens"),
+        sequence_template=hf_config.get(SEQUENCE_TEMPLATE_FIELD, "pretrain"),
+        system_prompt=hf_config.get(SYSTEM_PROMPT_FIELD),
     )
     settings.update(overrides)
     return hunyuan_image3_config(**settings)
@@ -340,15 +342,23 @@ def hf_config_from_config(config: HunyuanImage3Config) -> dict:
     }
 
 
-# The project's own config.json field: where a student's guidance / interval embeddings enter. The
-# official code knows only the "tokens" layout; "embedding" students load only here.
+# The project's own config.json fields: where a student's guidance / interval embeddings enter
+# (the official code knows only the "tokens" layout; "embedding" students load only here), and the
+# text template it was distilled with (the official code reads its template from
+# generation_config.json, which the export does not write).
 STUDENT_CONDITIONING_FIELD = "mfmegatron_student_conditioning"
+SEQUENCE_TEMPLATE_FIELD = "mfmegatron_sequence_template"
+SYSTEM_PROMPT_FIELD = "mfmegatron_system_prompt"
 
 
 def student_hf_fields(config: HunyuanImage3Config) -> dict:
     """The student's config.json fields (official ``cfg_distilled`` / ``use_meanflow``, and ours
-    for the variant); none for a teacher, so its config.json stays the released one."""
+    for the variant and its text); none for a teacher, so its config.json stays the released one."""
     if not config.is_student:
         return {}
-    return {"cfg_distilled": config.cfg_distilled, "use_meanflow": config.use_meanflow,
-            STUDENT_CONDITIONING_FIELD: config.student_conditioning}
+    fields = {"cfg_distilled": config.cfg_distilled, "use_meanflow": config.use_meanflow,
+              STUDENT_CONDITIONING_FIELD: config.student_conditioning,
+              SEQUENCE_TEMPLATE_FIELD: config.sequence_template}
+    if config.system_prompt:
+        fields[SYSTEM_PROMPT_FIELD] = config.system_prompt
+    return fields

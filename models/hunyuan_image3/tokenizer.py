@@ -7,6 +7,14 @@ The special tokens' names are the official tokenizer wrapper's (``tokenizer_wrap
 tokenizer's own (``bos_token`` of a ``tokenizer_config.json`` beside the file, else
 ``BOS_TOKEN``).
 
+Sequence templates (the official tokenizer's ``sequence_template``, chosen per checkpoint by its
+``generation_config.json``): ``pretrain`` (the base model: the prompt alone) and ``instruct``
+(HunyuanImage-3.0-Instruct and Instruct-Distil): an optional system prompt and ``"\n\n"``, then
+``"User: "``, the prompt, ``"\n\n"``, ``"Assistant: "``, ``<answer>``, the image section and
+``</answer>`` ``"\n\n"``. The official tokenizer encodes each of those pieces on its own (a
+section each), so ``PromptTokenizer.template`` does too; only the prompt's ids become ``<cfg>``
+in the unconditional sequence.
+
 Resolution buckets (the official ``ResolutionGroup``, re-derived here): around a base size b with
 step b/16, the square (b, b), then heights growing by a step while widths shrink by one (clamped
 to [b/2, 2b]) until (2b, b/2), and the reverse until (b/2, 2b); sorted by height / width. An image's
@@ -18,12 +26,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from models.hunyuan_image3.sequence import ImageTokens
+from models.hunyuan_image3.sequence import PRETRAIN, SEQUENCE_TEMPLATES, ImageTokens, TextTemplate
 
 # The VAE downsamples by 16 and the image path embeds one token per latent pixel (patch size 1).
 PIXELS_PER_LATENT = 16
 SPECIAL_TOKENS = ("<boi>", "<eoi>", "<img>", "<timestep>", "<cfg>", "<guidance>", "<timestep_r>", "<pad>")
 BOS_TOKEN = "<|startoftext|>"
+# The official conversation template ("hunyuan-image-3"): roles "User" / "Assistant" with a
+# ": " after the name, turns separated by a blank line.
+TURN_SEPARATOR = "\n\n"
+USER_PREFIX, ASSISTANT_PREFIX = "User: ", "Assistant: "
+ANSWER_TOKENS = ("<answer>", "</answer>")
 
 
 def resolution_buckets(base: int) -> list[tuple[int, int]]:
@@ -67,12 +80,14 @@ def check_image_size(height: int, width: int, base: int) -> tuple[int, int]:
 class PromptTokenizer:
     """A ``tokenizer.json`` (the ``tokenizers`` library) with HunyuanImage 3.0's special tokens.
 
-    ``image_tokens(h, w)``: the special ids of an image of h×w pixels; ``encode(prompts, budget)``:
-    the prompts' ids without special tokens (a prompt over ``budget`` tokens is an error: the
-    sequence length is fixed, and truncating would train on prompts nobody wrote).
+    ``image_tokens(h, w)``: the special ids of an image of h×w pixels; ``template``: the ids of
+    ``sequence_template``'s text (``TextTemplate``); ``encode(prompts, budget)``: the prompts' ids
+    without special tokens (a prompt that with the template's text is over ``budget`` tokens is an
+    error: the sequence length is fixed, and truncating would train on prompts nobody wrote).
     """
 
-    def __init__(self, path, image_base_size: int):
+    def __init__(self, path, image_base_size: int, sequence_template: str = "pretrain",
+                 system_prompt: str | None = None):
         from tokenizers import Tokenizer
 
         path = Path(path)
@@ -88,11 +103,15 @@ class PromptTokenizer:
         ratios = len(resolution_buckets(image_base_size))
         names = [self.bos_token, *SPECIAL_TOKENS, f"<img_size_{image_base_size}>"]
         names += [f"<img_ratio_{i}>" for i in range(ratios)]
+        if sequence_template == "instruct":
+            names += ANSWER_TOKENS
         missing = [name for name in names if self.tokenizer.token_to_id(name) is None]
         if missing:
             shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
             raise ValueError(f"data.text_tokenizer {path} lacks HunyuanImage 3.0's special tokens {shown} "
                              "(the model's own tokenizer.json has them)")
+        self.sequence_template, self.system_prompt = sequence_template, system_prompt
+        self.template = text_template(self.tokenizer, sequence_template, system_prompt)
 
     @staticmethod
     def _bos_token(path: Path) -> str:
@@ -116,34 +135,73 @@ class PromptTokenizer:
             guidance=self.id("<guidance>"), timestep_r=self.id("<timestep_r>"),
         )
 
+    def prompt_budget(self, budget: int) -> int:
+        """The prompt's share of ``budget`` text tokens (the template's text takes the rest)."""
+        allowed = budget - self.template.length
+        if allowed < 1:
+            raise ValueError(f"model.text_tokens {budget} leaves no room for a prompt: the {self.sequence_template} "
+                             f"template's text (with the system prompt) is {self.template.length} tokens")
+        return allowed
+
     def encode(self, prompts: list[str], budget: int) -> list[list[int]]:
         encodings = self.tokenizer.encode_batch(list(prompts), add_special_tokens=False)
         ids = [encoding.ids for encoding in encodings]
+        allowed = self.prompt_budget(budget)
         for prompt, row in zip(prompts, ids):
-            if len(row) > budget:
+            if len(row) > allowed:
                 shown = prompt if len(prompt) <= 40 else prompt[:40] + "..."
-                raise ValueError(f"the prompt {shown!r} is {len(row)} tokens; model.text_tokens allows {budget}")
+                used = f" ({self.template.length} of them are the template's text)" if self.template.length else ""
+                raise ValueError(f"the prompt {shown!r} is {len(row)} tokens; model.text_tokens allows {budget}{used}")
         return ids
+
+
+def text_template(tokenizer, sequence_template: str, system_prompt: str | None = None) -> TextTemplate:
+    """The ids of ``sequence_template``'s text in ``tokenizer`` (a ``tokenizers.Tokenizer``), each
+    piece encoded alone as the official tokenizer's sections are; an empty system prompt is none,
+    as in the official code."""
+    if sequence_template not in SEQUENCE_TEMPLATES:
+        raise ValueError(f"the sequence template must be one of {', '.join(SEQUENCE_TEMPLATES)}, got {sequence_template!r}")
+
+    def ids(text: str) -> tuple[int, ...]:
+        return tuple(tokenizer.encode(text, add_special_tokens=False).ids)
+
+    system = ids(system_prompt) if system_prompt else ()
+    if sequence_template == "pretrain":
+        return TextTemplate(before_prompt=system) if system else PRETRAIN
+    answer, end_of_answer = (tokenizer.token_to_id(name) for name in ANSWER_TOKENS)
+    if answer is None or end_of_answer is None:
+        raise ValueError(f"the instruct template needs the tokenizer's {' and '.join(ANSWER_TOKENS)} tokens")
+    separator = ids(TURN_SEPARATOR)
+    return TextTemplate(
+        before_prompt=(system + separator if system else ()) + ids(USER_PREFIX),
+        before_image=separator + ids(ASSISTANT_PREFIX) + (answer,),
+        after_image=(end_of_answer,) + separator,
+    )
 
 
 def write_word_level_tokenizer(texts: list[str], path, image_base_size: int) -> int:
     """A small stand-in ``tokenizer.json`` for tiny models (tests, the tiny recipe): one id per
-    word (and punctuation mark) of ``texts``, plus ``<unk>`` and every special token the prompt
-    tokenizer needs. Not HunyuanImage 3.0's vocabulary. Returns the vocabulary size."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    word (and punctuation mark) of ``texts`` and of the instruct template's role text, the turn
+    separator ``"\n\n"`` as one token (a byte-level BPE has one for it; whitespace would
+    otherwise vanish here), plus ``<unk>`` and every special token the prompt tokenizer needs. Not
+    HunyuanImage 3.0's vocabulary. Returns the vocabulary size."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
     pre = pre_tokenizers.Whitespace()
+    texts = [*texts, USER_PREFIX, ASSISTANT_PREFIX]
     words = sorted({word for text in texts for word, _ in pre.pre_tokenize_str(text)})
-    specials = ["<unk>", BOS_TOKEN, *SPECIAL_TOKENS, f"<img_size_{image_base_size}>"]
+    specials = ["<unk>", BOS_TOKEN, *SPECIAL_TOKENS, *ANSWER_TOKENS, f"<img_size_{image_base_size}>"]
     specials += [f"<img_ratio_{i}>" for i in range(len(resolution_buckets(image_base_size)))]
-    vocab = {token: index for index, token in enumerate(specials + [w for w in words if w not in specials])}
+    words = [TURN_SEPARATOR] + [w for w in words if w not in specials]
+    vocab = {token: index for index, token in enumerate(specials + words)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre
     tokenizer.add_special_tokens(specials)
+    tokenizer.add_tokens([AddedToken(TURN_SEPARATOR, normalized=False)])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(path))
     return len(vocab)
 
 
 __all__ = ["PromptTokenizer", "write_word_level_tokenizer", "resolution_buckets", "ratio_index", "check_image_size", "SPECIAL_TOKENS",
-           "PIXELS_PER_LATENT"]
+           "PIXELS_PER_LATENT", "text_template"]

@@ -20,9 +20,10 @@
   projection holds its gate and up halves per TP rank, which a LoRA factor split along it would
   store layout-dependently.
 - Text: prompts are tokenised with the model's ``tokenizer.json`` (``data.text_tokenizer``) into
-  the official template (``sequence.build_image_sequences``), every sequence padded to one length
-  fixed by the recipe (``model.text_tokens`` for the prompt), so pipeline stages exchange one
-  shape. The guidance scale is drawn per sample, uniform in ``model.guidance_range``, from a
+  the official template (``sequence.build_image_sequences``; ``model.sequence_template``: the base
+  model's ``pretrain`` or the Instruct models' ``instruct`` with its role text), every sequence
+  padded to one length fixed by the recipe (``model.text_tokens`` for the prompt and the
+  template's text), so pipeline stages exchange one shape. The guidance scale is drawn per sample, uniform in ``model.guidance_range``, from a
   generator keyed by (seed, step, global sample index).
 - No VAE in the project: ``meanflow.z_source=data`` is refused, evaluation compares latents, and
   sample grids show latent channels.
@@ -48,7 +49,8 @@ from models.hunyuan_image3.sequence import (
 )
 from models.hunyuan_image3.tokenizer import PromptTokenizer, check_image_size
 
-# <bos>, then <boi> <img_size> <img_ratio> <timestep> before the image and <eoi> after it.
+# <bos>, then <boi> <img_size> <img_ratio> <timestep> before the image and <eoi> after it (the
+# instruct template's role text counts in model.text_tokens).
 TEMPLATE_TOKENS = 6
 STUDENT_TOKENS = 2  # <guidance> <timestep_r> (student_conditioning="tokens")
 
@@ -151,6 +153,8 @@ class HunyuanImage3Family:
             use_cpu_initialization=not torch.cuda.is_available(),
             image_path=True,
             router_weight_fp32=not trainable,
+            sequence_template=model.sequence_template,
+            system_prompt=model.system_prompt,
         )
         if student:
             settings.update(use_meanflow=True, cfg_distilled=True, student_conditioning=model.student_conditioning)
@@ -253,11 +257,13 @@ class HunyuanImage3Family:
         if not 0 < low <= high:
             raise ValueError(f"model.guidance_range {list(model.guidance_range)} must be [lo, hi] with 0 < lo <= hi")
         self.latent_grid(config)
-        tokenizer = PromptTokenizer(data.text_tokenizer, model.image_base_size)
+        tokenizer = PromptTokenizer(data.text_tokenizer, model.image_base_size, model.sequence_template,
+                                    model.system_prompt)
         vocab = self.teacher_config(config).vocab_size
         if tokenizer.vocab_size > vocab:
             raise ValueError(f"data.text_tokenizer {data.text_tokenizer} has {tokenizer.vocab_size} tokens, more "
                              f"than the model's vocabulary of {vocab}")
+        tokenizer.prompt_budget(model.text_tokens)
         return tokenizer
 
     def condition(self, batch, config, device, dtype, text=None, draw=None) -> HunyuanCondition:
@@ -269,9 +275,10 @@ class HunyuanImage3Family:
         tokens = text.image_tokens(size, size)
         prompts = text.encode(batch.prompts, config.model.text_tokens)
         grid, length = self.latent_grid(config), self.sequence_length(config)
-        sequence = build_image_sequences(prompts, grid, tokens, length=length)
+        sequence = build_image_sequences(prompts, grid, tokens, length=length, template=text.template)
         if config.model.student_conditioning == "tokens":
-            student = build_image_sequences(prompts, grid, tokens, length=length, student_tokens=True)
+            student = build_image_sequences(prompts, grid, tokens, length=length, student_tokens=True,
+                                            template=text.template)
         else:
             student = sequence
         low, high = config.model.guidance_range
