@@ -437,7 +437,8 @@ def run_export(args) -> dict:
     reader = CheckpointReader(checkpoint, metadata, prefix)
     if student:
         # First: the interval tensors are top-level, loaded together with the other top-level ones.
-        write_interval_embedder(output, reader.get, out_dtype, config.timestep_embedding_dim)
+        write_interval_embedder(output, reader.get, out_dtype, config.timestep_embedding_dim,
+                                config.time_embedding_scale)
     progress = Progress(total, "export", args.quiet)
     try:
         write_shards(output, from_megatron(reader.get, config), planned, shards, out_dtype, progress.update)

@@ -11,6 +11,13 @@ with one change, run under torchrun for every seed:
   b  discrete target only (the warm-up never ends)
   c  warm-up on the discrete target, then the differential target (the recipe as it is)
   d  (c) plus the trajectory distribution alignment loss (a full fake network)
+  e  (c) with the automatic switch (on the self-consistency gap; fallback at 2/3 of the steps)
+  f  (e) from a teacher with a smooth time embedding (``--smooth-teacher``: a teacher trained
+     with ``model.overrides.time_embedding_scale=1``, sinusoid of t instead of FLUX's 1000·t),
+     to see whether the 1000·t embedding is what keeps the automatic switch from firing
+
+The table's "switch" column is the first step of the differential phase (mean over seeds; "never",
+or "fallback" when every seed switched only at the fallback step).
 
 Evaluation runs every ``--eval-interval`` steps on the recipe's held-out prompts; the log's
 per-step teacher forwards are summed, so the table shows each variant twice: at equal training
@@ -41,7 +48,15 @@ VARIANTS = {
     "b": ("discrete only", ["warmup.policy=fixed", "warmup.switch_step=null"]),
     "c": ("warm-up, then differential", []),
     "d": ("(c) + alignment", ["alignment.enabled=true", "meanflow.align_weight=0.5", "alignment.fake_lr=3e-4"]),
+    "e": ("(c), automatic switch", ["warmup.policy=auto", "warmup.auto.max_steps={fallback}"]),
+    "f": ("(e), smooth time embedding", ["warmup.policy=auto", "warmup.auto.max_steps={fallback}",
+                                         "model.teacher_checkpoint={smooth_teacher}"]),
 }
+
+
+def fallback_step(steps: int) -> int:
+    """The automatic switch's fallback (``warmup.auto.max_steps``) in a run of ``steps``."""
+    return 2 * steps // 3
 
 
 def run_directory(out: Path, variant: str, seed: int) -> Path:
@@ -49,7 +64,7 @@ def run_directory(out: Path, variant: str, seed: int) -> Path:
 
 
 def run_command(out: Path, variant: str, seed: int, steps: int, eval_interval: int, nproc: int,
-                extra: list[str]) -> list[str]:
+                extra: list[str], smooth_teacher: str | None = None) -> list[str]:
     overrides = [
         f"train.seed={seed}",
         f"train.steps={steps}",
@@ -59,7 +74,7 @@ def run_command(out: Path, variant: str, seed: int, steps: int, eval_interval: i
         "train.export_at_end=false",
         "logging.log_interval=1",  # every step's teacher forwards, for the equal-forwards column
         "logging.progress_bar=false",
-        *VARIANTS[variant][1],
+        *(o.format(fallback=fallback_step(steps), smooth_teacher=smooth_teacher) for o in VARIANTS[variant][1]),
         *extra,
     ]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
@@ -89,7 +104,21 @@ def finished(directory: Path, steps: int) -> bool:
     return bool(evals) and evals[-1]["step"] >= steps
 
 
-def summarise(runs: dict[str, dict[int, list[dict]]], student_steps: tuple[int, ...] = (1, 2, 4)) -> str:
+def switch_step(rows: list[dict]) -> int | None:
+    """The first step of the differential phase in a run's log (None: it never switched)."""
+    return next((row["step"] for row in sorted(rows, key=lambda r: r["step"]) if row.get("phase_differential")), None)
+
+
+def describe_switch(steps: list[int | None], fallback: int | None) -> str:
+    if any(step is None for step in steps):
+        return "never" if all(step is None for step in steps) else "/".join(str(s) if s else "never" for s in steps)
+    if fallback is not None and all(step == fallback for step in steps):
+        return "fallback"
+    return f"{statistics.mean(steps):.0f}"
+
+
+def summarise(runs: dict[str, dict[int, list[dict]]], student_steps: tuple[int, ...] = (1, 2, 4),
+              switches: dict[str, list[int | None]] | None = None, fallback: int | None = None) -> str:
     """``runs``: variant -> seed -> that run's ``evaluations``. A markdown table: a row per
     variant and measure (equal steps; equal teacher forwards), a column per student step count."""
     budget = min(evals[-1]["teacher_forwards"] for seeds in runs.values() for evals in seeds.values())
@@ -103,9 +132,10 @@ def summarise(runs: dict[str, dict[int, list[dict]]], student_steps: tuple[int, 
             text = f"{statistics.mean(scores):.3f} ± {spread(scores):.3f}, "
         return text + f"rmse {statistics.mean(rmse):.3f}"
 
-    header = "| variant | compared at | seeds | step | teacher fwd/sample | " + " | ".join(
+    switches = switches or {}
+    header = "| variant | switch | compared at | seeds | step | teacher fwd/sample | " + " | ".join(
         f"student {s} step{'s' if s > 1 else ''}" for s in student_steps) + " |"
-    lines = [header, "|" + "---|" * (5 + len(student_steps))]
+    lines = [header, "|" + "---|" * (6 + len(student_steps))]
     for variant, seeds in runs.items():
         at_steps = [evals[-1] for evals in seeds.values()]
         at_forwards = [[row for row in evals if row["teacher_forwards"] <= budget + 1e-9][-1]
@@ -115,7 +145,8 @@ def summarise(runs: dict[str, dict[int, list[dict]]], student_steps: tuple[int, 
             step = "/".join(sorted({str(row["step"]) for row in picked}))
             forwards = statistics.mean(row["teacher_forwards"] for row in picked)
             cells = " | ".join(cell(picked, s) for s in student_steps)
-            lines.append(f"| {variant} {VARIANTS[variant][0]} | {label} | {len(picked)} | {step} | "
+            switch = describe_switch(switches[variant], fallback) if variant in switches else "-"
+            lines.append(f"| {variant} {VARIANTS[variant][0]} | {switch} | {label} | {len(picked)} | {step} | "
                          f"{forwards:.0f} | {cells} |")
     teacher = next(iter(next(iter(runs.values())).values()))[-1]
     reference = [f"teacher {s} steps {teacher[f'eval_teacher_{s}_overall']:.3f}"
@@ -135,19 +166,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-interval", type=int, default=50)
     parser.add_argument("--nproc", type=int, default=2, help="gloo ranks per run")
     parser.add_argument("--table-only", action="store_true", help="run nothing; tabulate finished runs")
+    parser.add_argument("--smooth-teacher", metavar="DIST_CHECKPOINT",
+                        help="variant f's teacher: trained with model.overrides.time_embedding_scale=1")
     parser.add_argument("overrides", nargs="*", help="key=value overrides given to every run")
     args = parser.parse_intermixed_args(argv)
     if args.steps % args.eval_interval:
         parser.error(f"--steps {args.steps} must be a multiple of --eval-interval {args.eval_interval}")
+    if "f" in args.variants and not args.smooth_teacher:
+        parser.error("variant f needs --smooth-teacher (a teacher trained with model.overrides.time_embedding_scale=1)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     runs: dict[str, dict[int, list[dict]]] = {}
+    switches: dict[str, list[int | None]] = {}
     total = len(args.variants) * len(args.seeds)
     for index, (variant, seed) in enumerate(((v, s) for v in args.variants for s in args.seeds), start=1):
         directory = run_directory(out, variant, seed)
         if not args.table_only and not finished(directory, args.steps):
-            command = run_command(out, variant, seed, args.steps, args.eval_interval, args.nproc, args.overrides)
+            command = run_command(out, variant, seed, args.steps, args.eval_interval, args.nproc, args.overrides,
+                                  args.smooth_teacher)
             print(f"[{index}/{total}] variant {variant} ({VARIANTS[variant][0]}), seed {seed}: running", flush=True)
             start = time.time()
             directory.mkdir(parents=True, exist_ok=True)
@@ -159,13 +196,15 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(f"[{index}/{total}] done in {time.time() - start:.0f} s", flush=True)
         if finished(directory, args.steps):
-            runs.setdefault(variant, {})[seed] = evaluations(read_log(directory / "log.jsonl"))
+            rows = read_log(directory / "log.jsonl")
+            runs.setdefault(variant, {})[seed] = evaluations(rows)
+            switches.setdefault(variant, []).append(switch_step(rows))
         else:
             print(f"[{index}/{total}] variant {variant} seed {seed}: no finished run in {directory}", flush=True)
     if not runs:
         print("error: no finished runs to tabulate", file=sys.stderr)
         return 1
-    table = summarise(runs)
+    table = summarise(runs, switches=switches, fallback=fallback_step(args.steps))
     (out / "table.md").write_text(table + "\n")
     print(table)
     return 0

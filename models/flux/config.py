@@ -32,6 +32,11 @@ class FluxConfig(TransformerConfig):
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)
     rope_theta: int = 10000
     timestep_embedding_dim: int = 256
+    # The time, guidance and interval embedders take the sinusoid of this scale times their input
+    # (sigmas, the guidance value, t - r). FLUX uses 1000 (diffusers hard-codes it); a small scale
+    # (1: "smooth") makes the network smooth in t, which the shapes world uses to test whether the
+    # 1000·t embedding is what keeps the warm-up switch from firing (issue #13).
+    time_embedding_scale: float = 1000.0
     # The MeanFlow student: a second, zero-initialised time embedding of h = t - r.
     mean_flow_student: bool = False
     # Blocks (double first, then single) per pipeline stage; None splits them evenly by count

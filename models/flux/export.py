@@ -16,6 +16,7 @@ architecture; the extra files are ignored) and with ``MeanFlowFluxPipeline.from_
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -49,15 +50,21 @@ def write_shards(
 
 def write_config(output: Path, diffusers_config: dict) -> None:
     (output / "config.json").write_text(json.dumps(diffusers_config, indent=2, sort_keys=True) + "\n")
+    field = interval_embedder.TIME_EMBEDDING_SCALE_FIELD
+    if field in diffusers_config:
+        # One line, also under --quiet: the folder is valid for mfmegatron only.
+        print(f"warning: {output} embeds time as sinusoid({diffusers_config[field]:g}·t), not FLUX's 1000·t; "
+              f"diffusers' FluxTransformer2DModel ignores {field} and would compute 1000·t: load it with "
+              "mfmegatron-convert-flux import, not a diffusers pipeline", file=sys.stderr, flush=True)
 
 
 def write_interval_embedder(output: Path, get: Callable[[str], torch.Tensor], dtype: torch.dtype | None = None,
-                            num_channels: int = 256) -> None:
+                            num_channels: int = 256, input_scale: float = 1000.0) -> None:
     """The student's ``interval_in.*`` tensors (fetched by our key) as ``interval_embedder.*``."""
     from models.flux.state_dict_adapter import interval_from_megatron
 
     tensors = {key: (t if dtype is None else t.to(dtype)) for key, t in interval_from_megatron(get)}
-    interval_embedder.save(output, tensors, num_channels=num_channels)
+    interval_embedder.save(output, tensors, num_channels=num_channels, input_scale=input_scale)
 
 
 def checkpoint_is_student(directory) -> bool:
@@ -143,7 +150,7 @@ def export_to_diffusers(
             write_shards(output, from_megatron(get, config), planned, shards, dtype)
             write_config(output, diffusers_config)
             if config.mean_flow_student:
-                write_interval_embedder(output, get, dtype, config.timestep_embedding_dim)
+                write_interval_embedder(output, get, dtype, config.timestep_embedding_dim, config.time_embedding_scale)
         else:
             for _ in from_megatron(get, config):  # take part in the gathers
                 pass

@@ -29,12 +29,22 @@ FORMAT = "mfmegatron-meanflow-interval-embedder"
 KEYS = ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias")
 
 
+# The project's own transformer config.json field for a time-embedding scale other than FLUX's
+# 1000 (``FluxConfig.time_embedding_scale``). diffusers' FluxTransformer2DModel hard-codes 1000 and
+# ignores the field: such a folder is for this project's importer, not for diffusers pipelines (the
+# export warns, MeanFlowFluxPipeline refuses). Here, beside the other exported-folder format, so
+# that the pipeline needs no megatron import.
+TIME_EMBEDDING_SCALE_FIELD = "mfmegatron_time_embedding_scale"
+
+
 class IntervalEmbedderFormatError(ValueError):
     """The interval embedder files are missing, malformed or do not fit the transformer."""
 
 
-def describe(embedding_dim: int, num_channels: int = 256) -> dict:
-    """The JSON record written next to the weights: the architecture and how it is applied."""
+def describe(embedding_dim: int, num_channels: int = 256, input_scale: float = 1000.0) -> dict:
+    """The JSON record written next to the weights: the architecture and how it is applied
+    (``input_scale``: the model's ``time_embedding_scale``, FLUX's 1000)."""
+    s = f"{input_scale:g}"
     return {
         "format": FORMAT,
         "version": 1,
@@ -48,11 +58,11 @@ def describe(embedding_dim: int, num_channels: int = 256) -> dict:
         "num_channels": num_channels,
         "act_fn": "silu",
         "sinusoid": {"flip_sin_to_cos": True, "downscale_freq_shift": 0, "max_period": 10000},
-        "input": "1000 * (t - r), with t >= r sigmas in [0, 1] (t = 1 is noise)",
-        "input_scale": 1000.0,
+        "input": f"{s} * (t - r), with t >= r sigmas in [0, 1] (t = 1 is noise)",
+        "input_scale": float(input_scale),
         "applied": (
-            "temb = transformer.time_text_embed(1000 * t, [1000 * guidance,] pooled_projections) "
-            "+ linear_2(silu(linear_1(sinusoid(1000 * (t - r)))))"
+            f"temb = transformer.time_text_embed({s} * t, [{s} * guidance,] pooled_projections) "
+            f"+ linear_2(silu(linear_1(sinusoid({s} * (t - r)))))"
         ),
         "weights": WEIGHTS_NAME,
         "keys": list(KEYS),
@@ -74,7 +84,7 @@ def has_interval_embedder(folder) -> bool:
     return (Path(folder) / CONFIG_NAME).is_file()
 
 
-def save(folder, tensors: dict[str, torch.Tensor], num_channels: int = 256) -> None:
+def save(folder, tensors: dict[str, torch.Tensor], num_channels: int = 256, input_scale: float = 1000.0) -> None:
     """Writes ``interval_embedder.safetensors`` and ``interval_embedder.json`` into ``folder``."""
     from safetensors.torch import save_file
 
@@ -89,7 +99,8 @@ def save(folder, tensors: dict[str, torch.Tensor], num_channels: int = 256) -> N
         str(folder / WEIGHTS_NAME),
         metadata={"format": "pt"},
     )
-    (folder / CONFIG_NAME).write_text(json.dumps(describe(embedding_dim, num_channels), indent=2) + "\n")
+    record = describe(embedding_dim, num_channels, input_scale)
+    (folder / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def read_config(folder) -> dict:

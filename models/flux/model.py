@@ -43,7 +43,8 @@ from models.flux.layer_specs import FluxLayerSpec, get_flux_layer_spec
 class FluxInputs:
     """One batch, batch-first as diffusers' FluxTransformer2DModel takes it.
 
-    ``timestep``, ``guidance`` and ``timestep_r`` are in [0, 1] (sigmas); the model scales by 1000.
+    ``timestep``, ``guidance`` and ``timestep_r`` are in [0, 1] (sigmas); the model scales by
+    ``config.time_embedding_scale`` (FLUX's 1000).
     """
 
     latents: torch.Tensor  # [b, s_img, in_channels] packed latents
@@ -108,7 +109,8 @@ class MLPEmbedder(MegatronModule):
 
 
 class TimestepEmbedder(MegatronModule):
-    """t in [0, 1] -> sinusoid of 1000 t -> MLP (diffusers' Timesteps + TimestepEmbedding)."""
+    """t in [0, 1] -> sinusoid of s·t -> MLP (diffusers' Timesteps + TimestepEmbedding), s the
+    config's ``time_embedding_scale`` (FLUX's 1000)."""
 
     def __init__(self, config: FluxConfig, zero_init_output: bool = False):
         super().__init__(config)
@@ -116,10 +118,11 @@ class TimestepEmbedder(MegatronModule):
         self.mlp = MLPEmbedder(config, self.frequency_dim, zero_init_output)
 
     def forward_jvp(self, t, tt=None):
-        # 1000 t in float32 at least: in bf16 it moves in steps of 4 near t = 1.
-        scaled = t.to(torch.promote_types(t.dtype, torch.float32)) * 1000
+        # s·t in float32 at least: in bf16, 1000 t moves in steps of 4 near t = 1.
+        scale = self.config.time_embedding_scale
+        scaled = t.to(torch.promote_types(t.dtype, torch.float32)) * scale
         emb, temb = sinusoidal_embedding(
-            scaled, None if tt is None else tt * 1000, self.frequency_dim, self.config.params_dtype
+            scaled, None if tt is None else tt * scale, self.frequency_dim, self.config.params_dtype
         )
         return self.mlp.forward_jvp(emb, temb)
 

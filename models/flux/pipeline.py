@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -258,6 +259,11 @@ class MeanFlowFluxPipeline(FluxPipeline):
                 f"{student}: neither a student transformer folder (config.json) nor a pipeline folder "
                 "(transformer/config.json)"
             )
+        config_path, field = transformer_folder / "config.json", interval_format.TIME_EMBEDDING_SCALE_FIELD
+        if field in json.loads(config_path.read_text()):
+            raise ValueError(f"{config_path}: {field} — this transformer embeds time with another scale than "
+                             "FLUX's 1000, which diffusers' FluxTransformer2DModel cannot; run it with mfmegatron "
+                             "(mfmegatron-convert-flux import)")
         if "transformer" not in components:
             components["transformer"] = FluxTransformer2DModel.from_pretrained(
                 str(transformer_folder), torch_dtype=torch_dtype

@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from models.flux import interval_embedder as interval_format
 from models.flux.config import FluxConfig
 
 
@@ -291,6 +292,7 @@ DIFFUSERS_CONFIG_DEFAULTS = {
     "axes_dims_rope": [16, 56, 56],
 }
 DIFFUSERS_CLASS_NAME = "FluxTransformer2DModel"
+FLUX_TIME_EMBEDDING_SCALE = 1000.0
 
 
 def flux_config_from_diffusers(diffusers_config: dict, **overrides) -> FluxConfig:
@@ -306,7 +308,8 @@ def flux_config_from_diffusers(diffusers_config: dict, **overrides) -> FluxConfi
         raise CheckpointMismatchError(
             f"config.json describes a {class_name!r}, not a {DIFFUSERS_CLASS_NAME!r}"
         )
-    unknown = {k for k in diffusers_config if not k.startswith("_")} - set(DIFFUSERS_CONFIG_DEFAULTS)
+    known = set(DIFFUSERS_CONFIG_DEFAULTS) | {interval_format.TIME_EMBEDDING_SCALE_FIELD}
+    unknown = {k for k in diffusers_config if not k.startswith("_")} - known
     if unknown:
         raise CheckpointMismatchError(
             f"config.json has fields this converter does not know: {describe_keys(unknown)} "
@@ -327,6 +330,7 @@ def flux_config_from_diffusers(diffusers_config: dict, **overrides) -> FluxConfi
         joint_attention_dim=c["joint_attention_dim"],
         pooled_projection_dim=c["pooled_projection_dim"],
         axes_dims_rope=tuple(c["axes_dims_rope"]),
+        time_embedding_scale=float(c.get(interval_format.TIME_EMBEDDING_SCALE_FIELD, FLUX_TIME_EMBEDDING_SCALE)),
     )
     architecture.update(overrides)
     factory = flux_dev_config if c["guidance_embeds"] else flux_schnell_config
@@ -340,8 +344,11 @@ def diffusers_config_from_flux(config: FluxConfig) -> dict:
             f"diffusers' FluxTransformer2DModel has an MLP of 4 x hidden; this config has "
             f"ffn_hidden_size={config.ffn_hidden_size} for hidden_size={config.hidden_size}"
         )
+    scale = {} if config.time_embedding_scale == FLUX_TIME_EMBEDDING_SCALE else {
+        interval_format.TIME_EMBEDDING_SCALE_FIELD: config.time_embedding_scale}
     return {
         "_class_name": DIFFUSERS_CLASS_NAME,
+        **scale,
         "patch_size": config.patch_size,
         "in_channels": config.in_channels,
         "out_channels": config.out_channels,
