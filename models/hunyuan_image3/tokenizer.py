@@ -63,18 +63,19 @@ def ratio_index(height: int, width: int, base: int) -> int:
     return min(range(len(ratios)), key=lambda i: abs(ratios[i] - target))
 
 
-def check_image_size(height: int, width: int, base: int) -> tuple[int, int]:
+def check_image_size(height: int, width: int, base: int, pixels_per_cell: int = PIXELS_PER_LATENT) -> tuple[int, int]:
     """The latent grid (h, w) of an image size, or a one-line error: sizes must be multiples of
-    16 px and one of the buckets around ``base``."""
-    if height % PIXELS_PER_LATENT or width % PIXELS_PER_LATENT:
-        raise ValueError(f"model.image_size {height}x{width} is not a multiple of {PIXELS_PER_LATENT} px "
-                         "(the VAE's downsampling)")
+    ``pixels_per_cell`` (the VAE's 16, or a pixel-space grid's patch side) and one of the buckets
+    around ``base``."""
+    if height % pixels_per_cell or width % pixels_per_cell:
+        reason = "the VAE's downsampling" if pixels_per_cell == PIXELS_PER_LATENT else "the pixel patch side"
+        raise ValueError(f"model.image_size {height}x{width} is not a multiple of {pixels_per_cell} px ({reason})")
     buckets = resolution_buckets(base)
     if (height, width) not in buckets:
         squares = [h for h, w in buckets if h == w]
         raise ValueError(f"model.image_size {height}x{width} is not one of HunyuanImage 3.0's resolution buckets "
                          f"around model.image_base_size {base} (the square one is {squares[0]}x{squares[0]})")
-    return height // PIXELS_PER_LATENT, width // PIXELS_PER_LATENT
+    return height // pixels_per_cell, width // pixels_per_cell
 
 
 class PromptTokenizer:
