@@ -31,14 +31,16 @@ PATCH = 2
 
 def pack_latents(latents: Tensor) -> Tensor:
     """``[b, c, h, w] -> [b, (h/2)(w/2), 4c]``: 2x2 patches as tokens (diffusers' FLUX packing)."""
-    return space_to_depth(latents, PATCH).flatten(2).transpose(1, 2)
+    # Contiguous, as a reshape would make it: a strided view sends convolutions and GEMMs to
+    # other kernels, whose results differ from diffusers' in the last bits.
+    return space_to_depth(latents, PATCH).flatten(2).transpose(1, 2).contiguous()
 
 
 def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
     """``pack_latents`` undone: ``[b, height * width, 4c] -> [b, c, 2 height, 2 width]`` (height,
     width: the token grid)."""
     b, _, packed = tokens.shape
-    return depth_to_space(tokens.transpose(1, 2).reshape(b, packed, height, width), PATCH)
+    return depth_to_space(tokens.transpose(1, 2).reshape(b, packed, height, width), PATCH).contiguous()
 
 
 class PixelImageEncoder:
