@@ -59,16 +59,12 @@ from models.hunyuan_image3.sequence import (
     combine_guidance,
     unconditional_sequences,
 )
-from models.hunyuan_image3.tokenizer import PIXELS_PER_LATENT, PromptTokenizer, check_image_size
+from models.hunyuan_image3.tokenizer import PIXEL_PATCH, PromptTokenizer, check_image_size, pixels_per_cell
 
 # <bos>, then <boi> <img_size> <img_ratio> <timestep> before the image and <eoi> after it (the
 # instruct template's role text counts in model.text_tokens).
 TEMPLATE_TOKENS = 6
 STUDENT_TOKENS = 2  # <guidance> <timestep_r> (student_conditioning="tokens")
-# model.latent_space=pixels: pixels per side of one image token. 4 keeps a 32 px image at 64
-# tokens (the tiny VAE-latent recipe's order of magnitude) with 48 values per token; 2 would make
-# 256 tokens of 12, whose attention costs 16x on the CPU the shapes world trains on.
-PIXEL_PATCH = 4
 
 
 @dataclass
@@ -276,8 +272,7 @@ class HunyuanImage3Family:
 
     def latent_grid(self, config) -> tuple[int, int]:
         size = config.model.image_size
-        per_cell = PIXEL_PATCH if self.pixel_space(config) else PIXELS_PER_LATENT
-        return check_image_size(size, size, config.model.image_base_size, per_cell)
+        return check_image_size(size, size, config.model.image_base_size, pixels_per_cell(config))
 
     def latent_channels(self, config) -> int:
         """The networks' latent channels; in pixel space checked to be RGB in PIXEL_PATCH² cells."""
