@@ -152,6 +152,8 @@ def test_shapes_teacher_recipe_trains_at_ep2_drops_prompts_and_a_student_distils
         f"data.shards={shapes}/images", f"data.text_tokenizer={shapes}/hunyuan_tokenizer.json",
         "data.micro_batch_size=8", "model.prompt_dropout=0.3", "optim.lr_warmup_steps=0", "optim.ema_decay=0.5",
         "train.steps=3", "train.save_interval=3", "train.sample_interval=3", "train.sample_steps=[2]",
+        "train.eval_interval=3", f"train.eval_prompts={shapes}/heldout.txt", "train.eval_num_prompts=4",
+        "train.eval_teacher_steps=[2,1]",
     ])
     assert result.returncode == 0, result.stderr[-3000:]
     log = _log(teacher)
@@ -164,6 +166,8 @@ def test_shapes_teacher_recipe_trains_at_ep2_drops_prompts_and_a_student_distils
     checkpoint = teacher / "checkpoints" / "step_00000003"
     assert (checkpoint / "mfmegatron_hunyuan_image3.json").is_file()
     assert (teacher / "samples" / "step_00000003.png").is_file()
+    # Evaluation decoded the samples to images the shapes scorer read.
+    assert 0 <= log[3]["eval_teacher_1_overall"] <= 1 and (teacher / "eval" / "step_00000003.png").is_file()
     assert (teacher / "student" / "config.json").is_file()
 
     student = tmp_path / "student"
