@@ -37,9 +37,11 @@ class ModelSection:
     one of (square: the base itself). Tiny test models use a small base."""
     latent_space: Literal["vae", "pixels"] = "vae"
     """What the networks denoise: the VAE's latents (FLUX: 16 latent channels, 8x down, 2x2
-    patches, 16 pixels per token), or the RGB pixels themselves in [-1, 1] in 2x2 patches
-    (``in_channels`` 12, (image_size / 2) ** 2 tokens, no VAE): for small worlds such as the
-    shapes world (``tools/build_shapes_data.py``)."""
+    patches, 16 pixels per token), or the RGB pixels themselves in [-1, 1], folded space-to-depth
+    (``mfmegatron/pixels.py``), no VAE: for small worlds such as the shapes world
+    (``tools/build_shapes_data.py``). FLUX: 2x2 patches (``in_channels`` 12, (image_size / 2) ** 2
+    tokens); HunyuanImage 3.0: 4x4 patches (``latent_channels`` 48, (image_size / 4) ** 2 tokens;
+    ``image_base_size`` then counts these pixels)."""
     text_tokens: int = 512
     """FLUX: the T5 sequence length. HunyuanImage 3.0: the text's token budget, the prompt with the
     template's text (``sequence_template``, ``system_prompt``); a longer prompt is an error, not
@@ -51,6 +53,12 @@ class ModelSection:
     """HunyuanImage 3.0: the classifier-free guidance scale w of the teacher, drawn per sample
     uniform in [lo, hi] (keyed by seed, step and global sample index); the student gets the same
     w through its guidance embedding. The official scale is 5.0. Evaluation uses the middle."""
+    prompt_dropout: float = 0.1
+    """HunyuanImage 3.0, ``train.objective=flow_matching``: the fraction of samples trained
+    unconditionally (every prompt token replaced by ``<cfg>``, the sequence the CFG teacher's
+    unconditional half is), drawn per sample keyed by seed, step and global sample index, so the
+    trained teacher has the unconditional velocity classifier-free guidance needs. FLUX's flow
+    matching does not drop prompts."""
     student_conditioning: Literal["tokens", "embedding"] = "tokens"
     """HunyuanImage 3.0: how the student sees w and r. ``tokens``: the official Instruct-Distil
     layout, ``<guidance>`` and ``<timestep_r>`` tokens after ``<timestep>``; ``embedding``: the

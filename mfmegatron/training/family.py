@@ -56,6 +56,10 @@ class ModelFamily(Protocol):
         conditioning (HunyuanImage 3.0's guidance scale), so a global sample gets the same draw at
         any data-parallel size; None (evaluation): a fixed value."""
 
+    def condition_stats(self, cond: Any) -> dict[str, float]:
+        """Numbers about a training batch's conditioning logged with the step (the same keys on
+        every rank), e.g. the fraction of prompts flow-matching training dropped; {} for none."""
+
     def image_encoder(self, config, device: torch.device, dtype: torch.dtype) -> Any:
         """For ``meanflow.z_source=data``: a callable ``(images, generator) -> x`` from images
         ``[b, 3, H, W]`` in [-1, 1] to latents ``[b, *latent_shape]`` (the x of

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from mfmegatron.pixels import to_unit_range
+
 
 def save_sample_grid(samples: dict[int, torch.Tensor], path, pixels: bool = False) -> None:
     """Rows: number of student steps; columns: samples. ``samples``: ``{num_steps: [n, C, H, W]}``
@@ -19,7 +21,7 @@ def save_sample_grid(samples: dict[int, torch.Tensor], path, pixels: bool = Fals
         grid = samples[steps].float().cpu()[:, :3]
         side = grid.shape[-1]
         if pixels:
-            grid = (grid + 1) / 2
+            grid = to_unit_range(grid)
         else:
             low = grid.amin(dim=(1, 2, 3), keepdim=True)
             high = grid.amax(dim=(1, 2, 3), keepdim=True)

@@ -529,7 +529,7 @@ class Trainer:
         for runner in self._runners().values():
             runner.sample_forwards = 0.0
         plan = self.objective.plan(self.step, noise, cond, x=x, generator=generator, times=times)
-        stats = dict(plan.stats)
+        stats = {**plan.stats, **self.family.condition_stats(cond)}
         total = 0.0
         for training_pass in plan.passes:
             loss, pass_stats = self.student_runner.run_pass(training_pass, cond)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from mfmegatron.jvp.fp8 import megatron_fp8_settings, teacher_weights_in_fp8
 from mfmegatron.jvp.lora import add_lora, share_parameters
+from mfmegatron.pixels import to_unit_range
 from models.flux.config import FLUX_CONFIGS, FluxConfig
 from models.flux.cost import (
     NetworkFlops,
@@ -196,6 +197,9 @@ class FluxFamily:
             txt_ids=torch.zeros(length, 3, device=device),
             guidance=guidance,
         )
+
+    def condition_stats(self, cond: FluxCondition) -> dict[str, float]:
+        return {}  # FLUX's flow matching keeps every prompt
 
     def slice_condition(self, cond: FluxCondition, rows, batch_size: int | None) -> FluxCondition:
         """``rows``: a slice or a tensor of row indices of the batch."""
@@ -489,7 +493,7 @@ class FluxFamily:
         side = self._latent_grid(config)
         grid = unpack_latents(latents.float(), side, side)
         if config.model.latent_space == "pixels":
-            return ((grid + 1) / 2).clamp(0, 1)
+            return to_unit_range(grid)
         if config.model.vae_path is None:
             return None
         vae = getattr(self, "_decoder", None)

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mfmegatron.pixels import depth_to_space, space_to_depth
+
 VAE_LATENTS = ("sample", "mean")
 # The transformer packs 2x2 latent patches into one token.
 PATCH = 2
@@ -29,20 +31,16 @@ PATCH = 2
 
 def pack_latents(latents: Tensor) -> Tensor:
     """``[b, c, h, w] -> [b, (h/2)(w/2), 4c]``: 2x2 patches as tokens (diffusers' FLUX packing)."""
-    b, c, h, w = latents.shape
-    if h % PATCH or w % PATCH:
-        raise ValueError(f"latent grid {h}x{w} is not divisible into {PATCH}x{PATCH} patches")
-    patches = latents.reshape(b, c, h // PATCH, PATCH, w // PATCH, PATCH)
-    return patches.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // PATCH) * (w // PATCH), c * PATCH * PATCH)
+    # Contiguous, as a reshape would make it: a strided view sends convolutions and GEMMs to
+    # other kernels, whose results differ from diffusers' in the last bits.
+    return space_to_depth(latents, PATCH).flatten(2).transpose(1, 2).contiguous()
 
 
 def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
     """``pack_latents`` undone: ``[b, height * width, 4c] -> [b, c, 2 height, 2 width]`` (height,
     width: the token grid)."""
     b, _, packed = tokens.shape
-    c = packed // (PATCH * PATCH)
-    patches = tokens.reshape(b, height, width, c, PATCH, PATCH).permute(0, 3, 1, 4, 2, 5)
-    return patches.reshape(b, c, height * PATCH, width * PATCH)
+    return depth_to_space(tokens.transpose(1, 2).reshape(b, packed, height, width), PATCH).contiguous()
 
 
 class PixelImageEncoder:

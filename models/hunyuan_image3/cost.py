@@ -4,7 +4,7 @@ delegates here with the teacher's ``HunyuanImage3Config`` and the recipe).
 
 The sequence (``sequence.py``): ``<bos>``, ``model.text_tokens`` prompt tokens, ``<boi>``, size,
 ratio, ``<timestep>`` and the "tokens" student's ``<guidance>`` / ``<timestep_r>`` (the prefix),
-the ``(image_size / 16)²`` image tokens, ``<eoi>`` (the suffix), right-padded under sequence
+the ``(image_size / 16)²`` image tokens (``(image_size / 4)²`` in pixel space), ``<eoi>`` (the suffix), right-padded under sequence
 parallel to a multiple of TP (``build_image_sequences(..., length=...)``). A teacher evaluation is
 classifier-free guided: a [cond; uncond] batch, two sequences per sample.
 
@@ -47,7 +47,8 @@ from dataclasses import dataclass
 from models.flux.cost import NetworkFlops, gradient_buffer_elements
 from models.hunyuan_image3.config import HunyuanImage3Config
 from models.hunyuan_image3.meanflow import lora_covers
-from models.hunyuan_image3.memory import PIXELS_PER_TOKEN, TEMPLATE_TOKENS, layout_of
+from models.hunyuan_image3.memory import TEMPLATE_TOKENS, layout_of
+from models.hunyuan_image3.tokenizer import pixels_per_cell
 
 # Attention FLOPs per (query, key) pair, head and unit of head width: the forward's QKᵀ and PV;
 # the tangent's log-sum-exp pass and online-softmax pass; the fused backward.
@@ -112,9 +113,10 @@ def student_token_count(architecture: HunyuanImage3Config) -> int:
 def sequence_layout(architecture: HunyuanImage3Config, config, network: str) -> SequenceLayout:
     """One sequence of ``network`` at the recipe's image size, prompt length and layout."""
     network_config = network_architecture(architecture, network)
-    side, remainder = divmod(config.model.image_size, PIXELS_PER_TOKEN * architecture.patch_size)
+    per_token = pixels_per_cell(config) * architecture.patch_size
+    side, remainder = divmod(config.model.image_size, per_token)
     if remainder:
-        raise ValueError(f"model.image_size must be a multiple of {PIXELS_PER_TOKEN}, got {config.model.image_size}")
+        raise ValueError(f"model.image_size must be a multiple of {per_token}, got {config.model.image_size}")
     suffix = 1  # <eoi>
     prefix = config.model.text_tokens + TEMPLATE_TOKENS - suffix + student_token_count(network_config)
     layout = layout_of(config)

@@ -27,9 +27,7 @@ from __future__ import annotations
 import dataclasses
 
 from models.hunyuan_image3.config import HunyuanImage3Config
-
-# The VAE downsamples 16x and the patch size is 1: a 1024 px side is 64 latent tokens.
-PIXELS_PER_TOKEN = 16
+from models.hunyuan_image3.tokenizer import pixels_per_cell
 # <bos> <boi> <img_size> <img_ratio> <timestep> ... <eoi> around the prompt and the image.
 TEMPLATE_TOKENS = 6
 # The student's <guidance> and <timestep_r> tokens, filled by its two extra embedders.
@@ -190,9 +188,10 @@ def sequence_tokens(architecture: HunyuanImage3Config, config) -> tuple[int, int
     """(image tokens, student sequence length): the latent grid of ``model.image_size``, plus
     ``model.text_tokens`` prompt tokens, the template tokens and the student's two extra ones (the
     teacher's sequence is two shorter; the count uses the longer)."""
-    side, remainder = divmod(config.model.image_size, PIXELS_PER_TOKEN * architecture.patch_size)
+    per_token = pixels_per_cell(config) * architecture.patch_size
+    side, remainder = divmod(config.model.image_size, per_token)
     if remainder:
-        raise ValueError(f"model.image_size must be a multiple of {PIXELS_PER_TOKEN}, got {config.model.image_size}")
+        raise ValueError(f"model.image_size must be a multiple of {per_token}, got {config.model.image_size}")
     image = side * side
     return image, image + config.model.text_tokens + TEMPLATE_TOKENS + STUDENT_EXTRA_TOKENS
 

@@ -30,6 +30,10 @@ from models.hunyuan_image3.sequence import PRETRAIN, SEQUENCE_TEMPLATES, ImageTo
 
 # The VAE downsamples by 16 and the image path embeds one token per latent pixel (patch size 1).
 PIXELS_PER_LATENT = 16
+# model.latent_space=pixels: pixels per side of one image token. 4 keeps a 32 px image at 64
+# tokens (the tiny VAE-latent recipe's order of magnitude) with 48 values per token; 2 would make
+# 256 tokens of 12, whose attention costs 16x on the CPU the shapes world trains on.
+PIXEL_PATCH = 4
 SPECIAL_TOKENS = ("<boi>", "<eoi>", "<img>", "<timestep>", "<cfg>", "<guidance>", "<timestep_r>", "<pad>")
 BOS_TOKEN = "<|startoftext|>"
 # The official conversation template ("hunyuan-image-3"): roles "User" / "Assistant" with a
@@ -63,18 +67,25 @@ def ratio_index(height: int, width: int, base: int) -> int:
     return min(range(len(ratios)), key=lambda i: abs(ratios[i] - target))
 
 
-def check_image_size(height: int, width: int, base: int) -> tuple[int, int]:
+def pixels_per_cell(config) -> int:
+    """Image pixels per side of one latent-grid cell (one image token) for the recipe's
+    ``model.latent_space``."""
+    return PIXEL_PATCH if config.model.latent_space == "pixels" else PIXELS_PER_LATENT
+
+
+def check_image_size(height: int, width: int, base: int, pixels_per_cell: int = PIXELS_PER_LATENT) -> tuple[int, int]:
     """The latent grid (h, w) of an image size, or a one-line error: sizes must be multiples of
-    16 px and one of the buckets around ``base``."""
-    if height % PIXELS_PER_LATENT or width % PIXELS_PER_LATENT:
-        raise ValueError(f"model.image_size {height}x{width} is not a multiple of {PIXELS_PER_LATENT} px "
-                         "(the VAE's downsampling)")
+    ``pixels_per_cell`` (the VAE's 16, or a pixel-space grid's patch side) and one of the buckets
+    around ``base``."""
+    if height % pixels_per_cell or width % pixels_per_cell:
+        reason = "the VAE's downsampling" if pixels_per_cell == PIXELS_PER_LATENT else "the pixel patch side"
+        raise ValueError(f"model.image_size {height}x{width} is not a multiple of {pixels_per_cell} px ({reason})")
     buckets = resolution_buckets(base)
     if (height, width) not in buckets:
         squares = [h for h, w in buckets if h == w]
         raise ValueError(f"model.image_size {height}x{width} is not one of HunyuanImage 3.0's resolution buckets "
                          f"around model.image_base_size {base} (the square one is {squares[0]}x{squares[0]})")
-    return height // PIXELS_PER_LATENT, width // PIXELS_PER_LATENT
+    return height // pixels_per_cell, width // pixels_per_cell
 
 
 class PromptTokenizer:
@@ -204,4 +215,4 @@ def write_word_level_tokenizer(texts: list[str], path, image_base_size: int) -> 
 
 
 __all__ = ["PromptTokenizer", "write_word_level_tokenizer", "resolution_buckets", "ratio_index", "check_image_size", "SPECIAL_TOKENS",
-           "PIXELS_PER_LATENT", "text_template"]
+           "PIXELS_PER_LATENT", "PIXEL_PATCH", "pixels_per_cell", "text_template"]

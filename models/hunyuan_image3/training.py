@@ -25,8 +25,19 @@
   padded to one length fixed by the recipe (``model.text_tokens`` for the prompt and the
   template's text), so pipeline stages exchange one shape. The guidance scale is drawn per sample, uniform in ``model.guidance_range``, from a
   generator keyed by (seed, step, global sample index).
-- No VAE in the project: ``meanflow.z_source=data`` is refused, evaluation compares latents, and
-  sample grids show latent channels.
+- No VAE in the project: with ``model.latent_space=vae`` (the released model's latents)
+  ``meanflow.z_source=data`` is refused, evaluation compares latents, and sample grids show latent
+  channels.
+- ``model.latent_space=pixels`` (a teacher trained from scratch on a small world, e.g. the shapes
+  world): the latent grid is the RGB image in [-1, 1] folded space-to-depth by ``PIXEL_PATCH``
+  (32x32x3 -> 8x8x48: 64 image tokens), so ``latent_channels`` must be 3·PIXEL_PATCH². The
+  resolution buckets then count the image's own pixels: ``model.image_base_size`` is a size of
+  the pixel images (32 for the shapes world) and ``image_size`` must be a bucket around it and a
+  multiple of PIXEL_PATCH, so ``<img_size_*>`` / ``<img_ratio_*>`` describe the real image.
+  ``meanflow.z_source=data`` reads the images, evaluation and sample grids show them, and
+  ``train.objective=flow_matching`` trains the teacher architecture, dropping the prompt of
+  ``model.prompt_dropout`` of the samples (``<cfg>`` for every prompt token, the unconditional
+  sequence of the CFG teacher), keyed like the guidance scale.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from mfmegatron.pixels import depth_to_space, space_to_depth, to_unit_range
 from models.hunyuan_image3.config import HUNYUAN_IMAGE3_CONFIGS, HunyuanImage3Config
 from models.hunyuan_image3.sequence import (
     ImageSequence,
@@ -47,7 +59,7 @@ from models.hunyuan_image3.sequence import (
     combine_guidance,
     unconditional_sequences,
 )
-from models.hunyuan_image3.tokenizer import PromptTokenizer, check_image_size
+from models.hunyuan_image3.tokenizer import PIXEL_PATCH, PromptTokenizer, check_image_size, pixels_per_cell
 
 # <bos>, then <boi> <img_size> <img_ratio> <timestep> before the image and <eoi> after it (the
 # instruct template's role text counts in model.text_tokens).
@@ -66,6 +78,9 @@ class HunyuanCondition:
     unconditional: ImageSequence
     student_sequence: ImageSequence
     guidance: torch.Tensor
+    # [b] bool: the samples whose ``sequence`` is the unconditional one (flow-matching training's
+    # prompt dropout); None: none dropped.
+    dropped: torch.Tensor | None = None
 
 
 def select_sequence_rows(sequence: ImageSequence, rows) -> ImageSequence:
@@ -86,18 +101,37 @@ def select_sequence_rows(sequence: ImageSequence, rows) -> ImageSequence:
     )
 
 
-def guidance_scales(low: float, high: float, count: int, draw: tuple[int, int, int] | None) -> torch.Tensor:
-    """Per-sample CFG scales [count] (float32), uniform in [low, high]: sample i's from a generator
-    seeded by (seed, step, first + i), so a global sample's w does not depend on how the batch is
-    split over ranks; ``draw`` None (evaluation): the middle of the range."""
-    if draw is None:
-        return torch.full((count,), (low + high) / 2, dtype=torch.float32)
+def keyed_uniforms(kind: str, count: int, draw: tuple[int, int, int]) -> list[float]:
+    """``count`` uniforms in [0, 1): sample i's from a generator seeded by (kind, seed, step,
+    first + i), so a global sample's draw does not depend on how the batch is split over ranks."""
     seed, step, first = draw
     values = []
     for index in range(first, first + count):
-        generator = torch.Generator().manual_seed(zlib.crc32(f"guidance/{seed}/{step}/{index}".encode()))
-        values.append(low + (high - low) * float(torch.rand((), generator=generator, dtype=torch.float64)))
-    return torch.tensor(values, dtype=torch.float32)
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{kind}/{seed}/{step}/{index}".encode()))
+        values.append(float(torch.rand((), generator=generator, dtype=torch.float64)))
+    return values
+
+
+def guidance_scales(low: float, high: float, count: int, draw: tuple[int, int, int] | None) -> torch.Tensor:
+    """Per-sample CFG scales [count] (float32), uniform in [low, high] (``keyed_uniforms``);
+    ``draw`` None (evaluation): the middle of the range."""
+    if draw is None:
+        return torch.full((count,), (low + high) / 2, dtype=torch.float32)
+    return torch.tensor([low + (high - low) * u for u in keyed_uniforms("guidance", count, draw)], dtype=torch.float32)
+
+
+def dropped_prompts(fraction: float, count: int, draw: tuple[int, int, int] | None) -> torch.Tensor:
+    """Which of ``count`` samples train unconditionally [count] (bool), each with probability
+    ``fraction`` (``keyed_uniforms``, a stream of its own); ``draw`` None (evaluation): none."""
+    if draw is None or fraction <= 0:
+        return torch.zeros(count, dtype=torch.bool)
+    return torch.tensor([u < fraction for u in keyed_uniforms("prompt_dropout", count, draw)], dtype=torch.bool)
+
+
+def drop_prompts(sequence: ImageSequence, unconditional: ImageSequence, dropped: torch.Tensor) -> ImageSequence:
+    """``sequence`` with the ``dropped`` rows taken from ``unconditional`` (same layout)."""
+    mask = dropped.to(sequence.input_ids.device).unsqueeze(1)
+    return dataclasses.replace(sequence, input_ids=torch.where(mask, unconditional.input_ids, sequence.input_ids))
 
 
 def _to_transport(x: torch.Tensor) -> torch.Tensor:
@@ -219,18 +253,39 @@ class HunyuanImage3Family:
         return local_to_global_key(name, 0, model.layer_range[0])
 
     def build_flow_network(self, config, device: torch.device):
-        # Flow-matching training learns from images through the VAE, which is not in the project.
-        raise ValueError("train.objective=flow_matching needs HunyuanImage 3.0's VAE, which this project does not have")
+        """The teacher architecture, trainable (``train.objective=flow_matching``, pixel space
+        only: the released latents need HunyuanImage 3.0's VAE, which this project does not
+        have); from ``model.teacher_checkpoint`` when set, to fine-tune."""
+        if not self.pixel_space(config):
+            raise ValueError("train.objective=flow_matching needs HunyuanImage 3.0's VAE, which this project does not "
+                             "have; train a pixel-space teacher with model.latent_space=pixels")
+        network = self._build(config, device, student=False, trainable=True)
+        if config.model.teacher_checkpoint is not None:
+            load_dist_checkpoint(network, config.model.teacher_checkpoint)
+        return network
 
     # -- shapes and conditioning ---------------------------------------------------------------
 
+    @staticmethod
+    def pixel_space(config) -> bool:
+        return config.model.latent_space == "pixels"
+
     def latent_grid(self, config) -> tuple[int, int]:
         size = config.model.image_size
-        return check_image_size(size, size, config.model.image_base_size)
+        return check_image_size(size, size, config.model.image_base_size, pixels_per_cell(config))
+
+    def latent_channels(self, config) -> int:
+        """The networks' latent channels; in pixel space checked to be RGB in PIXEL_PATCH² cells."""
+        channels = self.teacher_config(config).latent_channels
+        if self.pixel_space(config) and channels != 3 * PIXEL_PATCH**2:
+            raise ValueError(f"model.latent_space=pixels needs latent_channels {3 * PIXEL_PATCH**2} (RGB in "
+                             f"{PIXEL_PATCH}x{PIXEL_PATCH} patches); the network has {channels} "
+                             "(set model.overrides.latent_channels)")
+        return channels
 
     def latent_shape(self, config) -> tuple[int, ...]:
         h, w = self.latent_grid(config)
-        return (self.teacher_config(config).latent_channels, h, w)
+        return (self.latent_channels(config), h, w)
 
     def sequence_length(self, config) -> int:
         """Every sequence's length: the template, the prompt budget, the student's tokens and
@@ -250,13 +305,15 @@ class HunyuanImage3Family:
         if data.text_encoder != "precomputed":
             raise ValueError(f"data.text_encoder={data.text_encoder} does not apply to HunyuanImage 3.0 (the model "
                              "embeds its own tokens): leave it unset")
-        if config.meanflow.z_source == "data":
+        if config.meanflow.z_source == "data" and not self.pixel_space(config):
             raise ValueError("meanflow.z_source=data needs the model's VAE, which this project does not have for "
-                             "HunyuanImage 3.0; use meanflow.z_source=teacher_ode")
+                             "HunyuanImage 3.0; use meanflow.z_source=teacher_ode (or model.latent_space=pixels)")
+        if not 0 <= model.prompt_dropout < 1:
+            raise ValueError(f"model.prompt_dropout {model.prompt_dropout} must be in [0, 1)")
         low, high = model.guidance_range
         if not 0 < low <= high:
             raise ValueError(f"model.guidance_range {list(model.guidance_range)} must be [lo, hi] with 0 < lo <= hi")
-        self.latent_grid(config)
+        self.latent_shape(config)
         tokenizer = PromptTokenizer(data.text_tokenizer, model.image_base_size, model.sequence_template,
                                     model.system_prompt)
         vocab = self.teacher_config(config).vocab_size
@@ -282,11 +339,23 @@ class HunyuanImage3Family:
         else:
             student = sequence
         low, high = config.model.guidance_range
+        unconditional = unconditional_sequences(sequence, tokens)
+        dropped = None
+        if config.train.objective == "flow_matching":
+            dropped = dropped_prompts(config.model.prompt_dropout, len(prompts), draw)
+            sequence = drop_prompts(sequence, unconditional, dropped)
         return HunyuanCondition(
-            sequence=sequence.to(device), unconditional=unconditional_sequences(sequence, tokens).to(device),
+            sequence=sequence.to(device), unconditional=unconditional.to(device),
             student_sequence=student.to(device),
             guidance=guidance_scales(low, high, len(prompts), draw).to(device),
+            dropped=None if dropped is None else dropped.to(device),
         )
+
+    def condition_stats(self, cond: HunyuanCondition) -> dict[str, float]:
+        """Flow-matching training logs the fraction of samples whose prompt it dropped."""
+        if cond.dropped is None:
+            return {}
+        return {"prompt_dropped": float(cond.dropped.float().mean())}
 
     def slice_condition(self, cond: HunyuanCondition, rows, batch_size: int | None) -> HunyuanCondition:
         """``rows``: a slice or a tensor of row indices of the batch."""
@@ -295,10 +364,16 @@ class HunyuanImage3Family:
             unconditional=select_sequence_rows(cond.unconditional, rows),
             student_sequence=select_sequence_rows(cond.student_sequence, rows),
             guidance=cond.guidance[rows],
+            dropped=None if cond.dropped is None else cond.dropped[rows],
         )
 
     def image_encoder(self, config, device, dtype):
-        raise ValueError("HunyuanImage 3.0's VAE is not in this project: use meanflow.z_source=teacher_ode")
+        """Pixel space: images [b, 3, H, W] in [-1, 1] -> their PIXEL_PATCH space-to-depth grid."""
+        if not self.pixel_space(config):
+            raise ValueError("HunyuanImage 3.0's VAE is not in this project: use meanflow.z_source=teacher_ode "
+                             "(or model.latent_space=pixels)")
+        self.latent_channels(config)
+        return lambda images, generator=None: space_to_depth(images.float(), PIXEL_PATCH)
 
     def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return latents  # the networks map the VAE's latent grid [b, C, h, w] as it is
@@ -326,7 +401,9 @@ class HunyuanImage3Family:
         if tangents is not None:
             tz, tr, tt = tangents
             tz = tz.to(dtype)
-        if r is None:  # the teacher architecture without guidance: the fake network, flow matching
+        if r is None or not model.config.is_student:
+            # The teacher architecture without guidance (the fake network, a flow-matching
+            # network); r, which its sample grids' Euler steps pass, does not enter it.
             out = model.velocity_jvp(cond.sequence, z, t, tz, tt)
         else:
             out = model.velocity_jvp(cond.student_sequence, z, t, tz, tt, sigma_r=r, tsigma_r=tr,
@@ -401,14 +478,23 @@ class HunyuanImage3Family:
 
     # -- outputs for people --------------------------------------------------------------------
 
-    def decode_images(self, latents: torch.Tensor, config) -> None:
-        return None  # no VAE in the project: evaluation compares latents
+    def decode_images(self, latents: torch.Tensor, config) -> torch.Tensor | None:
+        """Pixel space: the images in [0, 1]; otherwise None (no VAE in the project: evaluation
+        compares latents)."""
+        if not self.pixel_space(config):
+            return None
+        return to_unit_range(depth_to_space(latents.float(), PIXEL_PATCH))
 
     def save_sample_grid(self, samples: dict[int, torch.Tensor], path, config) -> None:
-        """Rows: number of student steps; columns: samples; the first three latent channels."""
+        """Rows: number of student steps; columns: samples; the images (pixel space) or the
+        first three latent channels."""
         from mfmegatron.training.sample_grid import save_sample_grid
 
-        save_sample_grid(samples, path)
+        if self.pixel_space(config):
+            images = {steps: depth_to_space(grid.float().cpu(), PIXEL_PATCH) for steps, grid in samples.items()}
+            save_sample_grid(images, path, pixels=True)
+        else:
+            save_sample_grid(samples, path)
 
     def export_student(self, student, directory, config) -> None:
         """The student in the released Hugging Face layout (sharded safetensors, their index and
