@@ -135,6 +135,13 @@ def run(argv: list[str] | None = None) -> dict:
     tokens = ImageTokens(**{f: ids.get(f) for f in TOKEN_FIELDS})
     names = [n for n, on in (("guidance", config.cfg_distilled), ("timestep_r", config.use_meanflow)) if on]
     template_name = args.sequence_template or config.sequence_template
+    from models.hunyuan_image3.state_dict_adapter import SEQUENCE_TEMPLATE_FIELD
+
+    if args.sequence_template is None and SEQUENCE_TEMPLATE_FIELD not in json.loads((folder / "config.json").read_text()):
+        # A folder this project did not export (e.g. the released Instruct-Distil, whose tokenizer
+        # defaults to the instruct template): say which template is assumed.
+        log(f"{PROG}: config.json records no {SEQUENCE_TEMPLATE_FIELD}: using the pretrain template (the base "
+            "model's); pass --sequence-template instruct for an Instruct model")
     system_prompt = config.system_prompt if args.system_prompt is None else args.system_prompt
     if tokenizer is None and (template_name != "pretrain" or system_prompt):
         raise SampleError(f"the {template_name} template{' and the system prompt' if system_prompt else ''} need "
