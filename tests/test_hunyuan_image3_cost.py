@@ -6,8 +6,9 @@
   and the LoRA fake network's forward + backward.
 - Communication: one two-rank gloo spawn runs the student's forward with tangent and backward,
   megatron's gradient reduction and optimizer step at EP=2 with DP=2 (with and without the
-  distributed optimizer), TP=2 with and without SP with EP=2, TP=2 without SP nor EP, and DP=2
-  without EP, and at the TP=2 layouts the LoRA fake network's forward and backward, with
+  distributed optimizer), TP=2 with and without SP with EP=2, TP=2 without SP with EP=2 and
+  activation recompute (backward repeats the layers' forward collectives), TP=2 without SP nor EP,
+  and DP=2 without EP, and at the TP=2 layouts the LoRA fake network's forward and backward, with
   torch.distributed's collectives wrapped to count each call's payload. The deterministic
   collectives must equal ``pass_traffic`` + ``gradient_traffic`` exactly; the MoE all-to-all's
   per-rank volume depends on routing: its sum over the ranks must equal the plan's, and each
@@ -150,6 +151,8 @@ LAYOUTS = {
                         "parallel.expert_parallel_size=2"],
     "TP=2, EP=2": ["parallel.tensor_parallel_size=2", "parallel.expert_parallel_size=2"],
     "TP=2": ["parallel.tensor_parallel_size=2"],
+    "TP=2, EP=2, recompute": ["parallel.tensor_parallel_size=2", "parallel.expert_parallel_size=2",
+                              "model.recompute=true"],
     "DP=2": [],
     "EP=2, DP=2, distributed optimizer": ["parallel.expert_parallel_size=2", "parallel.use_distributed_optimizer=true"],
 }
@@ -176,8 +179,11 @@ def _pass_on_ranks() -> dict:
         parallel = config.parallel
         tp, ep, sp = parallel.tensor_parallel_size, parallel.expert_parallel_size, parallel.sequence_parallel
         initialize_parallel(tensor_parallel_size=tp, expert_parallel_size=ep, expert_tensor_parallel_size=1, seed=3)
+        # As the family builds it (models/hunyuan_image3/training.py).
+        recompute = (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+                     if config.model.recompute else {})
         architecture = _architecture("tiny", tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
-                                     expert_tensor_parallel_size=1, sequence_parallel=sp)
+                                     expert_tensor_parallel_size=1, sequence_parallel=sp, **recompute)
         model = mark_routed_experts(build_hunyuan_model(cost.network_architecture(architecture, "student")))
         distributed = parallel.use_distributed_optimizer
         ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(

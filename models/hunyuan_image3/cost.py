@@ -270,9 +270,10 @@ def _activation_bytes(config) -> int:
 def tensor_parallel_traffic(architecture: HunyuanImage3Config, config, network: str, rows: int, stage: int,
                             phase: str, training: str = "full"):
     """TP collectives of one micro-batch of ``rows`` samples (sequences) through pipeline
-    ``stage``: ``phase`` "forward", "forward_jvp" or "backward" (of a network trained as
-    ``training``: "full" or "lora"). The first stage all-reduces the vocabulary-parallel embedding
-    (whole sequence, primal only: the ids have no tangent).
+    ``stage``: ``phase`` "forward", "forward_jvp", "backward" (of a network trained as
+    ``training``: "full" or "lora") or "recompute" (the layers' primal forward again, which
+    activation recompute runs in backward). The first stage all-reduces the vocabulary-parallel
+    embedding (whole sequence, primal only: the ids have no tangent).
 
     Sequence parallel: every TP linear on the layers' tokens gathers its input or reduce-scatters
     its output (attention QKV and output projection, the shared expert's two); the embedding's
@@ -292,8 +293,8 @@ def tensor_parallel_traffic(architecture: HunyuanImage3Config, config, network: 
     layout = layout_of(config)
     if layout.tp == 1:
         return volume
-    if phase not in ("forward", "forward_jvp", "backward"):
-        raise ValueError(f"phase must be 'forward', 'forward_jvp' or 'backward', got {phase!r}")
+    if phase not in ("forward", "forward_jvp", "backward", "recompute"):
+        raise ValueError(f"phase must be 'forward', 'forward_jvp', 'backward' or 'recompute', got {phase!r}")
     backward = phase == "backward"
     if backward and training not in ("full", "lora"):
         raise ValueError(f"a backward needs training 'full' or 'lora', got {training!r}")
@@ -304,6 +305,8 @@ def tensor_parallel_traffic(architecture: HunyuanImage3Config, config, network: 
     copies = 2 if phase == "forward_jvp" else 1
     first, last = stage == 0, stage == layout.pp - 1
     layers = _stage_layer_count(a, config, stage)
+    # Recompute re-runs the layers only: not the embedding, nor the image head's gather.
+    embedding, head = first and phase != "recompute", last and phase != "recompute"
     lora_rank = config.alignment.lora_rank
     # Column-parallel and row-parallel linears of the stage's layers: attention's QKV and output
     # projection, the shared expert's fc1 and fc2.
@@ -312,12 +315,12 @@ def tensor_parallel_traffic(architecture: HunyuanImage3Config, config, network: 
     # needs none), so neither its sequence gather nor its dgrad all-reduce has a backward.
     columns_with_input_gradient = pairs - (1 if training == "lora" and first else 0)
     if not backward:
-        if first:
+        if embedding:
             volume.add("tp", "all_reduce", sequence_bytes)
         if layout.sequence_parallel:
             volume.add("tp", "all_gather", pairs * copies * sequence_bytes, pairs)
             volume.add("tp", "reduce_scatter", pairs * copies * sequence_bytes, pairs)
-            if last:
+            if head:
                 volume.add("tp", "all_gather", copies * sequence_bytes)
         else:
             volume.add("tp", "all_reduce", pairs * copies * sequence_bytes, pairs)
@@ -410,7 +413,8 @@ def pass_traffic(architecture: HunyuanImage3Config, config, network: str, phase:
                  with_backward: bool):
     """Collectives of one micro-batch of ``rows`` samples through ``network``'s pipeline
     ``stage``: TP, the MoE's exchanges (``phase`` "forward" or "forward_jvp"; and the backward's
-    when ``with_backward``) and the pipeline sends. A teacher evaluation is a [cond; uncond]
+    when ``with_backward``, with the layers' forward ones again under activation recompute) and
+    the pipeline sends. A teacher evaluation is a [cond; uncond]
     batch: twice the rows (``evaluation_rows``)."""
     from mfmegatron.planner import network_training
 
@@ -422,6 +426,11 @@ def pass_traffic(architecture: HunyuanImage3Config, config, network: str, phase:
         volume = (volume + tensor_parallel_traffic(architecture, config, network, sequences, stage, "backward",
                                                    training)
                   + expert_traffic(architecture, config, network, sequences, stage, "backward"))
+        if config.model.recompute:
+            # Every layer re-runs its primal forward in backward (the family recomputes them all,
+            # jvp/recompute.py), and with it the layers' TP collectives and MoE exchanges.
+            volume = (volume + tensor_parallel_traffic(architecture, config, network, sequences, stage, "recompute")
+                      + expert_traffic(architecture, config, network, sequences, stage, "forward"))
     return volume + pipeline_traffic(architecture, config, network, sequences, stage, phase == "forward_jvp",
                                      with_backward)
 
