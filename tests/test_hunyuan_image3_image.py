@@ -550,6 +550,7 @@ def _multi_rank_checks(full_state: dict, student_state: dict) -> dict:
     from tests.test_hunyuan_image3_student import _two_rank_student_checks
 
     return {"ep2": _ep_rank(full_state), "tp2_sp": _tp_rank(full_state), "tp2": _tp_rank(full_state, False),
+            "tp2_etp1": _tp_rank(full_state, False, expert_tensor_parallel_size=1),
             "pp2": _pp_rank(full_state), "student": _two_rank_student_checks(student_state)}
 
 
@@ -570,18 +571,21 @@ def _ep_rank(full_state):
     return {"velocity": velocity.detach(), "grads": grads, "tangent": tangent}
 
 
-def _tp_rank(full_state, sequence_parallel=True):
+def _tp_rank(full_state, sequence_parallel=True, expert_tensor_parallel_size=None):
     """TP=2 with or without sequence parallel, the same batch on both ranks, in training mode: the
     (replicated) velocity, its JVP and full gradients; the image path's replicated gradients as
     each rank has them. Without sequence parallel each rank dispatches half the (replicated)
-    tokens to the routed experts: ``dispatched`` counts the rows this rank's MoE layers sent."""
+    tokens to the routed experts: ``dispatched`` counts the rows this rank's MoE layers sent.
+    ``expert_tensor_parallel_size`` 1: whole experts on each rank, their gradients this rank's
+    share (the expert-data-parallel reduction sums them)."""
     from mfmegatron.parallel import initialize_parallel
     from models.hunyuan_image3.model import IMAGE_PATH_MODULES
     from models.hunyuan_image3.parallelize import build_hunyuan_model, load_full_weights
     from tests.test_hunyuan_image3 import _full_grads
 
-    initialize_parallel(tensor_parallel_size=2)
-    config = _tiny_config(tensor_model_parallel_size=2, sequence_parallel=sequence_parallel)
+    etp = {} if expert_tensor_parallel_size is None else {"expert_tensor_parallel_size": expert_tensor_parallel_size}
+    initialize_parallel(tensor_parallel_size=2, **etp)
+    config = _tiny_config(tensor_model_parallel_size=2, sequence_parallel=sequence_parallel, **etp)
     model = build_hunyuan_model(config)
     load_full_weights(model, full_state)
     model.train(True)
@@ -745,10 +749,12 @@ def test_expert_parallel_2_image_forward_matches_one_rank(multi_rank):
         assert any(n.startswith("patch_embed.") for n in result["grads"])
 
 
-@pytest.mark.parametrize("layout", ["tp2_sp", "tp2"])
+@pytest.mark.parametrize("layout", ["tp2_sp", "tp2", "tp2_etp1"])
 def test_tensor_parallel_2_image_forward_matches_one_rank(multi_rank, layout):
     """Velocity, its JVP and every gradient; the replicated image path gets the same (full) gradient on
-    both ranks although each rank's layers see half the sequence."""
+    both ranks although each rank's layers see half the sequence. "tp2_etp1" (no SP, whole experts
+    on each rank): the MoE's output gathered over the attention's TP group, not the expert-TP one
+    (a single rank there: the output had been half the sequence)."""
     config = _tiny_config()
     (expected,) = _one_rank(multi_rank["full"], [_image_batch(config, seed=50, length=TP_LENGTH)], tangent_seeds=[51])
     ranks = [r[layout] for r in multi_rank["ranks"]]
@@ -757,7 +763,10 @@ def test_tensor_parallel_2_image_forward_matches_one_rank(multi_rank, layout):
         torch.testing.assert_close(result["tangent"], expected["tangent"], rtol=1e-5, atol=1e-5)
         assert set(result["grads"]) == set(expected["grads"]) | {"final_layernorm.weight", "output_layer.weight"}
         for name, want in expected["grads"].items():
-            _assert_grad(result["grads"][name], want, f"rank {rank} {name}")
+            got = result["grads"][name]
+            if layout == "tp2_etp1" and ".local_experts." in name:
+                got = sum(r["grads"][name] for r in ranks)
+            _assert_grad(got, want, f"rank {rank} {name}")
         # Each MoE layer (forward, then the JVP's forward) dispatched this rank's half of the
         # tokens: the sequence-parallel chunk, or without SP its share of the replicated tokens.
         assert result["dispatched"] == [result["tokens"] // 2] * (2 * config.num_layers), result["dispatched"]

@@ -375,5 +375,5 @@ def test_layout_search_keeps_only_layouts_the_expert_mesh_tiles(tmp_path):
     rows = search_layouts(config, 4, CLUSTERS["h100"])
     layouts = {row[2].split(",")[0] for row in rows}
     assert layouts == {"TP=1 EP=2 PP=2 DP=2 expert-DP=1", "TP=1 EP=2 PP=1 DP=4 expert-DP=2",
-                       "TP=2 EP=2 PP=1 DP=2 expert-DP=1 SP"}
+                       "TP=2 EP=2 PP=1 DP=2 expert-DP=1 SP", "TP=2 EP=2 PP=1 DP=2 expert-DP=1"}
     assert all(row[0] > 0 for row in rows)

@@ -166,14 +166,17 @@ def moe_forward_jvp(moe, x, tx=None):
     # only its share of the rows (router and shared expert ran on the whole sequence above, so
     # their gradients stay whole, as the non-SP convention wants), exactly as under sequence
     # parallel, and the combined output is all-gathered back to the whole sequence.
-    whole_shape, splits, tp_group = x.shape, None, getattr(moe, "attn_tp_group", None)
-    if not moe.config.sequence_parallel and tp_group is not None and tp_group.size() > 1:
-        splits = collectives.replicated_token_splits(probs.shape[0], tp_group)
+    # The attention's TP group, not the dispatcher's expert-TP group (``tp_group`` below), which
+    # is a single rank at expert TP 1: the gather back must span the ranks that split the rows.
+    whole_shape, splits, attn_tp_group = x.shape, None, getattr(moe, "attn_tp_group", None)
+    if not moe.config.sequence_parallel and attn_tp_group is not None and attn_tp_group.size() > 1:
+        splits = collectives.replicated_token_splits(probs.shape[0], attn_tp_group)
         x, tx = collectives.split_replicated_tokens(
-            x.reshape(-1, whole_shape[-1]), tx.reshape(-1, whole_shape[-1]) if with_tangent else None, tp_group, splits
+            x.reshape(-1, whole_shape[-1]), tx.reshape(-1, whole_shape[-1]) if with_tangent else None, attn_tp_group,
+            splits,
         )
-        probs, tprobs = collectives.split_replicated_tokens(probs, tprobs, tp_group, splits)
-        routing_map = collectives.split_replicated_tokens(routing_map, None, tp_group, splits)[0]
+        probs, tprobs = collectives.split_replicated_tokens(probs, tprobs, attn_tp_group, splits)
+        routing_map = collectives.split_replicated_tokens(routing_map, None, attn_tp_group, splits)[0]
 
     # Metadata (splits, per-expert counts) and permutation 1, megatron's own code, on the primal;
     # the tangent rows (and probability tangents) follow the same routing map.
@@ -237,7 +240,7 @@ def moe_forward_jvp(moe, x, tx=None):
         with torch.no_grad():
             ty = unpermute(tout, **restore).view(dispatcher.hidden_shape)
     if splits is not None:
-        y, ty = collectives.gather_replicated_tokens(y, ty, tp_group, splits)
+        y, ty = collectives.gather_replicated_tokens(y, ty, attn_tp_group, splits)
         y, ty = y.view(whole_shape), (ty.view(whole_shape) if with_tangent else None)
     if shared is not None:
         y, ty = jf.add(y, ty, shared, tshared)

@@ -243,8 +243,8 @@ def network_flops(architecture: HunyuanImage3Config, config, network: str, cfg: 
 # Bytes are the payload of one call as the caller holds it whole (``mfmegatron/planner.py``): an
 # all-reduce's tensor, an all-gather's gathered output, a reduce-scatter's input, a send's or a
 # receive's tensor, an all-to-all's input. With a tangent the primal and its tangent travel in one
-# call (twice the bytes, the same calls); backward moves only the primal's gradient. Groups: "tp"
-# (sequence parallel: TP > 1 needs it), "pp", "dp" (the dense parameters' data-parallel ranks),
+# call (twice the bytes, the same calls); backward moves only the primal's gradient. Groups: "tp",
+# "pp", "dp" (the dense parameters' data-parallel ranks),
 # "edp" (the routed experts' data-parallel ranks, world / (ETP·EP·PP)), "ep" (megatron's
 # tensor-and-expert-parallel group the MoE dispatcher exchanges over, ETP·EP ranks) and "etp"
 # (expert tensor parallel).
@@ -272,55 +272,80 @@ def _activation_bytes(config) -> int:
 def tensor_parallel_traffic(architecture: HunyuanImage3Config, config, network: str, rows: int, stage: int,
                             phase: str, training: str = "full"):
     """TP collectives of one micro-batch of ``rows`` samples (sequences) through pipeline
-    ``stage``: ``phase`` "forward", "forward_jvp" or "backward" (of a network trained as
-    ``training``: "full" or "lora"). Sequence parallel: every TP linear on the layers' tokens
-    gathers its input or reduce-scatters its output (attention QKV and output projection, the
-    shared expert's two); the first stage all-reduces the vocabulary-parallel embedding (whole
-    sequence, primal only: the ids have no tangent) and its backward gathers the gradient of the
-    sequence split when the image path trains; the last stage gathers the sequence for the
-    replicated image head (backward keeps each rank's chunk). Returns a ``CollectiveVolume``."""
+    ``stage``: ``phase`` "forward", "forward_jvp", "backward" (of a network trained as
+    ``training``: "full" or "lora") or "recompute" (the layers' primal forward again, which
+    activation recompute runs in backward). The first stage all-reduces the vocabulary-parallel
+    embedding (whole sequence, primal only: the ids have no tangent).
+
+    Sequence parallel: every TP linear on the layers' tokens gathers its input or reduce-scatters
+    its output (attention QKV and output projection, the shared expert's two); the embedding's
+    backward gathers the gradient of the sequence split when the image path trains; the last
+    stage gathers the sequence for the replicated image head (backward keeps each rank's chunk).
+
+    Without it every rank holds the whole sequence: the row-parallel linears (attention output,
+    shared expert fc2) all-reduce their output, the column-parallel ones (QKV, shared fc1)
+    all-reduce their input's gradient in backward (megatron's ``allreduce_dgrad``), and the MoE
+    hands each rank its share of the rows for the routed experts and all-gathers their combined
+    output (``collectives.split_replicated_tokens`` / ``gather_replicated_tokens``; backward
+    all-gathers the shares' gradients: the tokens' and the float32 probabilities'). Image head and
+    embedding backward: nothing. Returns a ``CollectiveVolume``."""
     from mfmegatron.planner import CollectiveVolume
 
     volume = CollectiveVolume()
     layout = layout_of(config)
     if layout.tp == 1:
         return volume
-    if not layout.sequence_parallel:
-        raise ValueError(f"the cost model counts TP collectives with sequence parallel only (TP={layout.tp})")
-    if phase not in ("forward", "forward_jvp", "backward"):
-        raise ValueError(f"phase must be 'forward', 'forward_jvp' or 'backward', got {phase!r}")
+    if phase not in ("forward", "forward_jvp", "backward", "recompute"):
+        raise ValueError(f"phase must be 'forward', 'forward_jvp', 'backward' or 'recompute', got {phase!r}")
     backward = phase == "backward"
     if backward and training not in ("full", "lora"):
         raise ValueError(f"a backward needs training 'full' or 'lora', got {training!r}")
     a = network_architecture(architecture, network)
     e = _activation_bytes(config)
-    sequence_bytes = rows * sequence_layout(architecture, config, network).tokens * a.hidden_size * e
+    tokens = rows * sequence_layout(architecture, config, network).tokens
+    sequence_bytes = tokens * a.hidden_size * e
     copies = 2 if phase == "forward_jvp" else 1
     first, last = stage == 0, stage == layout.pp - 1
     layers = _stage_layer_count(a, config, stage)
-    # Column-parallel (gathering) and row-parallel (reduce-scattering) linears of the stage's
-    # layers: attention's QKV and output projection, the shared expert's fc1 and fc2.
+    # Recompute re-runs the layers only: not the embedding, nor the image head's gather.
+    embedding, head = first and phase != "recompute", last and phase != "recompute"
+    lora_rank = config.alignment.lora_rank
+    # Column-parallel and row-parallel linears of the stage's layers: attention's QKV and output
+    # projection, the shared expert's fc1 and fc2.
     pairs = layers * (2 if a.moe_shared_expert_intermediate_size else 1)
+    # A LoRA network's first QKV has no input gradient (its input, the frozen embeddings' norm,
+    # needs none), so neither its sequence gather nor its dgrad all-reduce has a backward.
+    columns_with_input_gradient = pairs - (1 if training == "lora" and first else 0)
     if not backward:
-        if first:
+        if embedding:
             volume.add("tp", "all_reduce", sequence_bytes)
-        volume.add("tp", "all_gather", pairs * copies * sequence_bytes, pairs)
-        volume.add("tp", "reduce_scatter", pairs * copies * sequence_bytes, pairs)
-        if last:
-            volume.add("tp", "all_gather", copies * sequence_bytes)
+        if layout.sequence_parallel:
+            volume.add("tp", "all_gather", pairs * copies * sequence_bytes, pairs)
+            volume.add("tp", "reduce_scatter", pairs * copies * sequence_bytes, pairs)
+            if head:
+                volume.add("tp", "all_gather", copies * sequence_bytes)
+        else:
+            volume.add("tp", "all_reduce", pairs * copies * sequence_bytes, pairs)
+            volume.add("tp", "all_gather", layers * copies * sequence_bytes, layers)  # the MoE's combined output
         return volume
-    # Backward: each gather's gradient is reduce-scattered, each reduce-scatter's gathered, except
-    # a LoRA network's first QKV (its input, the frozen embeddings' norm, needs no gradient).
-    gathers = pairs - (1 if training == "lora" and first else 0)
-    volume.add("tp", "reduce_scatter", gathers * sequence_bytes, gathers)
-    volume.add("tp", "all_gather", pairs * sequence_bytes, pairs)
-    if first and training == "full":
-        volume.add("tp", "all_gather", sequence_bytes)
+    if layout.sequence_parallel:
+        # Each gather's gradient is reduce-scattered, each reduce-scatter's gathered.
+        volume.add("tp", "reduce_scatter", columns_with_input_gradient * sequence_bytes, columns_with_input_gradient)
+        volume.add("tp", "all_gather", pairs * sequence_bytes, pairs)
+        if first and training == "full":
+            volume.add("tp", "all_gather", sequence_bytes)
+    else:
+        volume.add("tp", "all_reduce", columns_with_input_gradient * sequence_bytes, columns_with_input_gradient)
+        # The MoE's shares: the tokens' gradients, then the probabilities' [tokens, experts].
+        volume.add("tp", "all_gather", layers * sequence_bytes, layers)
+        volume.add("tp", "all_gather", layers * tokens * a.num_moe_experts * PROBABILITY_BYTES, layers)
     if training == "lora":
-        # The factor kept whole on every TP rank has its gradient summed over TP (jvp/lora.py):
-        # A [r, h] of each column-parallel linear (with SP), B [h, r] of each row-parallel one:
-        # the attention's pair in every layer (meanflow.lora_covers).
-        volume.add("tp", "all_reduce", 2 * layers * config.alignment.lora_rank * a.hidden_size * e, 2 * layers)
+        # The factor kept whole on every TP rank has its gradient summed over TP (jvp/lora.py),
+        # on the attention's pair in every layer (meanflow.lora_covers): the row-parallel output
+        # projection's B [h, r]; the column-parallel QKV's A [r, h] with SP, without it the
+        # gradient of A's output h = x Aᵀ [tokens, r].
+        qkv = lora_rank * a.hidden_size if layout.sequence_parallel else tokens * lora_rank
+        volume.add("tp", "all_reduce", layers * (qkv + a.hidden_size * lora_rank) * e, 2 * layers)
     return volume
 
 
@@ -390,7 +415,8 @@ def pass_traffic(architecture: HunyuanImage3Config, config, network: str, phase:
                  with_backward: bool):
     """Collectives of one micro-batch of ``rows`` samples through ``network``'s pipeline
     ``stage``: TP, the MoE's exchanges (``phase`` "forward" or "forward_jvp"; and the backward's
-    when ``with_backward``) and the pipeline sends. A teacher evaluation is a [cond; uncond]
+    when ``with_backward``, with the layers' forward ones again under activation recompute) and
+    the pipeline sends. A teacher evaluation is a [cond; uncond]
     batch: twice the rows (``evaluation_rows``)."""
     from mfmegatron.planner import network_training
 
@@ -402,6 +428,11 @@ def pass_traffic(architecture: HunyuanImage3Config, config, network: str, phase:
         volume = (volume + tensor_parallel_traffic(architecture, config, network, sequences, stage, "backward",
                                                    training)
                   + expert_traffic(architecture, config, network, sequences, stage, "backward"))
+        if config.model.recompute:
+            # Every layer re-runs its primal forward in backward (the family recomputes them all,
+            # jvp/recompute.py), and with it the layers' TP collectives and MoE exchanges.
+            volume = (volume + tensor_parallel_traffic(architecture, config, network, sequences, stage, "recompute")
+                      + expert_traffic(architecture, config, network, sequences, stage, "forward"))
     return volume + pipeline_traffic(architecture, config, network, sequences, stage, phase == "forward_jvp",
                                      with_backward)
 
@@ -494,9 +525,4 @@ def layout_problem(architecture: HunyuanImage3Config, config) -> str | None:
                      sequence_parallel=layout.sequence_parallel)
     except LayoutError as error:
         return str(error)
-    if layout.tp > 1 and not layout.sequence_parallel:
-        # The model trains so (parallelize.check_layout allows it), but tensor_parallel_traffic
-        # only models sequence parallel's collectives: the planner does not offer this layout.
-        return (f"tensor parallel {layout.tp} without sequence parallel trains but is not in the cost model "
-                "(its TP all-reduces are not counted): plan with sequence parallel")
     return None

@@ -212,7 +212,9 @@ def layer_saved_bytes(architecture: HunyuanImage3Config, config, tokens: float) 
     gathered input, fc1 output and SwiGLU output; the routed experts' rows (each token k times,
     times ETP after the expert-TP gather): fc1 input, fc1 output, SwiGLU output and its
     probability-scaled copy, float32 probabilities. Balanced routing assumed (every EP rank gets
-    tokens·k/TP rows)."""
+    tokens·k/TP rows). Without sequence parallel the norms, attention, router and shared expert
+    see the whole sequence, but each TP rank still dispatches only its share of the tokens to the
+    routed experts (``jvp/moe.moe_forward_jvp``)."""
     a = architecture
     e = _element_bytes(config)
     layout = layout_of(config)
@@ -228,7 +230,7 @@ def layer_saved_bytes(architecture: HunyuanImage3Config, config, tokens: float) 
         + tokens / tp * q_width * e
     )
     shared = a.moe_shared_expert_intermediate_size or 0
-    rows = local * a.moe_router_topk * layout.etp
+    rows = tokens / tp * a.moe_router_topk * layout.etp
     expert_width = a.moe_ffn_hidden_size / layout.etp
     moe = (
         local * h * (2 * e + 4) + 2 * local * a.num_moe_experts * 4
