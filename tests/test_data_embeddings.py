@@ -4,6 +4,7 @@ encoder on tiny randomly initialised T5 / CLIP models saved here (also through t
 
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 
@@ -52,6 +53,31 @@ def test_dummy_encoder_is_deterministic_and_prompt_dependent():
     assert torch.allclose(swapped.pooled[0], a.pooled[0])  # pooled: a mean over tokens
     other_seed = DummyTextEncoder(t5_dim=D_T5, pooled_dim=D_CLIP, max_length=LENGTH, seed=6)
     assert not torch.allclose(other_seed.encode(PROMPTS).t5, a.t5)
+
+
+def test_dummy_encoder_position_scale():
+    # The default must reproduce the embeddings the shipped shapes teacher was trained on: the
+    # digests were computed with the encoder before position_scale existed (E[i] + 0.1 P[j]).
+    default = _encoder().encode(PROMPTS)
+    assert hashlib.sha256(default.t5.numpy().tobytes()).hexdigest() == (
+        "e46490ab659c1ea8153ba6ee353248003fca8dbf9f1b26239c86f56f7644c2eb")
+    assert hashlib.sha256(default.pooled.numpy().tobytes()).hexdigest() == (
+        "1c64a0b0d97f3e0d9c72d409632053355c90415c364a8189da97bf942c727edb")
+
+    def encode(scale, prompts=PROMPTS):
+        return DummyTextEncoder(t5_dim=D_T5, pooled_dim=D_CLIP, max_length=LENGTH, seed=5,
+                                position_scale=scale).encode(prompts)  # fmt: skip
+
+    assert torch.equal(encode(0.1).t5, default.t5)
+    bag = encode(0.0)  # no position term: a token's state is the same wherever it stands
+    assert torch.equal(bag.t5[6, 0], encode(0.0, ["a dog"]).t5[0, 1])
+    assert not torch.allclose(default.t5[6, 0], _encoder().encode(["a dog"]).t5[0, 1])
+    position = default.t5 - bag.t5  # 0.1 P[j], the same in every prompt
+    assert position.abs().min() > 0 and torch.allclose(position[0], position[3], atol=1e-6)
+    for scale in (1.0, 2.5):
+        assert torch.allclose(encode(scale).t5 - bag.t5, position * (scale / 0.1), atol=1e-5)
+    assert torch.equal(encode(1.0).pooled, default.pooled)  # pooled is order-free
+    assert DummyTextEncoder(position_scale=1.0).describe()["position_scale"] == 1.0
 
 
 @pytest.mark.parametrize("store", ["full", "trim"])

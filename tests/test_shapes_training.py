@@ -171,3 +171,22 @@ def test_the_score_table_lists_every_sampler():
     assert [line.split()[0] + line.split()[1] for line in table[2:]] == [
         "teacher50", "teacher2", "student4", "student1"]
     assert table[3].split()[3] == "0.500" and table[3].split()[-2] == "0.100"
+
+
+def test_the_text_position_scale_reaches_the_teachers_text_encoder(shapes_data):
+    from mfmegatron.config import load_config
+    from mfmegatron.training.config import TrainConfig
+    from models.flux.training import FluxFamily
+
+    def text(*overrides):
+        config = load_config(TrainConfig, REPO / "recipes" / "shapes_teacher_cpu.yaml",
+                             [f"data.text_tokenizer={shapes_data / 'tokenizer.model'}", *overrides])  # fmt: skip
+        return FluxFamily().text_conditioning(config, torch.device("cpu"), torch.float32)
+
+    default, strong = text(), text("data.text_position_scale=1.0")
+    assert default.position_scale == 0.1 and strong.position_scale == 1.0
+    # The recipe's words through its tokenizer: only the position rows differ, tenfold.
+    prompts = ["a red circle above a blue square"]
+    a, b = default.encode(prompts).t5, strong.encode(prompts).t5
+    bag = text("data.text_position_scale=0").encode(prompts).t5
+    assert torch.allclose(b - bag, 10 * (a - bag), atol=1e-5) and (a - bag).abs().min() > 0

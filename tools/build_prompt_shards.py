@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dummy-t5-dim", type=int, default=4096, help="dummy encoder: T5 state width")
     g.add_argument("--dummy-pooled-dim", type=int, default=768, help="dummy encoder: pooled width")
     g.add_argument("--dummy-seed", type=int, default=0, help="dummy encoder: seed")
+    g.add_argument("--dummy-position-scale", type=float, default=0.1,
+                   help="dummy encoder: weight of the position row (data.text_position_scale)")
     g.add_argument(
         "--flux-path",
         default=None,
@@ -124,7 +126,7 @@ def _encoder(args):
     if args.encoder == "dummy":
         return build_text_encoder(
             "dummy", t5_dim=args.dummy_t5_dim, pooled_dim=args.dummy_pooled_dim,
-            max_length=args.max_length, seed=args.dummy_seed,
+            max_length=args.max_length, seed=args.dummy_seed, position_scale=args.dummy_position_scale,
         )  # fmt: skip
     import torch
 

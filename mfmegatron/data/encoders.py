@@ -80,9 +80,11 @@ class DummyTextEncoder(TextEncoder):
 
     Tokens are lower-cased words and punctuation hashed into ``buckets`` ids (or the ids of
     ``tokenizer`` when given), truncated to ``max_length - 1`` plus EOS and padded, as T5. Token
-    ``i`` at position ``j`` gets ``E[i] + 0.1 P[j]`` with fixed pseudo-random ``E``, ``P`` (so
-    padding positions, like T5's, carry non-zero states); the pooled vector is ``tanh`` of the
-    mean over real tokens of another fixed vector per token.
+    ``i`` at position ``j`` gets ``E[i] + position_scale P[j]`` with fixed pseudo-random ``E``,
+    ``P`` (so padding positions, like T5's, carry non-zero states); the pooled vector is ``tanh``
+    of the mean over real tokens of another fixed vector per token. FLUX gives text tokens no
+    RoPE position, so ``P`` is all a network learns word order from: the default 0.1 keeps it
+    faint (near a bag of words); 1.0 makes it as strong as the token term.
     """
 
     name = "dummy"
@@ -96,9 +98,11 @@ class DummyTextEncoder(TextEncoder):
         seed: int = 0,
         buckets: int = 32768,
         tokenizer: Tokenizer | None = None,
+        position_scale: float = 0.1,
     ) -> None:
         self.t5_dim, self.pooled_dim, self.max_length = t5_dim, pooled_dim, max_length
         self.seed, self.buckets, self.tokenizer = seed, buckets, tokenizer
+        self.position_scale = float(position_scale)
 
     def tokenize(self, prompts: Sequence[str]):
         if self.tokenizer is not None:
@@ -116,7 +120,7 @@ class DummyTextEncoder(TextEncoder):
         token = _pseudo_random_rows(unique, self.t5_dim, stream_key(self.seed, 0, 1))
         positions = np.arange(ids.shape[1])
         position = _pseudo_random_rows(positions, self.t5_dim, stream_key(self.seed, 0, 3))
-        t5 = token[inverse.reshape(ids.shape)] + 0.1 * position[None]
+        t5 = token[inverse.reshape(ids.shape)] + np.float32(self.position_scale) * position[None]
         pooled_rows = _pseudo_random_rows(unique, self.pooled_dim, stream_key(self.seed, 0, 2))
         per_token = pooled_rows[inverse.reshape(ids.shape)]
         weights = mask.numpy().astype(np.float32)[..., None]
@@ -124,7 +128,8 @@ class DummyTextEncoder(TextEncoder):
         return TextEmbeddings(torch.from_numpy(t5), torch.from_numpy(pooled), mask)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "seed": self.seed, "buckets": self.buckets}
+        return {**super().describe(), "seed": self.seed, "buckets": self.buckets,
+                "position_scale": self.position_scale}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +253,8 @@ class CachedTextEncoder(TextEncoder):
 
 
 def build_text_encoder(name: str, **options) -> TextEncoder:
-    """``"dummy"`` -> :class:`DummyTextEncoder` (options: t5_dim, pooled_dim, max_length, seed);
+    """``"dummy"`` -> :class:`DummyTextEncoder` (options: t5_dim, pooled_dim, max_length, seed,
+    position_scale);
     ``"hf"`` -> :class:`HFTextEncoder` (options: t5_path + clip_path, or flux_path; max_length,
     device, dtype, ...)."""
     if name == "dummy":

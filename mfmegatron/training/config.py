@@ -143,6 +143,11 @@ class DataSection:
     special tokens (``<boi>``, ``<eoi>``, ``<img>``, ``<timestep>``, ``<cfg>``, ``<guidance>``,
     ``<timestep_r>``, ``<img_size_*>``, ``<img_ratio_*>``, ``<pad>``); the model embeds the
     tokens itself, so ``text_encoder`` does not apply."""
+    text_position_scale: float = 0.1
+    """``text_encoder=dummy``: the weight of the dummy encoder's position row against its token
+    row (unit-variance entries each). FLUX gives text tokens no RoPE position, so this row is all
+    the network learns word order from ("a red circle above a blue square" against its swap);
+    0.1 is faint. Embeddings precomputed into shards keep the scale they were built with."""
     image_backend: Literal["auto", "pil", "dali"] = "auto"
     """``z_source=data``: image decoding with NVIDIA DALI (GPU decoding on CUDA machines), Pillow,
     or DALI when it is installed (``mfmegatron.data.images.build_image_loader``)."""
