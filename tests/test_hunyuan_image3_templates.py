@@ -85,6 +85,42 @@ def test_instruct_sequences_are_the_official_layout_and_cfg_replaces_only_the_pr
                        build_image_sequences(prompts, (2, 2), tokens, template=PRETRAIN).input_ids)
 
 
+def test_the_instruct_release_adds_four_fixed_buckets_after_the_stepped_ones(tokenizer_file, tmp_path):
+    """The Instruct release's image processor appends 1024x768, 1280x720, 768x1024 and 720x1280
+    (height x width) to the 33 buckets around the base: ``<img_ratio_33>`` to ``<img_ratio_36>``,
+    and the nearest-ratio choice sees them."""
+    from models.hunyuan_image3.tokenizer import PromptTokenizer, check_image_size, ratio_index, resolution_buckets
+
+    stepped = resolution_buckets(1024)
+    instruct = resolution_buckets(1024, "instruct")
+    assert len(stepped) == 33 and instruct[:33] == stepped
+    assert instruct[33:] == [(1024, 768), (1280, 720), (768, 1024), (720, 1280)]
+    # A 4:3 portrait: its own bucket under instruct; the base model's nearest is 1152x896 (9:7).
+    assert ratio_index(1024, 768, 1024, "instruct") == 33 and ratio_index(1024, 768, 1024) == 18
+    assert stepped[18] == (1152, 896)
+    assert [ratio_index(h, w, 1024, "instruct") for h, w in instruct[33:]] == [33, 34, 35, 36]
+    assert ratio_index(1024, 1024, 1024, "instruct") == 16
+    assert check_image_size(720, 1280, 1024, sequence_template="instruct") == (45, 80)
+    with pytest.raises(ValueError, match="model.image_size 720x1280 is not one of"):
+        check_image_size(720, 1280, 1024)
+
+    # The stand-in tokenizer has the extra ratio tokens last (earlier files keep their ids).
+    text = _prompt_tokenizer(tokenizer_file, "instruct")
+    assert text.id("<img_ratio_33>") == text.vocab_size - 4 and text.id("<img_ratio_32>") < text.id("a")
+    assert text.image_tokens(96, 72).ratio == text.id("<img_ratio_33>")  # 4:3 around base 64 as well
+    assert _prompt_tokenizer(tokenizer_file, "pretrain").image_tokens(96, 72).ratio != text.id("<img_ratio_33>")
+    # A tokenizer without them serves pretrain, and is one line under instruct.
+    data = json.loads(tokenizer_file.read_text())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<img_ratio_36>"]
+    data["model"]["vocab"].pop("<img_ratio_36>")
+    lacking = tmp_path / "lacking.json"
+    lacking.write_text(json.dumps(data))
+    PromptTokenizer(lacking, BASE, "pretrain")
+    with pytest.raises(ValueError) as error:
+        PromptTokenizer(lacking, BASE, "instruct")
+    assert "lacks HunyuanImage 3.0's special tokens <img_ratio_36>" in str(error.value)
+
+
 def test_the_model_reads_an_instruct_sequence_as_the_dense_official_forward():
     """float64 "tokens" student on an instruct-template batch (ids invented, the layout the
     official one): its velocity equals the dense rewrite of the official forward; the text after
@@ -216,6 +252,15 @@ def test_an_exported_instruct_student_records_its_template_and_the_sampler_uses_
     default = torch.load(tmp_path / "default.pt")["latents"]
     torch.testing.assert_close(default, expected, rtol=1e-6, atol=1e-6)
     assert not torch.equal(torch.load(tmp_path / "pretrain.pt")["latents"], default)
+    # A 4:3 grid under the instruct template: the Instruct release's <img_ratio_33>, not the
+    # stepped buckets' nearest (18).
+    portrait = [*common[:-3], "--latent-hw", "4x3", "--quiet"]
+    for name, extra in (("auto", []), ("r33", ["--ratio-index", "33"]), ("r18", ["--ratio-index", "18"])):
+        assert main([*portrait, *extra, "--out", str(tmp_path / f"{name}.pt")]) == 0
+    auto = torch.load(tmp_path / "auto.pt")["latents"]
+    assert auto.shape[-2:] == (4, 3)
+    assert torch.equal(auto, torch.load(tmp_path / "r33.pt")["latents"])
+    assert not torch.equal(auto, torch.load(tmp_path / "r18.pt")["latents"])
     # An instruct template without a tokenizer to encode its text: one line.
     special = tmp_path / "special.json"
     special.write_text(json.dumps(dataclasses.asdict(_tokens())))

@@ -107,24 +107,26 @@ def run(argv: list[str] | None = None) -> dict:
     else:
         prompt = _parse_ids(args.prompt_ids)
     hw = _parse_hw(args.latent_hw)
-    if args.ratio_index is None:
-        # The official image processor's choice for a given size: the nearest bucket by h / w.
-        from models.hunyuan_image3.tokenizer import PIXELS_PER_LATENT, ratio_index
-
-        args.ratio_index = ratio_index(hw[0] * PIXELS_PER_LATENT, hw[1] * PIXELS_PER_LATENT, args.base_size)
 
     import torch
 
     from mfmegatron.conversion import DTYPES, torch_dtype
     from models.hunyuan_image3.sampling import load_exported_student, sample_student
     from models.hunyuan_image3.sequence import PRETRAIN, ImageTokens, build_image_sequences
-    from models.hunyuan_image3.tokenizer import text_template
+    from models.hunyuan_image3.state_dict_adapter import SEQUENCE_TEMPLATE_FIELD
+    from models.hunyuan_image3.tokenizer import PIXELS_PER_LATENT, ratio_index, text_template
 
-    ids = special_tokens(args, tokenizer)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     log(f"{PROG}: loading {folder} ({args.dtype})")
     model = load_exported_student(folder, torch_dtype(DTYPES.get(args.dtype, args.dtype)))
     config = model.config
+    template_name = args.sequence_template or config.sequence_template
+    if args.ratio_index is None:
+        # The official image processor's choice for a given size: the nearest bucket by h / w
+        # (the Instruct release's, with its extra buckets, for the instruct template).
+        args.ratio_index = ratio_index(hw[0] * PIXELS_PER_LATENT, hw[1] * PIXELS_PER_LATENT, args.base_size,
+                                       template_name)
+    ids = special_tokens(args, tokenizer)
     student_tokens = config.is_student and config.student_conditioning == "tokens"
     needed = ["bos", "pad", "boi", "eoi", "img", "timestep", "size", "ratio"]
     needed += [f for f, on in (("guidance", config.cfg_distilled), ("timestep_r", config.use_meanflow)) if student_tokens and on]
@@ -134,9 +136,6 @@ def run(argv: list[str] | None = None) -> dict:
                           "that names them)")
     tokens = ImageTokens(**{f: ids.get(f) for f in TOKEN_FIELDS})
     names = [n for n, on in (("guidance", config.cfg_distilled), ("timestep_r", config.use_meanflow)) if on]
-    template_name = args.sequence_template or config.sequence_template
-    from models.hunyuan_image3.state_dict_adapter import SEQUENCE_TEMPLATE_FIELD
-
     if args.sequence_template is None and SEQUENCE_TEMPLATE_FIELD not in json.loads((folder / "config.json").read_text()):
         # A folder this project did not export (e.g. the released Instruct-Distil, whose tokenizer
         # defaults to the instruct template): say which template is assumed.
@@ -183,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ratio-index", type=int, default=None,
                         help="<img_ratio_K>: K, the official aspect-ratio bucket (default: the bucket nearest "
                              "to --latent-hw's height / width around --base-size, as the official image processor "
-                             "picks it; 16 for a square)")
+                             "picks it, the Instruct release's four extra buckets 33-36 included under the "
+                             "instruct template; 16 for a square)")
     parser.add_argument("--sequence-template", choices=["pretrain", "instruct"], default=None,
                         help="the text template (default: the one config.json records, else pretrain)")
     parser.add_argument("--system-prompt", default=None,

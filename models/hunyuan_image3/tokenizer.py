@@ -18,7 +18,11 @@ in the unconditional sequence.
 Resolution buckets (the official ``ResolutionGroup``, re-derived here): around a base size b with
 step b/16, the square (b, b), then heights growing by a step while widths shrink by one (clamped
 to [b/2, 2b]) until (2b, b/2), and the reverse until (b/2, 2b); sorted by height / width. An image's
-ratio token is the index of the bucket whose ratio is nearest its own (the first on a tie).
+ratio token is the index of the bucket whose ratio is nearest its own (the first on a tie). The
+Instruct release (HunyuanImage-3.0-Instruct, Instruct-Distil; the ``instruct`` template here) appends
+four fixed sizes after those, as its image processor's ``extra_resolutions``: 1024x768, 1280x720,
+768x1024 and 720x1280 (height x width, ``<img_ratio_33>`` to ``<img_ratio_36>``; one whose ratio a
+bucket already has is skipped), and they take part in the nearest-ratio choice.
 """
 
 from __future__ import annotations
@@ -43,8 +47,22 @@ USER_PREFIX, ASSISTANT_PREFIX = "User: ", "Assistant: "
 ANSWER_TOKENS = ("<answer>", "</answer>")
 
 
-def resolution_buckets(base: int) -> list[tuple[int, int]]:
-    """The (height, width) buckets around ``base``, sorted by height / width (the ratio index)."""
+# The Instruct release's extra buckets (height, width), in their ratio-index order after the others.
+INSTRUCT_EXTRA_BUCKETS = ((1024, 768), (1280, 720), (768, 1024), (720, 1280))
+
+
+def resolution_buckets(base: int, sequence_template: str = "pretrain") -> list[tuple[int, int]]:
+    """The (height, width) buckets around ``base`` in ratio-index order: sorted by height / width,
+    then, for the ``instruct`` template's release, ``INSTRUCT_EXTRA_BUCKETS`` whose ratio is new."""
+    buckets = _stepped_buckets(base)
+    if sequence_template == "instruct":
+        for h, w in INSTRUCT_EXTRA_BUCKETS:
+            if all(h / w != bh / bw for bh, bw in buckets):
+                buckets.append((h, w))
+    return buckets
+
+
+def _stepped_buckets(base: int) -> list[tuple[int, int]]:
     step, low, high = base // 16, base // 2, base * 2
     if step < 1:
         raise ValueError(f"the resolution buckets' base must be at least 16 px, got {base}")
@@ -60,9 +78,9 @@ def resolution_buckets(base: int) -> list[tuple[int, int]]:
     return sorted(buckets, key=lambda hw: hw[0] / hw[1])
 
 
-def ratio_index(height: int, width: int, base: int) -> int:
+def ratio_index(height: int, width: int, base: int, sequence_template: str = "pretrain") -> int:
     """The ``<img_ratio_*>`` index of an image (its nearest bucket by height / width)."""
-    ratios = [h / w for h, w in resolution_buckets(base)]
+    ratios = [h / w for h, w in resolution_buckets(base, sequence_template)]
     target = height / width
     return min(range(len(ratios)), key=lambda i: abs(ratios[i] - target))
 
@@ -73,14 +91,15 @@ def pixels_per_cell(config) -> int:
     return PIXEL_PATCH if config.model.latent_space == "pixels" else PIXELS_PER_LATENT
 
 
-def check_image_size(height: int, width: int, base: int, pixels_per_cell: int = PIXELS_PER_LATENT) -> tuple[int, int]:
+def check_image_size(height: int, width: int, base: int, pixels_per_cell: int = PIXELS_PER_LATENT,
+                     sequence_template: str = "pretrain") -> tuple[int, int]:
     """The latent grid (h, w) of an image size, or a one-line error: sizes must be multiples of
     ``pixels_per_cell`` (the VAE's 16, or a pixel-space grid's patch side) and one of the buckets
-    around ``base``."""
+    around ``base`` (with the template's release's extra buckets)."""
     if height % pixels_per_cell or width % pixels_per_cell:
         reason = "the VAE's downsampling" if pixels_per_cell == PIXELS_PER_LATENT else "the pixel patch side"
         raise ValueError(f"model.image_size {height}x{width} is not a multiple of {pixels_per_cell} px ({reason})")
-    buckets = resolution_buckets(base)
+    buckets = resolution_buckets(base, sequence_template)
     if (height, width) not in buckets:
         squares = [h for h, w in buckets if h == w]
         raise ValueError(f"model.image_size {height}x{width} is not one of HunyuanImage 3.0's resolution buckets "
@@ -111,7 +130,7 @@ class PromptTokenizer:
         self.path, self.base = path, image_base_size
         self.vocab_size = self.tokenizer.get_vocab_size()
         self.bos_token = self._bos_token(path)
-        ratios = len(resolution_buckets(image_base_size))
+        ratios = len(resolution_buckets(image_base_size, sequence_template))
         names = [self.bos_token, *SPECIAL_TOKENS, f"<img_size_{image_base_size}>"]
         names += [f"<img_ratio_{i}>" for i in range(ratios)]
         if sequence_template == "instruct":
@@ -142,7 +161,8 @@ class PromptTokenizer:
         return ImageTokens(
             bos=self.id(self.bos_token), pad=self.id("<pad>"), boi=self.id("<boi>"), eoi=self.id("<eoi>"),
             img=self.id("<img>"), timestep=self.id("<timestep>"), size=self.id(f"<img_size_{self.base}>"),
-            ratio=self.id(f"<img_ratio_{ratio_index(height, width, self.base)}>"), cfg=self.id("<cfg>"),
+            ratio=self.id(f"<img_ratio_{ratio_index(height, width, self.base, self.sequence_template)}>"),
+            cfg=self.id("<cfg>"),
             guidance=self.id("<guidance>"), timestep_r=self.id("<timestep_r>"),
         )
 
@@ -202,17 +222,21 @@ def write_word_level_tokenizer(texts: list[str], path, image_base_size: int) -> 
     texts = [*texts, USER_PREFIX, ASSISTANT_PREFIX]
     words = sorted({word for text in texts for word, _ in pre.pre_tokenize_str(text)})
     specials = ["<unk>", BOS_TOKEN, *SPECIAL_TOKENS, *ANSWER_TOKENS, f"<img_size_{image_base_size}>"]
-    specials += [f"<img_ratio_{i}>" for i in range(len(resolution_buckets(image_base_size)))]
-    words = [TURN_SEPARATOR] + [w for w in words if w not in specials]
-    vocab = {token: index for index, token in enumerate(specials + words)}
+    ratios = len(resolution_buckets(image_base_size))
+    specials += [f"<img_ratio_{i}>" for i in range(ratios)]
+    # The Instruct release's extra ratio tokens go last, so that files written before they were
+    # added keep their ids (the shapes world's trained teacher reads one).
+    extra = [f"<img_ratio_{i}>" for i in range(ratios, len(resolution_buckets(image_base_size, "instruct")))]
+    words = [TURN_SEPARATOR] + [w for w in words if w not in specials + extra]
+    vocab = {token: index for index, token in enumerate(specials + words + extra)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre
-    tokenizer.add_special_tokens(specials)
+    tokenizer.add_special_tokens(specials + extra)
     tokenizer.add_tokens([AddedToken(TURN_SEPARATOR, normalized=False)])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(path))
     return len(vocab)
 
 
-__all__ = ["PromptTokenizer", "write_word_level_tokenizer", "resolution_buckets", "ratio_index", "check_image_size", "SPECIAL_TOKENS",
-           "PIXELS_PER_LATENT", "PIXEL_PATCH", "pixels_per_cell", "text_template"]
+__all__ = ["PromptTokenizer", "write_word_level_tokenizer", "resolution_buckets", "INSTRUCT_EXTRA_BUCKETS", "ratio_index",
+           "check_image_size", "SPECIAL_TOKENS", "PIXELS_PER_LATENT", "PIXEL_PATCH", "pixels_per_cell", "text_template"]

@@ -272,7 +272,8 @@ class HunyuanImage3Family:
 
     def latent_grid(self, config) -> tuple[int, int]:
         size = config.model.image_size
-        return check_image_size(size, size, config.model.image_base_size, pixels_per_cell(config))
+        return check_image_size(size, size, config.model.image_base_size, pixels_per_cell(config),
+                                config.model.sequence_template)
 
     def latent_channels(self, config) -> int:
         """The networks' latent channels; in pixel space checked to be RGB in PIXEL_PATCH² cells."""
