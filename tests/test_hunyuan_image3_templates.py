@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -261,6 +262,25 @@ def test_an_exported_instruct_student_records_its_template_and_the_sampler_uses_
     assert auto.shape[-2:] == (4, 3)
     assert torch.equal(auto, torch.load(tmp_path / "r33.pt")["latents"])
     assert not torch.equal(auto, torch.load(tmp_path / "r18.pt")["latents"])
+
+    # A released folder: no fields of ours in config.json; its generation_config.json names the
+    # template (and an official system prompt, whose text the sampler does not have: it says so).
+    released = tmp_path / "released"
+    shutil.copytree(folder, released)
+    fields = json.loads((released / "config.json").read_text())
+    del fields["mfmegatron_sequence_template"], fields["mfmegatron_system_prompt"]
+    (released / "config.json").write_text(json.dumps(fields))
+    (released / "generation_config.json").write_text(json.dumps({"sequence_template": "instruct",
+                                                                  "use_system_prompt": "en_vanilla"}))
+    plain = [str(released), *common[1:]]
+    capsys.readouterr()
+    assert main([*plain[:-1], "--out", str(tmp_path / "released.pt")]) == 0
+    said = capsys.readouterr().err
+    assert "the instruct template, as generation_config.json names it" in said
+    assert "official system prompt 'en_vanilla'" in said
+    assert main([*plain, "--sequence-template", "instruct", "--system-prompt", "",
+                 "--out", str(tmp_path / "instruct_bare.pt")]) == 0
+    assert torch.equal(torch.load(tmp_path / "released.pt")["latents"], torch.load(tmp_path / "instruct_bare.pt")["latents"])
     # An instruct template without a tokenizer to encode its text: one line.
     special = tmp_path / "special.json"
     special.write_text(json.dumps(dataclasses.asdict(_tokens())))

@@ -5,8 +5,9 @@
 
 FOLDER: what ``mfmegatron-convert-hunyuan-image3 export`` writes (config.json, safetensors shards
 and index). The sequence is the official text-to-image template the student was distilled with
-(config.json's ``mfmegatron_sequence_template`` and ``mfmegatron_system_prompt``, or
-``--sequence-template`` / ``--system-prompt``): ``pretrain``
+(config.json's ``mfmegatron_sequence_template`` and ``mfmegatron_system_prompt``; for a released
+folder, the ``sequence_template`` its generation_config.json names; or ``--sequence-template`` /
+``--system-prompt``): ``pretrain``
 ``<bos> prompt <boi> <img_size> <img_ratio> <timestep> [<guidance> <timestep_r>] <img>×(h·w) <eoi>``,
 or ``instruct``, the same with the role text around the prompt and the image (needs
 ``--tokenizer`` to encode it); the student's tokens are inserted when config.json's student is a
@@ -55,6 +56,17 @@ def _parse_hw(text: str) -> tuple[int, int]:
     except ValueError:
         raise SampleError(f"--latent-hw {text!r}: expected HxW, e.g. 64x64 (a 1024² image)") from None
     return h, w
+
+
+def _generation_config(folder: Path) -> dict:
+    """A released checkpoint's generation_config.json (empty when the folder has none)."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise SampleError(f"{path}: not JSON ({error})") from None
 
 
 def special_tokens(args, tokenizer) -> dict:
@@ -120,7 +132,19 @@ def run(argv: list[str] | None = None) -> dict:
     log(f"{PROG}: loading {folder} ({args.dtype})")
     model = load_exported_student(folder, torch_dtype(DTYPES.get(args.dtype, args.dtype)))
     config = model.config
-    template_name = args.sequence_template or config.sequence_template
+    recorded = SEQUENCE_TEMPLATE_FIELD in json.loads((folder / "config.json").read_text())
+    generation = _generation_config(folder)
+    template_name = args.sequence_template or (config.sequence_template if recorded else None)
+    if template_name is None and generation.get("sequence_template") in ("pretrain", "instruct"):
+        # A released checkpoint names its template in generation_config.json (instruct for the
+        # Instruct and Instruct-Distil, pretrain for the base model).
+        template_name = generation["sequence_template"]
+        log(f"{PROG}: the {template_name} template, as generation_config.json names it")
+    elif template_name is None:
+        # A folder naming no template (neither our config.json field nor generation_config.json).
+        template_name = "pretrain"
+        log(f"{PROG}: config.json records no {SEQUENCE_TEMPLATE_FIELD}: using the pretrain template (the base "
+            "model's); pass --sequence-template instruct for an Instruct model")
     if args.ratio_index is None:
         # The official image processor's choice for a given size: the nearest bucket by h / w
         # (the Instruct release's, with its extra buckets, for the instruct template).
@@ -136,12 +160,12 @@ def run(argv: list[str] | None = None) -> dict:
                           "that names them)")
     tokens = ImageTokens(**{f: ids.get(f) for f in TOKEN_FIELDS})
     names = [n for n, on in (("guidance", config.cfg_distilled), ("timestep_r", config.use_meanflow)) if on]
-    if args.sequence_template is None and SEQUENCE_TEMPLATE_FIELD not in json.loads((folder / "config.json").read_text()):
-        # A folder this project did not export (e.g. the released Instruct-Distil, whose tokenizer
-        # defaults to the instruct template): say which template is assumed.
-        log(f"{PROG}: config.json records no {SEQUENCE_TEMPLATE_FIELD}: using the pretrain template (the base "
-            "model's); pass --sequence-template instruct for an Instruct model")
     system_prompt = config.system_prompt if args.system_prompt is None else args.system_prompt
+    named = generation.get("use_system_prompt")
+    if args.system_prompt is None and not recorded and named not in (None, "None", "none", ""):
+        # The official pipeline maps this name to a prompt text this project does not carry.
+        log(f"{PROG}: generation_config.json asks for the official system prompt {named!r}, whose text this "
+            "sampler does not have: sampling without one (pass its text with --system-prompt)")
     if tokenizer is None and (template_name != "pretrain" or system_prompt):
         raise SampleError(f"the {template_name} template{' and the system prompt' if system_prompt else ''} need "
                           "--tokenizer to encode their text")
@@ -185,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "picks it, the Instruct release's four extra buckets 33-36 included under the "
                              "instruct template; 16 for a square)")
     parser.add_argument("--sequence-template", choices=["pretrain", "instruct"], default=None,
-                        help="the text template (default: the one config.json records, else pretrain)")
+                        help="the text template (default: the one config.json records, else the one a released "
+                             "folder's generation_config.json names, else pretrain)")
     parser.add_argument("--system-prompt", default=None,
                         help="system prompt text (default: the one config.json records, else none; '' for none)")
     parser.add_argument("--latent-hw", default="64x64", metavar="HxW", help="latent grid (default 64x64: 1024²)")
