@@ -13,7 +13,8 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 GPUS = {"flux_dev_8xh100.yaml": 8, "flux_dev_64xh100.yaml": 64, "flux_tiny_cpu.yaml": 2,
         "shapes_teacher_cpu.yaml": 2, "shapes_distill_cpu.yaml": 2, "hunyuan_image3_64xh100.yaml": 64,
         "hunyuan_image3_256xh100.yaml": 256, "hunyuan_image3_64xh200.yaml": 64,
-        "hunyuan_image3_tiny_cpu.yaml": 2, "shapes_hunyuan_image3_teacher_cpu.yaml": 2}
+        "hunyuan_image3_tiny_cpu.yaml": 2, "shapes_hunyuan_image3_teacher_cpu.yaml": 2,
+        "shapes_hunyuan_image3_distill_cpu.yaml": 2}
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
