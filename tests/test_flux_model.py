@@ -53,12 +53,16 @@ def _tensor_parallel_checks(state32, state64, batch32, batch64, tangents64) -> d
     from models.flux.model import FluxTangents
     from models.flux.parallelize import full_weights
 
+    from mfmegatron.parallel import collectives
+
     results = {}
     for key, tp, sp in LAYOUTS:
         initialize_parallel(tensor_parallel_size=tp)
         model = megatron_flux(state32, tensor_model_parallel_size=tp, sequence_parallel=sp)
+        collectives.reset_chunk_counters()
         out = model(flux_inputs(batch32))
         (out * _loss_weights(out.shape)).sum().backward()
+        chunk_counters = dict(collectives.chunk_counters)
         model64 = megatron_flux(state64, torch.float64, tensor_model_parallel_size=tp, sequence_parallel=sp)
         out64, tangent64 = model64.forward_jvp(flux_inputs(batch64), FluxTangents(*tangents64))
         results[key] = {
@@ -67,6 +71,7 @@ def _tensor_parallel_checks(state32, state64, batch32, batch64, tangents64) -> d
             "out64": out64.detach(),
             "tangent64": tangent64,
             "tangent_requires_grad": tangent64.requires_grad,
+            "chunk_counters": chunk_counters,
             "weights": dict(full_weights(model)),
         }
     return results
@@ -235,6 +240,18 @@ def test_tensor_parallel_gradients_match_tp1(flux_results, layout):
         assert grads.keys() == reference.keys()
         for key, grad in grads.items():
             torch.testing.assert_close(grad, reference[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_sequence_parallel_column_linears_save_their_chunk(flux_results):
+    # Under SP every column-parallel linear of the blocks (QKV and MLP in, per stream in a double
+    # block; both readers of the single block's one gather) saved its input's chunk for backward
+    # and gathered it again there once; the gradients above equal TP=1's.
+    from tests.flux_fixtures import TINY
+
+    columns = 4 * TINY["num_layers"] + 2 * TINY["num_single_layers"]
+    for rank in flux_results["ranks"]:
+        assert rank["tp2_sp"]["chunk_counters"] == {"chunks_saved": columns, "regathers": columns}
+        assert rank["tp2"]["chunk_counters"] == {"chunks_saved": 0, "regathers": 0}
 
 
 def test_tensor_parallel_shards_gather_back_to_the_imported_weights(flux_results):

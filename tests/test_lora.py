@@ -2,6 +2,8 @@
 
 One spawn of two ranks runs a frozen Column→Row pair with LoRA at TP=2, with and without sequence
 parallelism; the dense reference (``W + scale · B A`` from the gathered factors) is computed here.
+The same spawn checks what a sequence-parallel column-parallel linear keeps for backward (its
+chunk of the input, not the gathered sequence) against the same layer saving the gathered input.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from mfmegatron.parallel import initialize_parallel, parallel_context, run_on_ra
 
 HIDDEN, FFN, SEQ, BATCH, RANK, ALPHA = 16, 32, 8, 2, 4, 8.0
 TOL = dict(rtol=1e-4, atol=1e-4)  # float32 sums in another order
+SP_SEQ, SP_HIDDEN, SP_FFN = 64, 64, 128  # the sequence-parallel column linear whose bytes are counted
 
 
 def _pair(tensor_parallel_size: int, sequence_parallel: bool):
@@ -52,17 +55,21 @@ def _run_pair(sequence_parallel: bool) -> dict:
     def local(t):
         return t.chunk(2, dim=0)[tp_rank].clone() if sequence_parallel else t.clone()
 
+    from mfmegatron.parallel import collectives
+
     x = local(x_full).requires_grad_(True)
+    collectives.reset_chunk_counters()
     hidden, thidden = model.column.forward_jvp(x, local(tx_full))
     y, ty = model.row.forward_jvp(F.gelu(hidden), thidden)  # tangent: gelu skipped, linear only
     weights = local(torch.linspace(-1, 1, SEQ * BATCH * HIDDEN).view(SEQ, BATCH, HIDDEN))
     (y * weights).sum().backward()
+    chunk_counters = dict(collectives.chunk_counters)
     trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)
     sharded = model.column.sharded_state_dict("column.", metadata={"dp_cp_group": None})
     sharded.update(model.row.sharded_state_dict("row.", metadata={"dp_cp_group": None}))
     return {
         "names": names, "trainable": trainable, "x": x_full, "tx": tx_full, "y": y.detach(), "ty": ty,
-        "x_grad": x.grad,
+        "x_grad": x.grad, "chunk_counters": chunk_counters,
         "params": {n: p.detach() for n, p in model.named_parameters()},
         "grads": {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
         "split_axes": {k: v.global_shape != v.local_shape for k, v in sharded.items() if hasattr(v, "local_shape")},
@@ -86,8 +93,63 @@ def _lora_fake(pipeline_parallel_size: int) -> dict:
             for name, param in fake.named_parameters() if name.endswith("lora.a")}, networks
 
 
+def _sequence_parallel_column_saves_its_chunk() -> dict:
+    """A trained column-parallel linear at TP=2 with SP, forward_jvp then backward, saving its
+    chunk (the default) and, for comparison, the gathered input (``saves_sequence_chunk`` off):
+    whether the gathered input outlives the forward, the chunk counters, outputs and every
+    gradient."""
+    import gc
+    import weakref
+
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    from mfmegatron.parallel import collectives
+
+    initialize_parallel(tensor_parallel_size=2, seed=7)
+    config = ModelParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True, use_cpu_initialization=True,
+                                 params_dtype=torch.float32, gradient_accumulation_fusion=False)
+    tp_rank = torch.distributed.get_rank()
+    torch.manual_seed(100)
+    x_full, tx_full = torch.randn(SP_SEQ, BATCH, SP_HIDDEN), torch.randn(SP_SEQ, BATCH, SP_HIDDEN)
+    weights = torch.linspace(-1, 1, SP_SEQ * BATCH * SP_FFN).view(SP_SEQ, BATCH, SP_FFN)
+    results = {}
+    for saves_chunk in (True, False):
+        layer = ColumnParallelLinear(SP_HIDDEN, SP_FFN, config=config, init_method=lambda w: torch.nn.init.normal_(w, std=0.2),
+                                     bias=True, gather_output=False)
+        layer.saves_sequence_chunk = saves_chunk
+        x = x_full.chunk(2, dim=0)[tp_rank].clone().requires_grad_(True)
+        tx = tx_full.chunk(2, dim=0)[tp_rank].clone()
+        collectives.reset_chunk_counters()
+        gathered = []
+
+        def gather_sequence(*args, **kwargs):
+            x_full, tx_full = original_gather(*args, **kwargs)
+            gathered.append(weakref.ref(x_full))
+            return x_full, tx_full
+
+        original_gather, collectives.gather_sequence = collectives.gather_sequence, gather_sequence
+        try:
+            y, ty = layer.forward_jvp(x, tx)
+        finally:
+            collectives.gather_sequence = original_gather
+        gc.collect()
+        counters_after_forward = dict(collectives.chunk_counters)
+        gathered_alive = [ref() is not None for ref in gathered]
+        # The output is column-parallel over the whole sequence: this rank's features.
+        (y * weights.chunk(2, dim=-1)[tp_rank]).sum().backward()
+        results[saves_chunk] = {
+            "gathered_alive_after_forward": gathered_alive,
+            "counters_after_forward": counters_after_forward, "counters": dict(collectives.chunk_counters),
+            "y": y.detach(), "ty": ty, "x_grad": x.grad, "weight": layer.weight.detach(), "bias": layer.bias.detach(),
+            "weight_grad": layer.weight.grad, "bias_grad": layer.bias.grad,
+        }
+    results["x"], results["tx"], results["loss_weights"] = x_full, tx_full, weights
+    return results
+
+
 def _worker():
-    return {"pairs": {sp: _run_pair(sp) for sp in (False, True)}, "pp2_lora_a": _lora_fake(2)[0]}
+    return {"pairs": {sp: _run_pair(sp) for sp in (False, True)}, "pp2_lora_a": _lora_fake(2)[0],
+            "sp_column": _sequence_parallel_column_saves_its_chunk()}
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +204,44 @@ def test_lora_pair_matches_a_dense_lora_with_every_gradient(results, sequence_pa
         "column.weight": True, "column.bias": True, "column.lora.a": False, "column.lora.b": True,
         "row.weight": True, "row.bias": False, "row.lora.a": True, "row.lora.b": False,
     }
+
+
+def test_a_sequence_parallel_lora_saves_the_chunk_of_its_input(results):
+    # The frozen column GEMM saves no input; its LoRA's x Aᵀ saves the chunk, gathered again once
+    # in backward. Without SP nothing is gathered, so nothing is swapped.
+    for result in results:
+        assert result["pairs"][True]["chunk_counters"] == {"chunks_saved": 1, "regathers": 1}
+        assert result["pairs"][False]["chunk_counters"] == {"chunks_saved": 0, "regathers": 0}
+
+
+def test_a_sequence_parallel_column_linear_keeps_its_chunk_for_backward(results):
+    """TP=2 with SP: once forward_jvp has returned, the gathered input of a trained
+    column-parallel linear is gone (autograd saved the rank's chunk in its place); saving the
+    gathered input instead keeps it alive until backward. Backward gathers the chunk again once,
+    and every output and gradient equals the dense layer's either way."""
+    ranks = [r["sp_column"] for r in results]
+    for run in ranks:
+        chunk, whole = run[True], run[False]
+        assert chunk["counters_after_forward"] == {"chunks_saved": 1, "regathers": 0}
+        assert chunk["counters"] == {"chunks_saved": 1, "regathers": 1}
+        assert whole["counters"] == {"chunks_saved": 0, "regathers": 0}
+        assert chunk["gathered_alive_after_forward"] == [False]
+        assert whole["gathered_alive_after_forward"] == [True]
+    first = ranks[0]
+    for saves_chunk in (True, False):
+        runs = [run[saves_chunk] for run in ranks]
+        dense = torch.nn.Linear(SP_HIDDEN, SP_FFN)
+        with torch.no_grad():
+            dense.weight.copy_(torch.cat([r["weight"] for r in runs], 0))
+            dense.bias.copy_(torch.cat([r["bias"] for r in runs], 0))
+        x = first["x"].clone().requires_grad_(True)
+        y = dense(x)
+        (y * first["loss_weights"]).sum().backward()
+        torch.testing.assert_close(torch.cat([r["y"] for r in runs], -1), y.detach(), **TOL)
+        torch.testing.assert_close(torch.cat([r["ty"] for r in runs], -1), F.linear(first["tx"], dense.weight).detach(), **TOL)
+        torch.testing.assert_close(torch.cat([r["x_grad"] for r in runs], 0), x.grad, **TOL)
+        torch.testing.assert_close(torch.cat([r["weight_grad"] for r in runs], 0), dense.weight.grad, **TOL)
+        torch.testing.assert_close(torch.cat([r["bias_grad"] for r in runs], 0), dense.bias.grad, **TOL)
 
 
 def test_a_fresh_lora_leaves_the_layer_unchanged():

@@ -154,6 +154,11 @@ def quiet_profiler_logs():
 def _cpu_peak_from_profile(prof):
     # Allocation events (alloc_size > 0 for an allocation, < 0 for a free) from the profiler's
     # event tree; their running sum in time order is the bytes allocated since profiling began.
+    # The profiler records only what threads it profiles free: a tensor whose last reference a
+    # gloo worker thread drops (a collective's input or output, when the worker lets go of it
+    # after the caller) is freed unseen. Its address being allocated again proves the free, so
+    # an allocation at an address still counted live first takes the old allocation off (what
+    # stays unseen stays counted: the peak is never under the truth).
     from torch._C._profiler import _EventType
 
     events = []
@@ -161,11 +166,17 @@ def _cpu_peak_from_profile(prof):
     while stack:
         node = stack.pop()
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+            fields = node.extra_fields
+            events.append((node.start_time_ns, fields.alloc_size, fields.ptr))
         stack.extend(node.children)
+    live = {}
     running = peak = 0
-    for _, size in sorted(events):
-        running += size
+    for _, size, ptr in sorted(events):
+        if size > 0:
+            running += size - live.pop(ptr, 0)
+            live[ptr] = size
+        else:
+            running -= live.pop(ptr, -size)
         peak = max(peak, running)
     return peak
 

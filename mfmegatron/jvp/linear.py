@@ -7,7 +7,9 @@ initialisation, TP attributes, ``sharded_state_dict``, gradient-accumulation fus
 - the primal GEMM runs through megatron's ``_forward_impl`` (autograd, frozen-weight path, wgrad
   fusion), with the TP collectives taken out of it;
 - the tangent GEMM uses the same local weight shard under ``no_grad``;
-- every collective the pair needs is one call carrying both (``mfmegatron.parallel.collectives``).
+- every collective the pair needs is one call carrying both (``mfmegatron.parallel.collectives``);
+- with sequence parallel, backward keeps the rank's chunk of a column-parallel GEMM's input and
+  gathers it again (primal only), as megatron's SP linear does (``ColumnParallelJVP``).
 
 The forward-mode logic lives in ``ColumnParallelJVP`` / ``RowParallelJVP``, written once for every
 implementation of the GEMM: the local layers here and the Transformer Engine layers
@@ -29,6 +31,8 @@ weight-sized is created or saved for backward. Its factors follow the layer's TP
 
 from __future__ import annotations
 
+import contextlib
+
 from megatron.core import tensor_parallel
 
 from mfmegatron.jvp import fp8
@@ -39,22 +43,40 @@ class ColumnParallelJVP:
     """Y = X Wᵀ + b with W's rows (output features) split over TP ranks.
 
     With sequence parallel the input arrives as this rank's sequence chunk and is all-gathered
-    (primal and tangent together) before the GEMM. Needs ``_primal_gemm(x)`` (the local GEMM with
-    the bias, its input gradient summed over TP when the input is replicated), ``weight``,
-    ``jvp_sequence_parallel``, ``explicit_expert_comm``, ``gather_output`` and ``tp_group``.
+    (primal and tangent together, one call) before the GEMM. What autograd saves of the gathered
+    input (the GEMM's for the weight gradient, a LoRA's for its factor A) is the chunk: backward
+    all-gathers it again (``collectives.saving_sequence_chunk``), as megatron's own SP linear
+    does, so a column-parallel GEMM keeps s/TP rows per rank for backward, not s. Layers whose
+    ``saves_sequence_chunk`` is False (the Transformer Engine ones) save what their GEMM saves.
+
+    Needs ``_primal_gemm(x)`` (the local GEMM with the bias, its input gradient summed over TP
+    when the input is replicated), ``weight``, ``jvp_sequence_parallel``, ``explicit_expert_comm``,
+    ``gather_output``, ``tp_group`` and ``saves_sequence_chunk``.
     """
 
-    def forward_jvp(self, x, tx=None, input_is_gathered: bool = False):
+    saves_sequence_chunk = True
+
+    def forward_jvp(self, x, tx=None, input_is_gathered: bool = False, sequence_chunk=None):
         """``input_is_gathered``: with SP, the caller already gathered the sequence (one gather
-        shared by several column-parallel layers reading the same input)."""
+        shared by several column-parallel layers reading the same input); ``sequence_chunk``:
+        then the rank's chunk it gathered ``x`` from, saved for backward in place of ``x``
+        (without it the gathered ``x`` is saved whole)."""
+        chunk = sequence_chunk if input_is_gathered else None
         if self.jvp_sequence_parallel and not input_is_gathered and not self.explicit_expert_comm:
+            chunk = x
             x, tx = collectives.gather_sequence(x, tx, group=self.tp_group)
-        with fp8.primal_gemm_region(self._primal_autocast(x)):
-            y = self._primal_gemm(x)
-        ty = fp8.tangent_gemm(tx, self.weight)
-        lora = _lora_of(self)
-        if lora is not None:
-            y, ty = lora.add_to_column_output(y, ty, x, tx, self.jvp_sequence_parallel)
+        saving = (
+            collectives.saving_sequence_chunk(x, chunk, group=self.tp_group)
+            if chunk is not None and self.jvp_sequence_parallel and self.saves_sequence_chunk
+            else contextlib.nullcontext()
+        )
+        with saving:
+            with fp8.primal_gemm_region(self._primal_autocast(x)):
+                y = self._primal_gemm(x)
+            ty = fp8.tangent_gemm(tx, self.weight)
+            lora = _lora_of(self)
+            if lora is not None:
+                y, ty = lora.add_to_column_output(y, ty, x, tx, self.jvp_sequence_parallel)
         if self.gather_output:
             y, ty = collectives.gather_last_dim(y, ty, group=self.tp_group)
         return y, ty

@@ -93,6 +93,16 @@ class _TEJVPMixin:
 
 
 class TEColumnParallelLinear(_TEJVPMixin, ColumnParallelJVP, _MegatronTEColumn):
+    # TE's own sequence-parallel Linear (column mode) keeps the rank's chunk for backward and
+    # gathers it again for the weight gradient, as megatron's does (TE's source; not run here),
+    # but its communication is switched off here, so TE's GEMM sees (and saves) the gathered
+    # input. Whether TE's saved tensor is that gathered tensor (which collectives.
+    # saving_sequence_chunk could swap for the chunk) or its own copy (FP8: the quantized input)
+    # is not checked without a GPU, so the swap stays off: under SP these layers save the
+    # gathered input whole, as before, and the FLUX memory count (models/flux/training.py,
+    # activation_bytes) gives SP no activation saving with them.
+    saves_sequence_chunk = False
+
     def __init__(self, input_size, output_size, *, config, init_method, bias=True, gather_output=False,
                  skip_bias_add=False, is_expert=False, **kwargs):
         if is_expert or skip_bias_add:

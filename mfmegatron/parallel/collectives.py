@@ -13,6 +13,8 @@ mapping, so there is one code path per collective.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
@@ -183,6 +185,85 @@ def gather_last_dim(primal, tangent=None, group=None):
 def scatter_sequence(tensor, group=None):
     """Keep this rank's chunk of the full sequence (entering a sequence-parallel region)."""
     return tensor_parallel.scatter_to_sequence_parallel_region(tensor, group=_tp_group(group))
+
+
+# --------------------------------------------------------------------------- saving the chunk
+#
+# Under sequence parallel a column-parallel GEMM reads the whole (gathered) sequence, and autograd
+# would save that gathered input for the weight's gradient (and a LoRA factor's): s x b x h on
+# every rank, though the rank's own input is s/TP rows. Megatron's SP linear saves its chunk and
+# all-gathers it again in backward; ``saving_sequence_chunk`` does the same for any GEMM run inside
+# it, through autograd's saved-tensor hooks, so that the forward keeps its single gather of primal
+# and tangent stacked (and several layers can share one gather: FLUX's single block). Each
+# backward node that saved the gathered tensor re-gathers it once (primal only): one all-gather of
+# s x b x h per such layer, as megatron's. ``counters`` records both, for tests.
+
+chunk_counters = {"chunks_saved": 0, "regathers": 0}
+"""How often ``saving_sequence_chunk`` saved a chunk in place of a gathered tensor, and how often
+backward gathered one again: tests reset and read it to show the mechanism ran."""
+
+
+class _SavedChunk:
+    """What autograd keeps in place of a gathered tensor: this rank's chunk and how to rebuild it."""
+
+    __slots__ = ("chunk", "version", "group", "shape")
+
+    def __init__(self, chunk, group, shape):
+        self.chunk, self.version, self.group, self.shape = chunk, chunk._version, group, shape
+
+    def regather(self) -> torch.Tensor:
+        if self.chunk._version != self.version:
+            raise RuntimeError("a sequence chunk saved for backward (collectives.saving_sequence_chunk) was "
+                               "modified in place before backward used it")
+        chunk_counters["regathers"] += 1
+        return _all_gather_first_dim(self.chunk.unsqueeze(0), self.group)[0].view(self.shape)
+
+
+def _is_whole(tensor, whole) -> bool:
+    """``tensor`` is the gathered tensor described by ``whole`` (data pointer, elements, dtype,
+    device) or a contiguous reshape of all of it (what a matmul saves of a 3-D input: its 2-D
+    view)."""
+    return (
+        type(tensor) is torch.Tensor  # not a parameter, nor a tensor subclass (TE's FP8 tensors)
+        and (tensor.data_ptr(), tensor.numel(), tensor.dtype, tensor.device) == whole
+        and tensor.is_contiguous()
+    )
+
+
+@contextlib.contextmanager
+def saving_sequence_chunk(gathered, chunk, group=None):
+    """Inside: autograd saves ``chunk`` (this rank's [s/tp, ...] rows) wherever it would save
+    ``gathered`` (the sequence all-gathered from the chunks, rank-major), and backward all-gathers
+    the chunk again when it needs the tensor. Other saved tensors are untouched."""
+    group = _tp_group(group)
+    if (chunk is None or _world(group) == 1 or not torch.is_grad_enabled() or not gathered.is_contiguous()
+            or gathered.shape[0] != chunk.shape[0] * _world(group)):
+        yield
+        return
+    # autograd keeps the hooks with every tensor saved here: they must hold neither the gathered
+    # tensor (only its address, valid while the caller holds it) nor, after the block, the chunk.
+    state = {"whole": (gathered.data_ptr(), gathered.numel(), gathered.dtype, gathered.device),
+             "chunk": chunk.detach()}
+
+    def pack(tensor):
+        if state and _is_whole(tensor, state["whole"]):
+            chunk_counters["chunks_saved"] += 1
+            return _SavedChunk(state["chunk"], group, tensor.shape)
+        return tensor
+
+    def unpack(saved):
+        return saved.regather() if isinstance(saved, _SavedChunk) else saved
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        state.clear()
+
+
+def reset_chunk_counters() -> None:
+    for key in chunk_counters:
+        chunk_counters[key] = 0
 
 
 # --------------------------------------------------------------------------- MoE token exchange

@@ -198,11 +198,15 @@ def tensor_parallel_traffic(flux: FluxConfig, image_tokens: int, text_tokens: in
 
     def column(tokens, in_features, gathered_by_caller=False):
         """A column-parallel linear on the block rows: SP gathers its input (backward
-        reduce-scatters); without SP its input gradient is all-reduced."""
+        reduce-scatters) and, having saved only the rank's chunk of it for backward (the GEMM's
+        for its weight gradient, or a LoRA's for A), gathers it again in backward, once per layer
+        even where two layers share the forward's gather; without SP its input gradient is
+        all-reduced."""
         if sp:
             if not gathered_by_caller:
                 forward_op("all_gather", tokens)
                 backward_op("reduce_scatter", tokens)
+            backward_op("all_gather", tokens)
         else:
             backward_op("all_reduce", tokens)
         if lora:  # the whole factor's gradient is summed over TP (jvp/lora.py)

@@ -233,8 +233,9 @@ class QKVProjection(MegatronModule):
         self.q_layernorm = torch.nn.RMSNorm(self.head_dim, eps=config.layernorm_epsilon, dtype=dtype)
         self.k_layernorm = torch.nn.RMSNorm(self.head_dim, eps=config.layernorm_epsilon, dtype=dtype)
 
-    def forward_jvp(self, x, tx=None, input_is_gathered: bool = False):
-        qkv, tqkv = self.linear_qkv.forward_jvp(x, tx, input_is_gathered=input_is_gathered)
+    def forward_jvp(self, x, tx=None, input_is_gathered: bool = False, sequence_chunk=None):
+        qkv, tqkv = self.linear_qkv.forward_jvp(x, tx, input_is_gathered=input_is_gathered,
+                                                sequence_chunk=sequence_chunk)
         q, k, v = qkv.unflatten(-1, (-1, 3, self.head_dim)).unbind(-2)
         tq = tk = tv = None
         if tqkv is not None:
@@ -383,22 +384,27 @@ class SingleStreamBlock(MegatronModule):
         (shift, scale, gate), (tshift, tscale, tgate) = self.mod.forward_jvp(temb, ttemb)
         x, tx = jf.layer_norm(joint, tjoint, self.config.layernorm_epsilon)
         x, tx = jf.modulate(x, tx, shift, tshift, scale, tscale)
+        chunk = None
         if self.config.sequence_parallel:
             # One gather feeds both column-parallel layers. The gathered order is rank-major
-            # ([txt_0; img_0; txt_1; img_1; ...]); rope.single_stream is permuted to match.
+            # ([txt_0; img_0; txt_1; img_1; ...]); rope.single_stream is permuted to match. Each
+            # layer saves the chunk for backward and gathers it again there (one all-gather per
+            # layer, as megatron's SP linears: collectives.saving_sequence_chunk).
+            chunk = x
             x, tx = collectives.gather_sequence(x, tx)
         # The attention branch first, through its output GEMM, so that its q, k, v and their
         # tangents are freed before the MLP's 4x-wide hidden is made (a MeanFlow step's peak).
-        y, ty = self.linear_attn_out.partial_jvp(*self._attention(x, tx, rope))
-        m, tm = self.linear_mlp_in.forward_jvp(x, tx, input_is_gathered=True)
+        y, ty = self.linear_attn_out.partial_jvp(*self._attention(x, tx, rope, chunk))
+        m, tm = self.linear_mlp_in.forward_jvp(x, tx, input_is_gathered=True, sequence_chunk=chunk)
+        del x, tx, chunk
         m, tm = jf.gelu_tanh(m, tm, overwrite_tangent=True)
         y, ty = jf.add(y, ty, *self.linear_mlp_out.partial_jvp(m, tm))
         y, ty = self.linear_mlp_out.reduce_jvp(y, ty)  # adds the only bias
         joint, tjoint = jf.gated_residual(joint, tjoint, gate, tgate, y, ty)
         return (temb, joint), (None if tangents is None else (ttemb, tjoint))
 
-    def _attention(self, x, tx, rope):
-        qkv, tqkv = self.attn.forward_jvp(x, tx, input_is_gathered=True)
+    def _attention(self, x, tx, rope, chunk=None):
+        qkv, tqkv = self.attn.forward_jvp(x, tx, input_is_gathered=True, sequence_chunk=chunk)
         return joint_attention(qkv, tqkv, rope.single_stream, self.config.attention_tangent_pass)
 
 

@@ -452,21 +452,32 @@ class FluxFamily:
     # GPT layer (with dropout masks, without FLUX's QK-norm, RoPE and modulation outputs).
     ACTIVATION_BYTES_PER_TOKEN_WIDTH_BLOCK = 40
 
+    @staticmethod
+    def sequence_parallel_saves_chunks(config) -> bool:
+        """Whether the networks' column-parallel linears save their input's sequence chunk for
+        backward (sequence parallel with the local layers), not the gathered sequence (TE layers:
+        ``model.use_transformer_engine`` true, or null, which builds them wherever TE imports)."""
+        return bool(config.parallel.sequence_parallel and config.parallel.tensor_parallel_size > 1
+                    and config.model.use_transformer_engine is False)
+
     def activation_bytes(self, config) -> tuple[float, str]:
         """Peak activation memory of one rank in a training pass of one micro-batch, and the
         formula. s tokens (image + text), b the micro-batch, h the width, L the blocks per stage,
         t the TP size, e the element size, c the per-block coefficient above (for 2-byte
         elements). One block holds c·e/2·s·b·h bytes, of which 24/34 split t ways (megatron's
-        layers: the tensor-parallel GEMMs' own activations), with or without sequence
-        parallelism: measured (``tools/measure_memory``, TP=2 on CPU) a step's peak with SP is
-        0.99-1.02x the one without. ``jvp/linear.py`` gathers the sequence (primal and tangent
-        rows stacked) before each column-parallel GEMM, which saves the gathered input whole
-        (megatron's own SP linear saves its chunk and gathers again in backward), and the peak
-        lies in the JVP forward, where those gathers are live. With recompute every block keeps
-        only its input (e·s·b·h) and one block at a time is recomputed; without, every block keeps
-        everything. The MeanFlow tangent pass stores nothing for backward (measured) but holds
-        one block's tangent temporaries in the forward: one block more (added to the backward's
-        recomputed block although the two peaks do not coincide: an upper bound). 1F1B keeps up to
+        layers: the tensor-parallel GEMMs' own activations). Sequence parallelism splits the
+        other 10/34 too (norms, modulations and the column-parallel GEMMs' inputs: Korthikanti et
+        al.) with the local linears (``model.use_transformer_engine=false``), which save their
+        input's sequence chunk for backward and gather it again there (``jvp/linear.py``):
+        measured (``tools/measure_memory``, TP=2 on CPU) a step's peak with SP is 0.87-0.91x the
+        one without, where the old layers gave 0.96-1.00x. The Transformer Engine layers (the
+        default where TE imports, so the GPU recipes' count) still save the gathered input, which
+        keeps SP from splitting those 10/34. With recompute every block keeps only its input
+        (e·s·b·h) and one block at a time is recomputed; without, every block keeps everything.
+        The MeanFlow tangent pass stores nothing for backward (measured) but holds one block's
+        tangent temporaries in the forward: one block more, counted without the SP split (a
+        forward's gathered inputs and partial sums span the whole sequence; added to the
+        backward's recomputed block although the two peaks do not coincide: an upper bound). 1F1B keeps up to
         min(PP, micro-batches) micro-batches in flight on the first stage."""
         flux = self._architecture(config)
         parallel = config.parallel
@@ -475,15 +486,18 @@ class FluxFamily:
         b, h = config.data.micro_batch_size, flux.hidden_size
         blocks = flux.num_layers / pp
         element = 2 if config.model.dtype == "bf16" else 4
-        split = (10 + 24 / tp) / 34
-        one_block = self.ACTIVATION_BYTES_PER_TOKEN_WIDTH_BLOCK * element / 2 * s * b * h * split
+        per_block = self.ACTIVATION_BYTES_PER_TOKEN_WIDTH_BLOCK * element / 2 * s * b * h
+        # What a block of the forward makes and drops (gathered inputs of primal and tangent,
+        # partial sums before the reduction) is over the whole sequence even under SP.
+        temporaries = per_block * (10 + 24 / tp) / 34
+        one_block = per_block / tp if self.sequence_parallel_saves_chunks(config) else temporaries
         in_flight = min(pp, parallel.num_microbatches)
         if config.model.recompute:
             inputs = element * s * b * h * (1 / tp if parallel.sequence_parallel else 1)
-            total = in_flight * blocks * inputs + one_block + one_block
+            total = in_flight * blocks * inputs + one_block + temporaries
             formula = f"{in_flight} x {blocks:g} block inputs + 1 block recomputed + 1 block of tangents"
         else:
-            total = in_flight * blocks * one_block + one_block
+            total = in_flight * blocks * one_block + temporaries
             formula = f"{in_flight} x {blocks:g} blocks + 1 block of tangents"
         return total, f"{formula}; {s} tokens, micro-batch {b}"
 

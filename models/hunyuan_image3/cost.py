@@ -278,7 +278,9 @@ def tensor_parallel_traffic(architecture: HunyuanImage3Config, config, network: 
     embedding (whole sequence, primal only: the ids have no tangent).
 
     Sequence parallel: every TP linear on the layers' tokens gathers its input or reduce-scatters
-    its output (attention QKV and output projection, the shared expert's two); the embedding's
+    its output (attention QKV and output projection, the shared expert's two), and backward
+    gathers again the input of each column-parallel one that saved it (only the rank's chunk is
+    kept: ``collectives.saving_sequence_chunk``); the embedding's
     backward gathers the gradient of the sequence split when the image path trains; the last
     stage gathers the sequence for the replicated image head (backward keeps each rank's chunk).
 
@@ -329,9 +331,13 @@ def tensor_parallel_traffic(architecture: HunyuanImage3Config, config, network: 
             volume.add("tp", "all_gather", layers * copies * sequence_bytes, layers)  # the MoE's combined output
         return volume
     if layout.sequence_parallel:
-        # Each gather's gradient is reduce-scattered, each reduce-scatter's gathered.
+        # Each gather's gradient is reduce-scattered, each reduce-scatter's gathered. A
+        # column-parallel linear saved only the rank's chunk of its gathered input and gathers it
+        # again: every one when the network trains fully (the GEMM's weight gradient needs it),
+        # the QKV (LoRA's factor A needs it) when it trains LoRA.
+        regathered = pairs if training == "full" else layers
         volume.add("tp", "reduce_scatter", columns_with_input_gradient * sequence_bytes, columns_with_input_gradient)
-        volume.add("tp", "all_gather", pairs * sequence_bytes, pairs)
+        volume.add("tp", "all_gather", (pairs + regathered) * sequence_bytes, pairs + regathered)
         if first and training == "full":
             volume.add("tp", "all_gather", sequence_bytes)
     else:

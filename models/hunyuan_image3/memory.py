@@ -203,13 +203,14 @@ def _element_bytes(config) -> int:
 def layer_saved_bytes(architecture: HunyuanImage3Config, config, tokens: float) -> float:
     """What one decoder layer saves for backward on one rank for ``tokens`` tokens (sequence x
     batch), primal only. Sequence-parallel chunks are tokens/TP; a column-parallel linear saves
-    its gathered input (the whole sequence). e: the element size.
+    its input's chunk under sequence parallel (it gathers it again in backward:
+    ``jvp/linear.py``), the whole sequence without. e: the element size.
 
-    attention: norm input (and its float32 copy: the norms compute in float32), gathered QKV
-    input, QKV output, RoPE'd q and k (two float32 tensors each) and their normed copies, k and v
+    attention: norm input (and its float32 copy: the norms compute in float32), QKV input, QKV
+    output, RoPE'd q and k (two float32 tensors each) and their normed copies, k and v
     repeated to the query heads, the attention output;
     MoE: norm input (and float32 copy) and output, float32 router logits and probabilities, the shared expert's
-    gathered input, fc1 output and SwiGLU output; the routed experts' rows (each token k times,
+    input, fc1 output and SwiGLU output; the routed experts' rows (each token k times,
     times ETP after the expert-TP gather): fc1 input, fc1 output, SwiGLU output and its
     probability-scaled copy, float32 probabilities. Balanced routing assumed (every EP rank gets
     tokens·k/TP rows). Without sequence parallel the norms, attention, router and shared expert
@@ -223,7 +224,7 @@ def layer_saved_bytes(architecture: HunyuanImage3Config, config, tokens: float) 
     h, d = a.hidden_size, a.kv_channels
     q_width, kv_width = a.num_attention_heads * d, a.num_query_groups * d
     attention = (
-        local * h * (e + 4) + tokens * h * e
+        local * h * (e + 4) + local * h * e
         + tokens / tp * (q_width + 2 * kv_width) * e
         + tokens / tp * (q_width + kv_width) * (2 * 4 + e)
         + tokens / tp * 2 * q_width * e
@@ -234,7 +235,7 @@ def layer_saved_bytes(architecture: HunyuanImage3Config, config, tokens: float) 
     expert_width = a.moe_ffn_hidden_size / layout.etp
     moe = (
         local * h * (2 * e + 4) + 2 * local * a.num_moe_experts * 4
-        + (tokens * h * e + tokens / tp * 3 * shared * e if shared else 0)
+        + (local * h * e + tokens / tp * 3 * shared * e if shared else 0)
         + rows * (h * e + 4 * expert_width * e + 4)
     )
     return attention + moe
