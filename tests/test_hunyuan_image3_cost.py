@@ -8,7 +8,9 @@
   megatron's gradient reduction and optimizer step at EP=2 with DP=2 (with and without the
   distributed optimizer), TP=2 with and without SP with EP=2, TP=2 without SP with EP=2 and
   activation recompute (backward repeats the layers' forward collectives), TP=2 without SP nor EP,
-  and DP=2 without EP, and at the TP=2 layouts the LoRA fake network's forward and backward, with
+  DP=2 without EP, and TP=2 with SP and expert TP=2 (the experts' weights split: tokens all-gathered
+  and outputs reduce-scattered over the expert-TP ranks; gloo, lacking an uneven reduce-scatter,
+  all-reduces the same payload), and at the TP=2 layouts the LoRA fake network's forward and backward, with
   torch.distributed's collectives wrapped to count each call's payload. The deterministic
   collectives must equal ``pass_traffic`` + ``gradient_traffic`` exactly; the MoE all-to-all's
   per-rank volume depends on routing: its sum over the ranks must equal the plan's, and each
@@ -144,7 +146,7 @@ def test_flops_match_torch_flop_counter(size):
 
 # --------------------------------------------------------------------------- communication
 
-# name -> TrainConfig overrides; expert TP 1 (a world of two has no room for more).
+# name -> TrainConfig overrides; expert TP 1 unless the layout says otherwise.
 LAYOUTS = {
     "EP=2, DP=2": ["parallel.expert_parallel_size=2"],
     "TP=2 + SP, EP=2": ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true",
@@ -155,6 +157,10 @@ LAYOUTS = {
                               "model.recompute=true"],
     "DP=2": [],
     "EP=2, DP=2, distributed optimizer": ["parallel.expert_parallel_size=2", "parallel.use_distributed_optimizer=true"],
+    # The experts' weights split over the TP ranks: tokens all-gathered and outputs
+    # reduce-scattered over the expert-TP group, no all-to-all.
+    "TP=2 + SP, expert TP=2": ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true",
+                               "parallel.expert_tensor_parallel_size=2"],
 }
 MICRO_BATCH = 2
 
@@ -178,12 +184,13 @@ def _pass_on_ranks() -> dict:
         config = _train_config("tiny", "parallel.expert_tensor_parallel_size=1", *extra)
         parallel = config.parallel
         tp, ep, sp = parallel.tensor_parallel_size, parallel.expert_parallel_size, parallel.sequence_parallel
-        initialize_parallel(tensor_parallel_size=tp, expert_parallel_size=ep, expert_tensor_parallel_size=1, seed=3)
+        etp = parallel.expert_tensor_parallel_size
+        initialize_parallel(tensor_parallel_size=tp, expert_parallel_size=ep, expert_tensor_parallel_size=etp, seed=3)
         # As the family builds it (models/hunyuan_image3/training.py).
         recompute = (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
                      if config.model.recompute else {})
         architecture = _architecture("tiny", tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
-                                     expert_tensor_parallel_size=1, sequence_parallel=sp, **recompute)
+                                     expert_tensor_parallel_size=etp, sequence_parallel=sp, **recompute)
         model = mark_routed_experts(build_hunyuan_model(cost.network_architecture(architecture, "student")))
         distributed = parallel.use_distributed_optimizer
         ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
@@ -197,6 +204,7 @@ def _pass_on_ranks() -> dict:
         groups = [(parallel_state.get_tensor_model_parallel_group(), "tp"),
                   (parallel_state.get_expert_model_parallel_group(), "ep"),
                   (parallel_state.get_expert_tensor_and_model_parallel_group(), "ep"),
+                  (parallel_state.get_expert_tensor_parallel_group(), "etp"),
                   (parallel_state.get_data_parallel_group(), "dp"),
                   (parallel_state.get_data_parallel_group(with_context_parallel=True), "dp"),  # DDP's
                   (parallel_state.get_expert_data_parallel_group(), "edp")]
@@ -227,6 +235,16 @@ def _pass_on_ranks() -> dict:
     return results
 
 
+def _as_on_gloo(planned):
+    """The plan as gloo sends it: gloo has no reduce-scatter of uneven row counts, so the expert-TP
+    combine's (and its gather's gradient) runs as an all-reduce of the same payload, the whole
+    input, on every rank (``mfmegatron.parallel.cpu_platform``); NCCL reduce-scatters it."""
+    scattered = "etp reduce_scatter"
+    if planned.bytes.get(scattered):
+        planned.add("etp", "all_reduce", planned.bytes.pop(scattered), planned.calls.pop(scattered))
+    return planned
+
+
 def test_communication_bytes_equal_the_collectives_sent():
     from models.hunyuan_image3 import cost
 
@@ -238,6 +256,7 @@ def test_communication_bytes_equal_the_collectives_sent():
         counted = [rank[layout] for rank in ranks]
         planned = (cost.pass_traffic(architecture, config, "student", "forward_jvp", MICRO_BATCH, 0, with_backward=True)
                    + cost.gradient_traffic(architecture, config, "student", 0, counted[0]["data_parallel_size"]))
+        _as_on_gloo(planned)
         planned_bytes = {key: value for key, value in planned.bytes.items() if value}
         for rank, result in enumerate(counted):
             print(f"{layout} rank {rank}: counted {result['bytes']} calls {result['calls']}")
@@ -253,7 +272,8 @@ def test_communication_bytes_equal_the_collectives_sent():
             print(f"{layout} all-to-all bytes / balanced-routing expectation per rank: {ratios}")
             assert sum(result["bytes"][routed] for result in counted) == len(counted) * planned_bytes[routed]
         if "fake" in counted[0]:
-            planned = cost.pass_traffic(architecture, config, "fake", "forward", MICRO_BATCH, 0, with_backward=True)
+            planned = _as_on_gloo(cost.pass_traffic(architecture, config, "fake", "forward", MICRO_BATCH, 0,
+                                                    with_backward=True))
             planned_bytes = {key: value for key, value in planned.bytes.items() if value}
             print(f"{layout} LoRA fake planned {planned_bytes} calls {planned.calls}")
             for rank, result in enumerate(counted):
