@@ -10,8 +10,10 @@
   activation recompute (backward repeats the layers' forward collectives), TP=2 without SP nor EP,
   DP=2 without EP, and TP=2 with SP and expert TP=2 (the experts' weights split: tokens all-gathered
   and outputs reduce-scattered over the expert-TP ranks; gloo, lacking an uneven reduce-scatter,
-  all-reduces the same payload), and at the TP=2 layouts the LoRA fake network's forward and backward, with
-  torch.distributed's collectives wrapped to count each call's payload. The deterministic
+  all-reduces the same payload), and PP=2 (the student's pass through megatron's schedule as the
+  trainer's ``NetworkRunner`` runs it: each stage's send and receive of the activation with its
+  tangent, against ``pass_traffic(..., stage)``), and at the TP=2 layouts the LoRA fake network's
+  forward and backward, with torch.distributed's collectives wrapped to count each call's payload. The deterministic
   collectives must equal ``pass_traffic`` + ``gradient_traffic`` exactly; the MoE all-to-all's
   per-rank volume depends on routing: its sum over the ranks must equal the plan's, and each
   rank's ratio to the balanced-routing expectation is printed.
@@ -161,8 +163,31 @@ LAYOUTS = {
     # reduce-scattered over the expert-TP group, no all-to-all.
     "TP=2 + SP, expert TP=2": ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true",
                                "parallel.expert_tensor_parallel_size=2"],
+    # Two stages: the student's pass through megatron's schedule (the trainer's NetworkRunner).
+    "PP=2": ["parallel.pipeline_parallel_size=2"],
 }
 MICRO_BATCH = 2
+
+
+def _pipelined_pass(ddp, inputs) -> None:
+    """The student's forward with tangent and backward of one micro-batch through this rank's
+    pipeline stage, as the trainer runs it (``NetworkRunner.run_pass``, megatron's schedule)."""
+    from mfmegatron.meanflow.passes import TrainingPass
+    from mfmegatron.training.runner import NetworkRunner
+    from models.hunyuan_image3.training import HunyuanCondition, HunyuanImage3Family
+
+    # The student's sequence stands for the teacher's too: the schedule sizes the stage exchange by it.
+    sequence = inputs["sequence"]
+    cond = HunyuanCondition(sequence=sequence, unconditional=sequence, student_sequence=sequence,
+                            guidance=inputs["guidance"])
+    tangents = (inputs["tlatents"], inputs["tsigma_r"], inputs["tsigma"])  # (z, r, t), as the runner's
+
+    def loss(u, du, rows):
+        return u.square().mean(), {}
+
+    NetworkRunner(HunyuanImage3Family(), ddp, 1).run_pass(
+        TrainingPass("meanflow", "student", inputs["latents"], inputs["sigma_r"], inputs["sigma"], loss, tangents),
+        cond)
 
 
 def _pass_on_ranks() -> dict:
@@ -184,13 +209,15 @@ def _pass_on_ranks() -> dict:
         config = _train_config("tiny", "parallel.expert_tensor_parallel_size=1", *extra)
         parallel = config.parallel
         tp, ep, sp = parallel.tensor_parallel_size, parallel.expert_parallel_size, parallel.sequence_parallel
-        etp = parallel.expert_tensor_parallel_size
-        initialize_parallel(tensor_parallel_size=tp, expert_parallel_size=ep, expert_tensor_parallel_size=etp, seed=3)
+        etp, pp = parallel.expert_tensor_parallel_size, parallel.pipeline_parallel_size
+        initialize_parallel(tensor_parallel_size=tp, expert_parallel_size=ep, expert_tensor_parallel_size=etp,
+                            pipeline_parallel_size=pp, seed=3)
         # As the family builds it (models/hunyuan_image3/training.py).
         recompute = (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
                      if config.model.recompute else {})
         architecture = _architecture("tiny", tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
-                                     expert_tensor_parallel_size=etp, sequence_parallel=sp, **recompute)
+                                     expert_tensor_parallel_size=etp, sequence_parallel=sp,
+                                     pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32, **recompute)
         model = mark_routed_experts(build_hunyuan_model(cost.network_architecture(architecture, "student")))
         distributed = parallel.use_distributed_optimizer
         ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
@@ -205,6 +232,7 @@ def _pass_on_ranks() -> dict:
                   (parallel_state.get_expert_model_parallel_group(), "ep"),
                   (parallel_state.get_expert_tensor_and_model_parallel_group(), "ep"),
                   (parallel_state.get_expert_tensor_parallel_group(), "etp"),
+                  (parallel_state.get_pipeline_model_parallel_group(), "pp"),
                   (parallel_state.get_data_parallel_group(), "dp"),
                   (parallel_state.get_data_parallel_group(with_context_parallel=True), "dp"),  # DDP's
                   (parallel_state.get_expert_data_parallel_group(), "edp")]
@@ -214,13 +242,17 @@ def _pass_on_ranks() -> dict:
             names.setdefault(group, name)
         with CollectiveCounter(names) as counter:
             counter.phase = "pass"
-            velocity, _ = _velocity(ddp.module, inputs, student=True, with_tangent=True)
-            velocity.square().mean().backward()
+            if pp == 1:
+                velocity, _ = _velocity(ddp.module, inputs, student=True, with_tangent=True)
+                velocity.square().mean().backward()
+            else:
+                _pipelined_pass(ddp, inputs)
             counter.phase = "update"
             finalize_model_grads([ddp])
             optimizer.step()
         results[layout] = {"bytes": counter.bytes, "calls": counter.calls,
-                           "data_parallel_size": parallel_state.get_data_parallel_world_size()}
+                           "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+                           "stage": parallel_state.get_pipeline_model_parallel_rank()}
         if tp > 1:
             fake = build_hunyuan_model(architecture)
             fake.requires_grad_(False)  # the teacher's frozen weights (the trainer shares them)
@@ -254,15 +286,16 @@ def test_communication_bytes_equal_the_collectives_sent():
     for layout, extra in LAYOUTS.items():
         config = _train_config("tiny", "parallel.expert_tensor_parallel_size=1", *extra)
         counted = [rank[layout] for rank in ranks]
-        planned = (cost.pass_traffic(architecture, config, "student", "forward_jvp", MICRO_BATCH, 0, with_backward=True)
-                   + cost.gradient_traffic(architecture, config, "student", 0, counted[0]["data_parallel_size"]))
-        _as_on_gloo(planned)
-        planned_bytes = {key: value for key, value in planned.bytes.items() if value}
-        for rank, result in enumerate(counted):
-            print(f"{layout} rank {rank}: counted {result['bytes']} calls {result['calls']}")
-        print(f"{layout} planned {planned_bytes} calls {planned.calls}")
         routed = "ep all_to_all"
         for rank, result in enumerate(counted):
+            stage = result["stage"]
+            planned = _as_on_gloo(
+                cost.pass_traffic(architecture, config, "student", "forward_jvp", MICRO_BATCH, stage,
+                                  with_backward=True)
+                + cost.gradient_traffic(architecture, config, "student", stage, result["data_parallel_size"]))
+            planned_bytes = {key: value for key, value in planned.bytes.items() if value}
+            print(f"{layout} rank {rank} (stage {stage}): counted {result['bytes']} calls {result['calls']}")
+            print(f"{layout} rank {rank} (stage {stage}): planned {planned_bytes} calls {planned.calls}")
             exact = {key: value for key, value in result["bytes"].items() if key != routed}
             assert exact == {key: value for key, value in planned_bytes.items() if key != routed}, (layout, rank)
             assert result["calls"] == {key: calls for key, calls in planned.calls.items() if planned.bytes[key]}
