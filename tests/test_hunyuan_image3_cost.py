@@ -8,15 +8,16 @@
   megatron's gradient reduction and optimizer step at EP=2 with DP=2 (with and without the
   distributed optimizer), TP=2 with and without SP with EP=2, TP=2 without SP with EP=2 and
   activation recompute (backward repeats the layers' forward collectives), TP=2 without SP nor EP,
-  DP=2 without EP, and TP=2 with SP and expert TP=2 (the experts' weights split: tokens all-gathered
-  and outputs reduce-scattered over the expert-TP ranks; gloo, lacking an uneven reduce-scatter,
-  all-reduces the same payload), and PP=2 (the student's pass through megatron's schedule as the
-  trainer's ``NetworkRunner`` runs it: each stage's send and receive of the activation with its
-  tangent, against ``pass_traffic(..., stage)``), and at the TP=2 layouts the LoRA fake network's
-  forward and backward, with torch.distributed's collectives wrapped to count each call's payload. The deterministic
-  collectives must equal ``pass_traffic`` + ``gradient_traffic`` exactly; the MoE all-to-all's
-  per-rank volume depends on routing: its sum over the ranks must equal the plan's, and each
-  rank's ratio to the balanced-routing expectation is printed.
+  DP=2 without EP, TP=2 with and without SP at expert TP=2 (the experts' weights split: tokens
+  all-gathered and outputs reduce-scattered over the expert-TP ranks; gloo, lacking an uneven
+  reduce-scatter, all-reduces the same payload), and PP=2 (the student's pass through megatron's
+  schedule as the trainer's ``NetworkRunner`` runs it: each stage's send and receive of the
+  activation with its tangent, against ``pass_traffic(..., stage)``), and at the TP=2 layouts the
+  LoRA fake network's forward and backward, with torch.distributed's collectives wrapped to count
+  each call's payload. The deterministic collectives must equal ``pass_traffic`` +
+  ``gradient_traffic`` exactly; the MoE all-to-all's per-rank volume depends on routing: its sum
+  over the ranks must equal the plan's, and each rank's ratio to the balanced-routing expectation is
+  printed.
 """
 
 from __future__ import annotations
@@ -163,6 +164,7 @@ LAYOUTS = {
     # reduce-scattered over the expert-TP group, no all-to-all.
     "TP=2 + SP, expert TP=2": ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true",
                                "parallel.expert_tensor_parallel_size=2"],
+    "TP=2, expert TP=2": ["parallel.tensor_parallel_size=2", "parallel.expert_tensor_parallel_size=2"],
     # Two stages: the student's pass through megatron's schedule (the trainer's NetworkRunner).
     "PP=2": ["parallel.pipeline_parallel_size=2"],
 }
