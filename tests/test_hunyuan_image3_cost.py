@@ -8,11 +8,16 @@
   megatron's gradient reduction and optimizer step at EP=2 with DP=2 (with and without the
   distributed optimizer), TP=2 with and without SP with EP=2, TP=2 without SP with EP=2 and
   activation recompute (backward repeats the layers' forward collectives), TP=2 without SP nor EP,
-  and DP=2 without EP, and at the TP=2 layouts the LoRA fake network's forward and backward, with
-  torch.distributed's collectives wrapped to count each call's payload. The deterministic
-  collectives must equal ``pass_traffic`` + ``gradient_traffic`` exactly; the MoE all-to-all's
-  per-rank volume depends on routing: its sum over the ranks must equal the plan's, and each
-  rank's ratio to the balanced-routing expectation is printed.
+  DP=2 without EP, TP=2 with and without SP at expert TP=2 (the experts' weights split: tokens
+  all-gathered and outputs reduce-scattered over the expert-TP ranks; gloo, lacking an uneven
+  reduce-scatter, all-reduces the same payload), and PP=2 (the student's pass through megatron's
+  schedule as the trainer's ``NetworkRunner`` runs it: each stage's send and receive of the
+  activation with its tangent, against ``pass_traffic(..., stage)``), and at the TP=2 layouts the
+  LoRA fake network's forward and backward, with torch.distributed's collectives wrapped to count
+  each call's payload. The deterministic collectives must equal ``pass_traffic`` +
+  ``gradient_traffic`` exactly; the MoE all-to-all's per-rank volume depends on routing: its sum
+  over the ranks must equal the plan's, and each rank's ratio to the balanced-routing expectation is
+  printed.
 """
 
 from __future__ import annotations
@@ -144,7 +149,7 @@ def test_flops_match_torch_flop_counter(size):
 
 # --------------------------------------------------------------------------- communication
 
-# name -> TrainConfig overrides; expert TP 1 (a world of two has no room for more).
+# name -> TrainConfig overrides; expert TP 1 unless the layout says otherwise.
 LAYOUTS = {
     "EP=2, DP=2": ["parallel.expert_parallel_size=2"],
     "TP=2 + SP, EP=2": ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true",
@@ -155,8 +160,36 @@ LAYOUTS = {
                               "model.recompute=true"],
     "DP=2": [],
     "EP=2, DP=2, distributed optimizer": ["parallel.expert_parallel_size=2", "parallel.use_distributed_optimizer=true"],
+    # The experts' weights split over the TP ranks: tokens all-gathered and outputs
+    # reduce-scattered over the expert-TP group, no all-to-all.
+    "TP=2 + SP, expert TP=2": ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true",
+                               "parallel.expert_tensor_parallel_size=2"],
+    "TP=2, expert TP=2": ["parallel.tensor_parallel_size=2", "parallel.expert_tensor_parallel_size=2"],
+    # Two stages: the student's pass through megatron's schedule (the trainer's NetworkRunner).
+    "PP=2": ["parallel.pipeline_parallel_size=2"],
 }
 MICRO_BATCH = 2
+
+
+def _pipelined_pass(ddp, inputs) -> None:
+    """The student's forward with tangent and backward of one micro-batch through this rank's
+    pipeline stage, as the trainer runs it (``NetworkRunner.run_pass``, megatron's schedule)."""
+    from mfmegatron.meanflow.passes import TrainingPass
+    from mfmegatron.training.runner import NetworkRunner
+    from models.hunyuan_image3.training import HunyuanCondition, HunyuanImage3Family
+
+    # The student's sequence stands for the teacher's too: the schedule sizes the stage exchange by it.
+    sequence = inputs["sequence"]
+    cond = HunyuanCondition(sequence=sequence, unconditional=sequence, student_sequence=sequence,
+                            guidance=inputs["guidance"])
+    tangents = (inputs["tlatents"], inputs["tsigma_r"], inputs["tsigma"])  # (z, r, t), as the runner's
+
+    def loss(u, du, rows):
+        return u.square().mean(), {}
+
+    NetworkRunner(HunyuanImage3Family(), ddp, 1).run_pass(
+        TrainingPass("meanflow", "student", inputs["latents"], inputs["sigma_r"], inputs["sigma"], loss, tangents),
+        cond)
 
 
 def _pass_on_ranks() -> dict:
@@ -178,12 +211,15 @@ def _pass_on_ranks() -> dict:
         config = _train_config("tiny", "parallel.expert_tensor_parallel_size=1", *extra)
         parallel = config.parallel
         tp, ep, sp = parallel.tensor_parallel_size, parallel.expert_parallel_size, parallel.sequence_parallel
-        initialize_parallel(tensor_parallel_size=tp, expert_parallel_size=ep, expert_tensor_parallel_size=1, seed=3)
+        etp, pp = parallel.expert_tensor_parallel_size, parallel.pipeline_parallel_size
+        initialize_parallel(tensor_parallel_size=tp, expert_parallel_size=ep, expert_tensor_parallel_size=etp,
+                            pipeline_parallel_size=pp, seed=3)
         # As the family builds it (models/hunyuan_image3/training.py).
         recompute = (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
                      if config.model.recompute else {})
         architecture = _architecture("tiny", tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
-                                     expert_tensor_parallel_size=1, sequence_parallel=sp, **recompute)
+                                     expert_tensor_parallel_size=etp, sequence_parallel=sp,
+                                     pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32, **recompute)
         model = mark_routed_experts(build_hunyuan_model(cost.network_architecture(architecture, "student")))
         distributed = parallel.use_distributed_optimizer
         ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
@@ -197,6 +233,8 @@ def _pass_on_ranks() -> dict:
         groups = [(parallel_state.get_tensor_model_parallel_group(), "tp"),
                   (parallel_state.get_expert_model_parallel_group(), "ep"),
                   (parallel_state.get_expert_tensor_and_model_parallel_group(), "ep"),
+                  (parallel_state.get_expert_tensor_parallel_group(), "etp"),
+                  (parallel_state.get_pipeline_model_parallel_group(), "pp"),
                   (parallel_state.get_data_parallel_group(), "dp"),
                   (parallel_state.get_data_parallel_group(with_context_parallel=True), "dp"),  # DDP's
                   (parallel_state.get_expert_data_parallel_group(), "edp")]
@@ -206,13 +244,17 @@ def _pass_on_ranks() -> dict:
             names.setdefault(group, name)
         with CollectiveCounter(names) as counter:
             counter.phase = "pass"
-            velocity, _ = _velocity(ddp.module, inputs, student=True, with_tangent=True)
-            velocity.square().mean().backward()
+            if pp == 1:
+                velocity, _ = _velocity(ddp.module, inputs, student=True, with_tangent=True)
+                velocity.square().mean().backward()
+            else:
+                _pipelined_pass(ddp, inputs)
             counter.phase = "update"
             finalize_model_grads([ddp])
             optimizer.step()
         results[layout] = {"bytes": counter.bytes, "calls": counter.calls,
-                           "data_parallel_size": parallel_state.get_data_parallel_world_size()}
+                           "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+                           "stage": parallel_state.get_pipeline_model_parallel_rank()}
         if tp > 1:
             fake = build_hunyuan_model(architecture)
             fake.requires_grad_(False)  # the teacher's frozen weights (the trainer shares them)
@@ -227,6 +269,16 @@ def _pass_on_ranks() -> dict:
     return results
 
 
+def _as_on_gloo(planned):
+    """The plan as gloo sends it: gloo has no reduce-scatter of uneven row counts, so the expert-TP
+    combine's (and its gather's gradient) runs as an all-reduce of the same payload, the whole
+    input, on every rank (``mfmegatron.parallel.cpu_platform``); NCCL reduce-scatters it."""
+    scattered = "etp reduce_scatter"
+    if planned.bytes.get(scattered):
+        planned.add("etp", "all_reduce", planned.bytes.pop(scattered), planned.calls.pop(scattered))
+    return planned
+
+
 def test_communication_bytes_equal_the_collectives_sent():
     from models.hunyuan_image3 import cost
 
@@ -236,14 +288,16 @@ def test_communication_bytes_equal_the_collectives_sent():
     for layout, extra in LAYOUTS.items():
         config = _train_config("tiny", "parallel.expert_tensor_parallel_size=1", *extra)
         counted = [rank[layout] for rank in ranks]
-        planned = (cost.pass_traffic(architecture, config, "student", "forward_jvp", MICRO_BATCH, 0, with_backward=True)
-                   + cost.gradient_traffic(architecture, config, "student", 0, counted[0]["data_parallel_size"]))
-        planned_bytes = {key: value for key, value in planned.bytes.items() if value}
-        for rank, result in enumerate(counted):
-            print(f"{layout} rank {rank}: counted {result['bytes']} calls {result['calls']}")
-        print(f"{layout} planned {planned_bytes} calls {planned.calls}")
         routed = "ep all_to_all"
         for rank, result in enumerate(counted):
+            stage = result["stage"]
+            planned = _as_on_gloo(
+                cost.pass_traffic(architecture, config, "student", "forward_jvp", MICRO_BATCH, stage,
+                                  with_backward=True)
+                + cost.gradient_traffic(architecture, config, "student", stage, result["data_parallel_size"]))
+            planned_bytes = {key: value for key, value in planned.bytes.items() if value}
+            print(f"{layout} rank {rank} (stage {stage}): counted {result['bytes']} calls {result['calls']}")
+            print(f"{layout} rank {rank} (stage {stage}): planned {planned_bytes} calls {planned.calls}")
             exact = {key: value for key, value in result["bytes"].items() if key != routed}
             assert exact == {key: value for key, value in planned_bytes.items() if key != routed}, (layout, rank)
             assert result["calls"] == {key: calls for key, calls in planned.calls.items() if planned.bytes[key]}
@@ -253,7 +307,8 @@ def test_communication_bytes_equal_the_collectives_sent():
             print(f"{layout} all-to-all bytes / balanced-routing expectation per rank: {ratios}")
             assert sum(result["bytes"][routed] for result in counted) == len(counted) * planned_bytes[routed]
         if "fake" in counted[0]:
-            planned = cost.pass_traffic(architecture, config, "fake", "forward", MICRO_BATCH, 0, with_backward=True)
+            planned = _as_on_gloo(cost.pass_traffic(architecture, config, "fake", "forward", MICRO_BATCH, 0,
+                                                    with_backward=True))
             planned_bytes = {key: value for key, value in planned.bytes.items() if value}
             print(f"{layout} LoRA fake planned {planned_bytes} calls {planned.calls}")
             for rank, result in enumerate(counted):

@@ -36,9 +36,10 @@ _KIND = {  # torch.distributed function -> (kind, which argument is the whole pa
     "all_reduce": ("all_reduce", 0),
     "all_gather_into_tensor": ("all_gather", 0),  # the gathered output
     "_all_gather_base": ("all_gather", 0),
-    "all_gather": ("all_gather", "list"),  # the list of gathered tensors
+    "all_gather": ("all_gather", "tensor_list"),  # the list of gathered tensors
     "reduce_scatter_tensor": ("reduce_scatter", 1),  # the input
     "_reduce_scatter_base": ("reduce_scatter", 1),
+    "reduce_scatter": ("reduce_scatter", "input_list"),  # uneven rows (the MoE's expert-TP combine)
     "broadcast": ("broadcast", 0),
     "send": ("send", 0),
     "recv": ("recv", 0),
@@ -82,8 +83,8 @@ class CollectiveCounter:
         group = values.get("group")
         if dist.get_world_size(group) == 1:
             return None
-        if payload == "list":
-            size = sum(t.numel() * t.element_size() for t in values["tensor_list"])
+        if isinstance(payload, str):  # the named list of tensors
+            size = sum(t.numel() * t.element_size() for t in values[payload])
         else:
             tensor = list(values.values())[payload]
             size = tensor.numel() * tensor.element_size()

@@ -387,7 +387,7 @@ def expert_traffic(architecture: HunyuanImage3Config, config, network: str, rows
         volume.add("ep", "all_to_all", tangent_copies * probability_bytes)
     if not backward:
         volume.add("ep", "all_gather", layout.ep * layout.etp * a.num_moe_experts * ROUTING_COUNT_BYTES)
-    if layout.etp > 1:  # not measured: the recipes and the tests run expert TP 1
+    if layout.etp > 1:  # measured at TP=2 ± SP, expert TP=2 (tests/test_hunyuan_image3_cost.py)
         gathered = layout.etp * routed
         if backward:
             volume.add("etp", "reduce_scatter", gathered * a.hidden_size * e)
