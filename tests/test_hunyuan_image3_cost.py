@@ -92,6 +92,8 @@ def _flops_checks(size) -> list[tuple[str, float, float]]:
     from models.hunyuan_image3.parallelize import build_hunyuan_model
     from models.hunyuan_image3.sequence import cfg_batch, unconditional_sequences, ImageTokens
 
+    from models.hunyuan_image3.memory import sequence_length
+
     initialize_parallel()
     batch = 2
     config = _train_config(size)
@@ -102,13 +104,16 @@ def _flops_checks(size) -> list[tuple[str, float, float]]:
     fake = build_hunyuan_model(architecture)
     fake.requires_grad_(False)  # the teacher's frozen weights (the trainer shares them)
     add_lora(fake, LORA_RANK, alpha=1.0, include=lora_covers)
-    teacher_inputs = _inputs(architecture, config, batch, student=False)
+    # Every network's sequences at the trainer's one length (HunyuanImage3Family.sequence_length:
+    # the student's token slots are padding in the teacher's and the fake network's).
+    length = sequence_length(config, (config.model.image_size // 16) ** 2)
+    teacher_inputs = _inputs(architecture, config, batch, student=False, length=length)
     guided = dict(teacher_inputs)
     guided["sequence"] = cfg_batch(teacher_inputs["sequence"],
                                    unconditional_sequences(teacher_inputs["sequence"], ImageTokens(**SEQUENCE_TOKENS)))
     for key in ("latents", "sigma"):
         guided[key] = torch.cat([teacher_inputs[key]] * 2)
-    student_inputs = _inputs(architecture, config, batch, student=True)
+    student_inputs = _inputs(architecture, config, batch, student=True, length=length)
 
     def run(model, inputs, is_student, with_tangent, backward):
         def step():

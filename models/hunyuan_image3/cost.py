@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from models.flux.cost import NetworkFlops, gradient_buffer_elements
 from models.hunyuan_image3.config import HunyuanImage3Config
 from models.hunyuan_image3.meanflow import lora_covers
-from models.hunyuan_image3.memory import TEMPLATE_TOKENS, layout_of
+from models.hunyuan_image3.memory import TEMPLATE_TOKENS, layout_of, sequence_length
 from models.hunyuan_image3.tokenizer import pixels_per_cell
 
 # Attention FLOPs per (query, key) pair, head and unit of head width: the forward's QKᵀ and PV;
@@ -117,11 +117,12 @@ def sequence_layout(architecture: HunyuanImage3Config, config, network: str) -> 
     side, remainder = divmod(config.model.image_size, per_token)
     if remainder:
         raise ValueError(f"model.image_size must be a multiple of {per_token}, got {config.model.image_size}")
-    suffix = 1  # <eoi>
-    prefix = config.model.text_tokens + TEMPLATE_TOKENS - suffix + student_token_count(network_config)
-    layout = layout_of(config)
-    if layout.sequence_parallel and layout.tp > 1:
-        suffix += -(prefix + side * side + suffix) % layout.tp
+    # Every network's sequences have the trainer's one length (memory.sequence_length): the
+    # student's token slots are padding after <eoi> in the teacher's and the fake network's, and
+    # the whole is rounded up to a multiple of TP.
+    own = student_token_count(network_config) if config.model.student_conditioning == "tokens" else 0
+    prefix = config.model.text_tokens + TEMPLATE_TOKENS - 1 + own
+    suffix = sequence_length(config, side * side) - prefix - side * side  # <eoi> and padding
     return SequenceLayout(prefix=prefix, image=side * side, suffix=suffix)
 
 

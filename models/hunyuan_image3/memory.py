@@ -184,16 +184,27 @@ def rank_parameter_counts(architecture: HunyuanImage3Config, config) -> dict[str
 # --------------------------------------------------------------------------- activations
 
 
+def sequence_length(config, image_tokens: int) -> int:
+    """The length of every sequence the trainer runs (teacher, unconditional, student, fake
+    network: one length, so pipeline stages exchange one shape): the template, the prompt
+    budget ``model.text_tokens``, the student's two extra tokens (``model.student_conditioning=
+    tokens``; padding in the other networks' sequences) and the image, rounded up to a multiple of
+    TP (so that sequence parallelism splits it; the trainer rounds without SP too)."""
+    student = STUDENT_EXTRA_TOKENS if config.model.student_conditioning == "tokens" else 0
+    length = TEMPLATE_TOKENS + config.model.text_tokens + student + image_tokens
+    tp = config.parallel.tensor_parallel_size
+    return -(-length // tp) * tp
+
+
 def sequence_tokens(architecture: HunyuanImage3Config, config) -> tuple[int, int]:
-    """(image tokens, student sequence length): the latent grid of ``model.image_size``, plus
-    ``model.text_tokens`` prompt tokens, the template tokens and the student's two extra ones (the
-    teacher's sequence is two shorter; the count uses the longer)."""
+    """(image tokens, sequence length): the latent grid of ``model.image_size`` and
+    ``sequence_length``."""
     per_token = pixels_per_cell(config) * architecture.patch_size
     side, remainder = divmod(config.model.image_size, per_token)
     if remainder:
         raise ValueError(f"model.image_size must be a multiple of {per_token}, got {config.model.image_size}")
     image = side * side
-    return image, image + config.model.text_tokens + TEMPLATE_TOKENS + STUDENT_EXTRA_TOKENS
+    return image, sequence_length(config, image)
 
 
 def _element_bytes(config) -> int:
@@ -325,6 +336,7 @@ __all__ = [
     "no_grad_activation_bytes_per_sample",
     "dispatch_buffer_bytes",
     "layer_saved_bytes",
+    "sequence_length",
     "sequence_tokens",
     "layout_of",
     "preset_architecture",

@@ -43,7 +43,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ import torch
 
 from mfmegatron.pixels import depth_to_space, space_to_depth, to_unit_range
 from models.hunyuan_image3.config import HUNYUAN_IMAGE3_CONFIGS, HunyuanImage3Config
+from models.hunyuan_image3.memory import sequence_length
 from models.hunyuan_image3.sequence import (
     ImageSequence,
     build_image_sequences,
@@ -63,8 +63,6 @@ from models.hunyuan_image3.tokenizer import PIXEL_PATCH, PromptTokenizer, check_
 
 # <bos>, then <boi> <img_size> <img_ratio> <timestep> before the image and <eoi> after it (the
 # instruct template's role text counts in model.text_tokens).
-TEMPLATE_TOKENS = 6
-STUDENT_TOKENS = 2  # <guidance> <timestep_r> (student_conditioning="tokens")
 
 
 @dataclass
@@ -289,13 +287,9 @@ class HunyuanImage3Family:
         return (self.latent_channels(config), h, w)
 
     def sequence_length(self, config) -> int:
-        """Every sequence's length: the template, the prompt budget, the student's tokens and
-        the image, rounded up so sequence parallelism splits it."""
+        """Every sequence's length (``memory.sequence_length``, which the planner counts too)."""
         h, w = self.latent_grid(config)
-        student = STUDENT_TOKENS if config.model.student_conditioning == "tokens" else 0
-        length = TEMPLATE_TOKENS + config.model.text_tokens + student + h * w
-        tp = config.parallel.tensor_parallel_size
-        return math.ceil(length / tp) * tp
+        return sequence_length(config, h * w)
 
     def text_conditioning(self, config, device, dtype) -> PromptTokenizer:
         """The model's tokenizer (``data.text_tokenizer``: a ``tokenizer.json``); the image size,
