@@ -76,7 +76,8 @@ def test_pixel_encoding_round_trips_and_the_buckets_count_the_images_pixels(shap
 
 
 def test_prompt_dropout_is_keyed_by_global_sample_and_replaces_the_prompt_by_cfg(shapes):
-    from models.hunyuan_image3.training import HunyuanImage3Family, dropped_prompts
+    from mfmegatron.training.guidance import dropped_prompts
+    from models.hunyuan_image3.training import HunyuanImage3Family
 
     whole = dropped_prompts(0.5, 8, (0, 3, 0))
     assert torch.equal(whole, torch.cat([dropped_prompts(0.5, 4, (0, 3, 0)), dropped_prompts(0.5, 4, (0, 3, 4))]))

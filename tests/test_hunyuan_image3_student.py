@@ -256,7 +256,8 @@ def test_combine_guidance_of_one_cfg_batch_equals_two_separate_calls():
     """float64 teacher: one [cond; uncond] call then ``combine_guidance`` with per-sample w equals
     ``uncond + w·(cond − uncond)`` from two separate calls."""
     from models.hunyuan_image3.parallelize import build_hunyuan_model
-    from models.hunyuan_image3.sequence import cfg_batch, combine_guidance, unconditional_sequences
+    from mfmegatron.training.guidance import combine_guidance
+    from models.hunyuan_image3.sequence import cfg_batch, unconditional_sequences
 
     config = _tiny_config(params_dtype=torch.float64, moe_router_dtype="fp64")
     cond, latents, sigma, _, _ = _inputs(config, 100, torch.float64)

@@ -335,7 +335,7 @@ def test_the_cfg_teacher_through_the_runner_is_uncond_plus_w_times_the_differenc
 
 
 def test_the_guidance_scale_of_a_global_sample_does_not_depend_on_the_data_parallel_size():
-    from models.hunyuan_image3.training import guidance_scales
+    from mfmegatron.training.guidance import guidance_scales
 
     whole = guidance_scales(3.0, 7.0, 4, (11, 5, 0))
     halves = torch.cat([guidance_scales(3.0, 7.0, 2, (11, 5, 0)), guidance_scales(3.0, 7.0, 2, (11, 5, 2))])

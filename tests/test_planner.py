@@ -88,7 +88,8 @@ def _flux_inputs(family, config, rows: int, generator):
     text_dim, pooled_dim = family.text_encoder_dims(config)
     prompts = SimpleNamespace(t5=torch.randn(rows, config.model.text_tokens, text_dim, generator=generator),
                               pooled=torch.randn(rows, pooled_dim, generator=generator))
-    cond = family.condition(prompts, config, torch.device("cpu"), torch.float32)
+    text = family.text_conditioning(config, torch.device("cpu"), torch.float32)  # the empty prompt, for CFG
+    cond = family.condition(prompts, config, torch.device("cpu"), torch.float32, text=text)
     z = torch.randn(rows, image, channels, generator=generator)
     t = torch.rand(rows, generator=generator)
     return cond, z, t, t * 0.5
@@ -146,6 +147,25 @@ def test_flops_match_torch_flop_counter(size):
     for what, counted, planned in checks:
         print(f"{size} {what}: counted {counted:.6g}, planned {planned:.6g}")
         assert planned == counted, f"{size} {what}: counted {counted}, planned {planned}"
+
+
+def test_a_cfg_teachers_flops_are_its_two_rows_per_sample():
+    """A FLUX teacher without a guidance embedding run with classifier-free guidance (one
+    [cond; uncond] call through the family's stage_forward) against ``network_flops``."""
+    from models.flux.training import FluxFamily
+
+    initialize_parallel()
+    family = FluxFamily()
+    batch = 2
+    counted = {}
+    for name, extra in (("plain", []), ("cfg", ["model.guidance_range=[3.0,3.0]"])):
+        config = _config(MEDIUM, "model.overrides.guidance_embeds=false", "data.text_encoder=dummy", *extra)
+        networks = family.build_networks(config, torch.device("cpu"), with_fake=False)
+        cond, z, t, _ = _flux_inputs(family, config, batch, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            counted[name] = _counted(lambda: family.stage_forward(networks.teacher, z, None, t, cond, None))
+        assert counted[name] == batch * family.network_flops(config, "teacher").forward, name
+    assert counted["cfg"] == 2 * counted["plain"]
 
 
 def test_step_flops_match_trainer_steps(tmp_path):
@@ -254,6 +274,7 @@ def _step_on_ranks(settings) -> dict:
             "bytes": counter.bytes, "calls": counter.calls, "by_phase": counter.by_phase}
 
 
+CFG_TEACHER = ["model.overrides.guidance_embeds=false", "model.guidance_range=[3.0,3.0]", "data.text_encoder=dummy"]
 LAYOUTS = {
     "TP=2 + SP": ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true"],
     "TP=2": ["parallel.tensor_parallel_size=2"],
@@ -261,6 +282,9 @@ LAYOUTS = {
                              "model.recompute=true"],
     "PP=2": ["parallel.pipeline_parallel_size=2"],
     "DP=2": [],
+    # A teacher without a guidance embedding run with CFG: [cond; uncond] rows.
+    "TP=2 + SP, CFG teacher": ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true", *CFG_TEACHER],
+    "PP=2, CFG teacher": ["parallel.pipeline_parallel_size=2", *CFG_TEACHER],
     "DP=2, distributed optimizer": ["parallel.use_distributed_optimizer=true"],
 }
 # The step of the spawn, as rows per sample by network.

@@ -30,6 +30,7 @@ TEACHER_OVERRIDES = [
     "train.eval_num_prompts=8",
     "train.eval_teacher_steps=[4,2]",
     "train.eval_scorer=shapes",
+    "model.prompt_dropout=0.25",  # learns the empty prompt too: the distillation below guides
     "logging.log_interval=1",
     "logging.progress_bar=false",
     "logging.tensorboard=false",
@@ -103,8 +104,10 @@ def _train_teacher_then_distil(data: str, output: str) -> dict:
         "train.eval_interval=1", f"train.eval_prompts={data}/heldout.txt", "train.eval_num_prompts=4",
         "train.eval_student_steps=[1,2]", "train.eval_teacher_steps=[4,2]", "train.eval_scorer=shapes",
         "train.sample_interval=0", "logging.progress_bar=false", "logging.tensorboard=false",
+        "model.guidance_range=[3.0,3.0]",  # a CFG teacher against the empty prompt
     ])  # fmt: skip
     student_trainer = Trainer(distil)
+    guided = student_trainer.teacher.classifier_free_guidance
     teacher = dict(student_trainer.teacher.named_parameters())
     same = all(torch.equal(teacher[name].detach(), ema[name]) for name in ema)
     student_trainer.train()
@@ -123,7 +126,7 @@ def _train_teacher_then_distil(data: str, output: str) -> dict:
         distances[which] = sample_distance(evaluator._decode(latents), reference)["paired_rmse"]
     return {
         "losses": losses, "last": last, "pixels": pixels, "ids": seen["ids"], "teacher_is_the_ema": same,
-        "num_ema": len(ema), "distil_log": distil_log, "distances": distances,
+        "num_ema": len(ema), "distil_log": distil_log, "distances": distances, "guided": guided,
         "teacher_log": [json.loads(line) for line in (teacher_run / "log.jsonl").read_text().splitlines()],
         "files": sorted(str(p.relative_to(output)) for p in Path(output).rglob("*") if p.is_file()),
     }
@@ -148,9 +151,13 @@ def test_the_trainer_trains_a_pixel_teacher_by_flow_matching_and_distils_from_it
     # Flow-matching runs evaluate their own EMA as the teacher, at the teacher step counts.
     evaluated = {r["step"]: r for r in result["teacher_log"] if "eval_teacher_2_overall" in r}
     assert sorted(evaluated) == [6, 12] and "teacher/eval/step_00000012.png" in files
+    # Prompt dropout engaged: some steps trained some samples on the empty prompt, not all.
+    dropped = [r["prompt_dropped"] for r in result["teacher_log"] if "prompt_dropped" in r]
+    assert len(dropped) == 12 and 0 < sum(dropped) / 12 < 0.6 and max(dropped) < 1
     assert 0.0 <= evaluated[12]["eval_teacher_2_overall"] <= 1.0 and evaluated[12]["eval_teacher_2_mmd"] >= 0
-    # The distillation trainer's teacher is the flow-matching run's EMA, every tensor of it.
-    assert result["num_ema"] > 20 and result["teacher_is_the_ema"]
+    # The distillation trainer's teacher is the flow-matching run's EMA, every tensor of it, run
+    # with classifier-free guidance.
+    assert result["num_ema"] > 20 and result["teacher_is_the_ema"] and result["guided"]
     log = {r["step"]: r for r in result["distil_log"]}
     for step in (1, 2):
         for sampler in ("student_1", "student_2", "teacher_2"):

@@ -49,16 +49,20 @@ class ModelSection:
     guidance: float = 3.5
     """FLUX: guidance-embedding value given to guidance-distilled teachers and students
     (FLUX.1-dev)."""
-    guidance_range: tuple[float, float] = (5.0, 5.0)
-    """HunyuanImage 3.0: the classifier-free guidance scale w of the teacher, drawn per sample
-    uniform in [lo, hi] (keyed by seed, step and global sample index); the student gets the same
-    w through its guidance embedding. The official scale is 5.0. Evaluation uses the middle."""
+    guidance_range: tuple[float, float] | None = None
+    """The teacher's classifier-free guidance scale w, drawn per sample uniform in [lo, hi]
+    (keyed by seed, step and global sample index); evaluation uses the middle.
+    HunyuanImage 3.0: its teacher always runs CFG (unset: [5, 5], the official scale; the student
+    gets w through its guidance embedding). FLUX: unset, the teacher runs as it is (FLUX.1-dev is
+    guidance-distilled: ``guidance`` feeds its embedding); set, a teacher without a guidance
+    embedding (one trained with ``prompt_dropout``) runs CFG against the empty prompt, and the
+    student, which has no guidance input, learns the one scale [w, w]."""
     prompt_dropout: float = 0.1
-    """HunyuanImage 3.0, ``train.objective=flow_matching``: the fraction of samples trained
-    unconditionally (every prompt token replaced by ``<cfg>``, the sequence the CFG teacher's
-    unconditional half is), drawn per sample keyed by seed, step and global sample index, so the
-    trained teacher has the unconditional velocity classifier-free guidance needs. FLUX's flow
-    matching does not drop prompts."""
+    """``train.objective=flow_matching``: the fraction of samples trained unconditionally, drawn
+    per sample keyed by seed, step and global sample index, so the trained teacher has the
+    unconditional velocity classifier-free guidance needs. HunyuanImage 3.0: every prompt token
+    replaced by ``<cfg>``; FLUX: the empty prompt's encodings (the unconditional input of its CFG
+    teacher)."""
     student_conditioning: Literal["tokens", "embedding"] = "tokens"
     """HunyuanImage 3.0: how the student sees w and r. ``tokens``: the official Instruct-Distil
     layout, ``<guidance>`` and ``<timestep_r>`` tokens after ``<timestep>``; ``embedding``: the

@@ -27,6 +27,12 @@ class FluxCondition:
     img_ids: torch.Tensor  # [s_img, 3]
     txt_ids: torch.Tensor  # [s_txt, 3]
     guidance: torch.Tensor | None = None  # [b], guidance-distilled teachers (FLUX.1-dev)
+    # Classifier-free guidance of a teacher without a guidance embedding: the empty prompt's
+    # encodings (the unconditional input), per row, and each row's scale w.
+    unconditional_hidden_states: torch.Tensor | None = None  # [b, s_txt, joint_attention_dim]
+    unconditional_pooled: torch.Tensor | None = None  # [b, pooled_projection_dim]
+    guidance_scale: torch.Tensor | None = None  # [b]
+    dropped: torch.Tensor | None = None  # [b] bool: rows flow matching trains on the empty prompt
 
     def inputs(self, latents, t, r=None) -> FluxInputs:
         return FluxInputs(
@@ -38,6 +44,18 @@ class FluxCondition:
             txt_ids=self.txt_ids,
             guidance=self.guidance,
             timestep_r=r,
+        )
+
+    def cfg_batch(self) -> FluxCondition:
+        """[cond; uncond] along the batch (2b rows): one call of the guided teacher."""
+        if self.unconditional_hidden_states is None:
+            raise ValueError("this conditioning has no unconditional input (set model.guidance_range)")
+        return FluxCondition(
+            encoder_hidden_states=torch.cat([self.encoder_hidden_states, self.unconditional_hidden_states]),
+            pooled_projections=torch.cat([self.pooled_projections, self.unconditional_pooled]),
+            img_ids=self.img_ids,
+            txt_ids=self.txt_ids,
+            guidance=None if self.guidance is None else torch.cat([self.guidance, self.guidance]),
         )
 
 

@@ -12,6 +12,15 @@ import torch.nn.functional as F
 from mfmegatron.jvp.fp8 import megatron_fp8_settings, teacher_weights_in_fp8
 from mfmegatron.jvp.lora import add_lora, share_parameters
 from mfmegatron.pixels import to_unit_range
+from mfmegatron.training.guidance import (
+    check_guidance_settings,
+    combine_guidance,
+    dropped_prompts,
+    from_transport,
+    guidance_scales,
+    is_guided,
+    to_transport,
+)
 from models.flux.config import FLUX_CONFIGS, FluxConfig
 from models.flux.cost import (
     NetworkFlops,
@@ -82,6 +91,8 @@ class FluxFamily:
         if config.model.teacher_checkpoint is not None:
             load_dist_checkpoint(teacher, config.model.teacher_checkpoint)
         teacher.requires_grad_(False)
+        # stage_forward runs it against the empty prompt, as ``uncond + w (cond - uncond)``.
+        teacher.classifier_free_guidance = config.model.guidance_range is not None
         student = build_flux_model(self.model_config(config, student=True)).to(device)
         init_student_from_teacher(student, teacher)
         fake = None
@@ -145,11 +156,24 @@ class FluxFamily:
         ``data.text_encoder_path``, or None (``precomputed``: the shards' own embeddings)."""
         from mfmegatron.data import DummyTextEncoder, SentencePieceTokenizer, build_text_encoder
 
-        data = config.data
+        data, model = config.data, config.model
         width, pooled = self.text_encoder_dims(config)
         if data.text_tokenizer is not None and data.text_encoder != "dummy":
             raise ValueError("data.text_tokenizer is the dummy encoder's; set data.text_encoder=dummy or drop it")
+        check_guidance_settings(model)
+        if model.guidance_range is not None:
+            if self.teacher_config(config).guidance_embeds:
+                raise ValueError("model.guidance_range: this teacher has a guidance embedding (guidance-distilled, as "
+                                 "FLUX.1-dev) and runs without CFG; give its scale as model.guidance")
+            low, high = model.guidance_range
+            if low != high:
+                raise ValueError(f"model.guidance_range {list(model.guidance_range)}: a FLUX student has no guidance "
+                                 "input and learns one scale; give [w, w]")
         if data.text_encoder == "precomputed":
+            if self._needs_empty_prompt(config):
+                raise ValueError("classifier-free guidance (model.guidance_range) and prompt dropout "
+                                 "(model.prompt_dropout) need the empty prompt's encodings: set data.text_encoder "
+                                 "to dummy or hf, or model.prompt_dropout=0 for flow matching")
             return None
         length = config.model.text_tokens
         if data.text_encoder == "dummy":
@@ -162,10 +186,20 @@ class FluxFamily:
             "hf", flux_path=data.text_encoder_path, device=str(device), dtype=dtype, max_length=length,
         )
 
+    @staticmethod
+    def _needs_empty_prompt(config) -> bool:
+        """Whether the conditioning carries the empty prompt's encodings: for the CFG teacher, or
+        for prompt dropout in flow-matching training."""
+        flow_matching = config.train.objective == "flow_matching"
+        return config.model.guidance_range is not None or (flow_matching and config.model.prompt_dropout > 0)
+
     def condition(self, batch, config, device, dtype, text=None, draw=None) -> FluxCondition:
         """T5 states (truncated / zero-padded to ``model.text_tokens``), pooled CLIP, the latent
         grid's ids and the guidance value; embeddings the batch lacks come from ``text`` (the
-        encoder). ``draw`` does not apply (FLUX's guidance value is fixed)."""
+        encoder). With ``model.guidance_range`` set, the empty prompt's encodings (the CFG
+        teacher's unconditional input) and each sample's scale; in flow-matching training,
+        ``model.prompt_dropout`` of the samples (keyed by ``draw``: seed, step, first global
+        sample; None, evaluation: none) take the empty prompt's encodings instead of their own."""
         from mfmegatron.data import ensure_embeddings
 
         if text is not None:
@@ -178,37 +212,70 @@ class FluxFamily:
                 f"text embeddings are {batch.t5.shape[-1]}/{batch.pooled.shape[-1]} wide but the "
                 f"model takes {width}/{pooled}"
             )
-        t5 = batch.t5
-        length = config.model.text_tokens
-        if t5.shape[1] >= length:
-            t5 = t5[:, :length]
-        else:  # FLUX attends to a fixed-length T5 sequence; pad with zeros as the builder does
-            t5 = F.pad(t5, (0, 0, 0, length - t5.shape[1]))
+        model, count = config.model, batch.t5.shape[0]
+        t5 = self._text_states(batch.t5, model.text_tokens).to(device, dtype)
+        pooled_projections = batch.pooled.to(device, dtype)
+        empty_t5 = empty_pooled = scale = dropped = None
+        if self._needs_empty_prompt(config):
+            if text is None:
+                raise ValueError("classifier-free guidance and prompt dropout need a text encoder for the empty prompt")
+            empty = text.encode([""])
+            empty_t5 = self._text_states(empty.t5, model.text_tokens).to(device, dtype).expand(count, -1, -1)
+            empty_pooled = empty.pooled.to(device, dtype).expand(count, -1)
+        if model.guidance_range is not None:
+            scale = guidance_scales(*model.guidance_range, count, draw).to(device)
+        if config.train.objective == "flow_matching":
+            dropped = dropped_prompts(model.prompt_dropout, count, draw).to(device)
+            if dropped.any():
+                t5 = torch.where(dropped.view(-1, 1, 1), empty_t5, t5)
+                pooled_projections = torch.where(dropped.view(-1, 1), empty_pooled, pooled_projections)
         side = self._latent_grid(config)
         ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
         img_ids = torch.stack([torch.zeros_like(ys), ys, xs], dim=-1).flatten(0, 1).float()
         flux = self.teacher_config(config)
         guidance = None
         if flux.guidance_embeds:
-            guidance = torch.full((t5.shape[0],), config.model.guidance, device=device, dtype=dtype)
+            guidance = torch.full((count,), model.guidance, device=device, dtype=dtype)
         return FluxCondition(
-            encoder_hidden_states=t5.to(device, dtype),
-            pooled_projections=batch.pooled.to(device, dtype),
+            encoder_hidden_states=t5,
+            pooled_projections=pooled_projections,
             img_ids=img_ids.to(device),
-            txt_ids=torch.zeros(length, 3, device=device),
+            txt_ids=torch.zeros(model.text_tokens, 3, device=device),
             guidance=guidance,
+            unconditional_hidden_states=empty_t5 if model.guidance_range is not None else None,
+            unconditional_pooled=empty_pooled if model.guidance_range is not None else None,
+            guidance_scale=scale,
+            dropped=dropped,
         )
 
+    @staticmethod
+    def _text_states(t5: torch.Tensor, length: int) -> torch.Tensor:
+        """T5 states truncated or zero-padded to ``length`` tokens (FLUX attends to a fixed-length
+        T5 sequence; the pipelines pad with zeros)."""
+        if t5.shape[1] >= length:
+            return t5[:, :length]
+        return F.pad(t5, (0, 0, 0, length - t5.shape[1]))
+
     def condition_stats(self, cond: FluxCondition) -> dict[str, float]:
-        return {}  # FLUX's flow matching keeps every prompt
+        """Flow-matching training logs the fraction of samples whose prompt it dropped."""
+        if cond.dropped is None:
+            return {}
+        return {"prompt_dropped": float(cond.dropped.float().mean())}
 
     def slice_condition(self, cond: FluxCondition, rows, batch_size: int | None) -> FluxCondition:
         """``rows``: a slice or a tensor of row indices of the batch."""
+        def pick(rows_of):
+            return None if rows_of is None else rows_of[rows]
+
         return dataclasses.replace(
             cond,
             encoder_hidden_states=cond.encoder_hidden_states[rows],
             pooled_projections=cond.pooled_projections[rows],
-            guidance=None if cond.guidance is None else cond.guidance[rows],
+            guidance=pick(cond.guidance),
+            unconditional_hidden_states=pick(cond.unconditional_hidden_states),
+            unconditional_pooled=pick(cond.unconditional_pooled),
+            guidance_scale=pick(cond.guidance_scale),
+            dropped=pick(cond.dropped),
         )
 
     def image_encoder(self, config, device, dtype) -> FluxImageEncoder:
@@ -229,6 +296,16 @@ class FluxFamily:
     # -- running a stage ----------------------------------------------------------------------
 
     def stage_forward(self, model: FluxModel, z, r, t, cond: FluxCondition, tangents):
+        if is_guided(model):
+            if tangents is not None:
+                raise NotImplementedError("the CFG teacher is evaluated without tangents")
+            if not model.pre_process:
+                model.input_tensor = from_transport(model.input_tensor)
+            out = model.forward_jvp(cond.cfg_batch().inputs(torch.cat([z, z]), torch.cat([t, t])))
+            if not model.post_process:
+                return to_transport(out)
+            v, _ = out
+            return combine_guidance(v, cond.guidance_scale), None
         inputs = cond.inputs(z, t, r)
         flux_tangents = None
         if tangents is not None:
@@ -237,7 +314,9 @@ class FluxFamily:
         return model.forward_jvp(inputs, flux_tangents)
 
     def pipeline_seq_length(self, model: FluxModel, cond: FluxCondition, with_tangent: bool) -> int:
-        return pipeline_seq_length(model.config, cond.txt_ids.shape[0], cond.img_ids.shape[0], with_tangent)
+        # The CFG teacher's unconditional half travels after the conditional one (to_transport).
+        length = pipeline_seq_length(model.config, cond.txt_ids.shape[0], cond.img_ids.shape[0], with_tangent)
+        return length * (2 if is_guided(model) else 1)
 
     def no_grad_activation_bytes_per_sample(self, config, with_tangent: bool) -> float:
         """The peak of a no-grad forward is inside one block: the residual rows plus a single
@@ -249,7 +328,9 @@ class FluxFamily:
         tokens = self._latent_grid(config) ** 2 + config.model.text_tokens
         value_bytes = 2 if config.model.dtype == "bf16" else 4
         per_row = tokens * flux.hidden_size * value_bytes * (2 + 14 / config.parallel.tensor_parallel_size)
-        return per_row * (2 if with_tangent else 1)
+        # A CFG teacher runs two rows per sample (the others' plain forwards are counted alike:
+        # high for them); evaluations with a tangent are the student's, without CFG.
+        return per_row * (2 if with_tangent or config.model.guidance_range is not None else 1)
 
     def flops_per_sample_forward(self, config) -> float:
         """The teacher's forward FLOPs per sample (``network_flops``)."""
@@ -274,9 +355,18 @@ class FluxFamily:
         the extra of a forward with a JVP, and backward as the network trains."""
         from mfmegatron.planner import network_training
 
-        return network_flops(self._planning_config(config, network), *self._tokens(config),
-                             student=network == "student", training=network_training(config, network),
-                             lora_rank=config.alignment.lora_rank)
+        flops = network_flops(self._planning_config(config, network), *self._tokens(config),
+                              student=network == "student", training=network_training(config, network),
+                              lora_rank=config.alignment.lora_rank)
+        copies = self._evaluation_rows(config, network)
+        return NetworkFlops(forward=copies * flops.forward, tangent=copies * flops.tangent,
+                            backward=copies * flops.backward, recomputed=copies * flops.recomputed)
+
+    @staticmethod
+    def _evaluation_rows(config, network: str) -> int:
+        """Rows per sample of one evaluation of ``network``: the CFG teacher's [cond; uncond]
+        pair (``model.guidance_range`` set), else one."""
+        return 2 if network == "teacher" and config.model.guidance_range is not None else 1
 
     def layout_problem(self, config) -> str | None:
         """Why FLUX cannot run at the recipe's layout, or None: megatron's checks of the config
@@ -305,6 +395,7 @@ class FluxFamily:
 
         flux = self._planning_config(config, network)
         image, text = self._tokens(config)
+        rows *= self._evaluation_rows(config, network)
         volume = tensor_parallel_traffic(flux, image, text, rows, stage, phase)
         if with_backward:
             volume = volume + tensor_parallel_traffic(flux, image, text, rows, stage, "backward",

@@ -268,22 +268,6 @@ def cfg_batch(cond: ImageSequence, uncond: ImageSequence) -> ImageSequence:
     )
 
 
-def combine_guidance(v: torch.Tensor, scale) -> torch.Tensor:
-    """``uncond + w·(cond − uncond)`` from v [2b, ...] of a [cond; uncond] batch; ``scale`` [b]
-    (or a number): per-sample w. Computed in float32 at least (float64 stays float64)."""
-    if v.shape[0] % 2:
-        raise ValueError(f"combine_guidance needs a [cond; uncond] batch (even size), got {v.shape[0]}")
-    wide = torch.promote_types(v.dtype, torch.float32)
-    cond, uncond = v.to(wide).chunk(2)
-    w = torch.as_tensor(scale, dtype=wide, device=v.device)
-    if w.dim() == 0:
-        w = w.expand(cond.shape[0])
-    if w.shape != (cond.shape[0],):
-        raise ValueError(f"guidance scale must be a number or [{cond.shape[0]}], got {tuple(w.shape)}")
-    w = w.reshape(-1, *([1] * (cond.dim() - 1)))
-    return uncond + w * (cond - uncond)
-
-
 __all__ = [
     "ImageTokens",
     "TextTemplate",
@@ -295,5 +279,4 @@ __all__ = [
     "STUDENT_TOKEN_NAMES",
     "unconditional_sequences",
     "cfg_batch",
-    "combine_guidance",
 ]

@@ -43,20 +43,27 @@
 from __future__ import annotations
 
 import dataclasses
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mfmegatron.pixels import depth_to_space, space_to_depth, to_unit_range
+from mfmegatron.training.guidance import (
+    check_guidance_settings,
+    combine_guidance,
+    dropped_prompts,
+    from_transport,
+    guidance_scales,
+    is_guided,
+    to_transport,
+)
 from models.hunyuan_image3.config import HUNYUAN_IMAGE3_CONFIGS, HunyuanImage3Config
 from models.hunyuan_image3.memory import sequence_length
 from models.hunyuan_image3.sequence import (
     ImageSequence,
     build_image_sequences,
     cfg_batch,
-    combine_guidance,
     unconditional_sequences,
 )
 from models.hunyuan_image3.tokenizer import PIXEL_PATCH, PromptTokenizer, check_image_size, pixels_per_cell
@@ -99,46 +106,20 @@ def select_sequence_rows(sequence: ImageSequence, rows) -> ImageSequence:
     )
 
 
-def keyed_uniforms(kind: str, count: int, draw: tuple[int, int, int]) -> list[float]:
-    """``count`` uniforms in [0, 1): sample i's from a generator seeded by (kind, seed, step,
-    first + i), so a global sample's draw does not depend on how the batch is split over ranks."""
-    seed, step, first = draw
-    values = []
-    for index in range(first, first + count):
-        generator = torch.Generator().manual_seed(zlib.crc32(f"{kind}/{seed}/{step}/{index}".encode()))
-        values.append(float(torch.rand((), generator=generator, dtype=torch.float64)))
-    return values
+# The official CFG scale (the released generation_config.json): the teacher's w when
+# model.guidance_range is unset.
+OFFICIAL_GUIDANCE_RANGE = (5.0, 5.0)
 
 
-def guidance_scales(low: float, high: float, count: int, draw: tuple[int, int, int] | None) -> torch.Tensor:
-    """Per-sample CFG scales [count] (float32), uniform in [low, high] (``keyed_uniforms``);
-    ``draw`` None (evaluation): the middle of the range."""
-    if draw is None:
-        return torch.full((count,), (low + high) / 2, dtype=torch.float32)
-    return torch.tensor([low + (high - low) * u for u in keyed_uniforms("guidance", count, draw)], dtype=torch.float32)
-
-
-def dropped_prompts(fraction: float, count: int, draw: tuple[int, int, int] | None) -> torch.Tensor:
-    """Which of ``count`` samples train unconditionally [count] (bool), each with probability
-    ``fraction`` (``keyed_uniforms``, a stream of its own); ``draw`` None (evaluation): none."""
-    if draw is None or fraction <= 0:
-        return torch.zeros(count, dtype=torch.bool)
-    return torch.tensor([u < fraction for u in keyed_uniforms("prompt_dropout", count, draw)], dtype=torch.bool)
+def guidance_range(config) -> tuple[float, float]:
+    """The teacher's CFG scale range: ``model.guidance_range``, or the official scale."""
+    return tuple(config.model.guidance_range or OFFICIAL_GUIDANCE_RANGE)
 
 
 def drop_prompts(sequence: ImageSequence, unconditional: ImageSequence, dropped: torch.Tensor) -> ImageSequence:
     """``sequence`` with the ``dropped`` rows taken from ``unconditional`` (same layout)."""
     mask = dropped.to(sequence.input_ids.device).unsqueeze(1)
     return dataclasses.replace(sequence, input_ids=torch.where(mask, unconditional.input_ids, sequence.input_ids))
-
-
-def _to_transport(x: torch.Tensor) -> torch.Tensor:
-    """[s, 2b, h] (a [cond; uncond] batch) -> [2s, b, h] for the pipeline's fixed micro-batch."""
-    return torch.cat(x.chunk(2, dim=1), dim=0)
-
-
-def _from_transport(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat(x.chunk(2, dim=0), dim=1)
 
 
 def load_dist_checkpoint(model, directory) -> None:
@@ -303,11 +284,7 @@ class HunyuanImage3Family:
         if config.meanflow.z_source == "data" and not self.pixel_space(config):
             raise ValueError("meanflow.z_source=data needs the model's VAE, which this project does not have for "
                              "HunyuanImage 3.0; use meanflow.z_source=teacher_ode (or model.latent_space=pixels)")
-        if not 0 <= model.prompt_dropout < 1:
-            raise ValueError(f"model.prompt_dropout {model.prompt_dropout} must be in [0, 1)")
-        low, high = model.guidance_range
-        if not 0 < low <= high:
-            raise ValueError(f"model.guidance_range {list(model.guidance_range)} must be [lo, hi] with 0 < lo <= hi")
+        check_guidance_settings(model)
         self.latent_shape(config)
         tokenizer = PromptTokenizer(data.text_tokenizer, model.image_base_size, model.sequence_template,
                                     model.system_prompt)
@@ -333,7 +310,7 @@ class HunyuanImage3Family:
                                             template=text.template)
         else:
             student = sequence
-        low, high = config.model.guidance_range
+        low, high = guidance_range(config)
         unconditional = unconditional_sequences(sequence, tokens)
         dropped = None
         if config.train.objective == "flow_matching":
@@ -375,22 +352,18 @@ class HunyuanImage3Family:
 
     # -- running a stage ----------------------------------------------------------------------
 
-    @staticmethod
-    def is_guided(model) -> bool:
-        return getattr(model, "classifier_free_guidance", False)
-
     def stage_forward(self, model, z, r, t, cond: HunyuanCondition, tangents):
         dtype = model.config.params_dtype
         z = z.to(dtype)
-        if self.is_guided(model):
+        if is_guided(model):
             if tangents is not None:
                 raise NotImplementedError("the CFG teacher is evaluated without tangents")
             if not model.pre_process:
-                model.input_tensor = _from_transport(model.input_tensor)
+                model.input_tensor = from_transport(model.input_tensor)
             both = cfg_batch(cond.sequence, cond.unconditional)
             v, _ = model.velocity_jvp(both, torch.cat([z, z]), torch.cat([t, t]))
             if not model.post_process:
-                return _to_transport(v)
+                return to_transport(v)
             return combine_guidance(v, cond.guidance), None
         tz = tr = tt = None
         if tangents is not None:
@@ -408,7 +381,7 @@ class HunyuanImage3Family:
     def pipeline_seq_length(self, model, cond: HunyuanCondition, with_tangent: bool) -> int:
         # Tangent rows, or the CFG batch's unconditional half, travel after the primal's.
         length = cond.sequence.input_ids.shape[1]
-        return length * (2 if with_tangent or self.is_guided(model) else 1)
+        return length * (2 if with_tangent or is_guided(model) else 1)
 
     def no_grad_activation_bytes_per_sample(self, config, with_tangent: bool) -> float:
         """``memory.no_grad_activation_bytes_per_sample``; without a tangent twice that: the CFG
