@@ -153,3 +153,22 @@ def test_guidance_settings_that_cannot_work_are_one_line_errors():
     # Flow matching on precomputed embeddings without dropout is fine.
     assert family.text_conditioning(_config("train.objective=flow_matching", "data.text_encoder=precomputed",
                                             "model.prompt_dropout=0"), cpu, torch.float32) is None
+
+
+def test_a_teacher_recipe_resumes_from_a_checkpoint_whose_architecture_its_overrides_repeat():
+    """The teacher recipe's architecture overrides with ``model.teacher_checkpoint`` (fine-tuning
+    a teacher): equal ones are accepted, a contradicting one is a one-line error."""
+    from mfmegatron.config import load_config
+    from mfmegatron.training.config import TrainConfig
+    from models.flux.training import FluxFamily
+
+    def config(*overrides):
+        return load_config(TrainConfig, REPO / "recipes" / "shapes_teacher_cpu.yaml",
+                           [f"model.teacher_checkpoint={TEACHER}", *overrides])  # fmt: skip
+
+    flux = FluxFamily().model_config(config(), student=False)
+    assert flux.hidden_size == 128 and not flux.guidance_embeds and list(flux.axes_dims_rope) == [8, 12, 12]
+    with pytest.raises(ValueError) as error:
+        FluxFamily().model_config(config("model.overrides.hidden_size=256"), student=False)
+    assert "model.overrides.hidden_size=256 contradicts the teacher checkpoint" in str(error.value)
+    assert "\n" not in str(error.value)

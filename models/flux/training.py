@@ -46,6 +46,11 @@ from models.flux.vae import PATCH, FluxImageEncoder, PixelImageEncoder, pack_lat
 # Whole networks on the meta device by (preset, overrides, dtype, student): shapes for planning.
 _META_MODELS: dict[tuple, FluxModel] = {}
 
+def _plain(value):
+    """Lists for tuples, so a recipe's [8, 12, 12] equals a config's (8, 12, 12)."""
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 # FLUX's VAE downsamples by 8 and the transformer packs 2x2 latent patches: 16 pixels per token.
 PIXELS_PER_TOKEN = 16
 
@@ -77,9 +82,17 @@ class FluxFamily:
         if model.recompute:
             settings.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
         if model.teacher_checkpoint is not None:
-            # The checkpoint records its architecture; the preset must not contradict it.
+            # The checkpoint records its architecture; the preset and overrides must not
+            # contradict it (a teacher recipe's overrides, when it resumes from a checkpoint).
             settings["perform_initialization"] = False
-            return flux_config_from_checkpoint(model.teacher_checkpoint, **settings)
+            architecture = {key: settings.pop(key) for key in model.overrides}
+            flux = flux_config_from_checkpoint(model.teacher_checkpoint, **settings)
+            for key, value in architecture.items():
+                stored = getattr(flux, key, None)
+                if _plain(stored) != _plain(value):
+                    raise ValueError(f"model.overrides.{key}={value} contradicts the teacher checkpoint "
+                                     f"{model.teacher_checkpoint}, whose {key} is {stored}")
+            return flux
         if model.preset not in FLUX_CONFIGS:
             raise ValueError(f"unknown FLUX preset {model.preset!r}; known: {', '.join(FLUX_CONFIGS)}")
         return FLUX_CONFIGS[model.preset](**settings)
