@@ -46,6 +46,7 @@ from models.flux.vae import PATCH, FluxImageEncoder, PixelImageEncoder, pack_lat
 # Whole networks on the meta device by (preset, overrides, dtype, student): shapes for planning.
 _META_MODELS: dict[tuple, FluxModel] = {}
 
+
 def _plain(value):
     """Lists for tuples, so a recipe's [8, 12, 12] equals a config's (8, 12, 12)."""
     return list(value) if isinstance(value, (list, tuple)) else value
@@ -232,9 +233,9 @@ class FluxFamily:
         if self._needs_empty_prompt(config):
             if text is None:
                 raise ValueError("classifier-free guidance and prompt dropout need a text encoder for the empty prompt")
-            empty = text.encode([""])
-            empty_t5 = self._text_states(empty.t5, model.text_tokens).to(device, dtype).expand(count, -1, -1)
-            empty_pooled = empty.pooled.to(device, dtype).expand(count, -1)
+            empty_t5, empty_pooled = self._empty_prompt(text, model.text_tokens)
+            empty_t5 = empty_t5.to(device, dtype).expand(count, -1, -1)
+            empty_pooled = empty_pooled.to(device, dtype).expand(count, -1)
         if model.guidance_range is not None:
             scale = guidance_scales(*model.guidance_range, count, draw).to(device)
         if config.train.objective == "flow_matching":
@@ -260,6 +261,15 @@ class FluxFamily:
             guidance_scale=scale,
             dropped=dropped,
         )
+
+    def _empty_prompt(self, text, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty prompt's T5 states [1, length, d] and pooled CLIP [1, d] through ``text``
+        (encoded once per encoder: a T5 forward on real encoders)."""
+        cached = getattr(self, "_empty", None)
+        if cached is None or cached[0] is not text or cached[1] != length:
+            empty = text.encode([""])
+            self._empty = (text, length, self._text_states(empty.t5, length), empty.pooled)
+        return self._empty[2], self._empty[3]
 
     @staticmethod
     def _text_states(t5: torch.Tensor, length: int) -> torch.Tensor:
