@@ -51,6 +51,13 @@ def test_equal_teacher_forwards_picks_the_evaluation_within_the_smallest_budget(
     assert "| 4 | 16 | 0.700 ± 0.000" in rows[("b", "equal steps")]
     assert "| 2 | 8 | 0.500 ± 0.000" in rows[("b", "equal teacher forwards")]
     assert "teacher 50 steps 0.900" in table[-1]
+    # Each variant names the teacher its runs recorded.
+    for variant, teacher in (("a", "assets/shapes_teacher"), ("b", "outputs/other")):
+        for seed in (0, 1):
+            (shapes_variants.run_directory(tmp_path, variant, seed) / "config.json").write_text(
+                json.dumps({"model": {"teacher_checkpoint": teacher}}))
+    assert shapes_variants.describe_teachers(tmp_path, runs).splitlines() == [
+        "Variant a's teacher: assets/shapes_teacher.", "Variant b's teacher: outputs/other."]
 
 
 def test_each_variant_changes_only_its_own_settings(tmp_path):

@@ -156,6 +156,16 @@ def summarise(runs: dict[str, dict[int, list[dict]]], student_steps: tuple[int, 
     return "\n".join(lines)
 
 
+def describe_teachers(out: Path, runs: dict[str, dict[int, list[dict]]]) -> str:
+    """Which teacher checkpoint each variant's runs distilled, from their recorded config.json."""
+    lines = []
+    for variant, seeds in runs.items():
+        used = {json.loads((run_directory(out, variant, seed) / "config.json").read_text())["model"]["teacher_checkpoint"]
+                for seed in seeds}
+        lines.append(f"Variant {variant}'s teacher: {', '.join(sorted(used))}.")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.shapes_variants", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -205,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no finished runs to tabulate", file=sys.stderr)
         return 1
     table = summarise(runs, switches=switches, fallback=fallback_step(args.steps))
+    table += "\n" + describe_teachers(out, runs)
     (out / "table.md").write_text(table + "\n")
     print(table)
     return 0
