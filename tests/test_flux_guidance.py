@@ -172,3 +172,8 @@ def test_a_teacher_recipe_resumes_from_a_checkpoint_whose_architecture_its_overr
         FluxFamily().model_config(config("model.overrides.hidden_size=256"), student=False)
     assert "model.overrides.hidden_size=256 contradicts the teacher checkpoint" in str(error.value)
     assert "\n" not in str(error.value)
+    # Fields that do not shape the weights apply over the checkpoint: a teacher fine-tuned into a
+    # smooth time embedding, another attention tangent pass.
+    smooth = FluxFamily().model_config(config("model.overrides.time_embedding_scale=1.0",
+                                              "model.overrides.attention_tangent_pass=logsumexp"), student=False)
+    assert smooth.time_embedding_scale == 1.0 and smooth.attention_tangent_pass == "logsumexp"

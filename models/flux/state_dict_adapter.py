@@ -295,6 +295,16 @@ DIFFUSERS_CLASS_NAME = "FluxTransformer2DModel"
 FLUX_TIME_EMBEDDING_SCALE = 1000.0
 
 
+# The FluxConfig fields a diffusers config.json fixes (the weights' shapes); overrides of them
+# must agree with a checkpoint. The rest (time_embedding_scale, the attention tangent pass, ...)
+# a recipe may set over any checkpoint.
+CHECKPOINT_ARCHITECTURE_FIELDS = (
+    "num_double_layers", "num_single_layers", "num_attention_heads", "kv_channels", "hidden_size",
+    "ffn_hidden_size", "in_channels", "out_channels", "patch_size", "joint_attention_dim",
+    "pooled_projection_dim", "axes_dims_rope", "guidance_embeds",
+)
+
+
 def flux_config_from_diffusers(diffusers_config: dict, **overrides) -> FluxConfig:
     """Our FluxConfig for a diffusers ``FluxTransformer2DModel`` config.json (a dict).
 

@@ -40,7 +40,7 @@ from models.flux.parallelize import (
     pipeline_seq_length,
     teacher_with_fp8_weights,
 )
-from models.flux.state_dict_adapter import megatron_block_key_to_global
+from models.flux.state_dict_adapter import CHECKPOINT_ARCHITECTURE_FIELDS, megatron_block_key_to_global
 from models.flux.vae import PATCH, FluxImageEncoder, PixelImageEncoder, pack_latents, unpack_latents
 
 # Whole networks on the meta device by (preset, overrides, dtype, student): shapes for planning.
@@ -86,10 +86,10 @@ class FluxFamily:
             # The checkpoint records its architecture; the preset and overrides must not
             # contradict it (a teacher recipe's overrides, when it resumes from a checkpoint).
             settings["perform_initialization"] = False
-            architecture = {key: settings.pop(key) for key in model.overrides}
+            architecture = {key: settings.pop(key) for key in CHECKPOINT_ARCHITECTURE_FIELDS if key in settings}
             flux = flux_config_from_checkpoint(model.teacher_checkpoint, **settings)
             for key, value in architecture.items():
-                stored = getattr(flux, key, None)
+                stored = getattr(flux, key)
                 if _plain(stored) != _plain(value):
                     raise ValueError(f"model.overrides.{key}={value} contradicts the teacher checkpoint "
                                      f"{model.teacher_checkpoint}, whose {key} is {stored}")
