@@ -47,7 +47,7 @@ def _cfg_reference():
 
     initialize_parallel()
     family = FluxFamily()
-    config = _config("model.guidance_range=[4.0,4.0]")
+    config = _config("model.guidance_range=[2.0,6.0]")
     z, t, cond, text = _teacher_inputs(family, config)
     networks = family.build_networks(config, torch.device("cpu"), with_fake=False)
     teacher = networks.teacher.eval()
@@ -62,8 +62,16 @@ def _cfg_reference():
             cond.encoder_hidden_states)
         unconditional.pooled_projections = empty.pooled.expand_as(cond.pooled_projections)
         v_uncond = teacher(unconditional.inputs(z, t))
-    return {"guided": guided, "two_calls": v_uncond + 4.0 * (v_cond - v_uncond), "v_cond": v_cond,
-            "guidance_scale": cond.guidance_scale, "is_guided": teacher.classifier_free_guidance}
+    w = cond.guidance_scale.view(-1, 1, 1)
+    # The student learns w through a guidance embedding of its own, zero at first: at r = t it is
+    # the conditional teacher at every w, and the embedding's output layer gets a gradient.
+    student = networks.student
+    u, _ = family.stage_forward(student, z, t, t, cond, None)
+    u.square().mean().backward()
+    return {"guided": guided, "two_calls": v_uncond + w * (v_cond - v_uncond), "v_cond": v_cond,
+            "guidance_scale": cond.guidance_scale, "is_guided": teacher.classifier_free_guidance,
+            "student_guidance": student.config.guidance_embeds, "student_at_init": u.detach(),
+            "guidance_gradient": float(student.guidance_in.mlp.linear_2.weight.grad.abs().sum())}
 
 
 def _pipelined_teacher():
@@ -73,7 +81,7 @@ def _pipelined_teacher():
 
     initialize_parallel(pipeline_parallel_size=2)
     family = FluxFamily()
-    config = _config("model.guidance_range=[4.0,4.0]", "parallel.pipeline_parallel_size=2", "parallel.num_microbatches=2")
+    config = _config("model.guidance_range=[2.0,6.0]", "parallel.pipeline_parallel_size=2", "parallel.num_microbatches=2")
     z, t, cond, _ = _teacher_inputs(family, config)
     networks = family.build_networks(config, torch.device("cpu"), with_fake=False)
     runner = NetworkRunner(family, networks.teacher.eval(), num_microbatches=2, no_grad_rows=2)
@@ -85,10 +93,14 @@ def test_the_cfg_teacher_is_uncond_plus_w_times_the_difference_whole_and_across_
     from mfmegatron.parallel import run_on_ranks
 
     (reference,) = run_on_ranks(_cfg_reference, 1)
-    assert reference["is_guided"] and torch.equal(reference["guidance_scale"], torch.full((4,), 4.0))
+    # Per-sample scales in [2, 6], a different one per sample.
+    w = reference["guidance_scale"]
+    assert reference["is_guided"] and ((w >= 2) & (w <= 6)).all() and len(set(w.tolist())) == 4
     scale = reference["two_calls"].abs().max()
     torch.testing.assert_close(reference["guided"], reference["two_calls"], rtol=0, atol=1e-5 * scale)
     assert (reference["guided"] - reference["v_cond"]).abs().max() > 1e-2 * scale  # guidance did something
+    assert reference["student_guidance"] and reference["guidance_gradient"] > 0
+    torch.testing.assert_close(reference["student_at_init"], reference["v_cond"], rtol=0, atol=1e-6 * scale)
     # Across two pipeline stages (the [cond; uncond] activation travels as [2s, b, h]): the same.
     for through_pipeline in run_on_ranks(_pipelined_teacher, 2):
         torch.testing.assert_close(torch.from_numpy(through_pipeline), reference["two_calls"], rtol=0,
@@ -140,7 +152,6 @@ def test_guidance_settings_that_cannot_work_are_one_line_errors():
         assert "\n" not in str(error.value)
         return str(error.value)
 
-    assert "learns one scale; give [w, w]" in error_of("model.guidance_range=[3.0,5.0]")
     assert "must be [lo, hi] with 0 < lo <= hi" in error_of("model.guidance_range=[5.0,3.0]")
     assert "model.prompt_dropout 1.0 must be in [0, 1)" in error_of("model.prompt_dropout=1.0")
     assert "need the empty prompt's encodings" in error_of("model.guidance_range=[3.0,3.0]",

@@ -104,13 +104,16 @@ def _train_teacher_then_distil(data: str, output: str) -> dict:
         "train.eval_interval=1", f"train.eval_prompts={data}/heldout.txt", "train.eval_num_prompts=4",
         "train.eval_student_steps=[1,2]", "train.eval_teacher_steps=[4,2]", "train.eval_scorer=shapes",
         "train.sample_interval=0", "logging.progress_bar=false", "logging.tensorboard=false",
-        "model.guidance_range=[3.0,3.0]",  # a CFG teacher against the empty prompt
+        "model.guidance_range=[2.0,6.0]",  # a CFG teacher against the empty prompt
     ])  # fmt: skip
     student_trainer = Trainer(distil)
     guided = student_trainer.teacher.classifier_free_guidance
     teacher = dict(student_trainer.teacher.named_parameters())
     same = all(torch.equal(teacher[name].detach(), ema[name]) for name in ema)
     student_trainer.train()
+    # The student learns w through its own guidance embedding (zero at first): it moved.
+    guidance_out = [p for n, p in student_trainer.student.named_parameters() if "guidance_in.mlp.linear_2.weight" in n]
+    guidance_learned = len(guidance_out) == 1 and float(guidance_out[0].abs().sum()) > 0
     distil_log = [json.loads(line) for line in (student_run / "log.jsonl").read_text().splitlines()]
 
     # The evaluation samples the EMA student, not the live one.
@@ -127,6 +130,7 @@ def _train_teacher_then_distil(data: str, output: str) -> dict:
     return {
         "losses": losses, "last": last, "pixels": pixels, "ids": seen["ids"], "teacher_is_the_ema": same,
         "num_ema": len(ema), "distil_log": distil_log, "distances": distances, "guided": guided,
+        "guidance_learned": guidance_learned,
         "teacher_log": [json.loads(line) for line in (teacher_run / "log.jsonl").read_text().splitlines()],
         "files": sorted(str(p.relative_to(output)) for p in Path(output).rglob("*") if p.is_file()),
     }
@@ -157,7 +161,7 @@ def test_the_trainer_trains_a_pixel_teacher_by_flow_matching_and_distils_from_it
     assert 0.0 <= evaluated[12]["eval_teacher_2_overall"] <= 1.0 and evaluated[12]["eval_teacher_2_mmd"] >= 0
     # The distillation trainer's teacher is the flow-matching run's EMA, every tensor of it, run
     # with classifier-free guidance.
-    assert result["num_ema"] > 20 and result["teacher_is_the_ema"] and result["guided"]
+    assert result["num_ema"] > 20 and result["teacher_is_the_ema"] and result["guided"] and result["guidance_learned"]
     log = {r["step"]: r for r in result["distil_log"]}
     for step in (1, 2):
         for sampler in ("student_1", "student_2", "teacher_2"):

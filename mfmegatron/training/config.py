@@ -56,7 +56,7 @@ class ModelSection:
     gets w through its guidance embedding). FLUX: unset, the teacher runs as it is (FLUX.1-dev is
     guidance-distilled: ``guidance`` feeds its embedding); set, a teacher without a guidance
     embedding (one trained with ``prompt_dropout``) runs CFG against the empty prompt, and the
-    student, which has no guidance input, learns the one scale [w, w]."""
+    student gets a guidance embedding of its own (zero-initialised) that takes w."""
     prompt_dropout: float = 0.1
     """``train.objective=flow_matching``: the fraction of samples trained unconditionally, drawn
     per sample keyed by seed, step and global sample index, so the trained teacher has the

@@ -108,12 +108,20 @@ def _per_sample(tangent, like: torch.Tensor) -> torch.Tensor:
 def init_student_from_teacher(student: FluxModel, teacher: FluxModel) -> None:
     """Copy every teacher parameter into the student (same layout on this rank).
 
-    The student's interval embedding has no counterpart and keeps its zero initialisation.
+    The student's interval embedding has no counterpart and keeps its zero initialisation. So
+    does a guidance embedding the teacher lacks (the student of a classifier-free-guided teacher
+    learns w through one): its output layer is zeroed, so the student starts as the conditional
+    teacher at every w.
     """
     teacher_params = dict(teacher.named_parameters())
+    # Only the first pipeline stage has embedders.
+    new_guidance = getattr(student, "guidance_in", None) is not None and getattr(teacher, "guidance_in", None) is None
     with torch.no_grad():
+        if new_guidance:
+            torch.nn.init.zeros_(student.guidance_in.mlp.linear_2.weight)
+            torch.nn.init.zeros_(student.guidance_in.mlp.linear_2.bias)
         for name, param in student.named_parameters():
-            if name.startswith("interval_in."):
+            if name.startswith("interval_in.") or (new_guidance and name.startswith("guidance_in.")):
                 continue
             source = teacher_params.get(name)
             if source is None or source.shape != param.shape:

@@ -43,7 +43,7 @@ from models.flux.parallelize import (
 from models.flux.state_dict_adapter import CHECKPOINT_ARCHITECTURE_FIELDS, megatron_block_key_to_global
 from models.flux.vae import PATCH, FluxImageEncoder, PixelImageEncoder, pack_latents, unpack_latents
 
-# Whole networks on the meta device by (preset, overrides, dtype, student): shapes for planning.
+# Whole networks on the meta device by (preset, overrides, dtype, student, CFG): shapes for planning.
 _META_MODELS: dict[tuple, FluxModel] = {}
 
 
@@ -65,6 +65,14 @@ class FluxFamily:
     # -- configs and networks ------------------------------------------------------------------
 
     def model_config(self, config, student: bool) -> FluxConfig:
+        flux = self._network_config(config, student)
+        if student and config.model.guidance_range is not None:
+            # A CFG teacher's student learns w through a guidance embedding of its own
+            # (zero-initialised by init_student_from_teacher: it starts as the conditional teacher).
+            flux = dataclasses.replace(flux, guidance_embeds=True)
+        return flux
+
+    def _network_config(self, config, student: bool) -> FluxConfig:
         model, parallel = config.model, config.parallel
         dtype = torch.bfloat16 if model.dtype == "bf16" else torch.float32
         settings = dict(model.overrides)
@@ -179,10 +187,6 @@ class FluxFamily:
             if self.teacher_config(config).guidance_embeds:
                 raise ValueError("model.guidance_range: this teacher has a guidance embedding (guidance-distilled, as "
                                  "FLUX.1-dev) and runs without CFG; give its scale as model.guidance")
-            low, high = model.guidance_range
-            if low != high:
-                raise ValueError(f"model.guidance_range {list(model.guidance_range)}: a FLUX student has no guidance "
-                                 "input and learns one scale; give [w, w]")
         if data.text_encoder == "precomputed":
             if self._needs_empty_prompt(config):
                 raise ValueError("classifier-free guidance (model.guidance_range) and prompt dropout "
@@ -330,6 +334,9 @@ class FluxFamily:
             v, _ = out
             return combine_guidance(v, cond.guidance_scale), None
         inputs = cond.inputs(z, t, r)
+        if model.config.guidance_embeds and cond.guidance is None:
+            # The student of a CFG teacher: its guidance embedding takes each sample's w.
+            inputs = dataclasses.replace(inputs, guidance=cond.guidance_scale)
         flux_tangents = None
         if tangents is not None:
             tangent_z, tangent_r, tangent_t = tangents
@@ -506,7 +513,9 @@ class FluxFamily:
         from mfmegatron.parallel import initialize_parallel
 
         model = config.model
-        key = (model.preset, repr(sorted(model.overrides.items())), model.dtype, student)
+        # A CFG teacher's student has a guidance embedding of its own (model_config).
+        key = (model.preset, repr(sorted(model.overrides.items())), model.dtype, student,
+               model.guidance_range is not None)
         if key not in _META_MODELS:  # the planner's layout search asks for the same model often
             plan = self._preset_only(config)
             plan.parallel.tensor_parallel_size = plan.parallel.pipeline_parallel_size = 1
