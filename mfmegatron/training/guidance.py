@@ -14,6 +14,7 @@ import zlib
 
 import torch
 
+
 def keyed_uniforms(kind: str, count: int, draw: tuple[int, int, int]) -> list[float]:
     """``count`` uniforms in [0, 1): sample i's from a generator seeded by (kind, seed, step,
     first + i), so a global sample's draw does not depend on how the batch is split over ranks."""
