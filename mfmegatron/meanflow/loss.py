@@ -36,13 +36,36 @@ class AdaptiveLossOutput:
     """`[B]` `||Δ||²`, detached."""
     weight: Tensor
     """`[B]` adaptive weights, detached."""
+    elements_per_sample: int
+    """Elements of one sample's `Δ` (the divisor of the "mean" reduction)."""
+    reduction: str
 
-    def stats(self, prefix: str = "") -> dict[str, float]:
-        return {
+    def output_gradient_norm(self) -> Tensor:
+        """`[B]` the norm of `∂(w ||Δ||²)/∂u` for each sample: how hard the loss pulls on that
+        sample's prediction (the batch mean's 1/B left out). "sum": `2 w ||Δ||₂`; "mean": the
+        squared error is `||Δ||₂² / n`, so `2 w ||Δ||₂ / n`."""
+        n = self.elements_per_sample if self.reduction == "mean" else 1
+        return 2.0 * self.weight * (self.squared_error * n).sqrt() / n
+
+    def stats(self, prefix: str = "", average_velocity: Tensor | None = None) -> dict[str, float]:
+        """Batch means. With `average_velocity` (`[B]` bool, the samples with r < t) also each
+        group's share of the squared error and of the output gradient norm, as sums over the
+        group divided by the whole batch size, so that micro-batch and data-parallel means of
+        them stay exact: in distillation the r = t samples start at zero error and their
+        adaptive weight `1 / c` can make them dominate the step (`*_r_equals_t` against
+        `*_r_below_t`)."""
+        stats = {
             f"{prefix}loss": float(self.loss.detach()),
             f"{prefix}squared_error": float(self.squared_error.mean()),
             f"{prefix}weight_mean": float(self.weight.mean()),
         }
+        if average_velocity is not None:
+            gradient = self.output_gradient_norm()
+            batch = self.squared_error.shape[0]
+            for name, rows in (("r_below_t", average_velocity), ("r_equals_t", ~average_velocity)):
+                stats[f"{prefix}squared_error_{name}"] = float(self.squared_error[rows].sum() / batch)
+                stats[f"{prefix}output_gradient_{name}"] = float(gradient[rows].sum() / batch)
+        return stats
 
 
 def adaptive_weighted_loss(prediction: Tensor, target: Tensor, config: AdaptiveLossConfig) -> AdaptiveLossOutput:
@@ -52,4 +75,7 @@ def adaptive_weighted_loss(prediction: Tensor, target: Tensor, config: AdaptiveL
     squared_error = reduce(delta.square())
     weight = 1.0 / (squared_error.detach() + config.c).pow(config.p)
     loss = (weight * squared_error).mean()
-    return AdaptiveLossOutput(loss=loss, squared_error=squared_error.detach(), weight=weight)
+    return AdaptiveLossOutput(
+        loss=loss, squared_error=squared_error.detach(), weight=weight,
+        elements_per_sample=delta[0].numel(), reduction=config.reduction,
+    )

@@ -238,16 +238,16 @@ class MeanFlowDistillation:
             passes.append(alignment)
         return StepPlan(phase=phase, passes=passes, stats=stats, alignment_samples=samples)
 
-    def _meanflow_loss(self, u: Tensor, u_target: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def _meanflow_loss(self, u: Tensor, u_target: Tensor, average_velocity: Tensor) -> tuple[Tensor, dict[str, float]]:
         u_target = normalize_residual(u_target, u, self.config.residual_normalization)
         meanflow = adaptive_weighted_loss(u, u_target, self.config.loss)
-        stats = meanflow.stats(prefix="meanflow_")
+        stats = meanflow.stats(prefix="meanflow_", average_velocity=average_velocity)
         stats["target_norm"] = float(u_target.reshape(u_target.shape[0], -1).norm(dim=1).mean())
         return meanflow.loss, stats
 
     def _discrete_pass(self, z_t: Tensor, r: Tensor, t: Tensor, target: Tensor) -> TrainingPass:
         def loss_fn(u: Tensor, du: Tensor | None, rows: slice):
-            return self._meanflow_loss(u, target[rows])
+            return self._meanflow_loss(u, target[rows], t[rows] > r[rows])
 
         return TrainingPass(name="meanflow", network="student", z=z_t, r=r, t=t, loss_fn=loss_fn)
 
@@ -258,7 +258,7 @@ class MeanFlowDistillation:
 
         def loss_fn(u: Tensor, du: Tensor, rows: slice):
             target = differential_target_from_jvp(teacher_velocity[rows], r[rows], t[rows], du)
-            return self._meanflow_loss(u, target)
+            return self._meanflow_loss(u, target, t[rows] > r[rows])
 
         return TrainingPass(
             name="meanflow", network="student", z=z_t, r=r, t=t, loss_fn=loss_fn,
