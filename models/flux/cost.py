@@ -60,6 +60,11 @@ class NetworkFlops:
     recomputed: float = 0.0
     """What activation recompute repeats in a backward: the blocks' forward (primal only)."""
 
+    def times(self, rows: int) -> "NetworkFlops":
+        """The FLOPs of ``rows`` evaluations per sample (a CFG teacher: conditional + unconditional)."""
+        return NetworkFlops(forward=rows * self.forward, tangent=rows * self.tangent,
+                            backward=rows * self.backward, recomputed=rows * self.recomputed)
+
 
 def linear_layers(flux: FluxConfig, student: bool) -> list[Linear]:
     """Every linear layer of the whole network (all pipeline stages), in forward order."""

@@ -388,9 +388,7 @@ class FluxFamily:
         flops = network_flops(self._planning_config(config, network), *self._tokens(config),
                               student=network == "student", training=network_training(config, network),
                               lora_rank=config.alignment.lora_rank)
-        copies = self._evaluation_rows(config, network)
-        return NetworkFlops(forward=copies * flops.forward, tangent=copies * flops.tangent,
-                            backward=copies * flops.backward, recomputed=copies * flops.recomputed)
+        return flops.times(self._evaluation_rows(config, network))
 
     @staticmethod
     def _evaluation_rows(config, network: str) -> int:

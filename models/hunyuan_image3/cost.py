@@ -234,9 +234,8 @@ def network_flops(architecture: HunyuanImage3Config, config, network: str, cfg: 
     tangent += (ATTENTION_TANGENT * fused + ATTENTION_TANGENT_ONLINE * suffix) * width
     if training != "frozen":
         backward += ATTENTION_BACKWARD * (fused + suffix) * width
-    copies = evaluation_rows(network, cfg)
-    return NetworkFlops(forward=copies * forward, tangent=copies * tangent, backward=copies * backward,
-                        recomputed=copies * recomputed)
+    flops = NetworkFlops(forward=forward, tangent=tangent, backward=backward, recomputed=recomputed)
+    return flops.times(evaluation_rows(network, cfg))
 
 
 # --------------------------------------------------------------------------- communication
