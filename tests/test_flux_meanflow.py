@@ -154,9 +154,9 @@ def _trainer_path_targets(reference_state64, batch64, noise, times):
     seen = {}
     meanflow_loss = objective._meanflow_loss
 
-    def record(u, u_target):
+    def record(u, u_target, average_velocity):
         seen["u"], seen["target"] = u.detach(), u_target
-        return meanflow_loss(u, u_target)
+        return meanflow_loss(u, u_target, average_velocity)
 
     objective._meanflow_loss = record
     cond = _condition(batch64, guidance=False)

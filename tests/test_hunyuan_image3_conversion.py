@@ -530,7 +530,8 @@ def test_expert_parallel_2_times_tensor_parallel_2_matches_one_rank(released, fo
         assert result["local_experts"] == 4
         want = expected[result["dp_rank"]]
         assert result["logits"].shape == (BATCH, TP_SEQ, 128)
-        torch.testing.assert_close(result["logits"], want["logits"], rtol=1e-5, atol=1e-5)
+        # fp32 sums in another order (TP reductions, EP dispatch): ~3e-5 apart on some CPUs.
+        torch.testing.assert_close(result["logits"], want["logits"], rtol=1e-4, atol=1e-4)
         for name, grad in result["grads"].items():
             if ".local_experts." in name:
                 target = expected[0]["grads"][name] + expected[1]["grads"][name]

@@ -56,5 +56,6 @@ def test_micro_batched_passes_equal_the_whole_batch(phase_switch):
             loss, _ = training_pass.loss_fn(u, du, rows)
             (loss / 2).backward()
             halves.append(loss.detach())
-        torch.testing.assert_close(sum(halves) / 2, whole.detach(), rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(_grads(student), whole_grads, rtol=1e-5, atol=1e-7)
+        # float32 sums in another order: a wrong micro-batch weighting is off by O(1), not 1e-5.
+        torch.testing.assert_close(sum(halves) / 2, whole.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(_grads(student), whole_grads, rtol=1e-4, atol=1e-6)

@@ -272,7 +272,7 @@ def test_time_arithmetic_is_float32_whatever_the_network_dtype():
     noise = torch.randn(256, 2, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     seen = {}
 
-    def record(u, u_target):
+    def record(u, u_target, average_velocity):
         seen["target"] = u_target
         return torch.zeros(()), {}
 

@@ -538,10 +538,14 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path, shards):
     from mfmegatron.parallel import run_on_ranks
 
     result = run_on_ranks(_non_finite_step, 1, str(shards), str(tmp_path / "run"))[0]
-    assert result["poisoned"]["skipped"] == 1.0 and not math.isfinite(result["poisoned"]["loss"])
-    assert result["unchanged"] and result["ema_unchanged"]
-    assert result["healthy"]["skipped"] == 0.0 and math.isfinite(result["healthy"]["loss"])
-    assert result["changed"] and result["skipped_steps"] == 1
+    poisoned, healthy = result["poisoned"], result["healthy"]
+    assert poisoned["skipped"] == 1.0 and not math.isfinite(poisoned["loss"]), poisoned
+    # One assertion per fact, so that a failure says which one broke.
+    assert result["unchanged"], "the skipped step changed the student's weights"
+    assert result["ema_unchanged"], "the skipped step changed the EMA"
+    assert healthy["skipped"] == 0.0 and math.isfinite(healthy["loss"]), healthy
+    assert result["changed"], f"the step after the skipped one did not change the student: {healthy}"
+    assert result["skipped_steps"] == 1
 
 
 # ---------------------------------------------------------------------------------------------
