@@ -69,9 +69,10 @@ def test_each_variant_changes_only_its_own_settings(tmp_path):
 
 def test_the_automatic_switch_variants_and_the_smooth_teacher(tmp_path, capsys):
     e = shapes_variants.run_command(tmp_path, "e", 0, 300, 50, 2, [])
-    assert e[-2:] == ["warmup.policy=auto", "warmup.auto.max_steps=200"]
+    assert e[-3:] == ["warmup.policy=auto", "warmup.auto.min_steps=50", "warmup.auto.max_steps=200"]
     f = shapes_variants.run_command(tmp_path, "f", 0, 300, 50, 2, [], smooth_teacher="teachers/smooth")
-    assert f[-3:] == ["warmup.policy=auto", "warmup.auto.max_steps=200", "model.teacher_checkpoint=teachers/smooth"]
+    assert f[-4:] == ["warmup.policy=auto", "warmup.auto.min_steps=50", "warmup.auto.max_steps=200",
+                      "model.teacher_checkpoint=teachers/smooth"]
     with pytest.raises(SystemExit) as exit_:
         shapes_variants.main(["--out", str(tmp_path / "sweep"), "--variants", "f", "--table-only"])
     assert exit_.value.code == 2
