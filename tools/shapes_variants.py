@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print("error: no finished runs to tabulate", file=sys.stderr)
         return 1
-    table = summarise(runs, switches=switches, fallback=fallback_step(args.steps))
+    # The log counts steps from 1, so a switch at (0-based) step max_steps is logged one later.
+    table = summarise(runs, switches=switches, fallback=fallback_step(args.steps) + 1)
     table += "\n" + describe_teachers(out, runs)
     (out / "table.md").write_text(table + "\n")
     print(table)
