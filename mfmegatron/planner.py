@@ -98,6 +98,12 @@ class NetworkCalls:
     """Training passes: forward and backward."""
     training_jvp: float = 0.0
     """Training passes with a tangent: the JVP forward and backward."""
+    no_grad_evaluations: tuple[tuple[float, float], ...] | None = None
+    """The no-grad evaluations behind ``no_grad`` as (how many, the fraction of the batch's rows
+    each takes): each is a call of the runner over those rows, in micro-batches of
+    ``parallel.no_grad_memory_gb``. What a call sends whatever its rows (HunyuanImage's
+    per-expert token counts) is counted per call. None: ``no_grad`` evaluations of the whole
+    batch."""
 
     @property
     def forward_equivalents(self) -> float:
@@ -127,11 +133,14 @@ def forward_counts(config, kind: str, moving: float | None = None) -> dict[str, 
     solver_forwards = 1 if meanflow.z_ode_solver == "euler" else 2
     ode = solver_forwards * meanflow.z_ode_steps if meanflow.z_source == "teacher_ode" else 0
     teacher.no_grad = ode + 1.0
+    teacher.no_grad_evaluations = ((ode + 1.0, 1.0),)
     if kind.startswith("warm-up"):
         discrete = meanflow.discrete
         per_step = 2 if discrete.solver == "heun" else 1
         # The r < t rows only; the first evaluation is v_T, already counted (fixed step counts).
         teacher.no_grad += moving * (per_step * discrete.num_steps - 1)
+        if moving > 0:
+            teacher.no_grad_evaluations += ((per_step * discrete.num_steps - 1, moving),)
         student.training = 1.0
     else:
         student.training_jvp = 1.0
@@ -139,9 +148,12 @@ def forward_counts(config, kind: str, moving: float | None = None) -> dict[str, 
         grid = config.alignment.config.time_grid
         segments = len(grid) - 1 if grid else config.alignment.config.num_rollout_steps
         student.no_grad += segments  # the rollout's jumps
+        student.no_grad_evaluations = ((segments, 1.0),)
         student.training += 1.0  # the generator pass
         teacher.no_grad += 1.0
+        teacher.no_grad_evaluations += ((1.0, 1.0),)
         fake.no_grad += 1.0
+        fake.no_grad_evaluations = ((1.0, 1.0),)
         fake.training += config.alignment.fake_updates_per_step
     return {"teacher": teacher, "student": student, "fake": fake}
 
@@ -249,18 +261,30 @@ def layout_sizes(config, world_size: int) -> tuple[int, int, int]:
 
 def step_traffic(config, family, forwards: dict[str, NetworkCalls], stage: int,
                  data_parallel_size: int) -> CollectiveVolume:
-    """Collectives of one rank of pipeline ``stage`` in one step with these forwards. Bytes are
-    linear in the rows, so no-grad evaluations (whatever their micro-batching) are counted per
-    row; calls are only meaningful for the training passes."""
+    """Collectives of one rank of pipeline ``stage`` in one step with these forwards. A no-grad
+    evaluation's bytes are linear in its rows plus what each of the runner's calls sends
+    whatever its rows; the calls are the runner's no-grad micro-batches
+    (``training.runner.no_grad_slices``) of the rows each evaluation takes."""
+    from mfmegatron.training.runner import no_grad_max_rows, no_grad_slices
+
     parallel = config.parallel
     batch = config.data.micro_batch_size * parallel.num_microbatches  # rows per replica
     micro = config.data.micro_batch_size
+    max_rows = dict(zip(("forward", "forward_jvp"), no_grad_max_rows(config, family)))
+
+    def runner_calls(evaluations, phase):
+        return sum(count * len(no_grad_slices(max(1, math.ceil(fraction * batch - 1e-9)), max_rows[phase],
+                                              parallel.num_microbatches, parallel.pipeline_parallel_size))
+                   for count, fraction in evaluations)
+
     total = CollectiveVolume()
     for network, calls in forwards.items():
-        for phase, rows in (("forward", calls.no_grad), ("forward_jvp", calls.no_grad_jvp)):
+        evaluations = ((calls.no_grad, 1.0),) if calls.no_grad_evaluations is None else calls.no_grad_evaluations
+        for phase, rows, phase_evaluations in (("forward", calls.no_grad, evaluations),
+                                               ("forward_jvp", calls.no_grad_jvp, ((calls.no_grad_jvp, 1.0),))):
             if rows:
-                per_row = family.pass_traffic(config, network, phase, 1, stage, with_backward=False)
-                total = total + per_row.scaled(batch * rows)
+                per_call, per_row = _per_call_and_per_row(family, config, network, phase, stage)
+                total = total + per_row.scaled(batch * rows) + per_call.scaled(runner_calls(phase_evaluations, phase))
         if parallel.pipeline_parallel_size > 1 and calls.no_grad + calls.no_grad_jvp:
             # The runner hands the last stage's float32 outputs (and tangents) to every stage.
             velocity = math.prod(family.latent_shape(config)) * 4
@@ -273,6 +297,16 @@ def step_traffic(config, family, forwards: dict[str, NetworkCalls], stage: int,
             updates = calls.training if network == "fake" else 1  # each fake update is a step of its own
             total = total + family.gradient_traffic(config, network, stage, data_parallel_size).scaled(updates)
     return total
+
+
+def _per_call_and_per_row(family, config, network: str, phase: str, stage: int):
+    """A no-grad pass's traffic as (what one call sends whatever its rows, what each row adds):
+    the families' ``pass_traffic`` is affine in the rows."""
+    one = family.pass_traffic(config, network, phase, 1, stage, with_backward=False)
+    two = family.pass_traffic(config, network, phase, 2, stage, with_backward=False)
+    per_row = two + one.scaled(-1)
+    per_call = one + per_row.scaled(-1)
+    return per_call, per_row
 
 
 def step_cost(config, world_size: int, kind: str, cluster: Cluster | None = None,

@@ -102,4 +102,9 @@ def test_one_step_at_ep_1_and_2_on_hunyuan_image3(tmp_path, capsys):
     # their experts' rank and back over the EP group (the same two ranks as DP, named apart).
     assert float(rows[0]["bytes_dp_all_reduce"]) > 0 and not rows[0].get("bytes_ep_all_to_all")
     assert float(rows[1]["bytes_ep_all_to_all"]) > 0 and float(rows[1]["calls_ep_all_to_all"]) > 0
+    # The planner's bytes, the dispatcher's per-call token counts included (one all-gather per
+    # MoE layer and runner call, not per row), and the all-to-all summed over the ranks.
+    assert float(rows[1]["bytes_ep_all_gather"]) == float(rows[1]["planned_bytes_ep_all_gather"]) > 0
+    assert [row["bytes_equal_planned"] for row in rows] == ["True", "True"]
+    assert [row["planned_exact"] for row in rows] == ["True", "True"]
     assert (out / "scaling.png").stat().st_size > 0

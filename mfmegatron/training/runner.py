@@ -32,6 +32,37 @@ def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
+def no_grad_max_rows(config, family) -> tuple[int, int]:
+    """The most batch rows one no-grad micro-batch holds without and with a tangent: as many as
+    fill ``parallel.no_grad_memory_gb`` of activations by the family's estimate per row."""
+    budget = config.parallel.no_grad_memory_gb * 1e9
+    return tuple(max(1, int(budget // family.no_grad_activation_bytes_per_sample(config, with_tangent)))
+                 for with_tangent in (False, True))
+
+
+def training_slices(batch_size: int, num_microbatches: int) -> list[slice]:
+    """The training passes' micro-batches: ``num_microbatches`` equal slices of the batch."""
+    if batch_size % num_microbatches:
+        raise ValueError(f"batch of {batch_size} does not split into {num_microbatches} micro-batches")
+    size = batch_size // num_microbatches
+    return [slice(i * size, (i + 1) * size) for i in range(num_microbatches)]
+
+
+def no_grad_slices(batch_size: int, max_rows: int | None, num_microbatches: int,
+                   pipeline_stages: int) -> list[slice]:
+    """A no-grad evaluation's micro-batches: at most ``max_rows`` rows each (None: the training
+    passes' micro-batches). The planner counts the runner's calls with it."""
+    if max_rows is None:
+        return training_slices(batch_size, num_microbatches)
+    max_rows = max(1, max_rows)
+    if pipeline_stages > 1:
+        # Pipeline stages exchange fixed shapes, so micro-batches must be equal; at least as
+        # many as stages (when the batch allows) keeps every stage busy.
+        max_rows = min(max_rows, max(1, batch_size // pipeline_stages))
+        max_rows = max(d for d in range(1, max_rows + 1) if batch_size % d == 0)
+    return [slice(i, min(i + max_rows, batch_size)) for i in range(0, batch_size, max_rows)]
+
+
 class NetworkRunner:
     """One network (teacher, student or fake) of this rank's pipeline stage.
 
@@ -61,24 +92,12 @@ class NetworkRunner:
     # -- helpers -------------------------------------------------------------------------------
 
     def _row_slices(self, batch_size: int) -> list[slice]:
-        micro = self.num_microbatches
-        if batch_size % micro:
-            raise ValueError(f"batch of {batch_size} does not split into {micro} micro-batches")
-        size = batch_size // micro
-        return [slice(i * size, (i + 1) * size) for i in range(micro)]
+        return training_slices(batch_size, self.num_microbatches)
 
     def _no_grad_slices(self, batch_size: int, with_tangent: bool) -> list[slice]:
         max_rows = self.no_grad_jvp_rows if with_tangent else self.no_grad_rows
-        if max_rows is None:
-            return self._row_slices(batch_size)
-        max_rows = max(1, max_rows)
-        stages = parallel_state.get_pipeline_model_parallel_world_size()
-        if stages > 1:
-            # Pipeline stages exchange fixed shapes, so micro-batches must be equal; at least as
-            # many as stages (when the batch allows) keeps every stage busy.
-            max_rows = min(max_rows, max(1, batch_size // stages))
-            max_rows = max(d for d in range(1, max_rows + 1) if batch_size % d == 0)
-        return [slice(i, min(i + max_rows, batch_size)) for i in range(0, batch_size, max_rows)]
+        return no_grad_slices(batch_size, max_rows, self.num_microbatches,
+                              parallel_state.get_pipeline_model_parallel_world_size())
 
     def _schedule(
         self,

@@ -59,7 +59,7 @@ from mfmegatron.training.evaluation import Evaluator, format_score_table
 from mfmegatron.training.family import Networks, get_family
 from mfmegatron.training.flow_matching import FLOW_MATCHING, FlowMatchingTraining
 from mfmegatron.training.logger import TrainingLogger
-from mfmegatron.training.runner import NetworkRunner
+from mfmegatron.training.runner import NetworkRunner, no_grad_max_rows
 from mfmegatron.training.torch_adam import make_torch_adam_checkpointable
 
 
@@ -242,11 +242,7 @@ class Trainer:
         """A runner whose no-grad micro-batches fill ``parallel.no_grad_memory_gb`` of
         activations (the family's estimate per row), the training passes' micro-batches being
         ``parallel.num_microbatches``."""
-        budget = self.config.parallel.no_grad_memory_gb * 1e9
-        rows = [
-            max(1, int(budget // self.family.no_grad_activation_bytes_per_sample(self.config, with_tangent)))
-            for with_tangent in (False, True)
-        ]
+        rows = no_grad_max_rows(self.config, self.family)
         return NetworkRunner(self.family, model, self.config.parallel.num_microbatches, *rows)
 
     def _select_condition(self, cond, index: torch.Tensor):
