@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import sys
+import time
 import types
 import typing
 from pathlib import Path
@@ -23,6 +26,22 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A recipe or override that does not fit the config: one line saying which key and why."""
+
+
+def report_user_error(prog: str, error: BaseException, exit_code: int = 2) -> int:
+    """A command's one-line error under torchrun, where every rank usually meets the same error:
+    rank 0 prints it; the others wait before exiting, because torchrun stops every rank as soon
+    as one exits with an error, which could otherwise be before rank 0 has printed. torchrun ends
+    the waiting ranks once rank 0 exits; a rank still running after the wait met an error of its
+    own, and prints it."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        time.sleep(USER_ERROR_WAIT_SECONDS)
+    print(f"{prog}: error: {'' if rank == 0 else f'(rank {rank}) '}{error}", file=sys.stderr, flush=True)
+    return exit_code
+
+
+USER_ERROR_WAIT_SECONDS = 30.0
 
 
 def _field_types(cls) -> dict[str, Any]:

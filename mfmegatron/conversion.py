@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from mfmegatron.config import report_user_error
+
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                          "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -520,15 +522,12 @@ def cli_main(prog: str, run: Callable[[list[str] | None], dict], argv: list[str]
     # As the trainer: megatron's and torch's import-time warnings (no TE/apex/CUDA here) would
     # bury the one line that matters.
     quiet_expected_warnings()
-    # Under torchrun every rank meets the same error: rank 0 says it, once. From the environment:
-    # run() has torn the process group down by the time an error gets here.
-    rank_in_job = int(os.environ.get("RANK", "0"))
+    # Under torchrun every rank meets the same error: rank 0 says it, once (from the environment:
+    # run() has torn the process group down by the time an error gets here).
     try:
         run(argv)
     except Exception as error:  # noqa: BLE001
         if not is_user_error(error, extra_kinds=extra_error_kinds):
             raise
-        if rank_in_job == 0:
-            print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(prog, error)
     return 0

@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from mfmegatron.config import ConfigError, load_config
+from mfmegatron.config import ConfigError, load_config, report_user_error
 from mfmegatron.warnings_filter import quiet_expected_warnings
 
 # Errors that are the user's to fix: reported as one line, not a stack of megatron internals.
@@ -35,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
     quiet_expected_warnings()
     try:
         from mfmegatron.training.config import TrainConfig
@@ -54,9 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as error:
         if os.environ.get("MFMEGATRON_TRACEBACK"):
             raise
-        if rank == 0:
-            print(f"mfmegatron-train: error: {error}", file=sys.stderr, flush=True)
-        return 2
+        return report_user_error("mfmegatron-train", error)
     return 0
 
 

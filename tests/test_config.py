@@ -52,3 +52,20 @@ def test_bad_values_and_missing_recipe(tmp_path):
         load_config(Train, tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="key=value"):
         load_config(Train, None, ["steps"])
+
+
+def test_under_torchrun_rank_0_reports_a_user_error_at_once_and_the_others_after_a_wait(monkeypatch, capsys):
+    # torchrun stops every rank when one exits with an error: the ranks that do not print must
+    # not exit before rank 0 has printed.
+    from mfmegatron import config as config_module
+
+    sleeps = []
+    monkeypatch.setattr(config_module.time, "sleep", sleeps.append)
+    monkeypatch.setenv("RANK", "0")
+    assert config_module.report_user_error("prog", ValueError("bad key")) == 2
+    assert capsys.readouterr().err == "prog: error: bad key\n" and sleeps == []
+    monkeypatch.setenv("RANK", "1")
+    assert config_module.report_user_error("prog", ValueError("only mine")) == 2
+    assert sleeps == [config_module.USER_ERROR_WAIT_SECONDS] and sleeps[0] >= 10
+    # Still running after the wait: rank 0 did not meet the error, so this rank says it.
+    assert capsys.readouterr().err == "prog: error: (rank 1) only mine\n"
