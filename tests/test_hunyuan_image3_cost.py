@@ -174,13 +174,15 @@ LAYOUTS = {
     "PP=2": ["parallel.pipeline_parallel_size=2"],
 }
 # Four ranks: expert TP and EP together (the dispatcher's group is expert-TP x EP, tokens
-# all-to-all over EP and gathered over expert TP), and EP across two pipeline stages.
+# all-to-all over EP and gathered over expert TP), and two pipeline stages with EP, TP or DP.
 LAYOUTS_ON_FOUR_RANKS = {
     "TP=2, EP=2, expert TP=2": ["parallel.tensor_parallel_size=2", "parallel.expert_parallel_size=2",
                                 "parallel.expert_tensor_parallel_size=2"],
     "TP=2 + SP, EP=2, expert TP=2": ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true",
                                      "parallel.expert_parallel_size=2", "parallel.expert_tensor_parallel_size=2"],
     "PP=2, EP=2": ["parallel.pipeline_parallel_size=2", "parallel.expert_parallel_size=2"],
+    "PP=2, TP=2": ["parallel.pipeline_parallel_size=2", "parallel.tensor_parallel_size=2"],
+    "PP=2, DP=2": ["parallel.pipeline_parallel_size=2"],
 }
 MICRO_BATCH = 2
 EXPERT_TP_KEYS = {"etp all_gather", "etp all_reduce", "etp reduce_scatter"}
@@ -270,7 +272,7 @@ def _pass_on_ranks(layouts: dict[str, list[str]]) -> dict:
         results[layout] = {"bytes": counter.bytes, "calls": counter.calls,
                            "data_parallel_size": parallel_state.get_data_parallel_world_size(),
                            "stage": parallel_state.get_pipeline_model_parallel_rank()}
-        if tp > 1:
+        if tp > 1 and pp == 1:  # the LoRA fake network, whole (its TP reductions)
             fake = build_hunyuan_model(architecture)
             fake.requires_grad_(False)  # the teacher's frozen weights (the trainer shares them)
             add_lora(fake, LORA_RANK, alpha=1.0, include=lora_covers)
