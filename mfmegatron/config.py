@@ -28,6 +28,10 @@ class ConfigError(ValueError):
     """A recipe or override that does not fit the config: one line saying which key and why."""
 
 
+USER_ERROR_WAIT_SECONDS = 30.0
+"""How long a rank other than 0 waits before exiting on a user error (see ``report_user_error``)."""
+
+
 def report_user_error(prog: str, error: BaseException, exit_code: int = 2) -> int:
     """A command's one-line error under torchrun, where every rank usually meets the same error:
     rank 0 prints it; the others wait before exiting, because torchrun stops every rank as soon
@@ -39,9 +43,6 @@ def report_user_error(prog: str, error: BaseException, exit_code: int = 2) -> in
         time.sleep(USER_ERROR_WAIT_SECONDS)
     print(f"{prog}: error: {'' if rank == 0 else f'(rank {rank}) '}{error}", file=sys.stderr, flush=True)
     return exit_code
-
-
-USER_ERROR_WAIT_SECONDS = 30.0
 
 
 def _field_types(cls) -> dict[str, Any]:

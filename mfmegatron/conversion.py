@@ -522,8 +522,8 @@ def cli_main(prog: str, run: Callable[[list[str] | None], dict], argv: list[str]
     # As the trainer: megatron's and torch's import-time warnings (no TE/apex/CUDA here) would
     # bury the one line that matters.
     quiet_expected_warnings()
-    # Under torchrun every rank meets the same error: rank 0 says it, once (from the environment:
-    # run() has torn the process group down by the time an error gets here).
+    # Under torchrun every rank meets the same error: rank 0 says it, once (report_user_error
+    # reads the rank from the environment: run() has torn the process group down by then).
     try:
         run(argv)
     except Exception as error:  # noqa: BLE001

@@ -306,8 +306,9 @@ def test_communication_bytes_equal_the_collectives_sent_on_four_ranks():
 
 
 def _check_against_the_plan(ranks: list[dict], layouts: dict[str, list[str]]) -> None:
-    """Each rank's counted bytes and calls equal the cost model's for its stage, but the routed
-    all-to-all, which must equal it summed over the ranks."""
+    """Each rank's counted bytes and calls equal the cost model's for its stage, but the
+    routing-dependent bytes (the all-to-all; with EP, the expert-TP collectives too), which are
+    compared summed over the ranks (``_check_routed_sum``)."""
     from models.hunyuan_image3 import cost
 
     initialize_parallel()
