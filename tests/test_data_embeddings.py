@@ -80,6 +80,27 @@ def test_dummy_encoder_position_scale():
     assert DummyTextEncoder(position_scale=1.0).describe()["position_scale"] == 1.0
 
 
+def test_dummy_encoder_context_scale_binds_each_word_to_its_neighbours():
+    def encode(prompts, context):
+        return DummyTextEncoder(t5_dim=D_T5, pooled_dim=D_CLIP, max_length=LENGTH, seed=5,
+                                context_scale=context).encode(prompts)  # fmt: skip
+
+    prompts = ["a cyan triangle above a yellow circle", "a yellow triangle above a cyan circle"]
+    plain, half, full = (encode(prompts, c) for c in (0.0, 0.5, 1.0))
+    assert torch.equal(plain.t5, _encoder().encode(prompts).t5)  # 0: the embeddings as before
+    # Without context the swap moves only the two colour words (their positions); with it, each
+    # colour's neighbours ("a" before, the kind after) move too, and nothing further away.
+    moved = lambda x: (x.t5[0] - x.t5[1]).abs().sum(-1) > 1e-6  # noqa: E731
+    assert moved(plain).nonzero().flatten().tolist() == [1, 5]
+    assert moved(half).nonzero().flatten().tolist() == [0, 1, 2, 4, 5, 6]
+    # "triangle" after "cyan" against after "yellow": the left rows' difference, scaled.
+    triangle = half.t5[0, 2] - half.t5[1, 2]
+    assert torch.allclose(full.t5[0, 2] - full.t5[1, 2], 2 * triangle, atol=1e-5)
+    assert torch.allclose(full.t5 - plain.t5, 2 * (half.t5 - plain.t5), atol=1e-5)  # linear in c
+    assert torch.equal(half.pooled, plain.pooled) and torch.equal(half.t5_mask, plain.t5_mask)
+    assert DummyTextEncoder(context_scale=0.5).describe()["context_scale"] == 0.5
+
+
 @pytest.mark.parametrize("store", ["full", "trim"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
 def test_precomputed_embeddings_round_trip(tmp_path, dtype, store):

@@ -184,7 +184,7 @@ def test_the_score_table_lists_every_sampler():
     assert table[3].split()[3] == "0.500" and table[3].split()[-2] == "0.100"
 
 
-def test_the_text_position_scale_reaches_the_teachers_text_encoder(shapes_data):
+def test_the_dummy_encoder_settings_reach_the_teachers_text_encoder(shapes_data):
     from mfmegatron.config import load_config
     from mfmegatron.training.config import TrainConfig
     from models.flux.training import FluxFamily
@@ -201,3 +201,6 @@ def test_the_text_position_scale_reaches_the_teachers_text_encoder(shapes_data):
     a, b = default.encode(prompts).t5, strong.encode(prompts).t5
     bag = text("data.text_position_scale=0").encode(prompts).t5
     assert torch.allclose(b - bag, 10 * (a - bag), atol=1e-5) and (a - bag).abs().min() > 0
+    with_context = text("data.text_context_scale=0.5")
+    assert default.context_scale == 0.0 and with_context.context_scale == 0.5
+    assert not torch.allclose(with_context.encode(prompts).t5, a)

@@ -89,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dummy-seed", type=int, default=0, help="dummy encoder: seed")
     g.add_argument("--dummy-position-scale", type=float, default=0.1,
                    help="dummy encoder: weight of the position row (data.text_position_scale)")
+    g.add_argument("--dummy-context-scale", type=float, default=0.0,
+                   help="dummy encoder: weight of the neighbour rows (data.text_context_scale)")
     g.add_argument(
         "--flux-path",
         default=None,
@@ -127,6 +129,7 @@ def _encoder(args):
         return build_text_encoder(
             "dummy", t5_dim=args.dummy_t5_dim, pooled_dim=args.dummy_pooled_dim,
             max_length=args.max_length, seed=args.dummy_seed, position_scale=args.dummy_position_scale,
+            context_scale=args.dummy_context_scale,
         )  # fmt: skip
     import torch
 

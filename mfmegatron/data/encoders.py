@@ -85,6 +85,12 @@ class DummyTextEncoder(TextEncoder):
     of the mean over real tokens of another fixed vector per token. FLUX gives text tokens no
     RoPE position, so ``P`` is all a network learns word order from: the default 0.1 keeps it
     faint (near a bag of words); 1.0 makes it as strong as the token term.
+
+    ``context_scale`` adds each token's neighbours, as n-gram features do: ``c (L[i_{j-1}] +
+    R[i_{j+1}])`` with two more fixed tables (padding stands beyond either end). A word then
+    carries the words beside it ("triangle" after "cyan" differs from "triangle" after
+    "yellow"), the local context a trained encoder gives and a bag of words lacks. The default
+    0 leaves the embeddings as they were without it.
     """
 
     name = "dummy"
@@ -99,10 +105,12 @@ class DummyTextEncoder(TextEncoder):
         buckets: int = 32768,
         tokenizer: Tokenizer | None = None,
         position_scale: float = 0.1,
+        context_scale: float = 0.0,
     ) -> None:
         self.t5_dim, self.pooled_dim, self.max_length = t5_dim, pooled_dim, max_length
         self.seed, self.buckets, self.tokenizer = seed, buckets, tokenizer
         self.position_scale = float(position_scale)
+        self.context_scale = float(context_scale)
 
     def tokenize(self, prompts: Sequence[str]):
         if self.tokenizer is not None:
@@ -121,6 +129,13 @@ class DummyTextEncoder(TextEncoder):
         positions = np.arange(ids.shape[1])
         position = _pseudo_random_rows(positions, self.t5_dim, stream_key(self.seed, 0, 3))
         t5 = token[inverse.reshape(ids.shape)] + np.float32(self.position_scale) * position[None]
+        if self.context_scale:
+            pad = np.zeros((ids.shape[0], 1), dtype=ids.dtype)
+            before = np.concatenate([pad, ids[:, :-1]], axis=1)
+            after = np.concatenate([ids[:, 1:], pad], axis=1)
+            left = _pseudo_random_rows(before, self.t5_dim, stream_key(self.seed, 0, 4))
+            right = _pseudo_random_rows(after, self.t5_dim, stream_key(self.seed, 0, 5))
+            t5 = t5 + np.float32(self.context_scale) * (left + right).reshape(t5.shape)
         pooled_rows = _pseudo_random_rows(unique, self.pooled_dim, stream_key(self.seed, 0, 2))
         per_token = pooled_rows[inverse.reshape(ids.shape)]
         weights = mask.numpy().astype(np.float32)[..., None]
@@ -129,7 +144,7 @@ class DummyTextEncoder(TextEncoder):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "seed": self.seed, "buckets": self.buckets,
-                "position_scale": self.position_scale}
+                "position_scale": self.position_scale, "context_scale": self.context_scale}
 
 
 # ---------------------------------------------------------------------------------------------

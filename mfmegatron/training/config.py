@@ -152,6 +152,11 @@ class DataSection:
     row (unit-variance entries each). FLUX gives text tokens no RoPE position, so this row is all
     the network learns word order from ("a red circle above a blue square" against its swap);
     0.1 is faint. Embeddings precomputed into shards keep the scale they were built with."""
+    text_context_scale: float = 0.0
+    """``text_encoder=dummy``: the weight of the dummy encoder's neighbour rows (each token also
+    carries fixed rows of the words before and after it, n-gram style), so that a word is bound
+    to the words beside it ("a cyan triangle": "triangle" carries "cyan"). 0 (the default)
+    leaves them out. A teacher is distilled with the settings it was trained with."""
     image_backend: Literal["auto", "pil", "dali"] = "auto"
     """``z_source=data``: image decoding with NVIDIA DALI (GPU decoding on CUDA machines), Pillow,
     or DALI when it is installed (``mfmegatron.data.images.build_image_loader``)."""

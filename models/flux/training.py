@@ -199,7 +199,8 @@ class FluxFamily:
             if data.text_tokenizer is not None:
                 tokenizer = SentencePieceTokenizer(data.text_tokenizer, max_length=length)
             return DummyTextEncoder(t5_dim=width, pooled_dim=pooled, max_length=length, tokenizer=tokenizer,
-                                    position_scale=data.text_position_scale)
+                                    position_scale=data.text_position_scale,
+                                    context_scale=data.text_context_scale)
         return build_text_encoder(
             "hf", flux_path=data.text_encoder_path, device=str(device), dtype=dtype, max_length=length,
         )
