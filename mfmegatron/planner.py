@@ -67,6 +67,17 @@ class CollectiveVolume:
         return CollectiveVolume({k: v * factor for k, v in self.bytes.items()},
                                 {k: v * factor for k, v in self.calls.items()})
 
+    def as_sent_on(self, backend: str) -> CollectiveVolume:
+        """This plan as ``backend`` sends it: gloo has no reduce-scatter of uneven row counts, so
+        the MoE's expert-TP combine (and its gather's gradient) runs there as an all-reduce of the
+        same payload, the whole input, on every rank (``parallel/cpu_platform.py``); NCCL
+        reduce-scatters it."""
+        sent = CollectiveVolume(dict(self.bytes), dict(self.calls))
+        uneven = "etp reduce_scatter"
+        if backend == "gloo" and sent.bytes.get(uneven):
+            sent.add("etp", "all_reduce", sent.bytes.pop(uneven), sent.calls.pop(uneven))
+        return sent
+
     @property
     def total_bytes(self) -> float:
         return sum(self.bytes.values())

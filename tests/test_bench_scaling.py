@@ -108,3 +108,29 @@ def test_one_step_at_ep_1_and_2_on_hunyuan_image3(tmp_path, capsys):
     assert [row["bytes_equal_planned"] for row in rows] == ["True", "True"]
     assert [row["planned_exact"] for row in rows] == ["True", "True"]
     assert (out / "scaling.png").stat().st_size > 0
+
+
+def test_bytes_equal_compares_routing_dependent_keys_summed_over_the_ranks_as_gloo_sends_them():
+    from tools.bench_scaling import _bytes_equal
+
+    def rank(sent, planned, ep=2, backend="gloo"):
+        return {"bytes": sent, "planned_bytes": planned, "ep": ep, "backend": backend}
+
+    plan = {"tp all_gather": 100.0, "ep all_to_all": 50.0, "etp all_reduce": 30.0, "etp all_gather": 20.0}
+    # Routing moved tokens between the ranks (sums equal); gloo padded the expert-TP gather's parts.
+    ranks = [rank({**plan, "ep all_to_all": 60.0, "etp all_reduce": 36.0, "etp all_gather": 26.0}, plan),
+             rank({**plan, "ep all_to_all": 40.0, "etp all_reduce": 24.0, "etp all_gather": 18.0}, plan)]
+    assert _bytes_equal(ranks)
+    assert not _bytes_equal([rank({**r["bytes"], "tp all_gather": 101.0}, plan) if i == 0 else r
+                             for i, r in enumerate(ranks)])  # not routed: rank by rank, exactly
+    assert not _bytes_equal([rank(r["bytes"], plan, backend="nccl") for r in ranks])  # NCCL does not pad
+    assert not _bytes_equal([rank({**r["bytes"], "etp all_reduce": 31.0}, plan) for r in ranks])  # sum off
+    # Without EP the expert-TP collectives carry a rank's own tokens: rank by rank.
+    assert not _bytes_equal([rank(r["bytes"], plan, ep=1) for r in ranks])
+    # The plan as gloo sends it: the uneven expert-TP reduce-scatter is an all-reduce there.
+    from mfmegatron.planner import CollectiveVolume
+
+    volume = CollectiveVolume({"etp reduce_scatter": 8.0, "etp all_reduce": 2.0},
+                              {"etp reduce_scatter": 2, "etp all_reduce": 1})
+    assert volume.as_sent_on("gloo") == CollectiveVolume({"etp all_reduce": 10.0}, {"etp all_reduce": 3})
+    assert volume.as_sent_on("nccl") == volume

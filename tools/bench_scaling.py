@@ -5,8 +5,9 @@
 
 Grid axes (``--grid AXIS=V,V,...``; the product is run): ``tp`` (parallel.tensor_parallel_size),
 ``sp`` (parallel.sequence_parallel), ``pp`` (parallel.pipeline_parallel_size), ``ep``
-(parallel.expert_parallel_size), ``mb`` (parallel.num_microbatches), ``recompute``
-(model.recompute), ``dopt`` (parallel.use_distributed_optimizer) and ``dp``: the world size is
+(parallel.expert_parallel_size), ``etp`` (parallel.expert_tensor_parallel_size), ``mb``
+(parallel.num_microbatches), ``recompute`` (model.recompute), ``dopt``
+(parallel.use_distributed_optimizer) and ``dp``: the world size is
 tp x pp x dp, or ``--nproc`` when the grid has no ``dp``. Other ``key=value`` arguments are recipe
 overrides for every layout. A grid point that cannot run (the world does not split, the family
 refuses the layout, EP without routed experts) is skipped with a one-line reason.
@@ -40,7 +41,10 @@ the measured steps) on CPU. Beside each measured byte count is the planner's
 (``planner.step_traffic`` for each measured step's kind and r < t fraction); steps with a
 warm-up gap check, which the planner leaves out, make the comparison inexact (column
 ``planned_exact``). ``bytes_equal_planned`` says whether every rank's bytes equal the planner's,
-the MoE token all-to-all summed over the ranks (one rank's share depends on the routing).
+the MoE's routing-dependent ones summed over the ranks (the token all-to-all, and with EP the
+expert-TP collectives; on gloo the expert-TP gather at least the plan, as gloo pads uneven parts:
+``collective_counter.routed_sum_matches``), against the plan as the backend sends it
+(``CollectiveVolume.as_sent_on``: gloo all-reduces the uneven expert-TP reduce-scatter).
 
 Writes ``DIR/scaling.csv`` (one row per layout; times and bytes per step, of the rank that moves
 the most bytes; peak memory the largest of any rank) and ``DIR/scaling.png`` (matplotlib). On CPU
@@ -71,6 +75,7 @@ AXES = {
     "sp": "parallel.sequence_parallel",
     "pp": "parallel.pipeline_parallel_size",
     "ep": "parallel.expert_parallel_size",
+    "etp": "parallel.expert_tensor_parallel_size",
     "mb": "parallel.num_microbatches",
     "recompute": "model.recompute",
     "dopt": "parallel.use_distributed_optimizer",
@@ -304,6 +309,7 @@ def measure_layout(recipe: str, overrides: list[str], warmup: int, steps: int, n
             gc.enable()
     parts = {phase: seconds / steps for phase, seconds in timer.seconds.items()}
     step_time = sum(step_seconds) / steps
+    planned = planned.as_sent_on(dist.get_backend())
     result = {
         "rank": rank, "world": dist.get_world_size(), "tp": trainer.info.tensor_parallel_size,
         "pp": trainer.info.pipeline_parallel_size, "dp": trainer.dp_size, "ep": trainer.info.expert_parallel_size,
@@ -317,6 +323,7 @@ def measure_layout(recipe: str, overrides: list[str], warmup: int, steps: int, n
         "planned": plannable, "planned_exact": plannable and planned_exact,
         "peak_memory_bytes": _peak_memory_bytes(),
         "memory_measure": "cuda max allocated" if torch.cuda.is_available() else "cpu peak RSS",
+        "backend": dist.get_backend(),
     }
     result["parts"]["rest"] = step_time - sum(result["parts"].values())
     del trainer
@@ -409,22 +416,21 @@ def _row(name: str, point: dict[str, str], ranks: list[dict], reference: float |
     return row
 
 
-ROUTED = "ep all_to_all"
-
-
 def _bytes_equal(ranks: list[dict]) -> bool:
-    """Every rank's bytes equal the planner's, but for the MoE token exchange: what one rank
-    sends depends on the routing, so it is compared summed over the ranks, which is what the
-    planner's balanced routing says."""
-    def equal(measured, planned):
-        return math.isclose(measured, planned, rel_tol=1e-9)
+    """Every rank's bytes equal the planner's, but for the MoE's routing-dependent ones (the token
+    exchange; with EP, expert TP's), which are compared summed over the ranks, what the planner's
+    balanced routing says (``collective_counter.routing_dependent``)."""
+    from mfmegatron.parallel.collective_counter import routed_sum_matches, routing_dependent
 
+    keys = set().union(*(set(result["bytes"]) | set(result["planned_bytes"]) for result in ranks))
+    routed = {key for key in keys if routing_dependent(key, ranks[0]["ep"])}
     for result in ranks:
-        keys = (set(result["bytes"]) | set(result["planned_bytes"])) - {ROUTED}
-        if not all(equal(result["bytes"].get(key, 0), result["planned_bytes"].get(key, 0)) for key in keys):
-            return False
-    return equal(sum(result["bytes"].get(ROUTED, 0) for result in ranks),
-                 sum(result["planned_bytes"].get(ROUTED, 0) for result in ranks))
+        for key in keys - routed:
+            if not math.isclose(result["bytes"].get(key, 0), result["planned_bytes"].get(key, 0), rel_tol=1e-9):
+                return False
+    return all(routed_sum_matches(key, sum(result["bytes"].get(key, 0) for result in ranks),
+                                  sum(result["planned_bytes"].get(key, 0) for result in ranks), ranks[0]["backend"])
+               for key in routed)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

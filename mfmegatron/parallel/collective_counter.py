@@ -53,6 +53,23 @@ _KIND = {  # torch.distributed function -> (kind, which argument is the whole pa
 CONTROL_BYTES = 8
 
 
+def routing_dependent(key: str, expert_parallel_size: int) -> bool:
+    """Whether one rank's bytes under ``key`` ("<group> <kind>") depend on the MoE routing: the
+    expert-parallel token exchange, and with EP the expert-TP collectives, which carry the tokens
+    a rank received. The planner counts balanced routing, so these match it summed over the
+    ranks, not rank by rank."""
+    return key == "ep all_to_all" or (expert_parallel_size > 1 and key.startswith("etp "))
+
+
+def routed_sum_matches(key: str, sent: float, planned: float, backend: str) -> bool:
+    """A routing-dependent key's bytes summed over the ranks against the plan's sum: equal, but
+    for the expert-TP gather of uneven parts on gloo, which pads each part to the largest
+    (``parallel/cpu_platform.py``), so sends at least what NCCL would."""
+    if backend == "gloo" and key == "etp all_gather":
+        return sent >= planned * (1 - 1e-9)
+    return abs(sent - planned) <= 1e-9 * max(abs(planned), 1.0)
+
+
 def synchronize_device() -> None:
     """Waits for the device (CUDA) to finish queued work, so wall time measures it; a no-op on CPU."""
     if torch.cuda.is_available():
