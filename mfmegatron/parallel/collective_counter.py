@@ -61,13 +61,14 @@ def routing_dependent(key: str, expert_parallel_size: int) -> bool:
     return key == "ep all_to_all" or (expert_parallel_size > 1 and key.startswith("etp "))
 
 
-def routed_sum_matches(key: str, sent: float, planned: float, backend: str) -> bool:
-    """A routing-dependent key's bytes summed over the ranks against the plan's sum: equal, but
-    for the expert-TP gather of uneven parts on gloo, which pads each part to the largest
-    (``parallel/cpu_platform.py``), so sends at least what NCCL would."""
+def routed_sum_matches(key: str, sent: float, planned: float, backend: str, rel_tol: float = 0.0) -> bool:
+    """A routing-dependent key's bytes summed over the ranks against the plan's sum: equal (within
+    ``rel_tol``, for per-step averages), but for the expert-TP gather of uneven parts on gloo,
+    which pads each part to the largest (``parallel/cpu_platform.py``), so sends at least what
+    NCCL would."""
     if backend == "gloo" and key == "etp all_gather":
-        return sent >= planned * (1 - 1e-9)
-    return abs(sent - planned) <= 1e-9 * max(abs(planned), 1.0)
+        return sent >= planned * (1 - rel_tol)
+    return abs(sent - planned) <= rel_tol * abs(planned)
 
 
 def synchronize_device() -> None:
